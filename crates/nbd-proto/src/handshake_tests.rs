@@ -1,0 +1,310 @@
+//! Handshake tests against hex wire literals.
+
+use super::*;
+use crate::codec::hex;
+use crate::export::{BlockSizes, ExportCaps};
+use crate::wire::tx_flags;
+
+fn catalog() -> Vec<ExportDescriptor> {
+    let caps = ExportCaps {
+        read_only: false,
+        flush: true,
+        fua: true,
+        trim: true,
+        write_zeroes: true,
+        fast_zero: true,
+        cache: true,
+        multi_conn: true,
+        rotational: false,
+        base_allocation: true,
+    };
+    vec![
+        ExportDescriptor {
+            name: String::new(),
+            description: "mem".into(),
+            size: 0x10_0000,
+            caps,
+            block_sizes: BlockSizes::default(),
+        },
+        ExportDescriptor {
+            name: "ro".into(),
+            description: String::new(),
+            size: 4096,
+            caps: ExportCaps {
+                read_only: true,
+                ..caps
+            },
+            block_sizes: BlockSizes::default(),
+        },
+    ]
+}
+
+/// A handshake past the greeting and client flags (fixed newstyle, no zeroes).
+fn started() -> ServerHandshake<Vec<ExportDescriptor>> {
+    let mut hs = ServerHandshake::new(catalog());
+    assert_eq!(
+        hs.take_output(),
+        hex("4e42444d41474943 49484156454f5054 0003")
+    );
+    assert_eq!(hs.handle(&hex("00000003")), Ok(4));
+    assert!(!hs.has_output());
+    hs
+}
+
+fn option(opt: u32, data: &[u8]) -> Vec<u8> {
+    let mut v = hex("49484156454f5054");
+    v.extend_from_slice(&opt.to_be_bytes());
+    v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+fn rep(opt: u32, typ: u32, data: &[u8]) -> Vec<u8> {
+    let mut v = hex("0003e889045565a9");
+    v.extend_from_slice(&opt.to_be_bytes());
+    v.extend_from_slice(&typ.to_be_bytes());
+    v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+fn feed(hs: &mut ServerHandshake<Vec<ExportDescriptor>>, bytes: &[u8]) -> Vec<u8> {
+    assert_eq!(hs.handle(bytes), Ok(bytes.len()));
+    hs.take_output()
+}
+
+#[test]
+fn unknown_client_flags_end_the_session() {
+    let mut hs = ServerHandshake::new(catalog());
+    hs.take_output();
+    assert_eq!(
+        hs.handle(&hex("00000004")),
+        Err(HandshakeError::UnknownClientFlags(4))
+    );
+}
+
+#[test]
+fn partial_messages_are_not_consumed() {
+    let mut hs = started();
+    let msg = option(0x99, b"abc");
+    assert_eq!(hs.handle(&msg[..10]), Ok(0));
+    assert_eq!(hs.handle(&msg[..18]), Ok(0));
+    assert!(!hs.has_output());
+    assert_eq!(hs.handle(&msg), Ok(19));
+}
+
+#[test]
+fn bad_option_magic_is_fatal() {
+    let mut hs = started();
+    let err = hs
+        .handle(&hex("4141414141414141 00000003 00000000"))
+        .unwrap_err();
+    assert_eq!(err, HandshakeError::BadOptionMagic(0x4141414141414141));
+}
+
+#[test]
+fn oversized_option_is_fatal() {
+    let mut hs = started();
+    let err = hs
+        .handle(&hex("49484156454f5054 00000003 00010001"))
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        HandshakeError::OptionTooLarge { len: 0x10001, .. }
+    ));
+}
+
+#[test]
+fn unknown_option_gets_err_unsup_and_haggling_goes_on() {
+    let mut hs = started();
+    let out = feed(&mut hs, &option(0x99, b"xyz"));
+    assert_eq!(&out[..16], &hex("0003e889045565a9 00000099 80000001")[..]);
+    assert!(hs.outcome().is_none());
+    let out = feed(&mut hs, &option(3, &[]));
+    assert!(out.ends_with(&rep(3, 1, &[])));
+}
+
+#[test]
+fn list_names_every_export_with_description() {
+    let mut hs = started();
+    let out = feed(&mut hs, &option(3, &[]));
+    let mut expected = rep(3, 2, &hex("00000000 6d656d"));
+    expected.extend(rep(3, 2, &hex("00000002 726f")));
+    expected.extend(rep(3, 1, &[]));
+    assert_eq!(out, expected);
+}
+
+#[test]
+fn list_with_data_is_invalid() {
+    let mut hs = started();
+    let out = feed(&mut hs, &option(3, b"x"));
+    assert_eq!(&out[12..16], &hex("80000003")[..]);
+}
+
+#[test]
+fn starttls_is_refused_until_tls_exists() {
+    let mut hs = started();
+    let out = feed(&mut hs, &option(5, &[]));
+    assert_eq!(&out[12..16], &hex("80000001")[..]);
+}
+
+#[test]
+fn go_with_structured_replies_and_meta_context() {
+    let mut hs = started();
+    assert_eq!(feed(&mut hs, &option(8, &[])), rep(8, 1, &[]));
+    // SET_META_CONTEXT "" ["base:allocation"]
+    let set = hex("00000000 00000001 0000000f 626173653a616c6c6f636174696f6e");
+    let mut expected = rep(10, 4, &hex("00000001 626173653a616c6c6f636174696f6e"));
+    expected.extend(rep(10, 1, &[]));
+    assert_eq!(feed(&mut hs, &option(10, &set)), expected);
+    // GO "" requesting NAME, DESCRIPTION, BLOCK_SIZE
+    let out = feed(&mut hs, &option(7, &hex("00000000 0003 0001 0002 0003")));
+    let mut expected = rep(7, 3, &hex("0000 0000000000100000 0ded"));
+    expected.extend(rep(7, 3, &hex("0001")));
+    expected.extend(rep(7, 3, &hex("0002 6d656d")));
+    expected.extend(rep(7, 3, &hex("0003 00000001 00001000 02000000")));
+    expected.extend(rep(7, 1, &[]));
+    assert_eq!(out, expected);
+    let Some(Outcome::Transmission(n)) = hs.outcome() else {
+        panic!("not in transmission")
+    };
+    assert!(n.structured && !n.extended);
+    assert_eq!(n.base_allocation, Some(BASE_ALLOCATION_ID));
+}
+
+#[test]
+fn meta_context_for_another_export_is_not_selected() {
+    let mut hs = started();
+    feed(&mut hs, &option(8, &[]));
+    let set = hex("00000002 726f 00000001 0000000f 626173653a616c6c6f636174696f6e");
+    feed(&mut hs, &option(10, &set));
+    feed(&mut hs, &option(7, &hex("00000000 0000")));
+    let Some(Outcome::Transmission(n)) = hs.outcome() else {
+        panic!()
+    };
+    assert_eq!(n.base_allocation, None);
+}
+
+#[test]
+fn meta_context_needs_structured_replies() {
+    let mut hs = started();
+    let out = feed(&mut hs, &option(9, &hex("00000000 00000000")));
+    assert_eq!(&out[12..16], &hex("80000003")[..]);
+}
+
+#[test]
+fn list_meta_context_wildcards() {
+    let mut hs = started();
+    feed(&mut hs, &option(11, &[]));
+    for query in [
+        hex("00000000 00000000"),
+        hex("00000000 00000001 00000005 626173653a"),
+    ] {
+        let out = feed(&mut hs, &option(9, &query));
+        let mut expected = rep(9, 4, &hex("00000000 626173653a616c6c6f636174696f6e"));
+        expected.extend(rep(9, 1, &[]));
+        assert_eq!(out, expected);
+    }
+    // Unknown namespaces are ignored, not errors.
+    let out = feed(
+        &mut hs,
+        &option(9, &hex("00000000 00000001 00000004 783a7a7a")),
+    );
+    assert_eq!(out, rep(9, 1, &[]));
+}
+
+#[test]
+fn malformed_meta_request_is_invalid() {
+    let mut hs = started();
+    feed(&mut hs, &option(8, &[]));
+    // query length runs past the option data
+    let out = feed(
+        &mut hs,
+        &option(10, &hex("00000000 00000001 000000ff 6261")),
+    );
+    assert_eq!(&out[12..16], &hex("80000003")[..]);
+}
+
+#[test]
+fn info_for_unknown_export_is_err_unknown_and_info_keeps_haggling() {
+    let mut hs = started();
+    let out = feed(&mut hs, &option(6, &hex("00000003 6e6f70 0000")));
+    assert_eq!(&out[12..16], &hex("80000006")[..]);
+    let out = feed(&mut hs, &option(6, &hex("00000002 726f 0000")));
+    assert!(out.starts_with(&rep(6, 3, &hex("0000 0000000000001000 0507"))));
+    assert!(hs.outcome().is_none());
+}
+
+#[test]
+fn truncated_info_request_is_invalid() {
+    let mut hs = started();
+    let out = feed(&mut hs, &option(7, &hex("00000005 6162")));
+    assert_eq!(&out[12..16], &hex("80000003")[..]);
+    assert!(hs.outcome().is_none());
+}
+
+#[test]
+fn export_name_sends_size_flags_and_zeroes_unless_no_zeroes() {
+    let mut hs = ServerHandshake::new(catalog());
+    hs.take_output();
+    hs.handle(&hex("00000001")).unwrap();
+    let out = feed(&mut hs, &option(1, b""));
+    assert_eq!(out.len(), 8 + 2 + 124);
+    assert_eq!(&out[..10], &hex("0000000000100000 0d6d")[..]);
+
+    let mut hs = started();
+    let out = feed(&mut hs, &option(1, b"ro"));
+    assert_eq!(out, hex("0000000000001000 0507"));
+    let Some(Outcome::Transmission(n)) = hs.outcome() else {
+        panic!()
+    };
+    assert_ne!(n.flags & tx_flags::READ_ONLY, 0);
+}
+
+#[test]
+fn export_name_of_unknown_export_ends_the_session() {
+    let mut hs = started();
+    assert_eq!(
+        hs.handle(&option(1, b"zz")),
+        Err(HandshakeError::UnknownExport("zz".into()))
+    );
+}
+
+#[test]
+fn non_fixed_clients_may_only_send_export_name() {
+    let mut hs = ServerHandshake::new(catalog());
+    hs.take_output();
+    hs.handle(&hex("00000000")).unwrap();
+    assert_eq!(
+        hs.handle(&option(3, &[])),
+        Err(HandshakeError::NotFixedNewstyle(OptCode::LIST))
+    );
+}
+
+#[test]
+fn extended_headers_forbid_export_name_and_structured_downgrade() {
+    let mut hs = started();
+    assert_eq!(feed(&mut hs, &option(11, &[])), rep(11, 1, &[]));
+    let out = feed(&mut hs, &option(8, &[]));
+    assert_eq!(&out[12..16], &hex("8000000a")[..]);
+    assert_eq!(
+        hs.handle(&option(1, b"")),
+        Err(HandshakeError::ExportNameWithExtendedHeaders)
+    );
+}
+
+#[test]
+fn abort_is_acknowledged() {
+    let mut hs = started();
+    assert_eq!(feed(&mut hs, &option(2, &[])), rep(2, 1, &[]));
+    assert_eq!(hs.outcome(), Some(&Outcome::Aborted));
+}
+
+#[test]
+fn bytes_after_go_are_left_for_transmission() {
+    let mut hs = started();
+    let mut input = option(7, &hex("00000000 0000"));
+    let n = input.len();
+    input.extend_from_slice(&hex("25609513"));
+    assert_eq!(hs.handle(&input), Ok(n));
+}

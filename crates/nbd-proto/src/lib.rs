@@ -1,0 +1,23 @@
+//! Sans-IO implementation of the NBD protocol (server side for now).
+//!
+//! No sockets, no threads, no clocks: every type here consumes bytes and
+//! produces bytes, so the same code is driven by the blocking engine, the
+//! io_uring engine, fuzzers and in-memory tests.
+//!
+//! - [`wire`]: codes, flags and magic numbers.
+//! - [`codec`]: bounded big-endian reader and writer helpers.
+//! - [`export`]: what the handshake knows about exports.
+//! - [`handshake`]: the option-haggling state machine.
+//! - [`transmission`]: request decoding, validation and reply encoding.
+#![forbid(unsafe_code)]
+
+pub mod codec;
+pub mod export;
+pub mod handshake;
+pub mod transmission;
+pub mod wire;
+
+pub use export::{BlockSizes, ExportCaps, ExportCatalog, ExportDescriptor, ExportListing};
+pub use handshake::{HandshakeError, Negotiated, Outcome, ServerHandshake};
+pub use transmission::{clip_extents, Command, Extent, FramingError, Rejection, Request, Session};
+pub use wire::{CmdType, Errno};

@@ -1,0 +1,345 @@
+//! File and block-device backend (positional reads and writes).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+
+use ringbd_io::fs::{
+    block_device_size, fadvise_willneed, fallocate, seek_data, seek_hole, Fallocate,
+};
+
+use crate::{Backend, Caps, Error, ErrorKind, Extent, Holes, Op, Result, ZeroFlags, MAX_EXTENTS};
+
+/// Largest buffer of zeroes written when the filesystem cannot zero a
+/// range by itself.
+const ZERO_CHUNK: usize = 1 << 20;
+
+pub struct FileBackend {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    block_device: bool,
+    read_only: bool,
+}
+
+impl FileBackend {
+    /// Opens a regular file or block device. `read_only` opens it O_RDONLY.
+    pub fn open(path: &Path, read_only: bool) -> Result<Self> {
+        let ctx = |e: io::Error| {
+            let msg = format!("{}: {e}", path.display());
+            Error {
+                kind: ErrorKind::of(&e),
+                op: Op::Open,
+                offset: 0,
+                len: 0,
+                source: io::Error::new(e.kind(), msg),
+            }
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(ctx)?;
+        let ft = file.metadata().map_err(ctx)?.file_type();
+        let (size, block_device) = if ft.is_block_device() {
+            (block_device_size(&file).map_err(ctx)?, true)
+        } else if ft.is_file() {
+            (file.metadata().map_err(ctx)?.len(), false)
+        } else {
+            return Err(ctx(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file or block device",
+            )));
+        };
+        Ok(FileBackend {
+            file,
+            path: path.to_owned(),
+            size,
+            block_device,
+            read_only,
+        })
+    }
+
+    fn sync(&self, op: Op, offset: u64, len: u64) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| Error::new(op, offset, len, e))
+    }
+
+    fn write_zero_buffers(&self, offset: u64, len: u64) -> Result<()> {
+        let zeroes = vec![0u8; ZERO_CHUNK.min(len as usize)];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(zeroes.len() as u64) as usize;
+            self.file
+                .write_all_at(&zeroes[..n], offset + done)
+                .map_err(|e| Error::new(Op::WriteZeroes, offset, len, e))?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Whether an fallocate failure means "this filesystem cannot do that".
+fn unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL | libc::ENODEV)
+    )
+}
+
+impl Backend for FileBackend {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn caps(&self) -> Caps {
+        Caps {
+            read_only: self.read_only,
+            flush: true,
+            fua: true,
+            trim: true,
+            write_zeroes: true,
+            fast_zero: true,
+            cache: true,
+            multi_conn: true,
+            extents: !self.block_device,
+        }
+    }
+
+    fn describe(&self) -> String {
+        let kind = if self.block_device {
+            "block device"
+        } else {
+            "file"
+        };
+        format!("{kind} {}", self.path.display())
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<Holes> {
+        self.file.read_exact_at(buf, offset).map_err(|e| {
+            let e = if e.kind() == io::ErrorKind::UnexpectedEof {
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "file is shorter than the export (truncated?)",
+                )
+            } else {
+                e
+            };
+            Error::new(Op::Read, offset, buf.len() as u64, e)
+        })?;
+        Ok(Holes::default())
+    }
+
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        let len = data.len() as u64;
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|e| Error::new(Op::Write, offset, len, e))?;
+        if fua {
+            self.sync(Op::Write, offset, len)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.sync(Op::Flush, 0, 0)
+    }
+
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        match fallocate(&self.file, Fallocate::PunchHole, offset, len) {
+            Ok(()) => {}
+            // Trim is a hint: where holes cannot be punched, nothing is lost.
+            Err(e) if unsupported(&e) => return Ok(()),
+            Err(e) => return Err(Error::new(Op::Trim, offset, len, e)),
+        }
+        if fua {
+            self.sync(Op::Trim, offset, len)?;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        let mut tries = Vec::with_capacity(2);
+        if !flags.no_hole && !self.block_device {
+            tries.push(Fallocate::PunchHole);
+        }
+        tries.push(Fallocate::ZeroRange);
+        let mut done = false;
+        for mode in tries {
+            match fallocate(&self.file, mode, offset, len) {
+                Ok(()) => {
+                    done = true;
+                    break;
+                }
+                Err(e) if unsupported(&e) => continue,
+                Err(e) => return Err(Error::new(Op::WriteZeroes, offset, len, e)),
+            }
+        }
+        if !done {
+            if flags.fast {
+                return Err(Error::other(
+                    ErrorKind::Unsupported,
+                    Op::WriteZeroes,
+                    offset,
+                    len,
+                    "the filesystem cannot zero ranges quickly",
+                ));
+            }
+            self.write_zero_buffers(offset, len)?;
+        }
+        if flags.fua {
+            self.sync(Op::WriteZeroes, offset, len)?;
+        }
+        Ok(())
+    }
+
+    fn cache(&self, offset: u64, len: u64) -> Result<()> {
+        fadvise_willneed(&self.file, offset, len).map_err(|e| Error::new(Op::Cache, offset, len, e))
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let end = offset.saturating_add(len.max(1)).min(self.size);
+        if self.block_device || offset >= end {
+            return Ok(vec![Extent {
+                len: len.max(1),
+                hole: false,
+                zero: false,
+            }]);
+        }
+        let err = |e| Error::new(Op::Extents, offset, len, e);
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end && out.len() < MAX_EXTENTS {
+            let data = seek_data(&self.file, pos)
+                .map_err(err)?
+                .unwrap_or(end)
+                .min(end);
+            if data > pos {
+                out.push(Extent {
+                    len: data - pos,
+                    hole: true,
+                    zero: true,
+                });
+                pos = data;
+                continue;
+            }
+            let hole = seek_hole(&self.file, pos).map_err(err)?.min(end);
+            if hole <= pos {
+                // The file changed under us; report the rest as data.
+                out.push(Extent {
+                    len: end - pos,
+                    hole: false,
+                    zero: false,
+                });
+                break;
+            }
+            out.push(Extent {
+                len: hole - pos,
+                hole: false,
+                zero: false,
+            });
+            pos = hole;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_file(size: u64) -> (PathBuf, FileBackend) {
+        let dir = std::env::temp_dir().join(format!("ringbd-file-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{:?}", std::thread::current().id()).replace(['(', ')'], ""));
+        let f = File::create(&path).unwrap();
+        f.set_len(size).unwrap();
+        drop(f);
+        let b = FileBackend::open(&path, false).unwrap();
+        (path, b)
+    }
+
+    #[test]
+    fn round_trip_with_fua_and_flush() {
+        let (path, b) = temp_file(1 << 20);
+        b.write(4096, b"hello", true).unwrap();
+        b.flush().unwrap();
+        let mut buf = [0u8; 5];
+        b.read(4096, &mut buf).unwrap();
+        assert_eq!(&buf, b"hello");
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn zeroes_and_trim_read_back_zero() {
+        let (path, b) = temp_file(1 << 20);
+        b.write(0, &vec![7u8; 1 << 20], false).unwrap();
+        b.write_zeroes(
+            4096,
+            8192,
+            ZeroFlags {
+                no_hole: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        b.write_zeroes(65536, 65536, ZeroFlags::default()).unwrap();
+        b.trim(1 << 19, 1 << 18, false).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        b.read(0, &mut buf).unwrap();
+        assert!(buf[4096..12288].iter().all(|&x| x == 0));
+        assert!(buf[65536..131072].iter().all(|&x| x == 0));
+        assert!(buf[..4096].iter().all(|&x| x == 7));
+        assert!(buf[12288..65536].iter().all(|&x| x == 7));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn extents_cover_the_request_and_find_written_data() {
+        let (path, b) = temp_file(4 << 20);
+        b.write(1 << 20, &vec![1u8; 1 << 20], false).unwrap();
+        let e = b.extents(0, 4 << 20).unwrap();
+        let total: u64 = e.iter().map(|x| x.len).sum();
+        assert_eq!(total, 4 << 20);
+        let mut pos = 0;
+        for x in &e {
+            if (pos..pos + x.len).contains(&(1 << 20)) {
+                assert!(!x.hole, "written byte reported as hole: {e:?}");
+            }
+            pos += x.len;
+        }
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn opening_a_directory_or_missing_file_is_a_clear_error() {
+        let e = FileBackend::open(Path::new("/"), true)
+            .err()
+            .expect("directory must fail");
+        assert!(
+            e.to_string().contains("not a regular file or block device"),
+            "{e}"
+        );
+        let e = FileBackend::open(Path::new("/nonexistent/x"), true)
+            .err()
+            .expect("missing must fail");
+        assert!(e.to_string().contains("/nonexistent/x"), "{e}");
+    }
+
+    #[test]
+    fn read_past_a_truncated_file_is_an_error_not_garbage() {
+        let (path, b) = temp_file(1 << 16);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(100)
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let e = b.read(0, &mut buf).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Io);
+        std::fs::remove_file(path).unwrap();
+    }
+}

@@ -1,0 +1,108 @@
+//! Storage backends behind one small trait.
+//!
+//! - [`memory`]: sparse RAM, allocated in pages on first write.
+//! - [`file`]: a regular file or block device.
+//! - [`null`]: discards writes, reads zeroes.
+//! - [`spec`]: parses export specs (`memory:1G`, `file:PATH`, `null:1G`).
+//!
+//! A backend declares what it can do in [`Caps`]; the server advertises
+//! exactly that and never calls what is not declared.
+
+pub mod error;
+pub mod file;
+pub mod memory;
+pub mod null;
+pub mod spec;
+
+use std::ops::Range;
+
+pub use error::{Error, ErrorKind, Op, Result};
+pub use spec::{open, parse_size, Spec, SpecError};
+
+/// What a backend supports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Caps {
+    pub read_only: bool,
+    pub flush: bool,
+    pub fua: bool,
+    pub trim: bool,
+    pub write_zeroes: bool,
+    /// `write_zeroes` with `fast` either succeeds quickly or fails with
+    /// [`ErrorKind::Unsupported`] without touching data.
+    pub fast_zero: bool,
+    pub cache: bool,
+    /// One backend instance is safely shared by many connections, and a
+    /// flush on any of them covers writes completed on all of them.
+    pub multi_conn: bool,
+    /// `extents` reports real allocation (holes and zeroes).
+    pub extents: bool,
+}
+
+/// Flags of a write-zeroes request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ZeroFlags {
+    /// Make the range durable before returning.
+    pub fua: bool,
+    /// The range must stay allocated (no hole may be punched).
+    pub no_hole: bool,
+    /// Fail with [`ErrorKind::Unsupported`] unless zeroing is fast.
+    pub fast: bool,
+}
+
+/// One extent of allocation status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    /// Not allocated in the backing store.
+    pub hole: bool,
+    /// Reads as zeroes.
+    pub zero: bool,
+}
+
+/// Ranges of a read buffer that the backend knows to be zero because
+/// nothing is stored there (sparse regions). The buffer is zero-filled there
+/// too; a server may send these as holes instead of data.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Holes(pub Vec<Range<usize>>);
+
+impl Holes {
+    /// Records `range`, merging with the previous one when adjacent.
+    pub fn push(&mut self, range: Range<usize>) {
+        if let Some(last) = self.0.last_mut() {
+            if last.end == range.start {
+                last.end = range.end;
+                return;
+            }
+        }
+        self.0.push(range);
+    }
+}
+
+/// A storage backend. Offsets and lengths are already validated against
+/// [`Backend::size`] by the caller; implementations still never panic on them.
+pub trait Backend: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// What this backend supports.
+    fn caps(&self) -> Caps;
+    /// A short human description (shown to clients as the export description).
+    fn describe(&self) -> String;
+    /// Fills `buf` from `offset`; reports the sparse ranges it zero-filled.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<Holes>;
+    /// Writes `data` at `offset`; with `fua`, durable before returning.
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<()>;
+    /// Discards a range (a hint; contents afterwards are unspecified).
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()>;
+    /// Makes a range read as zeroes.
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()>;
+    /// Prefetch hint.
+    fn cache(&self, offset: u64, len: u64) -> Result<()>;
+    /// Allocation status from `offset`, covering at least one byte and at
+    /// most about `len` bytes (the last extent may run past `offset + len`).
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>>;
+}
+
+/// Most extents any backend returns from one `extents` call.
+pub const MAX_EXTENTS: usize = 4096;

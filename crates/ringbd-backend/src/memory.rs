@@ -1,0 +1,444 @@
+//! Sparse memory backend.
+//!
+//! The export is cut into [`PAGE`]-byte pages, allocated on the first write
+//! of nonzero data. Unwritten, trimmed and zeroed pages hold no memory and
+//! read as holes. Pages are spread over [`SHARDS`] ordered maps, each behind
+//! its own lock, so requests from many connections rarely contend; ordered
+//! maps let block status skip straight to the next allocated page, so a
+//! 2^63-byte export costs nothing until written.
+
+use std::collections::BTreeMap;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::{Backend, Caps, Error, ErrorKind, Extent, Holes, Op, Result, ZeroFlags, MAX_EXTENTS};
+
+/// Allocation granularity (bytes).
+pub const PAGE: u64 = 32 * 1024;
+/// Number of independently locked page maps.
+pub const SHARDS: usize = 16;
+/// Most pages one block-status call inspects before answering.
+const MAX_SCAN_PAGES: u64 = 1 << 16;
+
+type Page = Box<[u8]>;
+type Shard = BTreeMap<u64, Page>;
+
+pub struct MemoryBackend {
+    size: u64,
+    shards: Vec<RwLock<Shard>>,
+}
+
+impl MemoryBackend {
+    pub fn new(size: u64) -> Self {
+        MemoryBackend {
+            size,
+            shards: (0..SHARDS).map(|_| RwLock::new(BTreeMap::new())).collect(),
+        }
+    }
+
+    /// Bytes of page memory currently allocated.
+    pub fn allocated_bytes(&self) -> u64 {
+        (0..SHARDS)
+            .map(|i| self.shard_read_at(i).len() as u64 * PAGE)
+            .sum()
+    }
+
+    fn shard_of(page: u64) -> usize {
+        (page % SHARDS as u64) as usize
+    }
+
+    fn shard_read_at(&self, i: usize) -> RwLockReadGuard<'_, Shard> {
+        // A poisoned lock means a panic mid-update of plain byte arrays; the
+        // map itself is still consistent, so keep serving.
+        self.shards[i].read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read_shard(&self, page: u64) -> RwLockReadGuard<'_, Shard> {
+        self.shard_read_at(Self::shard_of(page))
+    }
+
+    fn write_shard(&self, page: u64) -> RwLockWriteGuard<'_, Shard> {
+        self.shards[Self::shard_of(page)]
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_allocated(&self, page: u64) -> bool {
+        self.read_shard(page).contains_key(&page)
+    }
+
+    /// First allocated page in `[from, to)`.
+    fn next_allocated(&self, from: u64, to: u64) -> Option<u64> {
+        (0..SHARDS)
+            .filter_map(|i| {
+                self.shard_read_at(i)
+                    .range(from..to)
+                    .next()
+                    .map(|(k, _)| *k)
+            })
+            .min()
+    }
+
+    /// Calls `f(page, offset_in_page, range_in_buffer)` for each page piece
+    /// of `[offset, offset+len)`.
+    fn for_each_piece(
+        offset: u64,
+        len: usize,
+        mut f: impl FnMut(u64, usize, std::ops::Range<usize>),
+    ) {
+        let mut done = 0usize;
+        while done < len {
+            let pos = offset + done as u64;
+            let page = pos / PAGE;
+            let in_page = (pos % PAGE) as usize;
+            let n = (PAGE as usize - in_page).min(len - done);
+            f(page, in_page, done..done + n);
+            done += n;
+        }
+    }
+
+    /// Zeroes `[offset, offset+len)`: whole pages are freed, partial pages
+    /// that exist are zeroed in place.
+    fn zero_range(&self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let end = offset + len;
+        let first_full = offset.div_ceil(PAGE);
+        let end_full = end / PAGE;
+        let zero_partial = |from: u64, to: u64| {
+            if from >= to {
+                return;
+            }
+            let page = from / PAGE;
+            if let Some(p) = self.write_shard(page).get_mut(&page) {
+                let a = (from % PAGE) as usize;
+                p[a..a + (to - from) as usize].fill(0);
+            }
+        };
+        if first_full >= end_full {
+            // Within one page, or straddling one boundary without a whole page.
+            let boundary = (offset / PAGE + 1) * PAGE;
+            zero_partial(offset, end.min(boundary));
+            zero_partial(boundary.max(offset), end);
+            return;
+        }
+        zero_partial(offset, first_full * PAGE);
+        zero_partial(end_full * PAGE, end);
+        for (i, lock) in self.shards.iter().enumerate() {
+            let mut shard = lock.write().unwrap_or_else(|p| p.into_inner());
+            let doomed: Vec<u64> = shard.range(first_full..end_full).map(|(k, _)| *k).collect();
+            for k in doomed {
+                debug_assert_eq!(Self::shard_of(k), i);
+                shard.remove(&k);
+            }
+        }
+    }
+}
+
+fn new_page(offset: u64, len: u64) -> Result<Page> {
+    let mut v: Vec<u8> = Vec::new();
+    v.try_reserve_exact(PAGE as usize).map_err(|_| {
+        Error::other(
+            ErrorKind::NoSpace,
+            Op::Write,
+            offset,
+            len,
+            "out of memory for export pages",
+        )
+    })?;
+    v.resize(PAGE as usize, 0);
+    Ok(v.into_boxed_slice())
+}
+
+impl Backend for MemoryBackend {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn caps(&self) -> Caps {
+        Caps {
+            read_only: false,
+            flush: true,
+            fua: true,
+            trim: true,
+            write_zeroes: true,
+            fast_zero: true,
+            cache: true,
+            multi_conn: true,
+            extents: true,
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("memory, {} bytes", self.size)
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<Holes> {
+        let mut holes = Holes::default();
+        let len = buf.len();
+        Self::for_each_piece(offset, len, |page, in_page, range| {
+            let shard = self.read_shard(page);
+            match shard.get(&page) {
+                Some(p) => buf[range.clone()].copy_from_slice(&p[in_page..in_page + range.len()]),
+                None => {
+                    buf[range.clone()].fill(0);
+                    holes.push(range);
+                }
+            }
+        });
+        Ok(holes)
+    }
+
+    fn write(&self, offset: u64, data: &[u8], _fua: bool) -> Result<()> {
+        let mut result = Ok(());
+        Self::for_each_piece(offset, data.len(), |page, in_page, range| {
+            if result.is_err() {
+                return;
+            }
+            let src = &data[range];
+            let mut shard = self.write_shard(page);
+            match shard.get_mut(&page) {
+                Some(p) => p[in_page..in_page + src.len()].copy_from_slice(src),
+                // Zeroes into an unallocated page change nothing.
+                None if src.iter().all(|&b| b == 0) => {}
+                None => match new_page(offset, data.len() as u64) {
+                    Ok(mut p) => {
+                        p[in_page..in_page + src.len()].copy_from_slice(src);
+                        shard.insert(page, p);
+                    }
+                    Err(e) => result = Err(e),
+                },
+            }
+        });
+        result
+    }
+
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn trim(&self, offset: u64, len: u64, _fua: bool) -> Result<()> {
+        self.zero_range(offset, len);
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        // Freeing pages is how memory zeroes fast; NO_HOLE only promises that
+        // later writes will not fail for lack of space, which RAM cannot
+        // promise either way, so it is treated the same.
+        let _ = flags;
+        self.zero_range(offset, len);
+        Ok(())
+    }
+
+    fn cache(&self, _offset: u64, _len: u64) -> Result<()> {
+        Ok(())
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let end = offset.saturating_add(len.max(1)).min(self.size);
+        if offset >= end {
+            return Ok(vec![Extent {
+                len: len.max(1),
+                hole: true,
+                zero: true,
+            }]);
+        }
+        let last_page = (end - 1) / PAGE + 1;
+        let mut out: Vec<Extent> = Vec::new();
+        let push = |out: &mut Vec<Extent>, from: u64, to: u64, hole: bool| {
+            let (from, to) = (from.max(offset), to.min(end));
+            if from >= to {
+                return;
+            }
+            match out.last_mut() {
+                Some(l) if l.hole == hole => l.len += to - from,
+                _ => out.push(Extent {
+                    len: to - from,
+                    hole,
+                    zero: hole,
+                }),
+            }
+        };
+        let mut page = offset / PAGE;
+        let mut scanned = 0u64;
+        while page < last_page && scanned < MAX_SCAN_PAGES {
+            if self.is_allocated(page) {
+                let start = page;
+                while page < last_page && scanned < MAX_SCAN_PAGES && self.is_allocated(page) {
+                    page += 1;
+                    scanned += 1;
+                }
+                push(&mut out, start * PAGE, page * PAGE, false);
+            } else {
+                let next = self.next_allocated(page, last_page).unwrap_or(last_page);
+                push(&mut out, page * PAGE, next * PAGE, true);
+                page = next;
+                scanned += 1;
+            }
+            if out.len() >= MAX_EXTENTS {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(m: &MemoryBackend, offset: u64, len: usize) -> (Vec<u8>, Holes) {
+        let mut b = vec![0xaa; len];
+        let h = m.read(offset, &mut b).unwrap();
+        (b, h)
+    }
+
+    #[test]
+    fn unwritten_reads_zero_as_holes_and_allocates_nothing() {
+        let m = MemoryBackend::new(1 << 40);
+        let (b, h) = read(&m, 12345, 100_000);
+        assert!(b.iter().all(|&x| x == 0));
+        assert_eq!(h.0, vec![0..100_000]);
+        assert_eq!(m.allocated_bytes(), 0);
+    }
+
+    #[test]
+    fn writes_round_trip_across_page_boundaries() {
+        let m = MemoryBackend::new(1 << 20);
+        let data: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8 + 1).collect();
+        m.write(PAGE - 100, &data, false).unwrap();
+        let (b, h) = read(&m, PAGE - 100, data.len());
+        assert_eq!(b, data);
+        assert!(h.0.is_empty());
+        let (b, h) = read(&m, PAGE - 200, 200);
+        assert_eq!(&b[..100], &[0u8; 100][..]);
+        assert_eq!(&b[100..], &data[..100]);
+        assert!(h.0.is_empty(), "page 0 is allocated: its zeroes are data");
+        assert_eq!(m.allocated_bytes(), 4 * PAGE);
+    }
+
+    #[test]
+    fn zero_writes_to_unallocated_pages_stay_sparse() {
+        let m = MemoryBackend::new(1 << 20);
+        m.write(0, &vec![0u8; 3 * PAGE as usize], false).unwrap();
+        assert_eq!(m.allocated_bytes(), 0);
+    }
+
+    #[test]
+    fn trim_frees_whole_pages_and_zeroes_partial_ones() {
+        let m = MemoryBackend::new(1 << 20);
+        m.write(0, &vec![9u8; 4 * PAGE as usize], false).unwrap();
+        m.trim(PAGE / 2, 2 * PAGE, false).unwrap();
+        assert_eq!(
+            m.allocated_bytes(),
+            3 * PAGE,
+            "page 1 freed; pages 0 and 2 partial"
+        );
+        let (b, _) = read(&m, 0, 4 * PAGE as usize);
+        let half = (PAGE / 2) as usize;
+        assert!(b[..half].iter().all(|&x| x == 9));
+        assert!(b[half..half + 2 * PAGE as usize].iter().all(|&x| x == 0));
+        assert!(b[half + 2 * PAGE as usize..].iter().all(|&x| x == 9));
+    }
+
+    #[test]
+    fn zeroing_inside_one_page_and_across_a_boundary() {
+        let m = MemoryBackend::new(1 << 20);
+        m.write(0, &vec![5u8; 2 * PAGE as usize], false).unwrap();
+        m.write_zeroes(10, 20, ZeroFlags::default()).unwrap();
+        m.write_zeroes(PAGE - 5, 10, ZeroFlags::default()).unwrap();
+        let (b, _) = read(&m, 0, 2 * PAGE as usize);
+        for (i, &x) in b.iter().enumerate() {
+            let zero = (10..30).contains(&i) || (PAGE as usize - 5..PAGE as usize + 5).contains(&i);
+            assert_eq!(x == 0, zero, "byte {i}");
+        }
+    }
+
+    #[test]
+    fn extents_report_data_and_holes_exactly() {
+        let m = MemoryBackend::new(100 * PAGE);
+        m.write(2 * PAGE, &vec![1u8; 3 * PAGE as usize], false)
+            .unwrap();
+        m.write(50 * PAGE, &[1u8], false).unwrap();
+        let e = m.extents(PAGE, 60 * PAGE).unwrap();
+        assert_eq!(
+            e,
+            vec![
+                Extent {
+                    len: PAGE,
+                    hole: true,
+                    zero: true
+                },
+                Extent {
+                    len: 3 * PAGE,
+                    hole: false,
+                    zero: false
+                },
+                Extent {
+                    len: 45 * PAGE,
+                    hole: true,
+                    zero: true
+                },
+                Extent {
+                    len: PAGE,
+                    hole: false,
+                    zero: false
+                },
+                Extent {
+                    len: 10 * PAGE,
+                    hole: true,
+                    zero: true
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn extents_of_a_huge_sparse_export_are_instant() {
+        let m = MemoryBackend::new(i64::MAX as u64);
+        m.write(1 << 50, &[1u8], false).unwrap();
+        let e = m.extents(0, i64::MAX as u64).unwrap();
+        assert_eq!(
+            e[0],
+            Extent {
+                len: 1 << 50,
+                hole: true,
+                zero: true
+            }
+        );
+        assert_eq!(
+            e[1],
+            Extent {
+                len: PAGE,
+                hole: false,
+                zero: false
+            }
+        );
+        m.trim(0, i64::MAX as u64 - 7, false).unwrap();
+        assert_eq!(m.allocated_bytes(), 0);
+    }
+
+    #[test]
+    fn parallel_writers_on_distinct_ranges_do_not_interfere() {
+        let m = std::sync::Arc::new(MemoryBackend::new(64 * PAGE));
+        let threads: Vec<_> = (0..8u8)
+            .map(|t| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    for i in 0..64u64 {
+                        let off = (i * 8 + t as u64) * 4096;
+                        m.write(off, &[t + 1; 4096], false).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        for i in 0..512u64 {
+            let (b, _) = read(&m, i * 4096, 4096);
+            assert!(b.iter().all(|&x| x == (i % 8) as u8 + 1), "block {i}");
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! Export specs: `memory:SIZE`, `file:PATH`, `null:SIZE`.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::file::FileBackend;
+use crate::memory::MemoryBackend;
+use crate::null::NullBackend;
+use crate::{Backend, Error};
+
+/// A parsed export spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Spec {
+    Memory(u64),
+    File(PathBuf),
+    Null(u64),
+}
+
+/// Why a spec could not be used.
+#[derive(Debug)]
+pub enum SpecError {
+    Syntax(String),
+    Open(Error),
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SpecError::Syntax(s) => f.write_str(s),
+            SpecError::Open(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for SpecError {}
+
+/// Largest export size (the NBD size field is unsigned, but files and
+/// offsets are `off_t`).
+pub const MAX_SIZE: u64 = i64::MAX as u64;
+
+/// Parses `4096`, `512K`, `256M`, `1G`, `2T`, `1GiB`... (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, suffix) = t.split_at(split);
+    if digits.is_empty() {
+        return Err(format!("size {s:?} does not start with a number"));
+    }
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("size {s:?} is too large"))?;
+    let shift = match suffix.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        "p" | "pb" | "pib" => 50,
+        "e" | "eb" | "eib" => 60,
+        _ => {
+            return Err(format!(
+                "size {s:?} has an unknown suffix {suffix:?} (use K, M, G, T, P or E)"
+            ))
+        }
+    };
+    let v = n.checked_mul(1u64 << shift).filter(|&v| v <= MAX_SIZE);
+    v.ok_or_else(|| format!("size {s:?} exceeds the largest export size ({MAX_SIZE} bytes)"))
+}
+
+impl std::str::FromStr for Spec {
+    type Err = SpecError;
+
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        let (kind, arg) = s.split_once(':').ok_or_else(|| {
+            SpecError::Syntax(format!(
+                "export spec {s:?} must look like memory:SIZE, file:PATH or null:SIZE"
+            ))
+        })?;
+        let size = |a: &str| {
+            parse_size(a).map_err(|e| SpecError::Syntax(format!("export spec {s:?}: {e}")))
+        };
+        match kind {
+            "memory" | "mem" => Ok(Spec::Memory(size(arg)?)),
+            "null" => Ok(Spec::Null(size(arg)?)),
+            "file" if !arg.is_empty() => Ok(Spec::File(PathBuf::from(arg))),
+            "file" => Err(SpecError::Syntax(format!(
+                "export spec {s:?} names no file"
+            ))),
+            _ => Err(SpecError::Syntax(format!(
+                "export spec {s:?}: unknown backend {kind:?} (memory, file or null)"
+            ))),
+        }
+    }
+}
+
+/// Opens the backend a spec names.
+pub fn open(spec: &Spec, read_only: bool) -> Result<Arc<dyn Backend>, SpecError> {
+    Ok(match spec {
+        Spec::Memory(size) => Arc::new(MemoryBackend::new(*size)),
+        Spec::Null(size) => Arc::new(NullBackend::new(*size)),
+        Spec::File(path) => Arc::new(FileBackend::open(path, read_only).map_err(SpecError::Open)?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert!(parse_size("8E").unwrap_err().contains("largest"));
+        assert_eq!(parse_size("7E"), Ok(7 << 60));
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("12Q").unwrap_err().contains("suffix"));
+        assert!(parse_size("99999999999999999999").is_err());
+    }
+
+    #[test]
+    fn specs() {
+        assert_eq!("memory:1G".parse::<Spec>().unwrap(), Spec::Memory(1 << 30));
+        assert_eq!("null:4096".parse::<Spec>().unwrap(), Spec::Null(4096));
+        assert_eq!(
+            "file:/a/b".parse::<Spec>().unwrap(),
+            Spec::File("/a/b".into())
+        );
+        assert!("disk:/x"
+            .parse::<Spec>()
+            .unwrap_err()
+            .to_string()
+            .contains("unknown backend"));
+        assert!("memory".parse::<Spec>().is_err());
+        assert!("file:".parse::<Spec>().is_err());
+    }
+}

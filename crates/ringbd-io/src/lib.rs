@@ -1,0 +1,32 @@
+//! ringbd's syscall layer. Every `unsafe` block of the project lives in this
+//! crate, each with the reasoning that makes it sound; callers get safe
+//! functions that return `io::Result` and never drop a syscall's result.
+//!
+//! - [`fs`]: file and block-device calls (fallocate, SEEK_DATA/SEEK_HOLE,
+//!   BLKGETSIZE64, fadvise).
+//! - [`net`]: socket activation (LISTEN_FDS) and readiness polling.
+//! - [`signal`]: SIGINT/SIGTERM delivered as a readable fd.
+
+pub mod fs;
+pub mod net;
+pub mod signal;
+
+use std::io;
+
+/// Turns a `-1` return into the thread's `errno`.
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Like [`cvt`] for calls returning `off_t`/`ssize_t`.
+fn cvt64(ret: i64) -> io::Result<i64> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}

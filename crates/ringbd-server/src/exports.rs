@@ -1,0 +1,146 @@
+//! The server's exports: names bound to opened backends.
+
+use std::sync::Arc;
+
+use nbd_proto::{BlockSizes, Errno, ExportCaps, ExportCatalog, ExportDescriptor, ExportListing};
+use ringbd_backend::{Backend, ErrorKind, Op};
+
+/// One named export.
+pub struct Export {
+    pub name: String,
+    pub description: String,
+    pub backend: Arc<dyn Backend>,
+    pub read_only: bool,
+}
+
+impl Export {
+    pub fn new(name: impl Into<String>, backend: Arc<dyn Backend>, read_only: bool) -> Self {
+        let read_only = read_only || backend.caps().read_only;
+        Export {
+            name: name.into(),
+            description: backend.describe(),
+            backend,
+            read_only,
+        }
+    }
+
+    pub fn descriptor(&self) -> ExportDescriptor {
+        let c = self.backend.caps();
+        ExportDescriptor {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            size: self.backend.size(),
+            caps: ExportCaps {
+                read_only: self.read_only,
+                flush: c.flush,
+                fua: c.fua,
+                trim: c.trim,
+                write_zeroes: c.write_zeroes,
+                fast_zero: c.fast_zero,
+                cache: c.cache,
+                multi_conn: c.multi_conn,
+                rotational: false,
+                base_allocation: true,
+            },
+            block_sizes: BlockSizes::default(),
+        }
+    }
+}
+
+/// All exports of one server.
+#[derive(Default)]
+pub struct Exports {
+    list: Vec<Export>,
+}
+
+impl Exports {
+    /// Adds an export; names must be unique.
+    pub fn add(&mut self, export: Export) -> Result<(), String> {
+        if self.list.iter().any(|e| e.name == export.name) {
+            return Err(format!("export {:?} is defined twice", export.name));
+        }
+        if export.name.len() > nbd_proto::wire::MAX_STRING {
+            return Err("export names are limited to 4096 bytes".into());
+        }
+        self.list.push(export);
+        Ok(())
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Export> {
+        self.list.iter().find(|e| e.name == name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Export> {
+        self.list.iter()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+}
+
+impl ExportCatalog for Exports {
+    fn list(&self) -> Vec<ExportListing> {
+        self.list
+            .iter()
+            .map(|e| ExportListing {
+                name: e.name.clone(),
+                description: e.description.clone(),
+            })
+            .collect()
+    }
+
+    fn lookup(&self, name: &str) -> Option<ExportDescriptor> {
+        self.get(name).map(Export::descriptor)
+    }
+}
+
+/// The NBD error a backend failure is reported as.
+pub fn nbd_errno(e: &ringbd_backend::Error) -> Errno {
+    match e.kind {
+        ErrorKind::Io => Errno::EIO,
+        ErrorKind::NoSpace => Errno::ENOSPC,
+        ErrorKind::Permission => Errno::EPERM,
+        ErrorKind::Invalid => Errno::EINVAL,
+        // ENOTSUP is reserved by the spec for fast-zero refusals.
+        ErrorKind::Unsupported if e.op == Op::WriteZeroes => Errno::ENOTSUP,
+        ErrorKind::Unsupported => Errno::EIO,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ringbd_backend::memory::MemoryBackend;
+
+    #[test]
+    fn duplicate_names_are_refused() {
+        let mut x = Exports::default();
+        x.add(Export::new("a", Arc::new(MemoryBackend::new(1)), false))
+            .unwrap();
+        assert!(x
+            .add(Export::new("a", Arc::new(MemoryBackend::new(1)), false))
+            .is_err());
+    }
+
+    #[test]
+    fn read_only_flag_reaches_the_descriptor() {
+        let e = Export::new("", Arc::new(MemoryBackend::new(4096)), true);
+        let d = e.descriptor();
+        assert!(d.caps.read_only);
+        assert_eq!(d.size, 4096);
+    }
+
+    #[test]
+    fn errors_map_to_nbd_errnos() {
+        let io =
+            |n| ringbd_backend::Error::new(Op::Write, 0, 1, std::io::Error::from_raw_os_error(n));
+        assert_eq!(nbd_errno(&io(libc_enospc())), Errno::ENOSPC);
+        assert_eq!(nbd_errno(&io(5)), Errno::EIO);
+        assert_eq!(nbd_errno(&io(30)), Errno::EPERM); // EROFS
+    }
+
+    fn libc_enospc() -> i32 {
+        28
+    }
+}

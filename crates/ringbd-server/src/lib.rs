@@ -1,0 +1,14 @@
+//! The ringbd NBD server.
+//!
+//! - [`exports`]: export names bound to backends; the handshake's catalog.
+//! - [`listener`]: TCP/Unix listeners, socket activation, URIs.
+//! - [`engine_threads`]: the portable blocking engine (a thread per connection).
+//! - [`server`]: start-up, the accept loop, captive `--run`, clean shutdown.
+
+pub mod engine_threads;
+pub mod exports;
+pub mod listener;
+pub mod log;
+pub mod server;
+
+pub use server::{run, Config, ServeError, DEFAULT_LISTEN};

@@ -1,0 +1,294 @@
+//! The server's life: open exports, bind, accept, stop cleanly.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::net::Shutdown;
+use std::os::fd::AsFd;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ringbd_backend::Spec;
+use ringbd_io::net::{poll_readable, take_activated_listeners};
+use ringbd_io::signal::TermSignals;
+
+use crate::engine_threads;
+use crate::exports::{Export, Exports};
+use crate::listener::{Listener, Stream};
+use crate::log;
+
+/// Default listen address: loopback only, the IANA NBD port.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
+/// How long in-flight connections get to finish after a stop request
+/// before their sockets are shut down under them.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What `ringbd serve` was asked to do.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    /// Export name and spec, in order.
+    pub exports: Vec<(String, Spec)>,
+    pub listen: Vec<String>,
+    pub unix: Option<PathBuf>,
+    pub read_only: bool,
+    /// Captive mode: run this shell command, stop when it exits.
+    pub run: Option<String>,
+}
+
+/// A fatal start-up or shutdown problem, with its message.
+#[derive(Debug)]
+pub struct ServeError(pub String);
+
+impl std::fmt::Display for ServeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ServeError {}
+
+fn err(msg: impl Into<String>) -> ServeError {
+    ServeError(msg.into())
+}
+
+/// Live connections, so a stop can wake and drain them.
+#[derive(Default)]
+struct Registry {
+    conns: Mutex<HashMap<u64, Stream>>,
+    idle: Condvar,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Stream>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn remove(&self, id: u64) {
+        let mut c = self.lock();
+        c.remove(&id);
+        if c.is_empty() {
+            self.idle.notify_all();
+        }
+    }
+
+    /// Stops reading from every connection, waits up to `timeout` for them
+    /// to finish their replies, then cuts the rest off.
+    fn drain(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut c = self.lock();
+        for s in c.values() {
+            s.shutdown(Shutdown::Read).ok();
+        }
+        while !c.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                log::warn(format_args!(
+                    "{} connection(s) did not finish in time; closing them",
+                    c.len()
+                ));
+                for s in c.values() {
+                    s.shutdown(Shutdown::Both).ok();
+                }
+                break;
+            }
+            c = self
+                .idle
+                .wait_timeout(c, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+/// Runs the server until SIGINT/SIGTERM (exit code 0) or, in captive mode,
+/// until the command exits (its exit code). Must be called before the
+/// process starts any other thread (signals are routed to a signalfd).
+pub fn run(config: Config) -> Result<i32, ServeError> {
+    let signals =
+        TermSignals::new().map_err(|e| err(format!("cannot set up signal handling: {e}")))?;
+
+    let mut exports = Exports::default();
+    for (name, spec) in &config.exports {
+        let backend = ringbd_backend::open(spec, config.read_only)
+            .map_err(|e| err(format!("export {name:?}: {e}")))?;
+        exports
+            .add(Export::new(name.clone(), backend, config.read_only))
+            .map_err(err)?;
+    }
+    let exports = Arc::new(exports);
+
+    let listeners = bind(&config)?;
+    for l in &listeners {
+        l.set_nonblocking()
+            .map_err(|e| err(format!("listener: {e}")))?;
+    }
+    {
+        let mut stdout = io::stdout().lock();
+        for l in &listeners {
+            writeln!(stdout, "{}", l.uri()).ok();
+        }
+        stdout.flush().ok();
+    }
+
+    let (wake_rx, wake_tx) = io::pipe().map_err(|e| err(format!("pipe: {e}")))?;
+    let child_status: Arc<Mutex<Option<ExitStatus>>> = Arc::default();
+    if let Some(cmd) = &config.run {
+        let mut child = captive_command(cmd, &listeners)
+            .spawn()
+            .map_err(|e| err(format!("--run: cannot start sh: {e}")))?;
+        let status = child_status.clone();
+        let mut wake_tx = wake_tx;
+        thread::Builder::new()
+            .name("run-waiter".into())
+            .spawn(move || {
+                let s = child.wait();
+                if let Ok(s) = s {
+                    *status.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+                }
+                // The accept loop wakes on this byte (or on EOF if it fails).
+                wake_tx.write_all(b"x").ok();
+            })
+            .map_err(|e| err(format!("cannot start thread: {e}")))?;
+    } else {
+        // Keep the write end open so the pipe never reads EOF.
+        std::mem::forget(wake_tx);
+    }
+
+    let registry = Arc::new(Registry::default());
+    let mut next_id = 0u64;
+    let mut workers = Vec::new();
+    'accept: loop {
+        let mut fds: Vec<_> = listeners.iter().map(|l| l.as_fd()).collect();
+        fds.push(signals.as_fd());
+        fds.push(wake_rx.as_fd());
+        let ready = poll_readable(&fds, None).map_err(|e| err(format!("poll: {e}")))?;
+        if ready[listeners.len()] {
+            if let Ok(Some(sig)) = signals.take() {
+                log::debug(format_args!("signal {sig}: stopping"));
+                break 'accept;
+            }
+        }
+        if ready[listeners.len() + 1] {
+            // The captive command exited (the byte itself carries nothing).
+            break 'accept;
+        }
+        for (i, l) in listeners.iter().enumerate() {
+            if !ready[i] {
+                continue;
+            }
+            loop {
+                let stream = match l.accept() {
+                    Ok(s) => s,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        // EMFILE and friends: report, keep serving others.
+                        log::warn(format_args!("accept: {e}"));
+                        break;
+                    }
+                };
+                let id = next_id;
+                next_id += 1;
+                match stream.try_clone() {
+                    Ok(handle) => {
+                        registry.lock().insert(id, handle);
+                    }
+                    Err(e) => {
+                        log::warn(format_args!("connection setup: {e}"));
+                        continue;
+                    }
+                }
+                let (exports, registry2) = (exports.clone(), registry.clone());
+                let spawned = thread::Builder::new()
+                    .name(format!("conn-{id}"))
+                    .spawn(move || {
+                        let peer = stream.peer();
+                        if let Err(e) = engine_threads::serve(stream, exports) {
+                            log::warn(format_args!("{peer}: connection ended with error: {e}"));
+                        }
+                        registry2.remove(id);
+                    });
+                match spawned {
+                    Ok(h) => workers.push(h),
+                    Err(e) => {
+                        log::warn(format_args!("cannot start connection thread: {e}"));
+                        registry.remove(id);
+                    }
+                }
+                workers.retain(|h| !h.is_finished());
+            }
+        }
+    }
+
+    drop(listeners);
+    registry.drain(DRAIN_TIMEOUT);
+    for h in workers {
+        h.join().ok();
+    }
+    let mut flush_failed = false;
+    for e in exports.iter() {
+        if let Err(x) = e.backend.flush() {
+            log::warn(format_args!("export {:?}: final {x}", e.name));
+            flush_failed = true;
+        }
+    }
+    if flush_failed {
+        return Err(err(
+            "could not flush every export; recent writes may not be durable",
+        ));
+    }
+    let status = *child_status.lock().unwrap_or_else(|p| p.into_inner());
+    Ok(match (config.run.is_some(), status) {
+        (false, _) => 0,
+        (true, Some(s)) => s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)),
+        // Stopped by a signal before the command finished.
+        (true, None) => 1,
+    })
+}
+
+fn bind(config: &Config) -> Result<Vec<Listener>, ServeError> {
+    let activated =
+        take_activated_listeners().map_err(|e| err(format!("socket activation: {e}")))?;
+    if let Some(fds) = activated {
+        return Ok(fds.into_iter().map(Listener::from_activated).collect());
+    }
+    let mut out = Vec::new();
+    if let Some(path) = &config.unix {
+        out.push(Listener::bind_unix(path).map_err(|e| err(e.to_string()))?);
+    }
+    let mut addrs = config.listen.clone();
+    if addrs.is_empty() && config.unix.is_none() {
+        addrs.push(DEFAULT_LISTEN.to_owned());
+    }
+    for a in &addrs {
+        out.push(Listener::bind_tcp(a).map_err(|e| err(e.to_string()))?);
+    }
+    Ok(out)
+}
+
+/// `sh -c CMD` with `$uri`, `$unixsocket`, `$port` (as nbdkit's `--run`).
+fn captive_command(cmd: &str, listeners: &[Listener]) -> Command {
+    let mut c = Command::new("/bin/sh");
+    c.arg("-c").arg(cmd);
+    let unix = listeners.iter().find_map(Listener::unix_path);
+    let tcp = listeners.iter().find_map(Listener::tcp_addr);
+    let uri = listeners
+        .iter()
+        .find(|l| l.unix_path().is_some())
+        .or_else(|| listeners.first())
+        .map(Listener::uri)
+        .unwrap_or_default();
+    c.env("uri", uri);
+    match unix {
+        Some(p) => c.env("unixsocket", p),
+        None => c.env_remove("unixsocket"),
+    };
+    match tcp {
+        Some(a) => c.env("port", a.port().to_string()),
+        None => c.env_remove("port"),
+    };
+    c
+}

@@ -1,0 +1,433 @@
+"""Fixtures for the ringbd interop suite.
+
+Every test that takes the ``server_kind`` fixture runs once per selected
+server: ``ringbd`` (the server under test) and ``nbdkit`` (the reference,
+nbdkit 1.32).  Select with ``--servers=ringbd,nbdkit`` or the environment
+variable ``INTEROP_SERVERS`` (default: both).
+
+Tests marked ``@pytest.mark.ringbd_only`` exercise features nbdkit 1.32
+does not have (or ringbd's own command line); their nbdkit variants are
+*deselected* at collection time (they show up in pytest's "deselected"
+count), never skipped.
+
+Readiness: servers are started with systemd-style socket activation.  The
+fixture itself creates, binds and listens on a Unix socket and hands it to
+the server as fd 3 with LISTEN_FDS=1 and LISTEN_PID=<server pid>, so the
+socket is connectable the moment start() returns; nothing polls or sleeps.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import urllib.parse
+
+import pytest
+
+from helpers import BLOCK_MAX, BLOCK_MIN, BLOCK_PREF
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
+ALL_KINDS = ("ringbd", "nbdkit")
+
+KILL_TIMEOUT = 20    # seconds to wait for a SIGTERM'ed server to exit
+GREETING_TIMEOUT = 10  # hang guard for the start-up greeting check
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--servers",
+        default=None,
+        help="comma-separated servers to test: ringbd,nbdkit "
+        "(default: $INTEROP_SERVERS or both)",
+    )
+
+
+def selected_kinds(config):
+    raw = config.getoption("--servers") or os.environ.get("INTEROP_SERVERS") or ",".join(ALL_KINDS)
+    kinds = [k.strip() for k in raw.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in ALL_KINDS]
+    if bad or not kinds:
+        raise pytest.UsageError("unknown server kind(s) %r; choose from %s" % (bad, ALL_KINDS))
+    return kinds
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "ringbd_only: feature nbdkit 1.32 lacks (e.g. NBD extended headers) or "
+        "ringbd's own CLI; the nbdkit variant is deselected, not skipped",
+    )
+
+
+def pytest_generate_tests(metafunc):
+    if "server_kind" in metafunc.fixturenames:
+        metafunc.parametrize("server_kind", selected_kinds(metafunc.config))
+
+
+def pytest_collection_modifyitems(config, items):
+    # Explicit filter: ringbd_only tests are not collected for nbdkit.
+    keep, drop = [], []
+    for item in items:
+        kind = getattr(getattr(item, "callspec", None), "params", {}).get("server_kind")
+        if item.get_closest_marker("ringbd_only") and kind != "ringbd":
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+# --------------------------------------------------------------------------
+# server abstraction
+# --------------------------------------------------------------------------
+
+def ringbd_bin():
+    path = os.environ.get("RINGBD_BIN", "target/release/ringbd")
+    if not os.path.isabs(path):
+        path = os.path.join(REPO_ROOT, path)
+    return path
+
+
+def parse_size(text):
+    """'1G' / '256M' / '64K' / '4096' -> bytes (binary multiples)."""
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip()
+    if text[-1:].upper() in mult:
+        return int(text[:-1]) * mult[text[-1].upper()]
+    return int(text)
+
+
+def parse_spec(spec):
+    kind, sep, arg = spec.partition(":")
+    if not sep or kind not in ("memory", "file", "null"):
+        raise ValueError("bad export spec %r" % spec)
+    return kind, arg
+
+
+def nbdkit_argv(exports, read_only, workdir):
+    """Translate ringbd-syntax export specs into an nbdkit command line."""
+    argv = ["nbdkit", "--exit-with-parent"]
+    if read_only:
+        argv.append("-r")
+    # Advertise (and enforce: error policy) the same block size constraints
+    # ringbd advertises, so the block-size tests mean the same for both.
+    filters = ["--filter=blocksize-policy"]
+    params = [
+        "blocksize-minimum=%d" % BLOCK_MIN,
+        "blocksize-preferred=%d" % BLOCK_PREF,
+        "blocksize-maximum=%d" % BLOCK_MAX,
+        "blocksize-error-policy=error",
+    ]
+    if list(exports) == [""]:
+        kind, arg = parse_spec(exports[""])
+        plugin = [kind, arg]  # memory SIZE | file PATH | null SIZE
+        return argv + filters + plugin + params
+
+    # Several (or named) exports: nbdkit-file-plugin dir= mode serves each
+    # file of a directory as the export of that name; memory:SIZE becomes a
+    # sparse file on tmpfs, file:PATH a symlink.  The exportname filter
+    # maps "" to its backing file and advertises exactly our names.
+    expdir = os.path.join(workdir, "exports")
+    os.mkdir(expdir)
+    names = {}
+    for name, spec in exports.items():
+        kind, arg = parse_spec(spec)
+        fname = name if name else "__default__"
+        assert fname and "/" not in fname and fname not in (".", ".."), name
+        path = os.path.join(expdir, fname)
+        if kind == "memory":
+            with open(path, "wb") as f:
+                f.truncate(parse_size(arg))
+        elif kind == "file":
+            os.symlink(os.path.abspath(arg), path)
+        else:
+            raise ValueError("nbdkit translation: %s not supported with several exports" % kind)
+        names[name] = fname
+    filters.append("--filter=exportname")
+    params.append("exportname-list=explicit")
+    params += ["exportname=%s" % n for n in exports]
+    if "" in names:
+        params.append("default-export=%s" % names[""])
+    return argv + filters + ["file", "dir=%s" % expdir] + params
+
+
+def ringbd_argv(exports, read_only):
+    argv = [ringbd_bin(), "serve"]
+    for name, spec in exports.items():
+        parse_spec(spec)
+        if name == "":
+            argv.insert(2, spec)
+        else:
+            argv += ["--export", "%s=%s" % (name, spec)]
+    if read_only:
+        argv.append("--read-only")
+    return argv
+
+
+def _socket_activation_child(listen_fd):
+    """preexec_fn: put the listening socket at fd 3 for LISTEN_FDS=1."""
+    def child():
+        if listen_fd != 3:
+            os.dup2(listen_fd, 3)
+        os.set_inheritable(3, True)
+    return child
+
+
+class Server:
+    """One NBD server process under test, reachable on a Unix socket."""
+
+    def __init__(self, kind, exports=None, read_only=False, workdir=None):
+        self.kind = kind
+        self.exports = dict(exports or {"": "memory:256M"})
+        self.read_only = read_only
+        self.workdir = tempfile.mkdtemp(prefix="srv-%s-" % kind, dir=workdir or _shm_dir())
+        self.sock = os.path.join(self.workdir, "nbd.sock")
+        self.stdout_path = os.path.join(self.workdir, "stdout")
+        self.stderr_path = os.path.join(self.workdir, "stderr")
+        self.returncode = None
+        self._final_stderr = None
+        self._final_stdout = None
+
+        if kind == "nbdkit":
+            argv = nbdkit_argv(self.exports, read_only, self.workdir)
+            assert shutil.which("nbdkit"), "nbdkit is not installed (missing tool = failure)"
+        elif kind == "ringbd":
+            argv = ringbd_argv(self.exports, read_only)
+            assert os.access(argv[0], os.X_OK), (
+                "ringbd binary %s not found/executable (set RINGBD_BIN or "
+                "run `cargo build --release`)" % argv[0])
+        else:
+            raise ValueError(kind)
+        self.argv = argv
+
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(self.sock)
+            listener.listen(128)
+            env = dict(os.environ, LISTEN_FDS="1")
+            env.pop("LISTEN_PID", None)
+            env.pop("LISTEN_FDNAMES", None)
+            with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+                # sh sets LISTEN_PID to its own pid and execs the server,
+                # so LISTEN_PID equals the server's pid.
+                self.proc = subprocess.Popen(
+                    ["sh", "-c", 'LISTEN_PID=$$; export LISTEN_PID; exec "$@"', "sh"] + argv,
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
+                    close_fds=False, preexec_fn=_socket_activation_child(listener.fileno()),
+                )
+        finally:
+            # The server owns the listening socket now; our copy can go.
+            # (If the server dies, connects are refused instead of hanging.)
+            listener.close()
+        self._check_greeting()
+
+    def _check_greeting(self):
+        """Fail fast, with the server's stderr, unless it greets a client.
+
+        One blocking read of the 18-byte NBD greeting (not a poll): catches
+        a server that died on start-up or ignored the activated socket.
+        """
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(GREETING_TIMEOUT)
+        try:
+            s.connect(self.sock)
+            got = b""
+            while len(got) < 18:
+                chunk = s.recv(18 - len(got))
+                if not chunk:
+                    break
+                got += chunk
+        except OSError as e:
+            got = repr(e).encode()
+        finally:
+            s.close()
+        if not got.startswith(b"NBDMAGICIHAVEOPT"):
+            status = self.proc.poll()
+            if status is None:
+                self.proc.kill()
+                self.proc.wait()
+            raise AssertionError(
+                "%s did not send the NBD greeting on the activated socket "
+                "(got %r, exit status %r)\nargv: %s\nstderr:\n%s"
+                % (self.kind, got, status, self.argv, self.stderr()))
+
+    def uri(self, export=""):
+        return "nbd+unix:///%s?socket=%s" % (urllib.parse.quote(export, safe=""), self.sock)
+
+    def stderr(self):
+        if self._final_stderr is not None:
+            return self._final_stderr
+        with open(self.stderr_path, "r", errors="replace") as f:
+            return f.read()
+
+    def stdout(self):
+        if self._final_stdout is not None:
+            return self._final_stdout
+        with open(self.stdout_path, "r", errors="replace") as f:
+            return f.read()
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def stop(self, check=True):
+        """SIGTERM the server and wait for it; for ringbd check a clean exit."""
+        if self.returncode is None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.returncode = self.proc.wait(timeout=KILL_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError("%s did not exit within %ds of SIGTERM\nstderr:\n%s"
+                                     % (self.kind, KILL_TIMEOUT, self.stderr()))
+        err = self._final_stderr = self.stderr()
+        self._final_stdout = self.stdout()
+        try:
+            if check and self.kind == "ringbd":
+                assert "panicked" not in err, "ringbd panicked:\n" + err
+                assert self.returncode == 0, "ringbd exited %r on SIGTERM\nstderr:\n%s" % (
+                    self.returncode, err)
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        return self.returncode
+
+
+def start(kind, exports=None, read_only=False, workdir=None):
+    """Start a server; `exports` maps export name -> ringbd-syntax spec."""
+    return Server(kind, exports=exports, read_only=read_only, workdir=workdir)
+
+
+def _shm_dir():
+    return "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+
+# --------------------------------------------------------------------------
+# fixtures
+# --------------------------------------------------------------------------
+
+@pytest.fixture
+def shm_tmp():
+    """A scratch directory on tmpfs (fast, sparse-capable) for images."""
+    d = tempfile.mkdtemp(prefix="interop-", dir=_shm_dir())
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def start_server(server_kind):
+    """Factory: start_server(exports=..., read_only=...) -> Server.
+
+    All servers it started are stopped (SIGTERM) at teardown; for ringbd
+    a non-zero exit status or a panic message fails the test.
+    """
+    servers = []
+
+    def _start(exports=None, read_only=False):
+        srv = start(server_kind, exports=exports, read_only=read_only)
+        servers.append(srv)
+        return srv
+
+    yield _start
+    errors = []
+    for srv in servers:
+        try:
+            srv.stop()
+        except AssertionError as e:
+            errors.append(str(e))
+    assert not errors, "\n".join(errors)
+
+
+@pytest.fixture
+def server(start_server):
+    """Default: one 256 MiB sparse memory export named ""."""
+    return start_server({"": "memory:256M"})
+
+
+@pytest.fixture
+def nbd_handle(start_server):
+    """Factory for connected libnbd handles (disconnected at teardown).
+
+    Depends on start_server so that handles are shut down *before* the
+    servers get SIGTERM (nbdkit 1.32 waits for connected clients to leave).
+    """
+    import nbd
+
+    handles = []
+
+    def _connect(uri, strict=True, meta=True):
+        h = nbd.NBD()
+        if not strict:
+            h.set_strict_mode(0)
+        if meta:
+            h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+        h.connect_uri(uri)
+        handles.append(h)
+        return h
+
+    yield _connect
+    for h in handles:
+        try:
+            h.shutdown()
+        except Exception:
+            pass
+    handles.clear()
+
+
+@pytest.fixture
+def ringbd():
+    """Path of the ringbd binary (RINGBD_BIN); missing binary = failure."""
+    path = ringbd_bin()
+    assert os.access(path, os.X_OK), (
+        "ringbd binary %s not found/executable (set RINGBD_BIN or run "
+        "`cargo build --release`)" % path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def nbdsh(tmp_path_factory):
+    """Run nbdsh with the Python that has the `nbd` module.
+
+    /usr/bin/nbdsh execs `python3 -mnbd` from PATH; put a python3 that can
+    import nbd (this interpreter) first on PATH for it.
+    """
+    import sys
+
+    shim = tmp_path_factory.mktemp("nbdsh-python")
+    os.symlink(sys.executable, shim / "python3")
+    env = dict(os.environ, PATH="%s:%s" % (shim, os.environ.get("PATH", "")))
+
+    exe = shutil.which("nbdsh")
+    assert exe, "nbdsh is not installed (missing tool = failure)"
+
+    def _nbdsh(*args, check=True):
+        p = subprocess.run([exe, *args], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=env, timeout=60)
+        if check and p.returncode != 0:
+            raise AssertionError("nbdsh %s exited %d\nstdout:\n%s\nstderr:\n%s"
+                                 % (args, p.returncode, p.stdout, p.stderr))
+        return p
+    return _nbdsh
+
+
+@pytest.fixture(scope="session")
+def image_dir():
+    d = tempfile.mkdtemp(prefix="interop-images-", dir=_shm_dir())
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def random_image_256m(image_dir):
+    from helpers import MiB, random_file
+    return random_file(os.path.join(image_dir, "random-256m.img"), 256 * MiB, seed=256)
+
+
+@pytest.fixture(scope="session")
+def random_image_64m(image_dir):
+    from helpers import MiB, random_file
+    return random_file(os.path.join(image_dir, "random-64m.img"), 64 * MiB, seed=64)

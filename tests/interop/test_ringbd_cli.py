@@ -1,0 +1,138 @@
+"""ringbd's own command line: listeners and their readiness lines, captive
+mode (--run) and signal handling.  These are ringbd's interface, not NBD
+protocol, so they are ringbd-only (nbdkit's CLI differs; see conftest.py)."""
+
+import os
+import select
+import signal
+import socket
+import subprocess
+
+import pytest
+
+from helpers import MiB, run
+
+pytestmark = pytest.mark.ringbd_only
+
+SAFETY_TIMEOUT = 20  # seconds; a hang guard only, never a synchronisation
+
+
+@pytest.fixture
+def spawn(ringbd, server_kind):
+    """spawn(args...) -> Popen of `ringbd serve ...` with stdout piped."""
+    assert server_kind == "ringbd"
+    procs = []
+
+    def _spawn(*args):
+        p = subprocess.Popen([ringbd, "serve", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        procs.append(p)
+        return p
+
+    yield _spawn
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def read_line(proc):
+    """Next stdout line of proc: the readiness signal ('' on EOF)."""
+    ready, _, _ = select.select([proc.stdout], [], [], SAFETY_TIMEOUT)
+    assert ready, "ringbd printed no readiness line within %ds" % SAFETY_TIMEOUT
+    return proc.stdout.readline()
+
+
+def finish(proc, sig):
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=SAFETY_TIMEOUT)
+    assert "panicked" not in err, err
+    return proc.returncode, out, err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_unix_listener_ready_line_and_clean_signal_exit(spawn, tmp_path, sig):
+    sock = str(tmp_path / "s.sock")
+    p = spawn("memory:64M", "--unix", sock)
+    line = read_line(p)
+    assert line == "nbd+unix:///?socket=%s\n" % sock
+    assert run(["nbdinfo", "--size", line.strip()]).stdout.strip() == str(64 * MiB)
+    rc, out, err = finish(p, sig)
+    assert rc == 0, err
+
+
+def test_sigterm_on_idle_server_exits_zero(spawn, tmp_path):
+    sock = str(tmp_path / "idle.sock")
+    p = spawn("memory:1G", "--unix", sock)
+    assert read_line(p).strip() == "nbd+unix:///?socket=%s" % sock
+    rc, _, err = finish(p, signal.SIGTERM)   # no client ever connected
+    assert rc == 0, err
+
+
+def test_tcp_listener_ready_line(spawn):
+    # pick a free port (tiny race with other processes is acceptable)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = spawn("memory:16M", "--listen", "127.0.0.1:%d" % port)
+    line = read_line(p)
+    assert line == "nbd://127.0.0.1:%d\n" % port
+    assert run(["nbdinfo", "--size", line.strip()]).stdout.strip() == str(16 * MiB)
+    rc, _, err = finish(p, signal.SIGTERM)
+    assert rc == 0, err
+
+
+def test_unix_and_tcp_listeners_one_line_each(spawn, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sock = str(tmp_path / "both.sock")
+    p = spawn("memory:16M", "--unix", sock, "--listen", "127.0.0.1:%d" % port)
+    lines = {read_line(p).strip(), read_line(p).strip()}
+    assert lines == {"nbd+unix:///?socket=%s" % sock, "nbd://127.0.0.1:%d" % port}
+    for uri in lines:
+        assert run(["nbdinfo", "--size", uri]).stdout.strip() == str(16 * MiB)
+    rc, _, err = finish(p, signal.SIGTERM)
+    assert rc == 0, err
+
+
+def captive(ringbd, args, cmd, tmp_path):
+    sock = str(tmp_path / "captive.sock")
+    p = subprocess.run([ringbd, "serve", *args, "--unix", sock, "--run", cmd],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       stdin=subprocess.DEVNULL, timeout=60)
+    assert "panicked" not in p.stderr, p.stderr
+    return p, sock
+
+
+def test_run_nbdinfo_exit_zero(ringbd, server_kind, tmp_path):
+    p, sock = captive(ringbd, ["memory:64M"], 'nbdinfo "$uri"', tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "export-size: %d" % (64 * MiB) in p.stdout
+    assert "can_multi_conn: true" in p.stdout
+
+
+@pytest.mark.parametrize("cmd,status", [("false", 1), ("exit 7", 7), ("true", 0)])
+def test_run_exit_status_is_commands(ringbd, server_kind, tmp_path, cmd, status):
+    p, _ = captive(ringbd, ["memory:16M"], cmd, tmp_path)
+    assert p.returncode == status, p.stderr
+
+
+def test_run_environment(ringbd, server_kind, tmp_path):
+    out = tmp_path / "env.txt"
+    p, sock = captive(ringbd, ["memory:16M"],
+                      'printf "%%s\\n%%s\\n" "$uri" "$unixsocket" > %s' % out, tmp_path)
+    assert p.returncode == 0, p.stderr
+    uri, unixsocket = out.read_text().splitlines()
+    assert unixsocket == sock
+    assert uri == "nbd+unix:///?socket=%s" % sock
+
+
+def test_run_read_only_and_named_exports(ringbd, server_kind, tmp_path):
+    cmd = ('nbdinfo --is read-only "$uri" && '
+           'test "$(nbdinfo --size "nbd+unix:///a?socket=$unixsocket")" = %d && '
+           'test "$(nbdinfo --size "nbd+unix:///b?socket=$unixsocket")" = %d'
+           % (16 * MiB, 32 * MiB))
+    p, _ = captive(ringbd, ["null:1G", "--export", "a=memory:16M", "--export", "b=null:32M",
+                            "--read-only"], cmd, tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr

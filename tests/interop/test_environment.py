@@ -44,7 +44,7 @@ def ringbd_or_nbdkit(server_kind, request):
     exe = shutil.which("nbdkit")
     assert exe, "nbdkit is not installed"
     # the plugins and filters the nbdkit translation in conftest.py uses
-    for extra in (["memory", "1M"], ["file", "/dev/null"], ["null", "1M"]):
+    for extra in (["memory", "1M"], ["file", "dir=/"], ["null", "1M"]):
         run(["nbdkit", "-U", "-", "--filter=blocksize-policy", "--filter=exportname",
              *extra, "--run", "true"])
     return exe

@@ -133,19 +133,10 @@ mod tests {
     fn string32_bounds_length_and_checks_utf8() {
         let b = hex("00000003 616263");
         assert_eq!(Reader::new(&b).string32(10, "s"), Ok("abc"));
-        assert_eq!(
-            Reader::new(&b).string32(2, "s"),
-            Err(DecodeError::Invalid("s"))
-        );
+        assert_eq!(Reader::new(&b).string32(2, "s"), Err(DecodeError::Invalid("s")));
         let bad = hex("00000001 ff");
-        assert_eq!(
-            Reader::new(&bad).string32(10, "s"),
-            Err(DecodeError::Invalid("s"))
-        );
+        assert_eq!(Reader::new(&bad).string32(10, "s"), Err(DecodeError::Invalid("s")));
         let short = hex("00000005 6162");
-        assert_eq!(
-            Reader::new(&short).string32(10, "s"),
-            Err(DecodeError::Truncated("s"))
-        );
+        assert_eq!(Reader::new(&short).string32(10, "s"), Err(DecodeError::Truncated("s")));
     }
 }

@@ -29,11 +29,7 @@ pub struct BlockSizes {
 impl Default for BlockSizes {
     /// The spec's defaults: any alignment, 4 KiB preferred, 32 MiB payloads.
     fn default() -> Self {
-        BlockSizes {
-            minimum: 1,
-            preferred: 4096,
-            maximum: MAX_PAYLOAD,
-        }
+        BlockSizes { minimum: 1, preferred: 4096, maximum: MAX_PAYLOAD }
     }
 }
 
@@ -101,10 +97,7 @@ impl<T: ExportCatalog + ?Sized> ExportCatalog for &T {
 impl ExportCatalog for Vec<ExportDescriptor> {
     fn list(&self) -> Vec<ExportListing> {
         self.iter()
-            .map(|e| ExportListing {
-                name: e.name.clone(),
-                description: e.description.clone(),
-            })
+            .map(|e| ExportListing { name: e.name.clone(), description: e.description.clone() })
             .collect()
     }
 
@@ -152,18 +145,12 @@ mod tests {
 
     #[test]
     fn read_only_exports_advertise_no_write_features() {
-        let e = export(ExportCaps {
-            read_only: true,
-            ..all_caps()
-        });
+        let e = export(ExportCaps { read_only: true, ..all_caps() });
         let f = e.transmission_flags(true, false, false);
         assert_ne!(f & tx_flags::READ_ONLY, 0);
-        for bit in [
-            tx_flags::SEND_FUA,
-            tx_flags::SEND_TRIM,
-            tx_flags::SEND_WRITE_ZEROES,
-            tx_flags::SEND_FAST_ZERO,
-        ] {
+        for bit in
+            [tx_flags::SEND_FUA, tx_flags::SEND_TRIM, tx_flags::SEND_WRITE_ZEROES, tx_flags::SEND_FAST_ZERO]
+        {
             assert_eq!(f & bit, 0, "bit {bit:#x} set on a read-only export");
         }
     }

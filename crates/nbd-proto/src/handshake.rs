@@ -15,8 +15,8 @@ use std::fmt;
 use crate::codec::{DecodeError, Put, Reader};
 use crate::export::{ExportCatalog, ExportDescriptor};
 use crate::wire::{
-    client_flags, handshake_flags, InfoType, OptCode, RepType, BASE_ALLOCATION, IHAVEOPT,
-    MAX_STRING, NBD_MAGIC, OPTION_REPLY_MAGIC,
+    client_flags, handshake_flags, InfoType, OptCode, RepType, BASE_ALLOCATION, IHAVEOPT, MAX_STRING,
+    NBD_MAGIC, OPTION_REPLY_MAGIC,
 };
 
 /// Options with more data than this end the session (a denial-of-service
@@ -51,10 +51,7 @@ impl fmt::Display for HandshakeError {
             HandshakeError::UnknownClientFlags(v) => write!(f, "unknown client flags 0x{v:08x}"),
             HandshakeError::BadOptionMagic(m) => write!(f, "bad option magic 0x{m:016x}"),
             HandshakeError::OptionTooLarge { option, len } => {
-                write!(
-                    f,
-                    "option {option} carries {len} bytes (limit {MAX_OPTION_DATA})"
-                )
+                write!(f, "option {option} carries {len} bytes (limit {MAX_OPTION_DATA})")
             }
             HandshakeError::UnknownExport(n) => write!(f, "client asked for unknown export {n:?}"),
             HandshakeError::NotFixedNewstyle(o) => {
@@ -174,11 +171,7 @@ impl<C: ExportCatalog> ServerHandshake<C> {
         loop {
             let rest = &input[used..];
             let state = std::mem::replace(&mut self.state, State::Poisoned);
-            let mut cx = Context {
-                catalog: &self.catalog,
-                out: &mut self.out,
-                opts: &mut self.opts,
-            };
+            let mut cx = Context { catalog: &self.catalog, out: &mut self.out, opts: &mut self.opts };
             let (next, n) = match state {
                 State::Done(_) | State::Poisoned => {
                     self.state = state;
@@ -256,12 +249,7 @@ impl ExpectOption {
             }
             OptCode::LIST => {
                 if !data.is_empty() {
-                    error(
-                        cx.out,
-                        option,
-                        RepType::ERR_INVALID,
-                        "NBD_OPT_LIST takes no data",
-                    );
+                    error(cx.out, option, RepType::ERR_INVALID, "NBD_OPT_LIST takes no data");
                 } else {
                     for e in cx.catalog.list() {
                         let mut d = Vec::with_capacity(4 + e.name.len() + e.description.len());
@@ -276,31 +264,16 @@ impl ExpectOption {
             }
             OptCode::STARTTLS => {
                 if !data.is_empty() {
-                    error(
-                        cx.out,
-                        option,
-                        RepType::ERR_INVALID,
-                        "NBD_OPT_STARTTLS takes no data",
-                    );
+                    error(cx.out, option, RepType::ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
                 } else {
-                    error(
-                        cx.out,
-                        option,
-                        RepType::ERR_UNSUP,
-                        "TLS is not supported by this server",
-                    );
+                    error(cx.out, option, RepType::ERR_UNSUP, "TLS is not supported by this server");
                 }
                 Ok(State::Option(self))
             }
             OptCode::INFO | OptCode::GO => info_or_go(option, data, cx, self),
             OptCode::STRUCTURED_REPLY => {
                 if !data.is_empty() {
-                    error(
-                        cx.out,
-                        option,
-                        RepType::ERR_INVALID,
-                        "NBD_OPT_STRUCTURED_REPLY takes no data",
-                    );
+                    error(cx.out, option, RepType::ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data");
                 } else if cx.opts.extended {
                     error(
                         cx.out,
@@ -316,12 +289,7 @@ impl ExpectOption {
             }
             OptCode::EXTENDED_HEADERS => {
                 if !data.is_empty() {
-                    error(
-                        cx.out,
-                        option,
-                        RepType::ERR_INVALID,
-                        "NBD_OPT_EXTENDED_HEADERS takes no data",
-                    );
+                    error(cx.out, option, RepType::ERR_INVALID, "NBD_OPT_EXTENDED_HEADERS takes no data");
                 } else {
                     cx.opts.extended = true;
                     reply(cx.out, option, RepType::ACK, &[]);
@@ -341,10 +309,7 @@ impl ExpectOption {
     }
 }
 
-fn export_name<C: ExportCatalog>(
-    data: &[u8],
-    cx: &mut Context<'_, C>,
-) -> Result<State, HandshakeError> {
+fn export_name<C: ExportCatalog>(data: &[u8], cx: &mut Context<'_, C>) -> Result<State, HandshakeError> {
     if cx.opts.extended {
         return Err(HandshakeError::ExportNameWithExtendedHeaders);
     }
@@ -363,20 +328,12 @@ fn export_name<C: ExportCatalog>(
 
 fn negotiated(export: ExportDescriptor, opts: &Options) -> Negotiated {
     let base_allocation = match &opts.meta {
-        Some((name, true)) if *name == export.name && export.caps.base_allocation => {
-            Some(BASE_ALLOCATION_ID)
-        }
+        Some((name, true)) if *name == export.name && export.caps.base_allocation => Some(BASE_ALLOCATION_ID),
         _ => None,
     };
     let structured = opts.structured || opts.extended;
     let flags = export.transmission_flags(structured, opts.extended, base_allocation.is_some());
-    Negotiated {
-        export,
-        flags,
-        structured,
-        extended: opts.extended,
-        base_allocation,
-    }
+    Negotiated { export, flags, structured, extended: opts.extended, base_allocation }
 }
 
 /// Data of `NBD_OPT_INFO` / `NBD_OPT_GO`: export name and info requests.
@@ -401,22 +358,12 @@ fn info_or_go<C: ExportCatalog>(
     let (name, infos) = match parse_info_request(data) {
         Ok(v) => v,
         Err(e) => {
-            error(
-                cx.out,
-                option,
-                RepType::ERR_INVALID,
-                &format!("malformed {option} request: {e}"),
-            );
+            error(cx.out, option, RepType::ERR_INVALID, &format!("malformed {option} request: {e}"));
             return Ok(State::Option(step));
         }
     };
     let Some(export) = cx.catalog.lookup(name) else {
-        error(
-            cx.out,
-            option,
-            RepType::ERR_UNKNOWN,
-            &format!("export {name:?} does not exist"),
-        );
+        error(cx.out, option, RepType::ERR_UNKNOWN, &format!("export {name:?} does not exist"));
         return Ok(State::Option(step));
     };
     let negotiated = negotiated(export, cx.opts);
@@ -480,42 +427,22 @@ fn meta_context<C: ExportCatalog>(option: OptCode, data: &[u8], cx: &mut Context
         cx.opts.meta = None;
     }
     if !(cx.opts.structured || cx.opts.extended) {
-        error(
-            cx.out,
-            option,
-            RepType::ERR_INVALID,
-            "negotiate structured replies first",
-        );
+        error(cx.out, option, RepType::ERR_INVALID, "negotiate structured replies first");
         return;
     }
     let (name, queries) = match parse_meta_request(data) {
         Ok(v) => v,
         Err(DecodeError::Invalid("number of queries (too many)")) => {
-            error(
-                cx.out,
-                option,
-                RepType::ERR_TOO_BIG,
-                "too many meta context queries",
-            );
+            error(cx.out, option, RepType::ERR_TOO_BIG, "too many meta context queries");
             return;
         }
         Err(e) => {
-            error(
-                cx.out,
-                option,
-                RepType::ERR_INVALID,
-                &format!("malformed {option} request: {e}"),
-            );
+            error(cx.out, option, RepType::ERR_INVALID, &format!("malformed {option} request: {e}"));
             return;
         }
     };
     let Some(export) = cx.catalog.lookup(name) else {
-        error(
-            cx.out,
-            option,
-            RepType::ERR_UNKNOWN,
-            &format!("export {name:?} does not exist"),
-        );
+        error(cx.out, option, RepType::ERR_UNKNOWN, &format!("export {name:?} does not exist"));
         return;
     };
     let available = export.caps.base_allocation;
@@ -525,10 +452,7 @@ fn meta_context<C: ExportCatalog>(option: OptCode, data: &[u8], cx: &mut Context
         && if set {
             queries.contains(&BASE_ALLOCATION)
         } else {
-            queries.is_empty()
-                || queries
-                    .iter()
-                    .any(|q| *q == BASE_ALLOCATION || *q == "base:")
+            queries.is_empty() || queries.iter().any(|q| *q == BASE_ALLOCATION || *q == "base:")
         };
     if matched {
         let id = if set { BASE_ALLOCATION_ID } else { 0 };

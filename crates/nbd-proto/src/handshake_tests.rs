@@ -30,10 +30,7 @@ fn catalog() -> Vec<ExportDescriptor> {
             name: "ro".into(),
             description: String::new(),
             size: 4096,
-            caps: ExportCaps {
-                read_only: true,
-                ..caps
-            },
+            caps: ExportCaps { read_only: true, ..caps },
             block_sizes: BlockSizes::default(),
         },
     ]
@@ -42,10 +39,7 @@ fn catalog() -> Vec<ExportDescriptor> {
 /// A handshake past the greeting and client flags (fixed newstyle, no zeroes).
 fn started() -> ServerHandshake<Vec<ExportDescriptor>> {
     let mut hs = ServerHandshake::new(catalog());
-    assert_eq!(
-        hs.take_output(),
-        hex("4e42444d41474943 49484156454f5054 0003")
-    );
+    assert_eq!(hs.take_output(), hex("4e42444d41474943 49484156454f5054 0003"));
     assert_eq!(hs.handle(&hex("00000003")), Ok(4));
     assert!(!hs.has_output());
     hs
@@ -77,10 +71,7 @@ fn feed(hs: &mut ServerHandshake<Vec<ExportDescriptor>>, bytes: &[u8]) -> Vec<u8
 fn unknown_client_flags_end_the_session() {
     let mut hs = ServerHandshake::new(catalog());
     hs.take_output();
-    assert_eq!(
-        hs.handle(&hex("00000004")),
-        Err(HandshakeError::UnknownClientFlags(4))
-    );
+    assert_eq!(hs.handle(&hex("00000004")), Err(HandshakeError::UnknownClientFlags(4)));
 }
 
 #[test]
@@ -96,22 +87,15 @@ fn partial_messages_are_not_consumed() {
 #[test]
 fn bad_option_magic_is_fatal() {
     let mut hs = started();
-    let err = hs
-        .handle(&hex("4141414141414141 00000003 00000000"))
-        .unwrap_err();
+    let err = hs.handle(&hex("4141414141414141 00000003 00000000")).unwrap_err();
     assert_eq!(err, HandshakeError::BadOptionMagic(0x4141414141414141));
 }
 
 #[test]
 fn oversized_option_is_fatal() {
     let mut hs = started();
-    let err = hs
-        .handle(&hex("49484156454f5054 00000003 00010001"))
-        .unwrap_err();
-    assert!(matches!(
-        err,
-        HandshakeError::OptionTooLarge { len: 0x10001, .. }
-    ));
+    let err = hs.handle(&hex("49484156454f5054 00000003 00010001")).unwrap_err();
+    assert!(matches!(err, HandshakeError::OptionTooLarge { len: 0x10001, .. }));
 }
 
 #[test]
@@ -165,9 +149,7 @@ fn go_with_structured_replies_and_meta_context() {
     expected.extend(rep(7, 3, &hex("0003 00000001 00001000 02000000")));
     expected.extend(rep(7, 1, &[]));
     assert_eq!(out, expected);
-    let Some(Outcome::Transmission(n)) = hs.outcome() else {
-        panic!("not in transmission")
-    };
+    let Some(Outcome::Transmission(n)) = hs.outcome() else { panic!("not in transmission") };
     assert!(n.structured && !n.extended);
     assert_eq!(n.base_allocation, Some(BASE_ALLOCATION_ID));
 }
@@ -179,9 +161,7 @@ fn meta_context_for_another_export_is_not_selected() {
     let set = hex("00000002 726f 00000001 0000000f 626173653a616c6c6f636174696f6e");
     feed(&mut hs, &option(10, &set));
     feed(&mut hs, &option(7, &hex("00000000 0000")));
-    let Some(Outcome::Transmission(n)) = hs.outcome() else {
-        panic!()
-    };
+    let Some(Outcome::Transmission(n)) = hs.outcome() else { panic!() };
     assert_eq!(n.base_allocation, None);
 }
 
@@ -196,20 +176,14 @@ fn meta_context_needs_structured_replies() {
 fn list_meta_context_wildcards() {
     let mut hs = started();
     feed(&mut hs, &option(11, &[]));
-    for query in [
-        hex("00000000 00000000"),
-        hex("00000000 00000001 00000005 626173653a"),
-    ] {
+    for query in [hex("00000000 00000000"), hex("00000000 00000001 00000005 626173653a")] {
         let out = feed(&mut hs, &option(9, &query));
         let mut expected = rep(9, 4, &hex("00000000 626173653a616c6c6f636174696f6e"));
         expected.extend(rep(9, 1, &[]));
         assert_eq!(out, expected);
     }
     // Unknown namespaces are ignored, not errors.
-    let out = feed(
-        &mut hs,
-        &option(9, &hex("00000000 00000001 00000004 783a7a7a")),
-    );
+    let out = feed(&mut hs, &option(9, &hex("00000000 00000001 00000004 783a7a7a")));
     assert_eq!(out, rep(9, 1, &[]));
 }
 
@@ -218,10 +192,7 @@ fn malformed_meta_request_is_invalid() {
     let mut hs = started();
     feed(&mut hs, &option(8, &[]));
     // query length runs past the option data
-    let out = feed(
-        &mut hs,
-        &option(10, &hex("00000000 00000001 000000ff 6261")),
-    );
+    let out = feed(&mut hs, &option(10, &hex("00000000 00000001 000000ff 6261")));
     assert_eq!(&out[12..16], &hex("80000003")[..]);
 }
 
@@ -255,19 +226,14 @@ fn export_name_sends_size_flags_and_zeroes_unless_no_zeroes() {
     let mut hs = started();
     let out = feed(&mut hs, &option(1, b"ro"));
     assert_eq!(out, hex("0000000000001000 0507"));
-    let Some(Outcome::Transmission(n)) = hs.outcome() else {
-        panic!()
-    };
+    let Some(Outcome::Transmission(n)) = hs.outcome() else { panic!() };
     assert_ne!(n.flags & tx_flags::READ_ONLY, 0);
 }
 
 #[test]
 fn export_name_of_unknown_export_ends_the_session() {
     let mut hs = started();
-    assert_eq!(
-        hs.handle(&option(1, b"zz")),
-        Err(HandshakeError::UnknownExport("zz".into()))
-    );
+    assert_eq!(hs.handle(&option(1, b"zz")), Err(HandshakeError::UnknownExport("zz".into())));
 }
 
 #[test]
@@ -275,10 +241,7 @@ fn non_fixed_clients_may_only_send_export_name() {
     let mut hs = ServerHandshake::new(catalog());
     hs.take_output();
     hs.handle(&hex("00000000")).unwrap();
-    assert_eq!(
-        hs.handle(&option(3, &[])),
-        Err(HandshakeError::NotFixedNewstyle(OptCode::LIST))
-    );
+    assert_eq!(hs.handle(&option(3, &[])), Err(HandshakeError::NotFixedNewstyle(OptCode::LIST)));
 }
 
 #[test]
@@ -287,10 +250,7 @@ fn extended_headers_forbid_export_name_and_structured_downgrade() {
     assert_eq!(feed(&mut hs, &option(11, &[])), rep(11, 1, &[]));
     let out = feed(&mut hs, &option(8, &[]));
     assert_eq!(&out[12..16], &hex("8000000a")[..]);
-    assert_eq!(
-        hs.handle(&option(1, b"")),
-        Err(HandshakeError::ExportNameWithExtendedHeaders)
-    );
+    assert_eq!(hs.handle(&option(1, b"")), Err(HandshakeError::ExportNameWithExtendedHeaders));
 }
 
 #[test]

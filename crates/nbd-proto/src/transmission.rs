@@ -106,12 +106,7 @@ pub struct Rejection {
 
 impl Rejection {
     fn new(errno: Errno, message: impl Into<String>) -> Self {
-        Rejection {
-            errno,
-            message: message.into(),
-            discard: 0,
-            disconnect: false,
-        }
+        Rejection { errno, message: message.into(), discard: 0, disconnect: false }
     }
 }
 
@@ -160,11 +155,7 @@ impl Session {
         let mut r = Reader::new(hdr);
         // The length was checked by the caller, so these reads cannot fail.
         let magic = r.u32("magic").unwrap_or_default();
-        let expected = if self.neg.extended {
-            EXTENDED_REQUEST_MAGIC
-        } else {
-            REQUEST_MAGIC
-        };
+        let expected = if self.neg.extended { EXTENDED_REQUEST_MAGIC } else { REQUEST_MAGIC };
         if magic != expected {
             return Err(FramingError::BadMagic(magic));
         }
@@ -177,24 +168,16 @@ impl Session {
         } else {
             u64::from(r.u32("length").unwrap_or_default())
         };
-        Ok(Request {
-            flags,
-            typ,
-            cookie,
-            offset,
-            length,
-        })
+        Ok(Request { flags, typ, cookie, offset, length })
     }
 
-    /// Payload bytes that follow this header on the wire.
+    /// Payload bytes that follow this header on the wire. `NBD_CMD_WRITE`
+    /// always carries its length as payload: the extension asks clients to
+    /// also set `NBD_CMD_FLAG_PAYLOAD_LEN` on it, but qemu does not, and
+    /// both forms frame the same bytes.
     pub fn payload_len(&self, req: &Request) -> u64 {
-        if self.neg.extended {
-            if req.flags & cmd_flags::PAYLOAD_LEN != 0 {
-                req.length
-            } else {
-                0
-            }
-        } else if req.typ == CmdType::WRITE {
+        let flagged = self.neg.extended && req.flags & cmd_flags::PAYLOAD_LEN != 0;
+        if req.typ == CmdType::WRITE || flagged {
             req.length
         } else {
             0
@@ -227,8 +210,7 @@ impl Session {
         };
         let f = self.neg.flags;
         let mut allowed = known;
-        let payload_form =
-            req.typ != CmdType::BLOCK_STATUS || f & tx_flags::BLOCK_STATUS_PAYLOAD != 0;
+        let payload_form = req.typ != CmdType::BLOCK_STATUS || f & tx_flags::BLOCK_STATUS_PAYLOAD != 0;
         if !self.neg.extended || !payload_form {
             allowed &= !cmd_flags::PAYLOAD_LEN;
         }
@@ -241,39 +223,19 @@ impl Session {
         if req.flags & !allowed != 0 {
             return Err(reject(
                 Errno::EINVAL,
-                format!(
-                    "flags 0x{:x} are not valid for {}",
-                    req.flags & !allowed,
-                    req.typ
-                ),
-            ));
-        }
-        if self.neg.extended && req.typ == CmdType::WRITE && req.flags & cmd_flags::PAYLOAD_LEN == 0
-        {
-            return Err(reject(
-                Errno::EINVAL,
-                "NBD_CMD_WRITE without NBD_CMD_FLAG_PAYLOAD_LEN".into(),
+                format!("flags 0x{:x} are not valid for {}", req.flags & !allowed, req.typ),
             ));
         }
 
         let fua = req.flags & cmd_flags::FUA != 0;
         let (offset, len) = (req.offset, req.length);
-        let writes = matches!(
-            req.typ,
-            CmdType::WRITE | CmdType::TRIM | CmdType::WRITE_ZEROES
-        );
+        let writes = matches!(req.typ, CmdType::WRITE | CmdType::TRIM | CmdType::WRITE_ZEROES);
         if writes && f & tx_flags::READ_ONLY != 0 {
-            return Err(reject(
-                Errno::EPERM,
-                format!("{} on a read-only export", req.typ),
-            ));
+            return Err(reject(Errno::EPERM, format!("{} on a read-only export", req.typ)));
         }
         let feature = |bit: u16, name: &str| {
             if f & bit == 0 {
-                Err(reject(
-                    Errno::EINVAL,
-                    format!("{name} is not supported by this export"),
-                ))
+                Err(reject(Errno::EINVAL, format!("{name} is not supported by this export")))
             } else {
                 Ok(())
             }
@@ -304,31 +266,16 @@ impl Session {
         }
         if matches!(req.typ, CmdType::DISC | CmdType::FLUSH) {
             if offset != 0 || len != 0 {
-                return Err(reject(
-                    Errno::EINVAL,
-                    format!("{} with nonzero offset or length", req.typ),
-                ));
+                return Err(reject(Errno::EINVAL, format!("{} with nonzero offset or length", req.typ)));
             }
-            return Ok(if req.typ == CmdType::DISC {
-                Command::Disc
-            } else {
-                Command::Flush
-            });
+            return Ok(if req.typ == CmdType::DISC { Command::Disc } else { Command::Flush });
         }
-        self.check_range(req.typ, offset, len)
-            .map_err(|r| reject(r.errno, r.message))?;
+        self.check_range(req.typ, offset, len).map_err(|r| reject(r.errno, r.message))?;
         if req.typ == CmdType::READ && len > max {
-            return Err(reject(
-                Errno::EINVAL,
-                format!("read of {len} bytes exceeds the maximum of {max}"),
-            ));
+            return Err(reject(Errno::EINVAL, format!("read of {len} bytes exceeds the maximum of {max}")));
         }
         Ok(match req.typ {
-            CmdType::READ => Command::Read {
-                offset,
-                len,
-                df: req.flags & cmd_flags::DF != 0,
-            },
+            CmdType::READ => Command::Read { offset, len, df: req.flags & cmd_flags::DF != 0 },
             CmdType::WRITE => Command::Write { offset, len, fua },
             CmdType::TRIM => Command::Trim { offset, len, fua },
             CmdType::CACHE => Command::Cache { offset, len },
@@ -339,11 +286,7 @@ impl Session {
                 no_hole: req.flags & cmd_flags::NO_HOLE != 0,
                 fast: req.flags & cmd_flags::FAST_ZERO != 0,
             },
-            _ => Command::BlockStatus {
-                offset,
-                len,
-                req_one: req.flags & cmd_flags::REQ_ONE != 0,
-            },
+            _ => Command::BlockStatus { offset, len, req_one: req.flags & cmd_flags::REQ_ONE != 0 },
         })
     }
 
@@ -360,26 +303,17 @@ impl Session {
             }
             return Ok(());
         }
-        let errno = if matches!(typ, CmdType::WRITE | CmdType::WRITE_ZEROES) {
-            Errno::ENOSPC
-        } else {
-            Errno::EINVAL
-        };
+        let errno =
+            if matches!(typ, CmdType::WRITE | CmdType::WRITE_ZEROES) { Errno::ENOSPC } else { Errno::EINVAL };
         Err(Rejection::new(
             errno,
-            format!(
-                "{typ} at {offset} of {len} bytes is beyond the end of the export ({size} bytes)"
-            ),
+            format!("{typ} at {offset} of {len} bytes is beyond the end of the export ({size} bytes)"),
         ))
     }
 
     /// Validates the payload of a `BlockStatusPayload` command: an effect
     /// length and the context ids to answer for.
-    pub fn check_block_status_payload(
-        &self,
-        req: &Request,
-        payload: &[u8],
-    ) -> Result<Command, Rejection> {
+    pub fn check_block_status_payload(&self, req: &Request, payload: &[u8]) -> Result<Command, Rejection> {
         let mut r = Reader::new(payload);
         let bad = |m: &str| Err(Rejection::new(Errno::EINVAL, m.to_owned()));
         let Ok(len) = r.u64("effect length") else {
@@ -397,11 +331,7 @@ impl Session {
             seen = true;
         }
         self.check_range(CmdType::BLOCK_STATUS, req.offset, len)?;
-        Ok(Command::BlockStatus {
-            offset: req.offset,
-            len,
-            req_one: req.flags & cmd_flags::REQ_ONE != 0,
-        })
+        Ok(Command::BlockStatus { offset: req.offset, len, req_one: req.flags & cmd_flags::REQ_ONE != 0 })
     }
 
     fn chunk_header(&self, out: &mut Vec<u8>, flags: u16, typ: ChunkType, req: &Request, len: u64) {
@@ -443,13 +373,7 @@ impl Session {
     pub fn write_error(&self, out: &mut Vec<u8>, req: &Request, errno: Errno, message: &str) {
         if self.neg.structured {
             let msg = &message.as_bytes()[..message.len().min(4096)];
-            self.chunk_header(
-                out,
-                reply_flags::DONE,
-                ChunkType::ERROR,
-                req,
-                6 + msg.len() as u64,
-            );
+            self.chunk_header(out, reply_flags::DONE, ChunkType::ERROR, req, 6 + msg.len() as u64);
             out.put_u32(errno.0);
             out.put_u16(msg.len() as u16);
             out.extend_from_slice(msg);
@@ -461,14 +385,7 @@ impl Session {
     /// Header for `len` bytes of read data at `offset`, which the caller
     /// sends right after. Simple replies allow exactly one such piece
     /// covering the whole request.
-    pub fn write_data_header(
-        &self,
-        out: &mut Vec<u8>,
-        req: &Request,
-        offset: u64,
-        len: u64,
-        last: bool,
-    ) {
+    pub fn write_data_header(&self, out: &mut Vec<u8>, req: &Request, offset: u64, len: u64, last: bool) {
         if self.neg.structured {
             let flags = if last { reply_flags::DONE } else { 0 };
             self.chunk_header(out, flags, ChunkType::OFFSET_DATA, req, 8 + len);
@@ -490,22 +407,10 @@ impl Session {
 
     /// The one status chunk for `base:allocation`, extents already clipped
     /// to the request.
-    pub fn write_block_status(
-        &self,
-        out: &mut Vec<u8>,
-        req: &Request,
-        context: u32,
-        extents: &[Extent],
-    ) {
+    pub fn write_block_status(&self, out: &mut Vec<u8>, req: &Request, context: u32, extents: &[Extent]) {
         let n = extents.len() as u64;
         if self.neg.extended {
-            self.chunk_header(
-                out,
-                reply_flags::DONE,
-                ChunkType::BLOCK_STATUS_EXT,
-                req,
-                8 + 16 * n,
-            );
+            self.chunk_header(out, reply_flags::DONE, ChunkType::BLOCK_STATUS_EXT, req, 8 + 16 * n);
             out.put_u32(context);
             out.put_u32(n as u32);
             for e in extents {
@@ -513,13 +418,7 @@ impl Session {
                 out.put_u64(u64::from(e.flags));
             }
         } else {
-            self.chunk_header(
-                out,
-                reply_flags::DONE,
-                ChunkType::BLOCK_STATUS,
-                req,
-                4 + 8 * n,
-            );
+            self.chunk_header(out, reply_flags::DONE, ChunkType::BLOCK_STATUS, req, 4 + 8 * n);
             out.put_u32(context);
             for e in extents {
                 out.put_u32(e.len as u32);
@@ -533,11 +432,7 @@ impl Session {
 /// offset, cover at most `len` bytes, fit the reply's length field, and with
 /// `req_one` are a single extent.
 pub fn clip_extents(extents: &mut Vec<Extent>, len: u64, req_one: bool, extended: bool) {
-    let cap = if extended {
-        u64::MAX
-    } else {
-        u64::from(u32::MAX) & !0xfff
-    };
+    let cap = if extended { u64::MAX } else { u64::from(u32::MAX) & !0xfff };
     let mut left = len;
     let mut keep = 0;
     for e in extents.iter_mut() {

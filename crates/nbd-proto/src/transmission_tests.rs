@@ -24,11 +24,7 @@ fn session(structured: bool, extended: bool, read_only: bool) -> Session {
         caps,
         block_sizes: BlockSizes::default(),
     };
-    let base = if structured || extended {
-        Some(1)
-    } else {
-        None
-    };
+    let base = if structured || extended { Some(1) } else { None };
     let flags = export.transmission_flags(structured || extended, extended, base.is_some());
     Session::new(Negotiated {
         export,
@@ -56,49 +52,22 @@ fn check(s: &Session, hdr: &[u8]) -> Result<Command, Rejection> {
 #[test]
 fn decodes_a_compact_read() {
     let s = session(true, false, false);
-    let req = s
-        .decode(&hex(
-            "25609513 0004 0000 0102030405060708 0000000000001000 00000200",
-        ))
-        .unwrap();
+    let req = s.decode(&hex("25609513 0004 0000 0102030405060708 0000000000001000 00000200")).unwrap();
     assert_eq!(
         req,
-        Request {
-            flags: 4,
-            typ: CmdType::READ,
-            cookie: 0x0102030405060708,
-            offset: 0x1000,
-            length: 0x200
-        }
+        Request { flags: 4, typ: CmdType::READ, cookie: 0x0102030405060708, offset: 0x1000, length: 0x200 }
     );
-    assert_eq!(
-        s.check(&req),
-        Ok(Command::Read {
-            offset: 0x1000,
-            len: 0x200,
-            df: true
-        })
-    );
+    assert_eq!(s.check(&req), Ok(Command::Read { offset: 0x1000, len: 0x200, df: true }));
 }
 
 #[test]
 fn decodes_an_extended_write_with_64_bit_length() {
     let s = session(false, true, false);
     assert_eq!(s.request_len(), 32);
-    let req = s
-        .decode(&hex(
-            "21e41c71 0021 0001 0000000000000009 0000000000000000 0000000000000200",
-        ))
-        .unwrap();
+    let req =
+        s.decode(&hex("21e41c71 0021 0001 0000000000000009 0000000000000000 0000000000000200")).unwrap();
     assert_eq!(s.payload_len(&req), 0x200);
-    assert_eq!(
-        s.check(&req),
-        Ok(Command::Write {
-            offset: 0,
-            len: 0x200,
-            fua: true
-        })
-    );
+    assert_eq!(s.check(&req), Ok(Command::Write { offset: 0, len: 0x200, fua: true }));
 }
 
 #[test]
@@ -125,43 +94,22 @@ fn unknown_command_is_einval() {
 #[test]
 fn unknown_flags_are_einval() {
     let s = session(true, false, false);
-    assert_eq!(
-        check(&s, &compact(0x80, 0, 0, 512)).unwrap_err().errno,
-        Errno::EINVAL
-    );
+    assert_eq!(check(&s, &compact(0x80, 0, 0, 512)).unwrap_err().errno, Errno::EINVAL);
     // NO_HOLE is only for WRITE_ZEROES
-    assert_eq!(
-        check(&s, &compact(2, 1, 0, 512)).unwrap_err().errno,
-        Errno::EINVAL
-    );
+    assert_eq!(check(&s, &compact(2, 1, 0, 512)).unwrap_err().errno, Errno::EINVAL);
     // DF needs structured replies
     let simple = session(false, false, false);
-    assert_eq!(
-        check(&simple, &compact(4, 0, 0, 512)).unwrap_err().errno,
-        Errno::EINVAL
-    );
+    assert_eq!(check(&simple, &compact(4, 0, 0, 512)).unwrap_err().errno, Errno::EINVAL);
 }
 
 #[test]
 fn out_of_range_reads_are_einval_and_writes_enospc() {
     let s = session(true, false, false);
-    assert_eq!(
-        check(&s, &compact(0, 0, 0x10_0000, 1)).unwrap_err().errno,
-        Errno::EINVAL
-    );
+    assert_eq!(check(&s, &compact(0, 0, 0x10_0000, 1)).unwrap_err().errno, Errno::EINVAL);
     let w = check(&s, &compact(0, 1, 0x0f_ffff, 2)).unwrap_err();
-    assert_eq!(
-        (w.errno, w.discard, w.disconnect),
-        (Errno::ENOSPC, 2, false)
-    );
-    assert_eq!(
-        check(&s, &compact(0, 6, 0x10_0000, 1)).unwrap_err().errno,
-        Errno::ENOSPC
-    );
-    assert_eq!(
-        check(&s, &compact(0, 4, 0x10_0000, 1)).unwrap_err().errno,
-        Errno::EINVAL
-    );
+    assert_eq!((w.errno, w.discard, w.disconnect), (Errno::ENOSPC, 2, false));
+    assert_eq!(check(&s, &compact(0, 6, 0x10_0000, 1)).unwrap_err().errno, Errno::ENOSPC);
+    assert_eq!(check(&s, &compact(0, 4, 0x10_0000, 1)).unwrap_err().errno, Errno::EINVAL);
 }
 
 #[test]
@@ -203,28 +151,18 @@ fn read_only_refuses_every_write_type_with_eperm() {
 fn flush_and_disc_need_zero_offset_and_length() {
     let s = session(true, false, false);
     assert_eq!(check(&s, &compact(0, 3, 0, 0)), Ok(Command::Flush));
-    assert_eq!(
-        check(&s, &compact(0, 3, 1, 0)).unwrap_err().errno,
-        Errno::EINVAL
-    );
+    assert_eq!(check(&s, &compact(0, 3, 1, 0)).unwrap_err().errno, Errno::EINVAL);
     assert_eq!(check(&s, &compact(0, 2, 0, 0)), Ok(Command::Disc));
 }
 
 #[test]
 fn block_status_needs_a_context() {
     let s = session(false, false, false);
-    assert_eq!(
-        check(&s, &compact(0, 7, 0, 4096)).unwrap_err().errno,
-        Errno::EINVAL
-    );
+    assert_eq!(check(&s, &compact(0, 7, 0, 4096)).unwrap_err().errno, Errno::EINVAL);
     let s = session(true, false, false);
     assert_eq!(
         check(&s, &compact(8, 7, 0, 4096)),
-        Ok(Command::BlockStatus {
-            offset: 0,
-            len: 4096,
-            req_one: true
-        })
+        Ok(Command::BlockStatus { offset: 0, len: 4096, req_one: true })
     );
 }
 
@@ -233,39 +171,21 @@ fn block_status_payload_form() {
     let s = session(false, true, false);
     let hdr = hex("21e41c71 0020 0007 0000000000000001 0000000000001000 000000000000000c");
     let req = s.decode(&hdr).unwrap();
-    assert_eq!(
-        s.check(&req),
-        Ok(Command::BlockStatusPayload { payload: 12 })
-    );
+    assert_eq!(s.check(&req), Ok(Command::BlockStatusPayload { payload: 12 }));
     assert_eq!(
         s.check_block_status_payload(&req, &hex("0000000000002000 00000001")),
-        Ok(Command::BlockStatus {
-            offset: 0x1000,
-            len: 0x2000,
-            req_one: false
-        })
+        Ok(Command::BlockStatus { offset: 0x1000, len: 0x2000, req_one: false })
     );
-    let bad = s
-        .check_block_status_payload(&req, &hex("0000000000002000 00000007"))
-        .unwrap_err();
+    let bad = s.check_block_status_payload(&req, &hex("0000000000002000 00000007")).unwrap_err();
     assert_eq!(bad.errno, Errno::EINVAL);
     // PAYLOAD_LEN on a command without a payload form: consume it, EINVAL.
     let hdr = hex("21e41c71 0020 0004 0000000000000001 0000000000000000 0000000000000010");
     let r = check(&s, &hdr).unwrap_err();
-    assert_eq!(
-        (r.errno, r.discard, r.disconnect),
-        (Errno::EINVAL, 16, false)
-    );
+    assert_eq!((r.errno, r.discard, r.disconnect), (Errno::EINVAL, 16, false));
 }
 
 fn req(typ: CmdType, offset: u64, length: u64) -> Request {
-    Request {
-        flags: 0,
-        typ,
-        cookie: 0x0102030405060708,
-        offset,
-        length,
-    }
+    Request { flags: 0, typ, cookie: 0x0102030405060708, offset, length }
 }
 
 #[test]
@@ -290,36 +210,19 @@ fn structured_replies() {
     s.write_hole(&mut out, &r, 0x2000, 0x2000, true);
     assert_eq!(
         out,
-        hex(
-            "668e33ef 0000 0001 0102030405060708 00001008 0000000000001000
-             668e33ef 0001 0002 0102030405060708 0000000c 0000000000002000 00002000"
-        )
+        hex("668e33ef 0000 0001 0102030405060708 00001008 0000000000001000
+             668e33ef 0001 0002 0102030405060708 0000000c 0000000000002000 00002000")
     );
     out.clear();
     s.write_error(&mut out, &r, Errno::EINVAL, "no");
-    assert_eq!(
-        out,
-        hex("668e33ef 0001 8001 0102030405060708 00000008 00000016 0002 6e6f")
-    );
+    assert_eq!(out, hex("668e33ef 0001 8001 0102030405060708 00000008 00000016 0002 6e6f"));
     out.clear();
     // Non-read success stays a simple reply; a zero-length read gets NONE.
     s.write_ok(&mut out, &req(CmdType::FLUSH, 0, 0));
     s.write_ok(&mut out, &req(CmdType::READ, 0, 0));
-    assert_eq!(
-        out,
-        hex("67446698 00000000 0102030405060708 668e33ef 0001 0000 0102030405060708 00000000")
-    );
+    assert_eq!(out, hex("67446698 00000000 0102030405060708 668e33ef 0001 0000 0102030405060708 00000000"));
     out.clear();
-    let ext = [
-        Extent {
-            len: 0x1000,
-            flags: 0,
-        },
-        Extent {
-            len: 0x2000,
-            flags: 3,
-        },
-    ];
+    let ext = [Extent { len: 0x1000, flags: 0 }, Extent { len: 0x2000, flags: 3 }];
     s.write_block_status(&mut out, &req(CmdType::BLOCK_STATUS, 0, 0x3000), 1, &ext);
     assert_eq!(
         out,
@@ -332,47 +235,40 @@ fn extended_replies_echo_the_offset() {
     let s = session(false, true, false);
     let mut out = Vec::new();
     s.write_ok(&mut out, &req(CmdType::WRITE, 0x200, 0x200));
-    assert_eq!(
-        out,
-        hex("6e8a278c 0001 0000 0102030405060708 0000000000000200 0000000000000000")
-    );
+    assert_eq!(out, hex("6e8a278c 0001 0000 0102030405060708 0000000000000200 0000000000000000"));
     out.clear();
     s.write_block_status(
         &mut out,
         &req(CmdType::BLOCK_STATUS, 0, 0x1000),
         1,
-        &[Extent {
-            len: 0x1000,
-            flags: 3,
-        }],
+        &[Extent { len: 0x1000, flags: 3 }],
     );
     assert_eq!(
         out,
-        hex(
-            "6e8a278c 0001 0006 0102030405060708 0000000000000000 0000000000000018
-             00000001 00000001 0000000000001000 0000000000000003"
-        )
+        hex("6e8a278c 0001 0006 0102030405060708 0000000000000000 0000000000000018
+             00000001 00000001 0000000000001000 0000000000000003")
     );
 }
 
 #[test]
 fn clip_extents_to_request_and_req_one() {
-    let mut e = vec![
-        Extent { len: 100, flags: 0 },
-        Extent { len: 100, flags: 3 },
-        Extent { len: 100, flags: 0 },
-    ];
+    let mut e =
+        vec![Extent { len: 100, flags: 0 }, Extent { len: 100, flags: 3 }, Extent { len: 100, flags: 0 }];
     clip_extents(&mut e, 150, false, false);
-    assert_eq!(
-        e,
-        vec![Extent { len: 100, flags: 0 }, Extent { len: 50, flags: 3 }]
-    );
+    assert_eq!(e, vec![Extent { len: 100, flags: 0 }, Extent { len: 50, flags: 3 }]);
     clip_extents(&mut e, 150, true, false);
     assert_eq!(e, vec![Extent { len: 100, flags: 0 }]);
-    let mut big = vec![Extent {
-        len: 1 << 40,
-        flags: 3,
-    }];
+    let mut big = vec![Extent { len: 1 << 40, flags: 3 }];
     clip_extents(&mut big, 1 << 41, false, false);
     assert_eq!(big[0].len, 0xffff_f000);
+}
+
+#[test]
+fn extended_write_without_payload_len_flag_is_framed_the_same() {
+    // qemu 10 sends extended writes without NBD_CMD_FLAG_PAYLOAD_LEN.
+    let s = session(false, true, false);
+    let req =
+        s.decode(&hex("21e41c71 0000 0001 0000000000000009 0000000000000000 0000000000000200")).unwrap();
+    assert_eq!(s.payload_len(&req), 0x200);
+    assert_eq!(s.check(&req), Ok(Command::Write { offset: 0, len: 0x200, fua: false }));
 }

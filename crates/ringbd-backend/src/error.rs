@@ -73,24 +73,12 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn new(op: Op, offset: u64, len: u64, source: io::Error) -> Self {
-        Error {
-            kind: ErrorKind::of(&source),
-            op,
-            offset,
-            len,
-            source,
-        }
+        Error { kind: ErrorKind::of(&source), op, offset, len, source }
     }
 
     /// An error of a chosen kind without an OS error behind it.
     pub fn other(kind: ErrorKind, op: Op, offset: u64, len: u64, msg: &str) -> Self {
-        Error {
-            kind,
-            op,
-            offset,
-            len,
-            source: io::Error::other(msg.to_owned()),
-        }
+        Error { kind, op, offset, len, source: io::Error::other(msg.to_owned()) }
     }
 }
 
@@ -98,11 +86,7 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.op {
             Op::Open | Op::Flush => write!(f, "{}: {}", self.op, self.source),
-            _ => write!(
-                f,
-                "{} of {} bytes at 0x{:x}: {}",
-                self.op, self.len, self.offset, self.source
-            ),
+            _ => write!(f, "{} of {} bytes at 0x{:x}: {}", self.op, self.len, self.offset, self.source),
         }
     }
 }
@@ -130,12 +114,7 @@ mod tests {
 
     #[test]
     fn message_names_op_range_and_cause() {
-        let e = Error::new(
-            Op::Read,
-            0x1000,
-            4096,
-            io::Error::from_raw_os_error(libc::EIO),
-        );
+        let e = Error::new(Op::Read, 0x1000, 4096, io::Error::from_raw_os_error(libc::EIO));
         let s = e.to_string();
         assert!(s.starts_with("read of 4096 bytes at 0x1000: "), "{s}");
         assert!(s.contains("os error 5"), "{s}");

@@ -5,9 +5,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
-use ringbd_io::fs::{
-    block_device_size, fadvise_willneed, fallocate, seek_data, seek_hole, Fallocate,
-};
+use ringbd_io::fs::{block_device_size, fadvise_willneed, fallocate, seek_data, seek_hole, Fallocate};
 
 use crate::{Backend, Caps, Error, ErrorKind, Extent, Holes, Op, Result, ZeroFlags, MAX_EXTENTS};
 
@@ -36,11 +34,7 @@ impl FileBackend {
                 source: io::Error::new(e.kind(), msg),
             }
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(ctx)?;
+        let file = OpenOptions::new().read(true).write(!read_only).open(path).map_err(ctx)?;
         let ft = file.metadata().map_err(ctx)?.file_type();
         let (size, block_device) = if ft.is_block_device() {
             (block_device_size(&file).map_err(ctx)?, true)
@@ -52,19 +46,11 @@ impl FileBackend {
                 "not a regular file or block device",
             )));
         };
-        Ok(FileBackend {
-            file,
-            path: path.to_owned(),
-            size,
-            block_device,
-            read_only,
-        })
+        Ok(FileBackend { file, path: path.to_owned(), size, block_device, read_only })
     }
 
     fn sync(&self, op: Op, offset: u64, len: u64) -> Result<()> {
-        self.file
-            .sync_data()
-            .map_err(|e| Error::new(op, offset, len, e))
+        self.file.sync_data().map_err(|e| Error::new(op, offset, len, e))
     }
 
     fn write_zero_buffers(&self, offset: u64, len: u64) -> Result<()> {
@@ -83,10 +69,7 @@ impl FileBackend {
 
 /// Whether an fallocate failure means "this filesystem cannot do that".
 fn unsupported(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL | libc::ENODEV)
-    )
+    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL | libc::ENODEV))
 }
 
 impl Backend for FileBackend {
@@ -109,21 +92,14 @@ impl Backend for FileBackend {
     }
 
     fn describe(&self) -> String {
-        let kind = if self.block_device {
-            "block device"
-        } else {
-            "file"
-        };
+        let kind = if self.block_device { "block device" } else { "file" };
         format!("{kind} {}", self.path.display())
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<Holes> {
         self.file.read_exact_at(buf, offset).map_err(|e| {
             let e = if e.kind() == io::ErrorKind::UnexpectedEof {
-                io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "file is shorter than the export (truncated?)",
-                )
+                io::Error::new(io::ErrorKind::UnexpectedEof, "file is shorter than the export (truncated?)")
             } else {
                 e
             };
@@ -134,9 +110,7 @@ impl Backend for FileBackend {
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         let len = data.len() as u64;
-        self.file
-            .write_all_at(data, offset)
-            .map_err(|e| Error::new(Op::Write, offset, len, e))?;
+        self.file.write_all_at(data, offset).map_err(|e| Error::new(Op::Write, offset, len, e))?;
         if fua {
             self.sync(Op::Write, offset, len)?;
         }
@@ -202,44 +176,25 @@ impl Backend for FileBackend {
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let end = offset.saturating_add(len.max(1)).min(self.size);
         if self.block_device || offset >= end {
-            return Ok(vec![Extent {
-                len: len.max(1),
-                hole: false,
-                zero: false,
-            }]);
+            return Ok(vec![Extent { len: len.max(1), hole: false, zero: false }]);
         }
         let err = |e| Error::new(Op::Extents, offset, len, e);
         let mut out = Vec::new();
         let mut pos = offset;
         while pos < end && out.len() < MAX_EXTENTS {
-            let data = seek_data(&self.file, pos)
-                .map_err(err)?
-                .unwrap_or(end)
-                .min(end);
+            let data = seek_data(&self.file, pos).map_err(err)?.unwrap_or(end).min(end);
             if data > pos {
-                out.push(Extent {
-                    len: data - pos,
-                    hole: true,
-                    zero: true,
-                });
+                out.push(Extent { len: data - pos, hole: true, zero: true });
                 pos = data;
                 continue;
             }
             let hole = seek_hole(&self.file, pos).map_err(err)?.min(end);
             if hole <= pos {
                 // The file changed under us; report the rest as data.
-                out.push(Extent {
-                    len: end - pos,
-                    hole: false,
-                    zero: false,
-                });
+                out.push(Extent { len: end - pos, hole: false, zero: false });
                 break;
             }
-            out.push(Extent {
-                len: hole - pos,
-                hole: false,
-                zero: false,
-            });
+            out.push(Extent { len: hole - pos, hole: false, zero: false });
             pos = hole;
         }
         Ok(out)
@@ -276,15 +231,7 @@ mod tests {
     fn zeroes_and_trim_read_back_zero() {
         let (path, b) = temp_file(1 << 20);
         b.write(0, &vec![7u8; 1 << 20], false).unwrap();
-        b.write_zeroes(
-            4096,
-            8192,
-            ZeroFlags {
-                no_hole: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        b.write_zeroes(4096, 8192, ZeroFlags { no_hole: true, ..Default::default() }).unwrap();
         b.write_zeroes(65536, 65536, ZeroFlags::default()).unwrap();
         b.trim(1 << 19, 1 << 18, false).unwrap();
         let mut buf = vec![0u8; 1 << 20];
@@ -315,28 +262,16 @@ mod tests {
 
     #[test]
     fn opening_a_directory_or_missing_file_is_a_clear_error() {
-        let e = FileBackend::open(Path::new("/"), true)
-            .err()
-            .expect("directory must fail");
-        assert!(
-            e.to_string().contains("not a regular file or block device"),
-            "{e}"
-        );
-        let e = FileBackend::open(Path::new("/nonexistent/x"), true)
-            .err()
-            .expect("missing must fail");
+        let e = FileBackend::open(Path::new("/"), true).err().expect("directory must fail");
+        assert!(e.to_string().contains("not a regular file or block device"), "{e}");
+        let e = FileBackend::open(Path::new("/nonexistent/x"), true).err().expect("missing must fail");
         assert!(e.to_string().contains("/nonexistent/x"), "{e}");
     }
 
     #[test]
     fn read_past_a_truncated_file_is_an_error_not_garbage() {
         let (path, b) = temp_file(1 << 16);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(100)
-            .unwrap();
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(100).unwrap();
         let mut buf = [0u8; 512];
         let e = b.read(0, &mut buf).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Io);

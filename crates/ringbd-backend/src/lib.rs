@@ -1,7 +1,7 @@
 //! Storage backends behind one small trait.
 //!
 //! - [`memory`]: sparse RAM, allocated in pages on first write.
-//! - [`file`]: a regular file or block device.
+//! - [`file`](mod@file): a regular file or block device.
 //! - [`null`]: discards writes, reads zeroes.
 //! - [`spec`]: parses export specs (`memory:1G`, `file:PATH`, `null:1G`).
 //!

@@ -29,17 +29,12 @@ pub struct MemoryBackend {
 
 impl MemoryBackend {
     pub fn new(size: u64) -> Self {
-        MemoryBackend {
-            size,
-            shards: (0..SHARDS).map(|_| RwLock::new(BTreeMap::new())).collect(),
-        }
+        MemoryBackend { size, shards: (0..SHARDS).map(|_| RwLock::new(BTreeMap::new())).collect() }
     }
 
     /// Bytes of page memory currently allocated.
     pub fn allocated_bytes(&self) -> u64 {
-        (0..SHARDS)
-            .map(|i| self.shard_read_at(i).len() as u64 * PAGE)
-            .sum()
+        (0..SHARDS).map(|i| self.shard_read_at(i).len() as u64 * PAGE).sum()
     }
 
     fn shard_of(page: u64) -> usize {
@@ -57,9 +52,7 @@ impl MemoryBackend {
     }
 
     fn write_shard(&self, page: u64) -> RwLockWriteGuard<'_, Shard> {
-        self.shards[Self::shard_of(page)]
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
+        self.shards[Self::shard_of(page)].write().unwrap_or_else(|p| p.into_inner())
     }
 
     fn is_allocated(&self, page: u64) -> bool {
@@ -68,23 +61,12 @@ impl MemoryBackend {
 
     /// First allocated page in `[from, to)`.
     fn next_allocated(&self, from: u64, to: u64) -> Option<u64> {
-        (0..SHARDS)
-            .filter_map(|i| {
-                self.shard_read_at(i)
-                    .range(from..to)
-                    .next()
-                    .map(|(k, _)| *k)
-            })
-            .min()
+        (0..SHARDS).filter_map(|i| self.shard_read_at(i).range(from..to).next().map(|(k, _)| *k)).min()
     }
 
     /// Calls `f(page, offset_in_page, range_in_buffer)` for each page piece
     /// of `[offset, offset+len)`.
-    fn for_each_piece(
-        offset: u64,
-        len: usize,
-        mut f: impl FnMut(u64, usize, std::ops::Range<usize>),
-    ) {
+    fn for_each_piece(offset: u64, len: usize, mut f: impl FnMut(u64, usize, std::ops::Range<usize>)) {
         let mut done = 0usize;
         while done < len {
             let pos = offset + done as u64;
@@ -138,13 +120,7 @@ impl MemoryBackend {
 fn new_page(offset: u64, len: u64) -> Result<Page> {
     let mut v: Vec<u8> = Vec::new();
     v.try_reserve_exact(PAGE as usize).map_err(|_| {
-        Error::other(
-            ErrorKind::NoSpace,
-            Op::Write,
-            offset,
-            len,
-            "out of memory for export pages",
-        )
+        Error::other(ErrorKind::NoSpace, Op::Write, offset, len, "out of memory for export pages")
     })?;
     v.resize(PAGE as usize, 0);
     Ok(v.into_boxed_slice())
@@ -238,11 +214,7 @@ impl Backend for MemoryBackend {
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let end = offset.saturating_add(len.max(1)).min(self.size);
         if offset >= end {
-            return Ok(vec![Extent {
-                len: len.max(1),
-                hole: true,
-                zero: true,
-            }]);
+            return Ok(vec![Extent { len: len.max(1), hole: true, zero: true }]);
         }
         let last_page = (end - 1) / PAGE + 1;
         let mut out: Vec<Extent> = Vec::new();
@@ -253,11 +225,7 @@ impl Backend for MemoryBackend {
             }
             match out.last_mut() {
                 Some(l) if l.hole == hole => l.len += to - from,
-                _ => out.push(Extent {
-                    len: to - from,
-                    hole,
-                    zero: hole,
-                }),
+                _ => out.push(Extent { len: to - from, hole, zero: hole }),
             }
         };
         let mut page = offset / PAGE;
@@ -330,11 +298,7 @@ mod tests {
         let m = MemoryBackend::new(1 << 20);
         m.write(0, &vec![9u8; 4 * PAGE as usize], false).unwrap();
         m.trim(PAGE / 2, 2 * PAGE, false).unwrap();
-        assert_eq!(
-            m.allocated_bytes(),
-            3 * PAGE,
-            "page 1 freed; pages 0 and 2 partial"
-        );
+        assert_eq!(m.allocated_bytes(), 3 * PAGE, "page 1 freed; pages 0 and 2 partial");
         let (b, _) = read(&m, 0, 4 * PAGE as usize);
         let half = (PAGE / 2) as usize;
         assert!(b[..half].iter().all(|&x| x == 9));
@@ -358,38 +322,17 @@ mod tests {
     #[test]
     fn extents_report_data_and_holes_exactly() {
         let m = MemoryBackend::new(100 * PAGE);
-        m.write(2 * PAGE, &vec![1u8; 3 * PAGE as usize], false)
-            .unwrap();
+        m.write(2 * PAGE, &vec![1u8; 3 * PAGE as usize], false).unwrap();
         m.write(50 * PAGE, &[1u8], false).unwrap();
         let e = m.extents(PAGE, 60 * PAGE).unwrap();
         assert_eq!(
             e,
             vec![
-                Extent {
-                    len: PAGE,
-                    hole: true,
-                    zero: true
-                },
-                Extent {
-                    len: 3 * PAGE,
-                    hole: false,
-                    zero: false
-                },
-                Extent {
-                    len: 45 * PAGE,
-                    hole: true,
-                    zero: true
-                },
-                Extent {
-                    len: PAGE,
-                    hole: false,
-                    zero: false
-                },
-                Extent {
-                    len: 10 * PAGE,
-                    hole: true,
-                    zero: true
-                },
+                Extent { len: PAGE, hole: true, zero: true },
+                Extent { len: 3 * PAGE, hole: false, zero: false },
+                Extent { len: 45 * PAGE, hole: true, zero: true },
+                Extent { len: PAGE, hole: false, zero: false },
+                Extent { len: 10 * PAGE, hole: true, zero: true },
             ]
         );
     }
@@ -399,22 +342,8 @@ mod tests {
         let m = MemoryBackend::new(i64::MAX as u64);
         m.write(1 << 50, &[1u8], false).unwrap();
         let e = m.extents(0, i64::MAX as u64).unwrap();
-        assert_eq!(
-            e[0],
-            Extent {
-                len: 1 << 50,
-                hole: true,
-                zero: true
-            }
-        );
-        assert_eq!(
-            e[1],
-            Extent {
-                len: PAGE,
-                hole: false,
-                zero: false
-            }
-        );
+        assert_eq!(e[0], Extent { len: 1 << 50, hole: true, zero: true });
+        assert_eq!(e[1], Extent { len: PAGE, hole: false, zero: false });
         m.trim(0, i64::MAX as u64 - 7, false).unwrap();
         assert_eq!(m.allocated_bytes(), 0);
     }

@@ -64,11 +64,7 @@ impl Backend for NullBackend {
 
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let len = len.max(1).min(self.size.saturating_sub(offset).max(1));
-        Ok(vec![Extent {
-            len,
-            hole: true,
-            zero: true,
-        }])
+        Ok(vec![Extent { len, hole: true, zero: true }])
     }
 }
 

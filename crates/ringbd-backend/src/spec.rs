@@ -47,9 +47,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     if digits.is_empty() {
         return Err(format!("size {s:?} does not start with a number"));
     }
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("size {s:?} is too large"))?;
+    let n: u64 = digits.parse().map_err(|_| format!("size {s:?} is too large"))?;
     let shift = match suffix.to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kb" | "kib" => 10,
@@ -58,11 +56,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "t" | "tb" | "tib" => 40,
         "p" | "pb" | "pib" => 50,
         "e" | "eb" | "eib" => 60,
-        _ => {
-            return Err(format!(
-                "size {s:?} has an unknown suffix {suffix:?} (use K, M, G, T, P or E)"
-            ))
-        }
+        _ => return Err(format!("size {s:?} has an unknown suffix {suffix:?} (use K, M, G, T, P or E)")),
     };
     let v = n.checked_mul(1u64 << shift).filter(|&v| v <= MAX_SIZE);
     v.ok_or_else(|| format!("size {s:?} exceeds the largest export size ({MAX_SIZE} bytes)"))
@@ -73,20 +67,14 @@ impl std::str::FromStr for Spec {
 
     fn from_str(s: &str) -> Result<Self, SpecError> {
         let (kind, arg) = s.split_once(':').ok_or_else(|| {
-            SpecError::Syntax(format!(
-                "export spec {s:?} must look like memory:SIZE, file:PATH or null:SIZE"
-            ))
+            SpecError::Syntax(format!("export spec {s:?} must look like memory:SIZE, file:PATH or null:SIZE"))
         })?;
-        let size = |a: &str| {
-            parse_size(a).map_err(|e| SpecError::Syntax(format!("export spec {s:?}: {e}")))
-        };
+        let size = |a: &str| parse_size(a).map_err(|e| SpecError::Syntax(format!("export spec {s:?}: {e}")));
         match kind {
             "memory" | "mem" => Ok(Spec::Memory(size(arg)?)),
             "null" => Ok(Spec::Null(size(arg)?)),
             "file" if !arg.is_empty() => Ok(Spec::File(PathBuf::from(arg))),
-            "file" => Err(SpecError::Syntax(format!(
-                "export spec {s:?} names no file"
-            ))),
+            "file" => Err(SpecError::Syntax(format!("export spec {s:?} names no file"))),
             _ => Err(SpecError::Syntax(format!(
                 "export spec {s:?}: unknown backend {kind:?} (memory, file or null)"
             ))),
@@ -124,15 +112,8 @@ mod tests {
     fn specs() {
         assert_eq!("memory:1G".parse::<Spec>().unwrap(), Spec::Memory(1 << 30));
         assert_eq!("null:4096".parse::<Spec>().unwrap(), Spec::Null(4096));
-        assert_eq!(
-            "file:/a/b".parse::<Spec>().unwrap(),
-            Spec::File("/a/b".into())
-        );
-        assert!("disk:/x"
-            .parse::<Spec>()
-            .unwrap_err()
-            .to_string()
-            .contains("unknown backend"));
+        assert_eq!("file:/a/b".parse::<Spec>().unwrap(), Spec::File("/a/b".into()));
+        assert!("disk:/x".parse::<Spec>().unwrap_err().to_string().contains("unknown backend"));
         assert!("memory".parse::<Spec>().is_err());
         assert!("file:".parse::<Spec>().is_err());
     }

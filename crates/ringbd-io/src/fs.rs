@@ -67,8 +67,7 @@ pub fn block_device_size(fd: impl AsFd) -> io::Result<u64> {
 pub fn fadvise_willneed(fd: impl AsFd, offset: u64, len: u64) -> io::Result<()> {
     let (off, len) = (to_off(offset)?, to_off(len)?);
     // SAFETY: posix_fadvise takes an fd and integers and has no memory effects.
-    let ret =
-        unsafe { libc::posix_fadvise(fd.as_fd().as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED) };
+    let ret = unsafe { libc::posix_fadvise(fd.as_fd().as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED) };
     // posix_fadvise returns the error number instead of setting errno.
     if ret != 0 {
         return Err(io::Error::from_raw_os_error(ret));

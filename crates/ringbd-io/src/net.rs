@@ -34,24 +34,15 @@ pub fn take_activated_listeners() -> io::Result<Option<Vec<ActivatedListener>>> 
     std::env::remove_var("LISTEN_FDS");
     std::env::remove_var("LISTEN_FDNAMES");
     let n: RawFd = fds.trim().parse().map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("LISTEN_FDS={fds:?} is not a number"),
-        )
+        io::Error::new(io::ErrorKind::InvalidInput, format!("LISTEN_FDS={fds:?} is not a number"))
     })?;
     if !(1..=64).contains(&n) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("LISTEN_FDS={n} is out of range"),
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("LISTEN_FDS={n} is out of range")));
     }
     let mut out = Vec::with_capacity(n as usize);
     for fd in SD_LISTEN_FDS_START..SD_LISTEN_FDS_START + n {
         let family = socket_family(fd).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("LISTEN_FDS: fd {fd} is not a usable socket: {e}"),
-            )
+            io::Error::new(e.kind(), format!("LISTEN_FDS: fd {fd} is not a usable socket: {e}"))
         })?;
         // SAFETY: F_SETFD on an fd we were told we own; no memory effects.
         cvt(unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) })?;
@@ -87,14 +78,8 @@ fn socket_family(fd: RawFd) -> io::Result<libc::c_int> {
 /// Waits until any of `fds` is readable (or has hung up). Returns one flag
 /// per fd; all false on timeout or when a signal interrupted the wait.
 pub fn poll_readable(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> io::Result<Vec<bool>> {
-    let mut pfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|fd| libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
+    let mut pfds: Vec<libc::pollfd> =
+        fds.iter().map(|fd| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
     let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as libc::c_int);
     // SAFETY: pfds is a live, correctly sized array of pollfd for the call.
     let ret = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
@@ -119,8 +104,7 @@ mod tests {
         let (r1, mut w1) = std::io::pipe().unwrap();
         let (r2, _w2) = std::io::pipe().unwrap();
         w1.write_all(b"x").unwrap();
-        let ready =
-            poll_readable(&[r1.as_fd(), r2.as_fd()], Some(Duration::from_millis(100))).unwrap();
+        let ready = poll_readable(&[r1.as_fd(), r2.as_fd()], Some(Duration::from_millis(100))).unwrap();
         assert_eq!(ready, vec![true, false]);
         let idle = poll_readable(&[r2.as_fd()], Some(Duration::from_millis(1))).unwrap();
         assert_eq!(idle, vec![false]);

@@ -42,13 +42,7 @@ impl TermSignals {
         let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
         let size = std::mem::size_of::<libc::signalfd_siginfo>();
         // SAFETY: info is a live buffer of `size` bytes.
-        let n = unsafe {
-            libc::read(
-                self.fd.as_raw_fd(),
-                &mut info as *mut _ as *mut libc::c_void,
-                size,
-            )
-        };
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), &mut info as *mut _ as *mut libc::c_void, size) };
         if n == -1 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted {
@@ -57,10 +51,7 @@ impl TermSignals {
             return Err(e);
         }
         if n as usize != size {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "short read from signalfd",
-            ));
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short read from signalfd"));
         }
         Ok(Some(info.ssi_signo as i32))
     }

@@ -33,10 +33,7 @@ const COPY_LIMIT: usize = 16 * 1024;
 pub fn serve(stream: Stream, exports: Arc<Exports>) -> io::Result<()> {
     let peer = stream.peer();
     let mut input = InBuf::new(stream.try_clone()?);
-    let mut out = OutQueue {
-        buf: Vec::with_capacity(64 * 1024),
-        stream,
-    };
+    let mut out = OutQueue { buf: Vec::with_capacity(64 * 1024), stream };
 
     let mut hs = ServerHandshake::new(&*exports);
     loop {
@@ -106,10 +103,7 @@ impl Transmission<'_> {
                 out.flush()?;
                 if !input.fill_to(hlen)? {
                     if input.len() > 0 {
-                        log::warn(format_args!(
-                            "export {:?}: client closed mid-request",
-                            self.name
-                        ));
+                        log::warn(format_args!("export {:?}: client closed mid-request", self.name));
                     }
                     return Ok(());
                 }
@@ -127,13 +121,9 @@ impl Transmission<'_> {
             input.consume(hlen);
             match self.session.check(&req) {
                 Err(rej) => {
-                    self.session
-                        .write_error(&mut out.buf, &req, rej.errno, &rej.message);
+                    self.session.write_error(&mut out.buf, &req, rej.errno, &rej.message);
                     if rej.disconnect {
-                        log::warn(format_args!(
-                            "export {:?}: {}, disconnecting",
-                            self.name, rej.message
-                        ));
+                        log::warn(format_args!("export {:?}: {}, disconnecting", self.name, rej.message));
                         return Ok(());
                     }
                     if !input.discard(rej.discard)? {
@@ -161,9 +151,7 @@ impl Transmission<'_> {
     ) -> io::Result<bool> {
         let b = self.backend;
         let result = match cmd {
-            Command::Read { offset, len, df } => {
-                return self.read(req, offset, len, df, out).map(|()| true)
-            }
+            Command::Read { offset, len, df } => return self.read(req, offset, len, df, out).map(|()| true),
             Command::Write { offset, len, fua } => {
                 self.data.resize(len as usize, 0);
                 if !input.read_exact(&mut self.data)? {
@@ -174,18 +162,10 @@ impl Transmission<'_> {
             Command::Flush => b.flush(),
             Command::Trim { offset, len, fua } => b.trim(offset, len, fua),
             Command::Cache { offset, len } => b.cache(offset, len),
-            Command::WriteZeroes {
-                offset,
-                len,
-                fua,
-                no_hole,
-                fast,
-            } => b.write_zeroes(offset, len, ZeroFlags { fua, no_hole, fast }),
-            Command::BlockStatus {
-                offset,
-                len,
-                req_one,
-            } => {
+            Command::WriteZeroes { offset, len, fua, no_hole, fast } => {
+                b.write_zeroes(offset, len, ZeroFlags { fua, no_hole, fast })
+            }
+            Command::BlockStatus { offset, len, req_one } => {
                 self.block_status(req, offset, len, req_one, out);
                 return Ok(true);
             }
@@ -195,16 +175,11 @@ impl Transmission<'_> {
                     return Ok(false);
                 }
                 match self.session.check_block_status_payload(req, &self.data) {
-                    Ok(Command::BlockStatus {
-                        offset,
-                        len,
-                        req_one,
-                    }) => self.block_status(req, offset, len, req_one, out),
-                    Ok(_) => unreachable!("check_block_status_payload only returns BlockStatus"),
-                    Err(rej) => {
-                        self.session
-                            .write_error(&mut out.buf, req, rej.errno, &rej.message)
+                    Ok(Command::BlockStatus { offset, len, req_one }) => {
+                        self.block_status(req, offset, len, req_one, out)
                     }
+                    Ok(_) => unreachable!("check_block_status_payload only returns BlockStatus"),
+                    Err(rej) => self.session.write_error(&mut out.buf, req, rej.errno, &rej.message),
                 }
                 return Ok(true);
             }
@@ -223,18 +198,10 @@ impl Transmission<'_> {
         if errno != Errno::ENOTSUP {
             log::warn(format_args!("export {:?}: {e}", self.name));
         }
-        self.session
-            .write_error(&mut out.buf, req, errno, &e.to_string());
+        self.session.write_error(&mut out.buf, req, errno, &e.to_string());
     }
 
-    fn read(
-        &mut self,
-        req: &Request,
-        offset: u64,
-        len: u64,
-        df: bool,
-        out: &mut OutQueue,
-    ) -> io::Result<()> {
+    fn read(&mut self, req: &Request, offset: u64, len: u64, df: bool, out: &mut OutQueue) -> io::Result<()> {
         let len = len as usize;
         self.data.resize(len, 0);
         let holes = match self.backend.read(offset, &mut self.data) {
@@ -249,8 +216,7 @@ impl Transmission<'_> {
             return Ok(());
         }
         if !self.session.structured() || df || holes.0.is_empty() {
-            self.session
-                .write_data_header(&mut out.buf, req, offset, len as u64, true);
+            self.session.write_data_header(&mut out.buf, req, offset, len as u64, true);
             return out.push_payload(&self.data);
         }
         // Structured reply: data pieces as OFFSET_DATA, sparse ones as holes.
@@ -270,37 +236,18 @@ impl Transmission<'_> {
         for (i, (range, hole)) in pieces.into_iter().enumerate() {
             let at = offset + range.start as u64;
             if hole {
-                self.session
-                    .write_hole(&mut out.buf, req, at, range.len() as u32, i == last);
+                self.session.write_hole(&mut out.buf, req, at, range.len() as u32, i == last);
             } else {
-                self.session.write_data_header(
-                    &mut out.buf,
-                    req,
-                    at,
-                    range.len() as u64,
-                    i == last,
-                );
+                self.session.write_data_header(&mut out.buf, req, at, range.len() as u64, i == last);
                 out.push_payload(&self.data[range])?;
             }
         }
         Ok(())
     }
 
-    fn block_status(
-        &mut self,
-        req: &Request,
-        offset: u64,
-        len: u64,
-        req_one: bool,
-        out: &mut OutQueue,
-    ) {
+    fn block_status(&mut self, req: &Request, offset: u64, len: u64, req_one: bool, out: &mut OutQueue) {
         if len == 0 {
-            self.session.write_error(
-                &mut out.buf,
-                req,
-                Errno::EINVAL,
-                "block status of zero length",
-            );
+            self.session.write_error(&mut out.buf, req, Errno::EINVAL, "block status of zero length");
             return;
         }
         let extents = match self.backend.extents(offset, len) {
@@ -318,13 +265,9 @@ impl Transmission<'_> {
         clip_extents(&mut ext, len, req_one, self.session.extended());
         if ext.is_empty() {
             // A backend that could say nothing: "allocated, unknown" is always true.
-            ext.push(Extent {
-                len: len.min(u64::from(u32::MAX) & !0xfff).max(1),
-                flags: 0,
-            });
+            ext.push(Extent { len: len.min(u64::from(u32::MAX) & !0xfff).max(1), flags: 0 });
         }
-        self.session
-            .write_block_status(&mut out.buf, req, BASE_ALLOCATION_ID, &ext);
+        self.session.write_block_status(&mut out.buf, req, BASE_ALLOCATION_ID, &ext);
     }
 }
 
@@ -338,12 +281,7 @@ struct InBuf {
 
 impl InBuf {
     fn new(stream: Stream) -> Self {
-        InBuf {
-            stream,
-            buf: vec![0; IN_BUF],
-            start: 0,
-            end: 0,
-        }
+        InBuf { stream, buf: vec![0; IN_BUF], start: 0, end: 0 }
     }
 
     fn data(&self) -> &[u8] {
@@ -435,9 +373,7 @@ impl InBuf {
 fn is_disconnect(e: &io::Error) -> bool {
     matches!(
         e.kind(),
-        io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::BrokenPipe
+        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe
     )
 }
 
@@ -455,10 +391,7 @@ impl OutQueue {
             self.buf.extend_from_slice(payload);
             return Ok(());
         }
-        write_all_vectored(
-            &mut self.stream,
-            &mut [IoSlice::new(&self.buf), IoSlice::new(payload)],
-        )?;
+        write_all_vectored(&mut self.stream, &mut [IoSlice::new(&self.buf), IoSlice::new(payload)])?;
         self.buf.clear();
         Ok(())
     }
@@ -476,12 +409,7 @@ fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> io::R
     IoSlice::advance_slices(&mut bufs, 0);
     while !bufs.is_empty() {
         match w.write_vectored(bufs) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "socket accepted no bytes",
-                ))
-            }
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "socket accepted no bytes")),
             Ok(n) => IoSlice::advance_slices(&mut bufs, n),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),

@@ -16,12 +16,7 @@ pub struct Export {
 impl Export {
     pub fn new(name: impl Into<String>, backend: Arc<dyn Backend>, read_only: bool) -> Self {
         let read_only = read_only || backend.caps().read_only;
-        Export {
-            name: name.into(),
-            description: backend.describe(),
-            backend,
-            read_only,
-        }
+        Export { name: name.into(), description: backend.describe(), backend, read_only }
     }
 
     pub fn descriptor(&self) -> ExportDescriptor {
@@ -83,10 +78,7 @@ impl ExportCatalog for Exports {
     fn list(&self) -> Vec<ExportListing> {
         self.list
             .iter()
-            .map(|e| ExportListing {
-                name: e.name.clone(),
-                description: e.description.clone(),
-            })
+            .map(|e| ExportListing { name: e.name.clone(), description: e.description.clone() })
             .collect()
     }
 
@@ -116,11 +108,8 @@ mod tests {
     #[test]
     fn duplicate_names_are_refused() {
         let mut x = Exports::default();
-        x.add(Export::new("a", Arc::new(MemoryBackend::new(1)), false))
-            .unwrap();
-        assert!(x
-            .add(Export::new("a", Arc::new(MemoryBackend::new(1)), false))
-            .is_err());
+        x.add(Export::new("a", Arc::new(MemoryBackend::new(1)), false)).unwrap();
+        assert!(x.add(Export::new("a", Arc::new(MemoryBackend::new(1)), false)).is_err());
     }
 
     #[test]
@@ -133,8 +122,7 @@ mod tests {
 
     #[test]
     fn errors_map_to_nbd_errnos() {
-        let io =
-            |n| ringbd_backend::Error::new(Op::Write, 0, 1, std::io::Error::from_raw_os_error(n));
+        let io = |n| ringbd_backend::Error::new(Op::Write, 0, 1, std::io::Error::from_raw_os_error(n));
         assert_eq!(nbd_errno(&io(libc_enospc())), Errno::ENOSPC);
         assert_eq!(nbd_errno(&io(5)), Errno::EIO);
         assert_eq!(nbd_errno(&io(30)), Errno::EPERM); // EROFS

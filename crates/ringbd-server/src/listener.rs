@@ -22,10 +22,7 @@ impl Listener {
             .to_socket_addrs()
             .map_err(|e| io::Error::new(e.kind(), format!("listen address {addr:?}: {e}")))?
             .collect();
-        let mut last = io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{addr:?} resolves to nothing"),
-        );
+        let mut last = io::Error::new(io::ErrorKind::InvalidInput, format!("{addr:?} resolves to nothing"));
         for a in addrs {
             match TcpListener::bind(a) {
                 Ok(l) => return Ok(Listener::Tcp(l)),
@@ -37,12 +34,8 @@ impl Listener {
 
     /// Binds a Unix socket, replacing a stale socket file nobody listens on.
     pub fn bind_unix(path: &Path) -> io::Result<Listener> {
-        let ctx = |e: io::Error| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot listen on {}: {e}", path.display()),
-            )
-        };
+        let ctx =
+            |e: io::Error| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", path.display()));
         match UnixListener::bind(path) {
             Ok(l) => Ok(Listener::Unix(l, Some(path.to_owned()))),
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
@@ -53,9 +46,7 @@ impl Listener {
                     )));
                 }
                 std::fs::remove_file(path).map_err(ctx)?;
-                UnixListener::bind(path)
-                    .map(|l| Listener::Unix(l, Some(path.to_owned())))
-                    .map_err(ctx)
+                UnixListener::bind(path).map(|l| Listener::Unix(l, Some(path.to_owned()))).map_err(ctx)
             }
             Err(e) => Err(ctx(e)),
         }
@@ -96,11 +87,9 @@ impl Listener {
     /// The socket path, for Unix listeners.
     pub fn unix_path(&self) -> Option<PathBuf> {
         match self {
-            Listener::Unix(l, bound) => bound.clone().or_else(|| {
-                l.local_addr()
-                    .ok()
-                    .and_then(|a| a.as_pathname().map(Path::to_owned))
-            }),
+            Listener::Unix(l, bound) => bound
+                .clone()
+                .or_else(|| l.local_addr().ok().and_then(|a| a.as_pathname().map(Path::to_owned))),
             Listener::Tcp(_) => None,
         }
     }
@@ -164,9 +153,7 @@ impl Stream {
     /// A short description of the peer for logs.
     pub fn peer(&self) -> String {
         match self {
-            Stream::Tcp(s) => s
-                .peer_addr()
-                .map_or_else(|_| "tcp peer".into(), |a| a.to_string()),
+            Stream::Tcp(s) => s.peer_addr().map_or_else(|_| "tcp peer".into(), |a| a.to_string()),
             Stream::Unix(_) => "unix peer".into(),
         }
     }

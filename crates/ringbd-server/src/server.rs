@@ -85,20 +85,13 @@ impl Registry {
         while !c.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                log::warn(format_args!(
-                    "{} connection(s) did not finish in time; closing them",
-                    c.len()
-                ));
+                log::warn(format_args!("{} connection(s) did not finish in time; closing them", c.len()));
                 for s in c.values() {
                     s.shutdown(Shutdown::Both).ok();
                 }
                 break;
             }
-            c = self
-                .idle
-                .wait_timeout(c, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            c = self.idle.wait_timeout(c, left).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 }
@@ -107,23 +100,19 @@ impl Registry {
 /// until the command exits (its exit code). Must be called before the
 /// process starts any other thread (signals are routed to a signalfd).
 pub fn run(config: Config) -> Result<i32, ServeError> {
-    let signals =
-        TermSignals::new().map_err(|e| err(format!("cannot set up signal handling: {e}")))?;
+    let signals = TermSignals::new().map_err(|e| err(format!("cannot set up signal handling: {e}")))?;
 
     let mut exports = Exports::default();
     for (name, spec) in &config.exports {
-        let backend = ringbd_backend::open(spec, config.read_only)
-            .map_err(|e| err(format!("export {name:?}: {e}")))?;
-        exports
-            .add(Export::new(name.clone(), backend, config.read_only))
-            .map_err(err)?;
+        let backend =
+            ringbd_backend::open(spec, config.read_only).map_err(|e| err(format!("export {name:?}: {e}")))?;
+        exports.add(Export::new(name.clone(), backend, config.read_only)).map_err(err)?;
     }
     let exports = Arc::new(exports);
 
     let listeners = bind(&config)?;
     for l in &listeners {
-        l.set_nonblocking()
-            .map_err(|e| err(format!("listener: {e}")))?;
+        l.set_nonblocking().map_err(|e| err(format!("listener: {e}")))?;
     }
     {
         let mut stdout = io::stdout().lock();
@@ -202,15 +191,13 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
                     }
                 }
                 let (exports, registry2) = (exports.clone(), registry.clone());
-                let spawned = thread::Builder::new()
-                    .name(format!("conn-{id}"))
-                    .spawn(move || {
-                        let peer = stream.peer();
-                        if let Err(e) = engine_threads::serve(stream, exports) {
-                            log::warn(format_args!("{peer}: connection ended with error: {e}"));
-                        }
-                        registry2.remove(id);
-                    });
+                let spawned = thread::Builder::new().name(format!("conn-{id}")).spawn(move || {
+                    let peer = stream.peer();
+                    if let Err(e) = engine_threads::serve(stream, exports) {
+                        log::warn(format_args!("{peer}: connection ended with error: {e}"));
+                    }
+                    registry2.remove(id);
+                });
                 match spawned {
                     Ok(h) => workers.push(h),
                     Err(e) => {
@@ -236,9 +223,7 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
         }
     }
     if flush_failed {
-        return Err(err(
-            "could not flush every export; recent writes may not be durable",
-        ));
+        return Err(err("could not flush every export; recent writes may not be durable"));
     }
     let status = *child_status.lock().unwrap_or_else(|p| p.into_inner());
     Ok(match (config.run.is_some(), status) {
@@ -250,8 +235,7 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
 }
 
 fn bind(config: &Config) -> Result<Vec<Listener>, ServeError> {
-    let activated =
-        take_activated_listeners().map_err(|e| err(format!("socket activation: {e}")))?;
+    let activated = take_activated_listeners().map_err(|e| err(format!("socket activation: {e}")))?;
     if let Some(fds) = activated {
         return Ok(fds.into_iter().map(Listener::from_activated).collect());
     }

@@ -8,11 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use ringbd_backend::Spec;
 
 #[derive(Parser)]
-#[command(
-    name = "ringbd",
-    version,
-    about = "Userspace network block storage on io_uring"
-)]
+#[command(name = "ringbd", version, about = "Userspace network block storage on io_uring")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -63,9 +59,7 @@ struct ServeArgs {
 }
 
 fn parse_named_export(s: &str) -> Result<(String, Spec), String> {
-    let (name, spec) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?} is not NAME=SPEC"))?;
+    let (name, spec) = s.split_once('=').ok_or_else(|| format!("{s:?} is not NAME=SPEC"))?;
     let spec = spec.parse::<Spec>().map_err(|e| e.to_string())?;
     Ok((name.to_owned(), spec))
 }
@@ -86,13 +80,8 @@ fn serve(a: ServeArgs) -> ExitCode {
         None => {}
     }
     exports.extend(a.exports);
-    let config = ringbd_server::Config {
-        exports,
-        listen: a.listen,
-        unix: a.unix,
-        read_only: a.read_only,
-        run: a.run,
-    };
+    let config =
+        ringbd_server::Config { exports, listen: a.listen, unix: a.unix, read_only: a.read_only, run: a.run };
     match ringbd_server::run(config) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {

@@ -98,7 +98,9 @@ def test_qemu_img_map_sparse(start_server, shm_tmp, nbd_handle, backing):
 
 
 def qemu_io(uri, *cmds, trace=None, check=True):
-    argv = ["qemu-io", "-f", "raw"]
+    # -t writeback: plain writes carry no FUA (qemu-io's default cache mode,
+    # writethrough, would put FUA on every write)
+    argv = ["qemu-io", "-f", "raw", "-t", "writeback"]
     if trace:
         argv += ["--trace", trace]
     for c in cmds:
@@ -116,7 +118,10 @@ def test_qemu_io_commands(server, nbd_handle):
         "read -P 0xab 0 1M",
         "write -P 0xcd 1M 64k",
         "write -P 0x5a -f 2M 64k",        # FUA
-        "write -z 64k 64k",               # WRITE_ZEROES
+        "write -z 64k 64k",               # WRITE_ZEROES + NO_HOLE
+        "write -P 0x99 3M 64k",
+        "write -z -u 3M 64k",             # WRITE_ZEROES, may punch a hole
+        "read -P 0 3M 64k",
         "read -P 0 64k 64k",
         "read -P 0xab 0 64k",
         "read -P 0xab 128k 896k",
@@ -133,7 +138,10 @@ def test_qemu_io_commands(server, nbd_handle):
     sent = set(re.findall(r"\.type = \d+ \((\w[\w ]*)\)", p.stderr))
     for cmd in ("read", "write", "write zeroes", "trim", "flush"):
         assert cmd in sent, (cmd, sent)
-    assert re.search(r"\.flags = 0x1, \.type = 1 \(write\)", p.stderr), "no FUA write seen"
+    # flags as qemu sent them: plain write, FUA write, zero with NO_HOLE, zero
+    for flags, typ in (("0x0", "1 (write)"), ("0x1", "1 (write)"),
+                       ("0x2", "6 (write zeroes)"), ("0x0", "6 (write zeroes)")):
+        assert ".flags = %s, .type = %s" % (flags, typ) in p.stderr, (flags, typ)
 
     # a second client sees the result
     h = nbd_handle(uri)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs, from Debian's packages. Idempotent:
+# does nothing when everything is present. Never replaces qemu-utils 10
+# (it is the qemu that speaks NBD extended headers).
+set -euo pipefail
+
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have nbdkit   || need+=(nbdkit)
+have nbdinfo  || need+=(libnbd-bin)
+have nbdcopy  || need+=(libnbd-bin)
+have fio      || need+=(fio)
+have qemu-img || need+=(qemu-utils)
+/usr/bin/python3 -c 'import nbd' 2>/dev/null   || need+=(python3-libnbd)
+/usr/bin/python3 -c 'import pytest' 2>/dev/null || need+=(python3-pytest)
+
+if ((${#need[@]})); then
+    mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)
+    echo "install-deps: installing ${need[*]}"
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# Fail loudly rather than let a test skip: every tool must be here now.
+for t in nbdkit nbdinfo nbdsh nbdcopy fio qemu-img qemu-io qemu-nbd; do
+    have "$t" || { echo "install-deps: $t is still missing" >&2; exit 1; }
+done
+/usr/bin/python3 -c 'import nbd, pytest' || { echo "install-deps: python3-libnbd/pytest missing" >&2; exit 1; }

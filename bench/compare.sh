@@ -103,6 +103,7 @@ need() { command -v "$1" >/dev/null || die "$1 not found${2:+: $2}"; }
 need fio "apt-get install fio"
 fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd engine (Debian's fio links libnbd)"
 need getconf
+need setsid
 RINGBD_BIN=${RINGBD_BIN:-$ROOT/target/release/ringbd}
 declare -A KIND_BIN=()
 for s in "${SERVERS[@]}"; do
@@ -134,12 +135,23 @@ fi
 WORK=$(mktemp -d /tmp/ringbd-bench.XXXXXX)
 SHM_FILES=()
 LIVE_PIDS=()    # servers and their stdout drainers
+# stop_pid PID: SIGTERM to PID's process group if it leads one (servers run
+# under setsid), else to PID; SIGKILL if anything is still there 5 s later.
+stop_pid() {
+    local target=$1 i
+    if [[ $(ps -o pgid= -p "$1" 2>/dev/null) -eq $1 ]]; then target=-$1; fi
+    kill -- "$target" 2>/dev/null || return 0
+    for ((i = 0; i < 50; i++)); do
+        if ! kill -0 -- "$target" 2>/dev/null; then wait "$1" 2>/dev/null || true; return 0; fi
+        sleep 0.1
+    done
+    log "PID $1 ignored SIGTERM: SIGKILL"
+    kill -KILL -- "$target" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
 cleanup() {
     local rc=$? pid
-    {
-        for pid in "${LIVE_PIDS[@]}"; do kill "$pid" || true; done
-        for pid in "${LIVE_PIDS[@]}"; do wait "$pid" || true; done
-    } 2>/dev/null
+    for pid in "${LIVE_PIDS[@]}"; do stop_pid "$pid"; done
     rm -f -- "${SHM_FILES[@]}"
     if [[ -n $KEEP ]]; then log "raw results kept in $WORK"; else rm -rf -- "$WORK"; fi
     exit "$rc"
@@ -208,12 +220,14 @@ start_server() {
 
     local out
     SRV_STDERR=$WORK/$tag.stderr
-    exec {out}< <(exec "${cmd[@]}" </dev/null 2>"$SRV_STDERR")
+    # setsid: its own process group, so that stopping it takes any children too;
+    # it execs in place (this subshell leads no group), keeping the PID.
+    exec {out}< <(exec setsid "${cmd[@]}" </dev/null 2>"$SRV_STDERR")
     SRV_PID=$!
     LIVE_PIDS+=("$SRV_PID")
     if ! read -r -t "$READY_TIMEOUT" -u "$out" line; then
         cat "$SRV_STDERR" >&2
-        die "$label ($transport) printed no ready line within ${READY_TIMEOUT}s: ${cmd[*]}"
+        die "$label ($transport) gave no ready line (it exited, or was silent for ${READY_TIMEOUT}s): ${cmd[*]}"
     fi
     cat <&"$out" >"$WORK/$tag.stdout" &     # keep draining the server's stdout
     SRV_DRAIN=$!
@@ -226,10 +240,8 @@ start_server() {
 
 stop_server() {
     local pid keep=()
-    for pid in "$SRV_PID" "$SRV_DRAIN"; do
-        kill "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
+    stop_pid "$SRV_PID"
+    stop_pid "$SRV_DRAIN"
     for pid in "${LIVE_PIDS[@]}"; do
         [[ $pid == "$SRV_PID" || $pid == "$SRV_DRAIN" ]] || keep+=("$pid")
     done
@@ -269,7 +281,6 @@ server_version() {
     printf 'clk_tck\t%s\n' "$CLK_TCK"
     printf 'export_size\t%s\n' "$EXPORT_SIZE"
     printf 'baseline\t%s\n' "$BASELINE"
-    printf 'qemu_cache\t%s\n' "$QEMU_CACHE"
     for s in "${SERVERS[@]}"; do printf 'version\t%s\t%s\n' "$s" "$(server_version "$s")"; done
 } >"$WORK/meta.tsv"
 : >"$WORK/results.tsv"

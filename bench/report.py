@@ -205,7 +205,9 @@ def main() -> None:
     if args.cmd == "summary":
         res = load_fio(args.json)
         cpu = cpu_us_per_io(args.ticks, args.clk_tck, res.ios)
-        print(f"{res.iops:,.0f} IOPS, {res.mib_s:,.0f} MiB/s, {fmt_sig(cpu)} µs server CPU per I/O")
+        note = " (warning: no server CPU time recorded; is the PID the process doing the work?)" \
+            if args.ticks == 0 else ""
+        print(f"{res.iops:,.0f} IOPS, {res.mib_s:,.0f} MiB/s, {fmt_sig(cpu)} µs server CPU per I/O{note}")
     elif args.cmd == "check-prefill":
         with open(args.json) as f:
             written = sum(j["write"]["io_bytes"] for j in json.load(f)["jobs"])

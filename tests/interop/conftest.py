@@ -14,6 +14,12 @@ Readiness: servers are started with systemd-style socket activation.  The
 fixture itself creates, binds and listens on a Unix socket and hands it to
 the server as fd 3 with LISTEN_FDS=1 and LISTEN_PID=<server pid>, so the
 socket is connectable the moment start() returns; nothing polls or sleeps.
+start() then reads the 18-byte NBD greeting once (a blocking read, with a
+hang guard) so that a server which died or ignored the socket fails fast
+with its stderr, instead of leaving clients waiting in the listen backlog.
+
+Teardown: SIGTERM; for ringbd the exit status must be 0 and stderr must not
+contain "panicked".
 """
 
 import os
@@ -192,6 +198,13 @@ class Server:
         self._final_stderr = None
         self._final_stdout = None
 
+        try:
+            self._launch(kind, read_only)
+        except BaseException:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            raise
+
+    def _launch(self, kind, read_only):
         if kind == "nbdkit":
             argv = nbdkit_argv(self.exports, read_only, self.workdir)
             assert shutil.which("nbdkit"), "nbdkit is not installed (missing tool = failure)"
@@ -282,7 +295,9 @@ class Server:
                 self.returncode = self.proc.wait(timeout=KILL_TIMEOUT)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait()
+                self.returncode = self.proc.wait()
+                self._final_stderr = self.stderr()
+                shutil.rmtree(self.workdir, ignore_errors=True)
                 raise AssertionError("%s did not exit within %ds of SIGTERM\nstderr:\n%s"
                                      % (self.kind, KILL_TIMEOUT, self.stderr()))
         err = self._final_stderr = self.stderr()

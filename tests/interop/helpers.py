@@ -1,7 +1,6 @@
 """Small helpers shared by the interop tests (no fixtures here)."""
 
 import json
-import os
 import subprocess
 
 KiB = 1 << 10

@@ -29,8 +29,10 @@ def test_fio_randwrite_verify(start_server, shm_tmp, backing):
         "--size=%d" % JOB_SIZE, "--offset_increment=%d" % JOB_SIZE,
         "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
         "--verify_backlog=1024",
+        # no local-*-verify.state files in the working directory
+        "--verify_state_save=0",
         "--group_reporting", "--output-format=json", "--output=" + out,
-    ], timeout=120)
+    ], timeout=120, cwd=shm_tmp)
 
     with open(out) as f:
         result = json.load(f)

@@ -4,7 +4,6 @@ listing and allocation maps."""
 import json
 import os
 
-import nbd
 import pytest
 
 from helpers import (BLOCK_MAX, BLOCK_MIN, BLOCK_PREF, MiB, STATE_HOLE,

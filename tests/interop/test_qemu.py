@@ -4,7 +4,6 @@ import json
 import os
 import re
 
-import nbd
 import pytest
 
 from helpers import MiB, files_equal, pattern, run, sparse_file

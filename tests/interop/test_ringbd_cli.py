@@ -7,6 +7,7 @@ import select
 import signal
 import socket
 import subprocess
+import tempfile
 
 import pytest
 
@@ -17,37 +18,65 @@ pytestmark = pytest.mark.ringbd_only
 SAFETY_TIMEOUT = 20  # seconds; a hang guard only, never a synchronisation
 
 
+class Proc:
+    """A `ringbd serve` process whose stdout is read line by line from the
+    raw pipe (no Python-level buffering that select() cannot see)."""
+
+    def __init__(self, argv):
+        # stderr goes to a file: a chatty server can never block on a full pipe
+        self.err = tempfile.TemporaryFile()
+        self.p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.err,
+                                  stdin=subprocess.DEVNULL)
+        self.buf = b""
+
+    def read_line(self):
+        """Next stdout line: the readiness signal ('' on EOF)."""
+        fd = self.p.stdout.fileno()
+        while b"\n" not in self.buf:
+            ready, _, _ = select.select([fd], [], [], SAFETY_TIMEOUT)
+            assert ready, "ringbd printed no readiness line within %ds" % SAFETY_TIMEOUT
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                line, self.buf = self.buf, b""
+                return line.decode()
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line.decode() + "\n"
+
+
 @pytest.fixture
 def spawn(ringbd, server_kind):
-    """spawn(args...) -> Popen of `ringbd serve ...` with stdout piped."""
+    """spawn(args...) -> Proc running `ringbd serve ...`, killed at teardown."""
     assert server_kind == "ringbd"
     procs = []
 
     def _spawn(*args):
-        p = subprocess.Popen([ringbd, "serve", *args], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-        procs.append(p)
-        return p
+        proc = Proc([ringbd, "serve", *args])
+        procs.append(proc)
+        return proc
 
     yield _spawn
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    for proc in procs:
+        if proc.p.poll() is None:
+            proc.p.kill()
+            proc.p.wait()
+        proc.p.stdout.close()
+        proc.err.close()
 
 
 def read_line(proc):
-    """Next stdout line of proc: the readiness signal ('' on EOF)."""
-    ready, _, _ = select.select([proc.stdout], [], [], SAFETY_TIMEOUT)
-    assert ready, "ringbd printed no readiness line within %ds" % SAFETY_TIMEOUT
-    return proc.stdout.readline()
+    return proc.read_line()
 
 
 def finish(proc, sig):
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=SAFETY_TIMEOUT)
+    """Send `sig`, wait for exit; -> (status, rest of stdout, stderr)."""
+    proc.p.send_signal(sig)
+    out, _ = proc.p.communicate(timeout=SAFETY_TIMEOUT)
+    out = (proc.buf + out).decode(errors="replace")
+    proc.err.seek(0)
+    err = proc.err.read().decode(errors="replace")
     assert "panicked" not in err, err
-    return proc.returncode, out, err
+    return proc.p.returncode, out, err
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -136,3 +165,12 @@ def test_run_read_only_and_named_exports(ringbd, server_kind, tmp_path):
     p, _ = captive(ringbd, ["null:1G", "--export", "a=memory:16M", "--export", "b=null:32M",
                             "--read-only"], cmd, tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_socket_activation_ready_line(server):
+    """Under LISTEN_FDS=1 the inherited socket is the only listener, and it
+    gets the one readiness line (read after exit, when stdout is complete)."""
+    assert server.kind == "ringbd"
+    run(["nbdinfo", "--size", server.uri()])
+    assert server.stop() == 0
+    assert server.stdout().splitlines() == [server.uri()]

@@ -272,3 +272,17 @@ fn extended_write_without_payload_len_flag_is_framed_the_same() {
     assert_eq!(s.payload_len(&req), 0x200);
     assert_eq!(s.check(&req), Ok(Command::Write { offset: 0, len: 0x200, fua: false }));
 }
+
+#[test]
+fn rejected_extended_write_still_names_its_payload_to_discard() {
+    let s = session(false, true, false);
+    // 4 KiB write at the last byte of the export: ENOSPC, and the 4096
+    // payload bytes must be read and dropped to stay in step.
+    let req =
+        s.decode(&hex("21e41c71 0000 0001 0000000000000001 00000000000fffff 0000000000001000")).unwrap();
+    let r = s.check(&req).unwrap_err();
+    assert_eq!((r.errno, r.discard, r.disconnect), (Errno::ENOSPC, 4096, false));
+    let ro = session(false, true, true);
+    let r = ro.check(&req).unwrap_err();
+    assert_eq!((r.errno, r.discard), (Errno::EPERM, 4096));
+}

@@ -93,6 +93,16 @@ impl<T: ExportCatalog + ?Sized> ExportCatalog for &T {
     }
 }
 
+impl<T: ExportCatalog + ?Sized> ExportCatalog for std::sync::Arc<T> {
+    fn list(&self) -> Vec<ExportListing> {
+        (**self).list()
+    }
+
+    fn lookup(&self, name: &str) -> Option<ExportDescriptor> {
+        (**self).lookup(name)
+    }
+}
+
 /// A catalog held in memory; handy for tests and simple servers.
 impl ExportCatalog for Vec<ExportDescriptor> {
     fn list(&self) -> Vec<ExportListing> {

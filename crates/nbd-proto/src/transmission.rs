@@ -382,6 +382,17 @@ impl Session {
         }
     }
 
+    /// Bytes [`Session::write_data_header`] appends (one data piece).
+    pub fn data_header_len(&self) -> usize {
+        if self.neg.extended {
+            32 + 8
+        } else if self.neg.structured {
+            20 + 8
+        } else {
+            16
+        }
+    }
+
     /// Header for `len` bytes of read data at `offset`, which the caller
     /// sends right after. Simple replies allow exactly one such piece
     /// covering the whole request.

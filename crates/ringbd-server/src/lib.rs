@@ -2,13 +2,17 @@
 //!
 //! - [`exports`]: export names bound to backends; the handshake's catalog.
 //! - [`listener`]: TCP/Unix listeners, socket activation, URIs.
+//! - [`conn`]: one connection as a state machine over bytes, shared by the engines.
+//! - [`out`]: the reply queue, sent as one vectored write.
 //! - [`engine_threads`]: the portable blocking engine (a thread per connection).
 //! - [`server`]: start-up, the accept loop, captive `--run`, clean shutdown.
 
+pub mod conn;
 pub mod engine_threads;
 pub mod exports;
 pub mod listener;
 pub mod log;
+pub mod out;
 pub mod server;
 
 pub use server::{run, Config, ServeError, DEFAULT_LISTEN};

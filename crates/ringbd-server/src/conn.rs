@@ -1,0 +1,493 @@
+//! One client connection as a state machine over bytes, shared by every
+//! engine: the engine feeds whatever the socket delivered to
+//! [`Connection::receive`] and sends [`Connection::out`] when it likes.
+//!
+//! Requests are parsed straight out of the engine's receive buffers: a
+//! request header may straddle buffers (it is staged, 28 or 32 bytes), but a
+//! write payload is handed to the backend piece by piece from where it
+//! landed, so it is copied once, into its destination. Commands run on the
+//! backend as soon as they are complete; replies go to the output queue.
+
+use std::sync::Arc;
+
+use nbd_proto::handshake::BASE_ALLOCATION_ID;
+use nbd_proto::transmission::EXTENDED_REQUEST_LEN;
+use nbd_proto::wire::state_flags;
+use nbd_proto::{
+    clip_extents, Command, Errno, Extent, FramingError, Outcome, Request, ServerHandshake, Session,
+};
+use ringbd_backend::{Backend, ZeroFlags};
+
+use crate::exports::{nbd_errno, Exports};
+use crate::log;
+use crate::out::OutBuf;
+
+/// Read payloads up to this size are copied into the inline queue; larger
+/// ones travel as their own iovec.
+const COPY_LIMIT: usize = 16 * 1024;
+/// Stop taking requests while this many reply bytes wait to be sent
+/// (backpressure: a client that does not read cannot grow the queue).
+pub const OUT_HIGH_WATER: usize = 8 * 1024 * 1024;
+
+/// Counters a connection keeps for the engine's statistics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ConnStats {
+    pub requests: u64,
+}
+
+pub struct Connection {
+    exports: Arc<Exports>,
+    phase: Phase,
+    out: OutBuf,
+    /// Recycled payload buffers.
+    pool: Vec<Vec<u8>>,
+    peer: String,
+    pub stats: ConnStats,
+}
+
+enum Phase {
+    Handshake { hs: ServerHandshake<Arc<Exports>>, staged: Vec<u8> },
+    Transmission(Box<Tx>),
+    Closed,
+}
+
+impl Connection {
+    /// A new connection; the server greeting is already queued.
+    pub fn new(exports: Arc<Exports>, peer: String) -> Self {
+        let mut hs = ServerHandshake::new(exports.clone());
+        let mut out = OutBuf::default();
+        out.bytes().extend_from_slice(&hs.take_output());
+        Connection {
+            exports,
+            phase: Phase::Handshake { hs, staged: Vec::new() },
+            out,
+            pool: Vec::new(),
+            peer,
+            stats: ConnStats::default(),
+        }
+    }
+
+    /// Whether the connection should be closed once `out` is sent.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.phase, Phase::Closed)
+    }
+
+    /// Whether the connection can take more input now (see [`OUT_HIGH_WATER`]).
+    pub fn wants_input(&self) -> bool {
+        !self.is_closed() && self.out.len() < OUT_HIGH_WATER
+    }
+
+    /// Replies waiting to be sent.
+    pub fn out(&self) -> &OutBuf {
+        &self.out
+    }
+
+    /// Takes the queued replies, leaving an empty queue (for engines that
+    /// keep the buffer alive while the kernel sends it).
+    pub fn take_out(&mut self) -> OutBuf {
+        std::mem::take(&mut self.out)
+    }
+
+    /// Returns a sent queue's buffers for reuse.
+    pub fn recycle(&mut self, mut sent: OutBuf) {
+        sent.clear(&mut self.pool);
+        if self.out.is_empty() {
+            // Keep the larger allocation.
+            std::mem::swap(&mut self.out, &mut sent);
+        }
+    }
+
+    /// Marks the queue as sent (engines that write synchronously).
+    pub fn sent(&mut self) {
+        self.out.clear(&mut self.pool);
+    }
+
+    /// The peer closed its side: nothing more will arrive.
+    pub fn peer_closed(&mut self) {
+        if let Phase::Transmission(tx) = &self.phase {
+            if !matches!(tx.rx, Rx::Header) || tx.hdr_len > 0 {
+                log::warn(format_args!("{}: export {:?}: client closed mid-request", self.peer, tx.name));
+            }
+        }
+        self.phase = Phase::Closed;
+    }
+
+    /// Processes received bytes; returns how many were consumed. Fewer than
+    /// `data.len()` means: stop reading until `out` drains (backpressure), or
+    /// the connection closed.
+    pub fn receive(&mut self, data: &[u8]) -> usize {
+        let mut used = 0;
+        while used < data.len() && self.wants_input() {
+            used += match &mut self.phase {
+                Phase::Closed => return used,
+                Phase::Handshake { .. } => self.handshake(&data[used..]),
+                Phase::Transmission(tx) => {
+                    let n = tx.receive(&data[used..], &mut self.out, &mut self.pool, &mut self.stats);
+                    if tx.closed {
+                        self.phase = Phase::Closed;
+                    }
+                    n
+                }
+            };
+        }
+        used
+    }
+
+    fn handshake(&mut self, data: &[u8]) -> usize {
+        let Phase::Handshake { hs, staged } = &mut self.phase else { return 0 };
+        staged.extend_from_slice(data);
+        let result = hs.handle(staged);
+        self.out.bytes().extend_from_slice(&hs.take_output());
+        let consumed = match result {
+            Ok(n) => n,
+            Err(e) => {
+                log::warn(format_args!("{}: handshake failed: {e}", self.peer));
+                self.phase = Phase::Closed;
+                return data.len();
+            }
+        };
+        staged.drain(..consumed);
+        if hs.outcome().is_none() {
+            return data.len();
+        }
+        // Bytes after the final option belong to the transmission phase.
+        let leftover = std::mem::take(staged);
+        let Phase::Handshake { hs, .. } = std::mem::replace(&mut self.phase, Phase::Closed) else {
+            return data.len();
+        };
+        let neg = match hs.into_outcome() {
+            Some(Outcome::Transmission(n)) => n,
+            _ => return data.len(),
+        };
+        let Some(export) = self.exports.get(&neg.export.name) else { return data.len() };
+        log::debug(format_args!(
+            "{}: export {:?}: structured replies {}, extended headers {}, base:allocation {}, flags 0x{:04x}",
+            self.peer,
+            neg.export.name,
+            neg.structured,
+            neg.extended,
+            neg.base_allocation.is_some(),
+            neg.flags
+        ));
+        self.phase = Phase::Transmission(Box::new(Tx {
+            session: Session::new(neg),
+            backend: export.backend.clone(),
+            name: export.name.clone(),
+            hdr: [0; EXTENDED_REQUEST_LEN],
+            hdr_len: 0,
+            rx: Rx::Header,
+            closed: false,
+        }));
+        // `leftover` came out of `data`: it is its tail. Consume only what
+        // precedes it, so the caller hands the rest to the new phase.
+        data.len() - leftover.len().min(data.len())
+    }
+}
+
+/// What the transmission phase expects next on the wire.
+enum Rx {
+    Header,
+    /// Write payload: each piece goes to the backend where it landed.
+    Write {
+        req: Request,
+        offset: u64,
+        left: u64,
+        fua: bool,
+        failed: Option<ringbd_backend::Error>,
+    },
+    /// A small payload collected whole (block-status filter).
+    Payload {
+        req: Request,
+        buf: Vec<u8>,
+        want: usize,
+    },
+    /// Payload of a refused request, read and dropped.
+    Discard {
+        left: u64,
+    },
+}
+
+struct Tx {
+    session: Session,
+    backend: Arc<dyn Backend>,
+    name: String,
+    hdr: [u8; EXTENDED_REQUEST_LEN],
+    hdr_len: usize,
+    rx: Rx,
+    closed: bool,
+}
+
+impl Tx {
+    fn receive(
+        &mut self,
+        data: &[u8],
+        out: &mut OutBuf,
+        pool: &mut Vec<Vec<u8>>,
+        st: &mut ConnStats,
+    ) -> usize {
+        let mut used = 0;
+        while used < data.len() && !self.closed && out.len() < OUT_HIGH_WATER {
+            let rest = &data[used..];
+            match &mut self.rx {
+                Rx::Header => {
+                    let hlen = self.session.request_len();
+                    let n = (hlen - self.hdr_len).min(rest.len());
+                    self.hdr[self.hdr_len..self.hdr_len + n].copy_from_slice(&rest[..n]);
+                    self.hdr_len += n;
+                    used += n;
+                    if self.hdr_len == hlen {
+                        self.hdr_len = 0;
+                        st.requests += 1;
+                        self.header(out, pool);
+                    }
+                }
+                Rx::Write { req, offset, left, fua, failed } => {
+                    let n = (*left).min(rest.len() as u64) as usize;
+                    *left -= n as u64;
+                    if failed.is_none() {
+                        // FUA on the last piece makes the whole write durable.
+                        let last_fua = *fua && *left == 0;
+                        if let Err(e) = self.backend.write(*offset, &rest[..n], last_fua) {
+                            *failed = Some(e);
+                        }
+                    }
+                    *offset += n as u64;
+                    used += n;
+                    if *left == 0 {
+                        let (req, failed) = (*req, failed.take());
+                        self.rx = Rx::Header;
+                        match failed {
+                            None => self.session.write_ok(out.bytes(), &req),
+                            Some(e) => self.backend_error(&req, &e, out),
+                        }
+                        out.reply_done();
+                    }
+                }
+                Rx::Payload { req, buf, want } => {
+                    let n = (*want - buf.len()).min(rest.len());
+                    buf.extend_from_slice(&rest[..n]);
+                    used += n;
+                    if buf.len() == *want {
+                        let (req, buf) = (*req, std::mem::take(buf));
+                        self.rx = Rx::Header;
+                        match self.session.check_block_status_payload(&req, &buf) {
+                            Ok(Command::BlockStatus { offset, len, req_one }) => {
+                                self.block_status(&req, offset, len, req_one, out)
+                            }
+                            Ok(_) => {
+                                self.session.write_error(out.bytes(), &req, Errno::EINVAL, "bad payload")
+                            }
+                            Err(rej) => self.session.write_error(out.bytes(), &req, rej.errno, &rej.message),
+                        }
+                        out.reply_done();
+                    }
+                }
+                Rx::Discard { left } => {
+                    let n = (*left).min(rest.len() as u64) as usize;
+                    *left -= n as u64;
+                    used += n;
+                    if *left == 0 {
+                        self.rx = Rx::Header;
+                    }
+                }
+            }
+        }
+        used
+    }
+
+    /// A complete header is in `self.hdr`.
+    fn header(&mut self, out: &mut OutBuf, pool: &mut Vec<Vec<u8>>) {
+        let hlen = self.session.request_len();
+        let req = match self.session.decode(&self.hdr[..hlen]) {
+            Ok(r) => r,
+            Err(FramingError::BadMagic(m)) => {
+                log::warn(format_args!("export {:?}: bad request magic 0x{m:08x}, disconnecting", self.name));
+                self.closed = true;
+                return;
+            }
+        };
+        let cmd = match self.session.check(&req) {
+            Ok(c) => c,
+            Err(rej) => {
+                self.session.write_error(out.bytes(), &req, rej.errno, &rej.message);
+                out.reply_done();
+                if rej.disconnect {
+                    log::warn(format_args!("export {:?}: {}, disconnecting", self.name, rej.message));
+                    self.closed = true;
+                } else if rej.discard > 0 {
+                    self.rx = Rx::Discard { left: rej.discard };
+                }
+                return;
+            }
+        };
+        let b = &*self.backend;
+        let result = match cmd {
+            Command::Disc => {
+                self.closed = true;
+                return;
+            }
+            Command::Write { offset, len, fua } => {
+                if len == 0 {
+                    b.write(offset, &[], fua)
+                } else {
+                    self.rx = Rx::Write { req, offset, left: len, fua, failed: None };
+                    return;
+                }
+            }
+            Command::BlockStatusPayload { payload } => {
+                let want = payload as usize;
+                self.rx = Rx::Payload { req, buf: Vec::with_capacity(want), want };
+                return;
+            }
+            Command::Read { offset, len, df } => {
+                self.read(&req, offset, len as usize, df, out, pool);
+                out.reply_done();
+                return;
+            }
+            Command::BlockStatus { offset, len, req_one } => {
+                self.block_status(&req, offset, len, req_one, out);
+                out.reply_done();
+                return;
+            }
+            Command::Flush => b.flush(),
+            Command::Trim { offset, len, fua } => b.trim(offset, len, fua),
+            Command::Cache { offset, len } => b.cache(offset, len),
+            Command::WriteZeroes { offset, len, fua, no_hole, fast } => {
+                b.write_zeroes(offset, len, ZeroFlags { fua, no_hole, fast })
+            }
+        };
+        match result {
+            Ok(()) => self.session.write_ok(out.bytes(), &req),
+            Err(e) => self.backend_error(&req, &e, out),
+        }
+        out.reply_done();
+    }
+
+    fn backend_error(&self, req: &Request, e: &ringbd_backend::Error, out: &mut OutBuf) {
+        let errno = nbd_errno(e);
+        // A refused fast zero is the protocol working, not a failure.
+        if errno != Errno::ENOTSUP {
+            log::warn(format_args!("export {:?}: {e}", self.name));
+        }
+        self.session.write_error(out.bytes(), req, errno, &e.to_string());
+    }
+
+    fn read(
+        &self,
+        req: &Request,
+        offset: u64,
+        len: usize,
+        df: bool,
+        out: &mut OutBuf,
+        pool: &mut Vec<Vec<u8>>,
+    ) {
+        if len == 0 {
+            self.session.write_ok(out.bytes(), req);
+            return;
+        }
+        let s = &self.session;
+        if len <= COPY_LIMIT {
+            // Read straight into the queue behind room for the header.
+            let hl = s.data_header_len();
+            let start = out.bytes().len();
+            out.bytes().resize(start + hl + len, 0);
+            let holes = match self.backend.read(offset, &mut out.bytes()[start + hl..]) {
+                Ok(h) => h,
+                Err(e) => {
+                    out.bytes().truncate(start);
+                    return self.backend_error(req, &e, out);
+                }
+            };
+            if !s.structured() || df || holes.0.is_empty() {
+                let mut h = Vec::with_capacity(hl);
+                s.write_data_header(&mut h, req, offset, len as u64, true);
+                out.bytes()[start..start + hl].copy_from_slice(&h);
+                return;
+            }
+            // Sparse: re-emit as data and hole chunks.
+            let data = out.bytes()[start + hl..].to_vec();
+            out.bytes().truncate(start);
+            return self.chunks(req, offset, &data, &holes.0, out, false);
+        }
+        let mut buf = pool.pop().unwrap_or_default();
+        buf.resize(len, 0);
+        let holes = match self.backend.read(offset, &mut buf) {
+            Ok(h) => h,
+            Err(e) => {
+                pool.push(buf);
+                return self.backend_error(req, &e, out);
+            }
+        };
+        if !s.structured() || df || holes.0.is_empty() {
+            s.write_data_header(out.bytes(), req, offset, len as u64, true);
+            out.push_large(buf);
+            return;
+        }
+        self.chunks(req, offset, &buf, &holes.0, out, true);
+        pool.push(buf);
+    }
+
+    /// A structured read reply with holes: data pieces as `OFFSET_DATA`,
+    /// sparse pieces as `OFFSET_HOLE`.
+    fn chunks(
+        &self,
+        req: &Request,
+        offset: u64,
+        data: &[u8],
+        holes: &[std::ops::Range<usize>],
+        out: &mut OutBuf,
+        large: bool,
+    ) {
+        let mut pieces = Vec::with_capacity(holes.len() * 2 + 1);
+        let mut pos = 0;
+        for h in holes {
+            if h.start > pos {
+                pieces.push((pos..h.start, false));
+            }
+            pieces.push((h.clone(), true));
+            pos = h.end;
+        }
+        if pos < data.len() {
+            pieces.push((pos..data.len(), false));
+        }
+        let last = pieces.len() - 1;
+        for (i, (range, hole)) in pieces.into_iter().enumerate() {
+            let at = offset + range.start as u64;
+            if hole {
+                self.session.write_hole(out.bytes(), req, at, range.len() as u32, i == last);
+            } else {
+                self.session.write_data_header(out.bytes(), req, at, range.len() as u64, i == last);
+                if large && range.len() > COPY_LIMIT {
+                    out.push_large(data[range].to_vec());
+                } else {
+                    out.bytes().extend_from_slice(&data[range]);
+                }
+            }
+        }
+    }
+
+    fn block_status(&self, req: &Request, offset: u64, len: u64, req_one: bool, out: &mut OutBuf) {
+        if len == 0 {
+            self.session.write_error(out.bytes(), req, Errno::EINVAL, "block status of zero length");
+            return;
+        }
+        let extents = match self.backend.extents(offset, len) {
+            Ok(e) => e,
+            Err(e) => return self.backend_error(req, &e, out),
+        };
+        let mut ext: Vec<Extent> = extents
+            .iter()
+            .map(|e| Extent {
+                len: e.len,
+                flags: if e.hole { state_flags::HOLE } else { 0 }
+                    | if e.zero { state_flags::ZERO } else { 0 },
+            })
+            .collect();
+        clip_extents(&mut ext, len, req_one, self.session.extended());
+        if ext.is_empty() {
+            // "Allocated, contents unknown" is always a true answer.
+            ext.push(Extent { len: len.min(u64::from(u32::MAX) & !0xfff).max(1), flags: 0 });
+        }
+        self.session.write_block_status(out.bytes(), req, BASE_ALLOCATION_ID, &ext);
+    }
+}

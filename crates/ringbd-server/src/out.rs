@@ -1,0 +1,110 @@
+//! Replies queued for one connection, sent as one vectored write.
+//!
+//! Headers and small payloads are appended to one byte vector; large read
+//! payloads are kept as their own buffers and spliced in as separate iovecs,
+//! so a batch of replies becomes a handful of iovecs and one send call.
+
+use std::io::IoSlice;
+
+/// Queued reply bytes.
+#[derive(Default)]
+pub struct OutBuf {
+    bytes: Vec<u8>,
+    /// Large payloads, each to be sent right after `bytes[..at]`.
+    large: Vec<(usize, Vec<u8>)>,
+    large_len: usize,
+    /// Replies (complete answers to requests) queued.
+    replies: u32,
+}
+
+impl OutBuf {
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty() && self.large.is_empty()
+    }
+
+    /// Total bytes queued.
+    pub fn len(&self) -> usize {
+        self.bytes.len() + self.large_len
+    }
+
+    /// Replies queued.
+    pub fn replies(&self) -> u32 {
+        self.replies
+    }
+
+    pub(crate) fn reply_done(&mut self) {
+        self.replies += 1;
+    }
+
+    /// The inline byte queue, for headers and small payloads.
+    pub(crate) fn bytes(&mut self) -> &mut Vec<u8> {
+        &mut self.bytes
+    }
+
+    /// Queues a large payload after everything queued so far.
+    pub(crate) fn push_large(&mut self, payload: Vec<u8>) {
+        self.large_len += payload.len();
+        self.large.push((self.bytes.len(), payload));
+    }
+
+    /// The queued bytes as iovecs, skipping the first `skip` bytes (already
+    /// sent). Appends to `out`.
+    pub fn iovecs<'a>(&'a self, mut skip: usize, out: &mut Vec<IoSlice<'a>>) {
+        let mut push = |s: &'a [u8], out: &mut Vec<IoSlice<'a>>| {
+            if skip >= s.len() {
+                skip -= s.len();
+            } else {
+                out.push(IoSlice::new(&s[skip..]));
+                skip = 0;
+            }
+        };
+        let mut at = 0;
+        for (pos, payload) in &self.large {
+            push(&self.bytes[at..*pos], out);
+            push(payload, out);
+            at = *pos;
+        }
+        push(&self.bytes[at..], out);
+    }
+
+    /// Empties the queue, handing large buffers back to `pool` for reuse.
+    pub fn clear(&mut self, pool: &mut Vec<Vec<u8>>) {
+        self.bytes.clear();
+        for (_, v) in self.large.drain(..) {
+            if pool.len() < 8 {
+                pool.push(v);
+            }
+        }
+        self.large_len = 0;
+        self.replies = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flat(o: &OutBuf, skip: usize) -> Vec<u8> {
+        let mut v = Vec::new();
+        o.iovecs(skip, &mut v);
+        v.iter().flat_map(|s| s.iter().copied()).collect()
+    }
+
+    #[test]
+    fn large_payloads_are_spliced_in_order_and_skip_works() {
+        let mut o = OutBuf::default();
+        o.bytes().extend_from_slice(b"ab");
+        o.push_large(b"CDE".to_vec());
+        o.bytes().extend_from_slice(b"f");
+        o.push_large(b"GH".to_vec());
+        assert_eq!(o.len(), 8);
+        assert_eq!(flat(&o, 0), b"abCDEfGH");
+        assert_eq!(flat(&o, 3), b"DEfGH");
+        assert_eq!(flat(&o, 5), b"fGH");
+        assert_eq!(flat(&o, 8), b"");
+        let mut pool = Vec::new();
+        o.clear(&mut pool);
+        assert!(o.is_empty());
+        assert_eq!(pool.len(), 2);
+    }
+}

@@ -1,0 +1,115 @@
+//! The connection state machine fed without sockets: however the client's
+//! bytes are split, the replies and the export contents are the same.
+
+use std::sync::Arc;
+
+use ringbd_backend::memory::MemoryBackend;
+use ringbd_backend::Backend;
+use ringbd_server::conn::Connection;
+use ringbd_server::exports::{Export, Exports};
+
+fn exports() -> (Arc<Exports>, Arc<MemoryBackend>) {
+    let mem = Arc::new(MemoryBackend::new(1 << 20));
+    let mut e = Exports::default();
+    e.add(Export::new("", mem.clone(), false)).unwrap();
+    (Arc::new(e), mem)
+}
+
+fn option(opt: u32, data: &[u8]) -> Vec<u8> {
+    let mut m = b"IHAVEOPT".to_vec();
+    m.extend_from_slice(&opt.to_be_bytes());
+    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    m.extend_from_slice(data);
+    m
+}
+
+fn request(typ: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) -> Vec<u8> {
+    let mut m = 0x2560_9513u32.to_be_bytes().to_vec();
+    m.extend_from_slice(&0u16.to_be_bytes());
+    m.extend_from_slice(&typ.to_be_bytes());
+    m.extend_from_slice(&cookie.to_be_bytes());
+    m.extend_from_slice(&offset.to_be_bytes());
+    m.extend_from_slice(&len.to_be_bytes());
+    m.extend_from_slice(payload);
+    m
+}
+
+/// A whole client session: handshake with structured replies, writes,
+/// reads, a bad command, flush, disconnect.
+fn session_bytes() -> Vec<u8> {
+    let mut s = 3u32.to_be_bytes().to_vec();
+    s.extend(option(8, &[]));
+    s.extend(option(7, &[0, 0, 0, 0, 0, 0]));
+    let payload: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    s.extend(request(1, 1, 12_345, payload.len() as u32, &payload));
+    s.extend(request(0, 2, 12_345, 100_000, &[]));
+    s.extend(request(0, 3, 0, 512, &[]));
+    s.extend(request(77, 4, 0, 0, &[]));
+    s.extend(request(3, 5, 0, 0, &[]));
+    s.extend(request(2, 6, 0, 0, &[]));
+    s
+}
+
+fn run(chunks: &[&[u8]]) -> (Vec<u8>, Vec<u8>, bool) {
+    let (exports, mem) = exports();
+    let mut c = Connection::new(exports, "test".into());
+    let mut out = Vec::new();
+    let mut drain = |c: &mut Connection| {
+        let mut iov = Vec::new();
+        c.out().iovecs(0, &mut iov);
+        for s in &iov {
+            out.extend_from_slice(s);
+        }
+        c.sent();
+    };
+    for chunk in chunks {
+        let mut used = 0;
+        while used < chunk.len() && !c.is_closed() {
+            used += c.receive(&chunk[used..]);
+            drain(&mut c);
+        }
+    }
+    drain(&mut c);
+    let mut contents = vec![0u8; 1 << 20];
+    mem.read(0, &mut contents).unwrap();
+    (out, contents, c.is_closed())
+}
+
+#[test]
+fn byte_at_a_time_equals_all_at_once() {
+    let s = session_bytes();
+    let (whole, mem_whole, closed) = run(&[&s]);
+    assert!(closed, "DISC closes the connection");
+    let bytes: Vec<&[u8]> = s.chunks(1).collect();
+    let (single, mem_single, _) = run(&bytes);
+    assert_eq!(whole, single);
+    assert_eq!(mem_whole, mem_single);
+    let odd: Vec<&[u8]> = s.chunks(4093).collect();
+    let (odd_out, mem_odd, _) = run(&odd);
+    assert_eq!(whole, odd_out);
+    assert_eq!(mem_whole, mem_odd);
+    // The write landed, and the read reply carries it back.
+    let payload: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    assert_eq!(&mem_whole[12_345..112_345], &payload[..]);
+    assert!(whole.windows(payload.len()).any(|w| w == &payload[..]));
+}
+
+#[test]
+fn a_client_that_never_reads_hits_the_high_water_mark() {
+    let (exports, _) = exports();
+    let mut c = Connection::new(exports, "test".into());
+    // Simple replies: every read carries its full 1 MiB (no hole chunks).
+    let mut s = 3u32.to_be_bytes().to_vec();
+    s.extend(option(7, &[0, 0, 0, 0, 0, 0]));
+    for i in 0..64 {
+        s.extend(request(0, i, 0, 1 << 20, &[]));
+    }
+    let used = c.receive(&s);
+    assert!(used < s.len(), "stopped taking requests");
+    assert!(!c.wants_input());
+    assert!(c.out().len() >= ringbd_server::conn::OUT_HIGH_WATER);
+    assert!(c.out().len() < ringbd_server::conn::OUT_HIGH_WATER + (2 << 20));
+    c.sent();
+    assert!(c.wants_input());
+    assert!(c.receive(&s[used..]) > 0);
+}

@@ -18,6 +18,12 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 step "unit tests"
 cargo test --workspace --locked --quiet
 
-step "interop suite (ringbd and nbdkit)"
 cargo build --release --locked --quiet
-RINGBD_BIN="$PWD/target/release/ringbd" /usr/bin/python3 -m pytest tests/interop -q -p no:cacheprovider "$@"
+export RINGBD_BIN="$PWD/target/release/ringbd"
+
+step "interop suite: ringbd's threaded engine"
+RINGBD_ARGS="--engine threads" INTEROP_SERVERS=ringbd \
+    /usr/bin/python3 -m pytest tests/interop -q -p no:cacheprovider "$@"
+
+step "interop suite: ringbd's io_uring engine, and nbdkit as the reference"
+RINGBD_ARGS="--engine uring" /usr/bin/python3 -m pytest tests/interop -q -p no:cacheprovider "$@"

@@ -23,6 +23,7 @@ contain "panicked".
 """
 
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -161,8 +162,14 @@ def nbdkit_argv(exports, read_only, workdir):
     return argv + filters + ["file", "dir=%s" % expdir] + params
 
 
+def ringbd_extra_args():
+    """Extra `ringbd serve` arguments from $RINGBD_ARGS (e.g. `--engine threads`),
+    so the whole suite can be run against each engine."""
+    return shlex.split(os.environ.get("RINGBD_ARGS", ""))
+
+
 def ringbd_argv(exports, read_only):
-    argv = [ringbd_bin(), "serve"]
+    argv = [ringbd_bin(), "serve"] + ringbd_extra_args()
     for name, spec in exports.items():
         parse_spec(spec)
         if name == "":

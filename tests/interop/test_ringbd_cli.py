@@ -11,6 +11,8 @@ import tempfile
 
 import pytest
 
+from conftest import ringbd_extra_args
+
 from helpers import MiB, run
 
 pytestmark = pytest.mark.ringbd_only
@@ -51,7 +53,7 @@ def spawn(ringbd, server_kind):
     procs = []
 
     def _spawn(*args):
-        proc = Proc([ringbd, "serve", *args])
+        proc = Proc([ringbd, "serve", *ringbd_extra_args(), *args])
         procs.append(proc)
         return proc
 
@@ -127,7 +129,7 @@ def test_unix_and_tcp_listeners_one_line_each(spawn, tmp_path):
 
 def captive(ringbd, args, cmd, tmp_path):
     sock = str(tmp_path / "captive.sock")
-    p = subprocess.run([ringbd, "serve", *args, "--unix", sock, "--run", cmd],
+    p = subprocess.run([ringbd, "serve", *ringbd_extra_args(), *args, "--unix", sock, "--run", cmd],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                        stdin=subprocess.DEVNULL, timeout=60)
     assert "panicked" not in p.stderr, p.stderr
@@ -174,3 +176,39 @@ def test_socket_activation_ready_line(server):
     run(["nbdinfo", "--size", server.uri()])
     assert server.stop() == 0
     assert server.stdout().splitlines() == [server.uri()]
+
+
+def _stats_after_load(ringbd, tmp_path, *args):
+    """Runs fio (4k randread, 2 jobs x qd 32, 1 s) against `ringbd serve
+    --engine uring ARGS` in captive mode; returns the exit-time counters."""
+    sock = str(tmp_path / "stats.sock")
+    fio = ("fio --name=s --ioengine=nbd --uri=\"$uri\" --rw=randread --bs=4k --iodepth=32 "
+           "--numjobs=2 --size=32M --time_based --runtime=1 --group_reporting >/dev/null")
+    p = subprocess.run([ringbd, "serve", "--engine", "uring", *args, "memory:64M", "--unix", sock, "--run", fio],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       stdin=subprocess.DEVNULL, timeout=60)
+    assert p.returncode == 0, p.stderr
+    line = [l for l in p.stderr.splitlines() if "stats:" in l][-1]
+    stats = {}
+    for part in line.split("stats:", 1)[1].split(","):
+        key, value = part.strip().rsplit(" ", 1)
+        stats[key] = float(value)
+    return stats, p.stderr
+
+
+@pytest.mark.ringbd_only
+def test_uring_counters_show_batching(ringbd, server_kind, tmp_path):
+    stats, err = _stats_after_load(ringbd, tmp_path)
+    assert "engine io_uring" in err
+    assert stats["requests"] > 1000
+    # Pipelined requests arrive several per receive completion and their
+    # replies leave several per send call.
+    assert stats["requests/recv completion"] > 1.0, stats
+    assert stats["replies/send"] > 1.0, stats
+
+
+@pytest.mark.ringbd_only
+def test_no_coalesce_sends_one_reply_per_call(ringbd, server_kind, tmp_path):
+    stats, _ = _stats_after_load(ringbd, tmp_path, "--no-coalesce")
+    assert stats["requests"] > 1000
+    assert stats["replies/send"] <= 1.0, stats

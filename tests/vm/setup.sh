@@ -27,7 +27,7 @@ STAMP=$CACHE/setup.stamp
 MANIFEST=$CACHE/packages.txt
 # Bump when the package list or the layout below changes: a cache made by
 # an older setup.sh is then refreshed.
-LAYOUT=1
+LAYOUT=2
 
 say() { printf 'vm-setup: %s\n' "$*"; }
 die() { printf 'vm-setup: ERROR: %s\n' "$*" >&2; exit 1; }
@@ -56,6 +56,11 @@ fi
 # Host side: qemu-system-x86 with its ROMs (SeaBIOS; no NIC so no iPXE).
 # Guest side: busybox, e2fsprogs (mkfs.ext4, e2fsck), nbd-client.
 TOP_PKGS=("$KPKG" qemu-system-x86 qemu-system-data seabios busybox-static e2fsprogs nbd-client)
+# Unpacked without following their library dependencies: from
+# qemu-system-common only the TCG accelerator module is used
+# (usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so; Debian builds TCG as a
+# module), not its GUI/audio/USB modules and their many libraries.
+NODEPS_PKGS=(qemu-system-common)
 
 installed() {  # is package $1 installed on the host (any version)?
     [[ $(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null) == installed ]]
@@ -77,7 +82,7 @@ lib_deps() {  # print lib* deps of package $1, first alternative of each group
 
 declare -A WANT=()
 queue=("${TOP_PKGS[@]}")
-for p in "${TOP_PKGS[@]}"; do WANT[$p]=1; done
+for p in "${TOP_PKGS[@]}" "${NODEPS_PKGS[@]}"; do WANT[$p]=1; done
 while ((${#queue[@]})); do
     p=${queue[0]}; queue=("${queue[@]:1}")
     while read -r d; do
@@ -99,6 +104,7 @@ for p in "${FETCH[@]}"; do
     # apt-get download names files <pkg>_<version with : as %3a>_<arch>.deb
     deb=$(ls "$DEBS/${p}_${ver//:/%3a}_"*.deb 2>/dev/null | head -n1 || true)
     if [[ -z $deb ]]; then
+        rm -f "$DEBS/${p}_"*.deb   # an older version fetched before
         say "downloading $p $ver"
         (cd "$DEBS" && apt-get download -q -o APT::Sandbox::User=root "$p=$ver" >/dev/null) \
             || die "apt-get download $p=$ver failed"
@@ -122,8 +128,11 @@ check_ldd() {
 QEMU=$ROOT/usr/bin/qemu-system-x86_64
 [[ -x $QEMU ]] || die "qemu-system-x86_64 not found in $ROOT"
 check_ldd "$QEMU"
-LD_LIBRARY_PATH=$LIBPATH "$QEMU" --version | head -n1 | sed 's/^/vm-setup: /'
-for b in sbin/mke2fs sbin/e2fsck usr/sbin/nbd-client; do
+TCG=$ROOT/usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so
+[[ -f $TCG ]] || die "qemu's TCG module $TCG is missing"
+check_ldd "$TCG"
+say "$(LD_LIBRARY_PATH=$LIBPATH "$QEMU" --version | head -n1)"
+for b in sbin/mke2fs sbin/e2fsck sbin/nbd-client; do
     [[ -x $ROOT/$b ]] || die "$b not found in $ROOT"
     check_ldd "$ROOT/$b"
 done

@@ -10,6 +10,7 @@
 pub mod fs;
 pub mod net;
 pub mod signal;
+pub mod uring;
 
 use std::io;
 

@@ -39,9 +39,13 @@ pub struct Connection {
     exports: Arc<Exports>,
     phase: Phase,
     out: OutBuf,
+    /// An empty queue with capacity, swapped in when `out` is taken.
+    spare: OutBuf,
     /// Recycled payload buffers.
     pool: Vec<Vec<u8>>,
     peer: String,
+    /// Most replies queued before input stops (1 = one send per reply).
+    reply_limit: u32,
     pub stats: ConnStats,
 }
 
@@ -61,10 +65,18 @@ impl Connection {
             exports,
             phase: Phase::Handshake { hs, staged: Vec::new() },
             out,
+            spare: OutBuf::default(),
             pool: Vec::new(),
             peer,
+            reply_limit: u32::MAX,
             stats: ConnStats::default(),
         }
+    }
+
+    /// Caps the replies queued per batch; `1` makes every reply its own
+    /// send (the `--no-coalesce` A/B switch).
+    pub fn set_reply_limit(&mut self, limit: u32) {
+        self.reply_limit = limit.max(1);
     }
 
     /// Whether the connection should be closed once `out` is sent.
@@ -74,7 +86,7 @@ impl Connection {
 
     /// Whether the connection can take more input now (see [`OUT_HIGH_WATER`]).
     pub fn wants_input(&self) -> bool {
-        !self.is_closed() && self.out.len() < OUT_HIGH_WATER
+        !self.is_closed() && self.out.len() < OUT_HIGH_WATER && self.out.replies() < self.reply_limit
     }
 
     /// Replies waiting to be sent.
@@ -85,16 +97,13 @@ impl Connection {
     /// Takes the queued replies, leaving an empty queue (for engines that
     /// keep the buffer alive while the kernel sends it).
     pub fn take_out(&mut self) -> OutBuf {
-        std::mem::take(&mut self.out)
+        std::mem::replace(&mut self.out, std::mem::take(&mut self.spare))
     }
 
     /// Returns a sent queue's buffers for reuse.
     pub fn recycle(&mut self, mut sent: OutBuf) {
         sent.clear(&mut self.pool);
-        if self.out.is_empty() {
-            // Keep the larger allocation.
-            std::mem::swap(&mut self.out, &mut sent);
-        }
+        self.spare = sent;
     }
 
     /// Marks the queue as sent (engines that write synchronously).
@@ -122,7 +131,8 @@ impl Connection {
                 Phase::Closed => return used,
                 Phase::Handshake { .. } => self.handshake(&data[used..]),
                 Phase::Transmission(tx) => {
-                    let n = tx.receive(&data[used..], &mut self.out, &mut self.pool, &mut self.stats);
+                    let limit = self.reply_limit;
+                    let n = tx.receive(&data[used..], &mut self.out, &mut self.pool, &mut self.stats, limit);
                     if tx.closed {
                         self.phase = Phase::Closed;
                     }
@@ -224,9 +234,10 @@ impl Tx {
         out: &mut OutBuf,
         pool: &mut Vec<Vec<u8>>,
         st: &mut ConnStats,
+        reply_limit: u32,
     ) -> usize {
         let mut used = 0;
-        while used < data.len() && !self.closed && out.len() < OUT_HIGH_WATER {
+        while used < data.len() && !self.closed && out.len() < OUT_HIGH_WATER && out.replies() < reply_limit {
             let rest = &data[used..];
             match &mut self.rx {
                 Rx::Header => {

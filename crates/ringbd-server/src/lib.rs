@@ -4,11 +4,13 @@
 //! - [`listener`]: TCP/Unix listeners, socket activation, URIs.
 //! - [`conn`]: one connection as a state machine over bytes, shared by the engines.
 //! - [`out`]: the reply queue, sent as one vectored write.
+//! - [`engine_uring`]: the io_uring engine (a ring per worker thread).
 //! - [`engine_threads`]: the portable blocking engine (a thread per connection).
 //! - [`server`]: start-up, the accept loop, captive `--run`, clean shutdown.
 
 pub mod conn;
 pub mod engine_threads;
+pub mod engine_uring;
 pub mod exports;
 pub mod listener;
 pub mod log;

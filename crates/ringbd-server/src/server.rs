@@ -14,8 +14,10 @@ use std::time::{Duration, Instant};
 use ringbd_backend::Spec;
 use ringbd_io::net::{poll_readable, take_activated_listeners};
 use ringbd_io::signal::TermSignals;
+use ringbd_io::uring::Features;
 
 use crate::engine_threads;
+use crate::engine_uring::{Engine, EngineStats, UringOptions};
 use crate::exports::{Export, Exports};
 use crate::listener::{Listener, Stream};
 use crate::log;
@@ -36,6 +38,22 @@ pub struct Config {
     pub read_only: bool,
     /// Captive mode: run this shell command, stop when it exits.
     pub run: Option<String>,
+    pub engine: EngineKind,
+    pub uring: UringOptions,
+    /// Print the engine's counters this often (they are printed at exit too).
+    pub stats_interval: Option<Duration>,
+}
+
+/// Which engine serves connections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum EngineKind {
+    /// io_uring where the kernel has what it needs, else threads.
+    #[default]
+    Auto,
+    /// io_uring or fail.
+    Uring,
+    /// A blocking thread per connection.
+    Threads,
 }
 
 /// A fatal start-up or shutdown problem, with its message.
@@ -146,6 +164,81 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
         std::mem::forget(wake_tx);
     }
 
+    let features = Features::probe();
+    let usable =
+        features.io_uring && features.accept_multishot && features.recv_multishot && features.buf_ring;
+    let engine = match config.engine {
+        EngineKind::Threads => EngineKind::Threads,
+        EngineKind::Uring if !usable => {
+            return Err(err(format!(
+                "--engine uring: this kernel lacks what the engine needs ({features:?})"
+            )));
+        }
+        EngineKind::Uring => EngineKind::Uring,
+        EngineKind::Auto if usable => EngineKind::Uring,
+        EngineKind::Auto => {
+            log::warn(format_args!(
+                "io_uring unavailable or too old here ({features:?}); using the threaded engine"
+            ));
+            EngineKind::Threads
+        }
+    };
+    if engine == EngineKind::Uring {
+        let o = &config.uring;
+        let bundle = match (o.bundle, features.bundle) {
+            (true, true) => "on",
+            (true, false) => "unavailable",
+            (false, _) => "off",
+        };
+        log::warn(format_args!(
+            "engine io_uring: {} ring(s) (single issuer + defer taskrun: {}), multishot accept, multishot recv over \
+             {} x {} KiB provided buffers, bundles {bundle}, replies {}",
+            o.threads,
+            if features.defer_taskrun { "yes" } else { "no" },
+            o.recv_buffers,
+            o.recv_buffer_size / 1024,
+            if o.coalesce { "coalesced per loop turn" } else { "one send each" },
+        ));
+        let listeners = Arc::new(listeners);
+        let eng = Engine::start(listeners, exports.clone(), config.uring, features)
+            .map_err(|e| err(format!("io_uring engine: {e}")))?;
+        wait_for_stop(&signals, &wake_rx, config.stats_interval, &eng.stats)?;
+        let stats = eng.stats.clone();
+        let stopped = eng.stop();
+        log::warn(format_args!("stats: {}", stats.summary()));
+        stopped.map_err(|e| err(format!("io_uring engine: {e}")))?;
+    } else {
+        log::debug(format_args!("engine threads: one thread per connection"));
+        serve_threads(listeners, &exports, &signals, &wake_rx)?;
+    }
+
+    let mut flush_failed = false;
+    for e in exports.iter() {
+        if let Err(x) = e.backend.flush() {
+            log::warn(format_args!("export {:?}: final {x}", e.name));
+            flush_failed = true;
+        }
+    }
+    if flush_failed {
+        return Err(err("could not flush every export; recent writes may not be durable"));
+    }
+    let status = *child_status.lock().unwrap_or_else(|p| p.into_inner());
+    Ok(match (config.run.is_some(), status) {
+        (false, _) => 0,
+        (true, Some(s)) => s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)),
+        // Stopped by a signal before the command finished.
+        (true, None) => 1,
+    })
+}
+
+/// The threaded engine's accept loop: a thread per connection until a
+/// signal or the captive command's exit, then a drain.
+fn serve_threads(
+    listeners: Vec<Listener>,
+    exports: &Arc<Exports>,
+    signals: &TermSignals,
+    wake_rx: &io::PipeReader,
+) -> Result<(), ServeError> {
     let registry = Arc::new(Registry::default());
     let mut next_id = 0u64;
     let mut workers = Vec::new();
@@ -215,23 +308,33 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
     for h in workers {
         h.join().ok();
     }
-    let mut flush_failed = false;
-    for e in exports.iter() {
-        if let Err(x) = e.backend.flush() {
-            log::warn(format_args!("export {:?}: final {x}", e.name));
-            flush_failed = true;
+    Ok(())
+}
+
+/// Blocks until SIGINT/SIGTERM or the captive command's exit, printing the
+/// engine's counters every `interval`.
+fn wait_for_stop(
+    signals: &TermSignals,
+    wake_rx: &io::PipeReader,
+    interval: Option<Duration>,
+    stats: &EngineStats,
+) -> Result<(), ServeError> {
+    loop {
+        let ready = poll_readable(&[signals.as_fd(), wake_rx.as_fd()], interval)
+            .map_err(|e| err(format!("poll: {e}")))?;
+        if ready[0] {
+            if let Ok(Some(sig)) = signals.take() {
+                log::debug(format_args!("signal {sig}: stopping"));
+                return Ok(());
+            }
+        }
+        if ready[1] {
+            return Ok(());
+        }
+        if interval.is_some() && !ready.iter().any(|&r| r) {
+            log::warn(format_args!("stats: {}", stats.summary()));
         }
     }
-    if flush_failed {
-        return Err(err("could not flush every export; recent writes may not be durable"));
-    }
-    let status = *child_status.lock().unwrap_or_else(|p| p.into_inner());
-    Ok(match (config.run.is_some(), status) {
-        (false, _) => 0,
-        (true, Some(s)) => s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)),
-        // Stopped by a signal before the command finished.
-        (true, None) => 1,
-    })
 }
 
 fn bind(config: &Config) -> Result<Vec<Listener>, ServeError> {

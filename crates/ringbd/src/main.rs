@@ -3,9 +3,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use ringbd_backend::Spec;
+use ringbd_server::engine_uring::UringOptions;
+use ringbd_server::server::EngineKind;
 
 #[derive(Parser)]
 #[command(name = "ringbd", version, about = "Userspace network block storage on io_uring")]
@@ -56,6 +59,44 @@ struct ServeArgs {
     /// Log each connection's negotiation to stderr.
     #[arg(short, long)]
     verbose: bool,
+    /// Engine: io_uring (a ring per worker thread), threads (a blocking thread per connection), or auto (io_uring when the kernel has it).
+    #[arg(long, value_enum, default_value = "auto")]
+    engine: EngineArg,
+    /// io_uring worker threads (one ring each) [default: number of CPUs].
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// A/B switch: send each reply with its own send call instead of batching a loop turn's replies.
+    #[arg(long)]
+    no_coalesce: bool,
+    /// A/B switch: receive one provided buffer per completion (no bundles).
+    #[arg(long)]
+    no_bundle: bool,
+    /// Print the engine's counters (requests per receive, replies per send...) this often, e.g. 1s or 500ms; they are always printed at exit.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    stats_interval: Option<Duration>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum EngineArg {
+    Auto,
+    Uring,
+    Threads,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len()));
+    let v: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 1s or 500ms"))?;
+    let secs = match unit {
+        "ms" => v / 1000.0,
+        "s" | "" => v,
+        "m" => v * 60.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s or m)")),
+    };
+    if !(secs > 0.0 && secs < 1e9) {
+        return Err(format!("{s:?} must be a positive duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 fn parse_named_export(s: &str) -> Result<(String, Spec), String> {
@@ -80,8 +121,28 @@ fn serve(a: ServeArgs) -> ExitCode {
         None => {}
     }
     exports.extend(a.exports);
-    let config =
-        ringbd_server::Config { exports, listen: a.listen, unix: a.unix, read_only: a.read_only, run: a.run };
+    let config = ringbd_server::Config {
+        exports,
+        listen: a.listen,
+        unix: a.unix,
+        read_only: a.read_only,
+        run: a.run,
+        engine: match a.engine {
+            EngineArg::Auto => EngineKind::Auto,
+            EngineArg::Uring => EngineKind::Uring,
+            EngineArg::Threads => EngineKind::Threads,
+        },
+        uring: {
+            let mut u = UringOptions::default();
+            if let Some(n) = a.threads {
+                u.threads = n.max(1);
+            }
+            u.coalesce = !a.no_coalesce;
+            u.bundle = !a.no_bundle;
+            u
+        },
+        stats_interval: a.stats_interval,
+    };
     match ringbd_server::run(config) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {

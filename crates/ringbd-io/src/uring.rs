@@ -1,0 +1,640 @@
+//! A safe io_uring ring for a network server loop: multishot accept,
+//! multishot receive into a provided-buffer ring (with bundles), and
+//! vectored sends whose buffers the ring owns until the kernel is done.
+//!
+//! One [`Ring`] belongs to one thread (the ring is created
+//! `SINGLE_ISSUER | DEFER_TASKRUN` where the kernel allows). Operations are
+//! queued with the `accept_multi`/`recv_multi`/`send`/`cancel_recv`
+//! methods, submitted with [`Ring::submit_and_wait`], and their results
+//! come back from [`Ring::completions`].
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU16, Ordering};
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
+
+/// What the running kernel offers, probed once at start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Features {
+    pub io_uring: bool,
+    pub single_issuer: bool,
+    pub defer_taskrun: bool,
+    pub accept_multishot: bool,
+    pub recv_multishot: bool,
+    pub buf_ring: bool,
+    pub bundle: bool,
+    pub send_zc: bool,
+}
+
+impl Features {
+    /// Probes the kernel (creates and drops a small ring).
+    pub fn probe() -> Features {
+        let mut f = Features::default();
+        let ring = match IoUring::builder().setup_single_issuer().setup_defer_taskrun().build(8) {
+            Ok(r) => {
+                f.single_issuer = true;
+                f.defer_taskrun = true;
+                r
+            }
+            Err(_) => match IoUring::new(8) {
+                Ok(r) => r,
+                Err(_) => return f,
+            },
+        };
+        f.io_uring = true;
+        let mut probe = Probe::new();
+        if ring.submitter().register_probe(&mut probe).is_ok() {
+            // Multishot accept and recv came with 5.19/6.0, buffer rings with
+            // 5.19; the opcodes are older, so check the feature bits too.
+            f.accept_multishot = probe.is_supported(opcode::AcceptMulti::CODE);
+            f.recv_multishot =
+                probe.is_supported(opcode::RecvMulti::CODE) && ring.params().is_feature_linked_file();
+            f.send_zc = probe.is_supported(opcode::SendZc::CODE);
+        }
+        f.bundle = ring.params().is_feature_recvsend_bundle();
+        f.buf_ring = BufRing::new(&ring, 8, 4096).is_ok();
+        // Multishot accept (5.19) and receive (6.0) arrived with buffer
+        // rings (5.19); their opcodes are older than that, so the probe alone
+        // cannot tell. A kernel with buffer rings and the 6.0-era linked-file
+        // feature has both.
+        f.accept_multishot &= f.buf_ring;
+        f.recv_multishot &= f.buf_ring;
+        f
+    }
+}
+
+/// Configuration of one ring.
+#[derive(Debug, Clone, Copy)]
+pub struct RingConfig {
+    /// Submission queue entries.
+    pub entries: u32,
+    /// Provided receive buffers (a power of two, at most 32768).
+    pub recv_buffers: u16,
+    /// Size of each receive buffer.
+    pub recv_buffer_size: u32,
+    /// Receive bundles: one completion carries several buffers.
+    pub bundle: bool,
+}
+
+/// Something a send can take from: the ring keeps it until the kernel has
+/// finished with the memory, then gives it back in [`Completion::Send`].
+pub trait SendSource {
+    /// Total bytes.
+    fn len(&self) -> usize;
+    /// Whether there is nothing to send.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The bytes as slices, skipping the first `skip` (already sent).
+    fn iovecs<'a>(&'a self, skip: usize, out: &mut Vec<IoSlice<'a>>);
+}
+
+/// A finished operation.
+pub enum Completion<S> {
+    /// A new connection on listener `listener` (index given to
+    /// [`Ring::accept_multi`]). `more`: the accept is still armed.
+    Accept { listener: u32, result: io::Result<OwnedFd>, more: bool },
+    /// A file descriptor polled with [`Ring::poll_readable`] is readable.
+    Readable { token: u32 },
+    /// Data for connection `conn`: `bufs` hold `len` bytes in order; read
+    /// them with [`Ring::buffer`] and give each back with
+    /// [`Ring::recycle`]. `len == 0` means the peer closed its side.
+    /// `more`: the receive is still armed.
+    Recv { conn: u32, result: io::Result<RecvBufs>, more: bool },
+    /// A send finished: `result` is the bytes sent; `source` is returned.
+    Send { conn: u32, result: io::Result<usize>, source: S, skip: usize },
+    /// A cancellation request finished.
+    Cancelled,
+}
+
+/// A receive ended because the provided-buffer ring ran dry (re-arm it
+/// once buffers are back).
+pub fn is_out_of_buffers(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOBUFS)
+}
+
+/// An operation ended because it was cancelled.
+pub fn is_cancelled(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ECANCELED)
+}
+
+/// Buffers of one receive completion.
+#[derive(Debug, Default)]
+pub struct RecvBufs {
+    /// (buffer id, bytes used in it), in stream order.
+    pub bufs: Vec<(u16, u32)>,
+    pub len: usize,
+}
+
+/// Counters of the ring's activity (monotonic).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RingStats {
+    pub enters: u64,
+    pub recv_completions: u64,
+    pub recv_buffers: u64,
+    pub send_calls: u64,
+    pub sent_bytes: u64,
+}
+
+const KIND_SHIFT: u32 = 56;
+const KIND_ACCEPT: u64 = 1;
+const KIND_RECV: u64 = 2;
+const KIND_SEND: u64 = 3;
+const KIND_CANCEL: u64 = 4;
+const KIND_POLL: u64 = 5;
+
+fn user_data(kind: u64, id: u32, slot: u32) -> u64 {
+    (kind << KIND_SHIFT) | (u64::from(slot) << 32) | u64::from(id)
+}
+
+struct InflightSend<S> {
+    source: S,
+    skip: usize,
+    conn: u32,
+    /// Kept alive until the kernel is done with the message.
+    iov: Vec<libc::iovec>,
+    msg: Box<libc::msghdr>,
+}
+
+pub struct Ring<S> {
+    // Declared first so it drops first: the kernel stops touching the
+    // buffer memory before `bufs` frees it.
+    ring: IoUring,
+    bufs: BufRing,
+    bundle: bool,
+    sends: Vec<Option<InflightSend<S>>>,
+    free_sends: Vec<u32>,
+    /// Operations queued or in flight (for a safe drop).
+    inflight: usize,
+    pub stats: RingStats,
+}
+
+/// Provided-buffer group id used for receives.
+const BGID: u16 = 0;
+
+impl<S: SendSource> Ring<S> {
+    pub fn new(cfg: RingConfig, features: &Features) -> io::Result<Self> {
+        let mut b = IoUring::builder();
+        b.setup_cqsize(cfg.entries * 4);
+        if features.single_issuer && features.defer_taskrun {
+            b.setup_single_issuer().setup_defer_taskrun();
+        } else {
+            b.setup_coop_taskrun();
+        }
+        let ring = b.build(cfg.entries)?;
+        let bufs = BufRing::new(&ring, cfg.recv_buffers, cfg.recv_buffer_size)?;
+        Ok(Ring {
+            ring,
+            bufs,
+            bundle: cfg.bundle,
+            sends: Vec::new(),
+            free_sends: Vec::new(),
+            inflight: 0,
+            stats: RingStats::default(),
+        })
+    }
+
+    fn push(&mut self, e: squeue::Entry) -> io::Result<()> {
+        // SAFETY: every entry pushed here references memory the ring keeps
+        // alive until the operation's final completion: the buffer ring
+        // (owned by self.bufs), send iovecs and msghdr (owned by
+        // self.sends[slot]), or nothing at all (accept, recv, cancel).
+        if unsafe { self.ring.submission().push(&e) }.is_err() {
+            self.ring.submit()?;
+            self.stats.enters += 1;
+            // SAFETY: as above.
+            unsafe { self.ring.submission().push(&e) }
+                .map_err(|_| io::Error::other("submission queue full after submit"))?;
+        }
+        self.inflight += 1;
+        Ok(())
+    }
+
+    /// Arms a multishot accept on a listening socket.
+    pub fn accept_multi(&mut self, listener: BorrowedFd<'_>, index: u32) -> io::Result<()> {
+        let e = opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(user_data(KIND_ACCEPT, index, 0));
+        self.push(e)
+    }
+
+    /// Arms a multishot receive for connection `conn` on socket `fd`.
+    pub fn recv_multi(&mut self, fd: BorrowedFd<'_>, conn: u32) -> io::Result<()> {
+        let fd = types::Fd(fd.as_raw_fd());
+        let e = if self.bundle {
+            opcode::RecvMultiBundle::new(fd, BGID).build()
+        } else {
+            opcode::RecvMulti::new(fd, BGID).build()
+        };
+        self.push(e.user_data(user_data(KIND_RECV, conn, 0)))
+    }
+
+    /// Reports (once) when `fd` becomes readable, as [`Completion::Readable`].
+    pub fn poll_readable(&mut self, fd: BorrowedFd<'_>, token: u32) -> io::Result<()> {
+        let e = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), libc::POLLIN as u32)
+            .build()
+            .user_data(user_data(KIND_POLL, token, 0));
+        self.push(e)
+    }
+
+    /// Asks the kernel to stop connection `conn`'s receive; its final
+    /// completion follows.
+    pub fn cancel_recv(&mut self, conn: u32) -> io::Result<()> {
+        let target = user_data(KIND_RECV, conn, 0);
+        let e = opcode::AsyncCancel::new(target).build().user_data(user_data(KIND_CANCEL, conn, 0));
+        self.push(e)
+    }
+
+    /// Sends `source` (from byte `skip`) on `fd` in one `sendmsg`. `more`
+    /// sets `MSG_MORE` (more replies are coming: let the kernel cork).
+    pub fn send(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        conn: u32,
+        source: S,
+        skip: usize,
+        more: bool,
+    ) -> io::Result<()> {
+        let mut slices = Vec::with_capacity(8);
+        source.iovecs(skip, &mut slices);
+        let iov: Vec<libc::iovec> = slices
+            .iter()
+            .map(|s| libc::iovec { iov_base: s.as_ptr() as *mut libc::c_void, iov_len: s.len() })
+            .collect();
+        drop(slices);
+        // SAFETY: msghdr is plain old data; all-zero is a valid empty message.
+        let mut msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = iov.len();
+        let slot = match self.free_sends.pop() {
+            Some(s) => s,
+            None => {
+                self.sends.push(None);
+                (self.sends.len() - 1) as u32
+            }
+        };
+        let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
+        let e = opcode::SendMsg::new(types::Fd(fd.as_raw_fd()), &*msg as *const libc::msghdr)
+            .flags(flags as u32)
+            .build()
+            .user_data(user_data(KIND_SEND, conn, slot));
+        // The iovecs point into `source`'s heap buffers, which do not move
+        // when `source` moves into the slot.
+        self.sends[slot as usize] = Some(InflightSend { source, skip, conn, iov, msg });
+        if let Err(e) = self.push(e) {
+            self.sends[slot as usize] = None;
+            self.free_sends.push(slot);
+            return Err(e);
+        }
+        self.stats.send_calls += 1;
+        Ok(())
+    }
+
+    /// Submits queued operations and waits for at least `want` completions.
+    pub fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {
+        self.stats.enters += 1;
+        match self.ring.submit_and_wait(want) {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::EBUSY) => {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Hands every available completion to `f`.
+    pub fn completions(&mut self, mut f: impl FnMut(&mut Self, Completion<S>)) {
+        loop {
+            let Some(cqe) = self.ring.completion().next() else { break };
+            if let Some(c) = self.decode(cqe) {
+                f(self, c);
+            }
+        }
+    }
+
+    fn decode(&mut self, cqe: cqueue::Entry) -> Option<Completion<S>> {
+        let ud = cqe.user_data();
+        let (kind, slot, id) = (ud >> KIND_SHIFT, ((ud >> 32) & 0xff_ffff) as u32, ud as u32);
+        let res = cqe.result();
+        let flags = cqe.flags();
+        let more = cqueue::more(flags);
+        if !more {
+            self.inflight = self.inflight.saturating_sub(1);
+        }
+        let err = |res: i32| io::Error::from_raw_os_error(-res);
+        match kind {
+            KIND_ACCEPT => {
+                let result = if res < 0 {
+                    Err(err(res))
+                } else {
+                    // SAFETY: a successful accept completion carries a new
+                    // file descriptor that nothing else owns.
+                    Ok(unsafe { OwnedFd::from_raw_fd(res as RawFd) })
+                };
+                Some(Completion::Accept { listener: id, result, more })
+            }
+            KIND_RECV => {
+                let result = if res < 0 {
+                    Err(err(res))
+                } else {
+                    let len = res as usize;
+                    let mut bufs = RecvBufs { bufs: Vec::new(), len };
+                    if let Some(bid) = cqueue::buffer_select(flags) {
+                        self.bufs.take(bid, len, &mut bufs.bufs);
+                        self.stats.recv_buffers += bufs.bufs.len() as u64;
+                    }
+                    self.stats.recv_completions += 1;
+                    Ok(bufs)
+                };
+                Some(Completion::Recv { conn: id, result, more })
+            }
+            KIND_SEND => {
+                let s = self.sends.get_mut(slot as usize)?.take()?;
+                self.free_sends.push(slot);
+                drop((s.iov, s.msg));
+                let result = if res < 0 { Err(err(res)) } else { Ok(res as usize) };
+                if let Ok(n) = result {
+                    self.stats.sent_bytes += n as u64;
+                }
+                debug_assert_eq!(s.conn, id);
+                Some(Completion::Send { conn: s.conn, result, source: s.source, skip: s.skip })
+            }
+            KIND_CANCEL => Some(Completion::Cancelled),
+            KIND_POLL => Some(Completion::Readable { token: id }),
+            _ => None,
+        }
+    }
+
+    /// The received bytes in buffer `bid`.
+    pub fn buffer(&self, bid: u16, len: u32) -> &[u8] {
+        self.bufs.get(bid, len)
+    }
+
+    /// Gives a receive buffer back to the kernel.
+    pub fn recycle(&mut self, bid: u16) {
+        self.bufs.put(bid);
+    }
+
+    /// Receive buffers currently available to the kernel.
+    pub fn free_recv_buffers(&self) -> usize {
+        self.bufs.available()
+    }
+
+    /// Operations submitted whose final completion has not arrived.
+    pub fn inflight(&self) -> usize {
+        self.inflight
+    }
+}
+
+impl<S> Drop for Ring<S> {
+    fn drop(&mut self) {
+        if self.inflight > 0 {
+            // The kernel may still be writing into receive buffers or
+            // reading send buffers after the ring fd closes: keep that
+            // memory forever rather than free it under the kernel.
+            self.bufs.leak();
+            for s in self.sends.drain(..).flatten() {
+                std::mem::forget(s);
+            }
+        }
+    }
+}
+
+/// A provided-buffer ring (`IORING_REGISTER_PBUF_RING`) and its buffers.
+struct BufRing {
+    ring: *mut types::BufRingEntry,
+    ring_layout: Layout,
+    mem: *mut u8,
+    mem_layout: Layout,
+    entries: u16,
+    buf_size: u32,
+    /// Our copy of which buffer id sits in each ring slot, to follow bundles.
+    slots: Vec<u16>,
+    /// Next slot the kernel will consume (our view).
+    head: u16,
+    /// Next slot we fill.
+    tail: u16,
+    leaked: bool,
+}
+
+impl BufRing {
+    fn new(ring: &IoUring, entries: u16, buf_size: u32) -> io::Result<Self> {
+        if !entries.is_power_of_two() || entries > 32768 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "buffer count must be a power of two <= 32768",
+            ));
+        }
+        let page = 4096;
+        let ring_layout =
+            Layout::from_size_align(entries as usize * std::mem::size_of::<types::BufRingEntry>(), page)
+                .map_err(io::Error::other)?;
+        let mem_layout =
+            Layout::from_size_align(entries as usize * buf_size as usize, page).map_err(io::Error::other)?;
+        if mem_layout.size() == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "receive buffers must not be empty"));
+        }
+        // SAFETY: nonzero-size layouts (checked above); zeroed memory is a
+        // valid BufRingEntry array and a valid byte buffer.
+        let (ring_ptr, mem) =
+            unsafe { (alloc_zeroed(ring_layout) as *mut types::BufRingEntry, alloc_zeroed(mem_layout)) };
+        if ring_ptr.is_null() || mem.is_null() {
+            // SAFETY: freeing exactly what was allocated with these layouts.
+            unsafe {
+                if !ring_ptr.is_null() {
+                    dealloc(ring_ptr as *mut u8, ring_layout);
+                }
+                if !mem.is_null() {
+                    dealloc(mem, mem_layout);
+                }
+            }
+            return Err(io::Error::from_raw_os_error(libc::ENOMEM));
+        }
+        let mut br = BufRing {
+            ring: ring_ptr,
+            ring_layout,
+            mem,
+            mem_layout,
+            entries,
+            buf_size,
+            slots: vec![0; entries as usize],
+            head: 0,
+            tail: 0,
+            leaked: false,
+        };
+        // SAFETY: the ring memory is page aligned, sized for `entries`, and
+        // lives in `br` until drop, which happens after the IoUring that
+        // uses it is dropped (field order in Ring) or, if operations were
+        // still in flight, never (leak()).
+        unsafe { ring.submitter().register_buf_ring_with_flags(ring_ptr as u64, entries, BGID, 0)? };
+        for bid in 0..entries {
+            br.put(bid);
+        }
+        Ok(br)
+    }
+
+    fn mask(&self) -> u16 {
+        self.entries - 1
+    }
+
+    /// Publishes buffer `bid` at the tail.
+    fn put(&mut self, bid: u16) {
+        let idx = self.tail & self.mask();
+        self.slots[idx as usize] = bid;
+        // SAFETY: idx < entries, so the entry is inside the ring allocation;
+        // the kernel reads entries only between head and the published tail,
+        // and this slot is past the published tail until the store below.
+        let e = unsafe { &mut *self.ring.add(idx as usize) };
+        e.set_addr(self.mem as u64 + u64::from(bid) * u64::from(self.buf_size));
+        e.set_len(self.buf_size);
+        e.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+        // SAFETY: the tail field overlays entry 0's `resv`, which the kernel
+        // reads and we alone write; an AtomicU16 view of it with a Release
+        // store publishes the entry written above.
+        unsafe {
+            let tail = types::BufRingEntry::tail(self.ring) as *const AtomicU16;
+            (*tail).store(self.tail, Ordering::Release);
+        }
+    }
+
+    /// Records that the kernel consumed buffers for `len` bytes, the first
+    /// being `bid`, and lists them.
+    fn take(&mut self, bid: u16, len: usize, out: &mut Vec<(u16, u32)>) {
+        let mask = self.mask();
+        if self.slots[(self.head & mask) as usize] != bid {
+            // Completions arrive in consumption order on a single-issuer
+            // ring, so this should not happen; resynchronise on the id.
+            if let Some(pos) = (0..self.entries)
+                .map(|i| self.head.wrapping_add(i))
+                .find(|p| self.slots[(p & mask) as usize] == bid)
+            {
+                self.head = pos;
+            }
+        }
+        let mut left = len.max(1);
+        while left > 0 {
+            let b = self.slots[(self.head & mask) as usize];
+            let n = left.min(self.buf_size as usize);
+            out.push((b, if len == 0 { 0 } else { n as u32 }));
+            self.head = self.head.wrapping_add(1);
+            left -= n;
+        }
+    }
+
+    fn get(&self, bid: u16, len: u32) -> &[u8] {
+        let len = len.min(self.buf_size) as usize;
+        let bid = bid.min(self.entries - 1);
+        // SAFETY: bid < entries and len <= buf_size, so the range is inside
+        // the allocation; the buffer was handed to us by a completion and is
+        // not in the ring until recycle(), so the kernel does not write it
+        // while this shared borrow of self lives (recycle needs &mut self).
+        unsafe { std::slice::from_raw_parts(self.mem.add(bid as usize * self.buf_size as usize), len) }
+    }
+
+    fn available(&self) -> usize {
+        self.tail.wrapping_sub(self.head) as usize
+    }
+
+    fn leak(&mut self) {
+        self.leaked = true;
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        if self.leaked {
+            return;
+        }
+        // SAFETY: freeing exactly what new() allocated with these layouts;
+        // the ring that used them is gone (see Ring's field order).
+        unsafe {
+            dealloc(self.ring as *mut u8, self.ring_layout);
+            dealloc(self.mem, self.mem_layout);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
+    struct Bytes(Vec<u8>);
+    impl SendSource for Bytes {
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+        fn iovecs<'a>(&'a self, skip: usize, out: &mut Vec<IoSlice<'a>>) {
+            out.push(IoSlice::new(&self.0[skip..]));
+        }
+    }
+
+    fn ring(bundle: bool) -> Ring<Bytes> {
+        let f = Features::probe();
+        assert!(f.io_uring && f.recv_multishot && f.buf_ring, "kernel lacks what this test needs: {f:?}");
+        Ring::new(
+            RingConfig { entries: 64, recv_buffers: 16, recv_buffer_size: 1024, bundle: bundle && f.bundle },
+            &f,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn multishot_recv_delivers_bytes_in_order_across_buffers() {
+        for bundle in [false, true] {
+            let mut r = ring(bundle);
+            let (mut a, b) = UnixStream::pair().unwrap();
+            r.recv_multi(b.as_fd(), 7).unwrap();
+            let data: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+            a.write_all(&data).unwrap();
+            drop(a);
+            let mut got = Vec::new();
+            let mut eof = false;
+            while !eof {
+                r.submit_and_wait(1).unwrap();
+                r.completions(|r, c| match c {
+                    Completion::Recv { conn, result, .. } => {
+                        assert_eq!(conn, 7);
+                        let bufs = result.unwrap();
+                        if bufs.len == 0 {
+                            eof = true;
+                        }
+                        for (bid, n) in bufs.bufs {
+                            got.extend_from_slice(r.buffer(bid, n));
+                            r.recycle(bid);
+                        }
+                    }
+                    _ => panic!("unexpected completion"),
+                });
+            }
+            assert_eq!(got, data, "bundle={bundle}");
+            assert_eq!(r.free_recv_buffers(), 16);
+        }
+    }
+
+    #[test]
+    fn send_returns_the_source_and_counts_bytes() {
+        let mut r = ring(false);
+        let (a, mut b) = UnixStream::pair().unwrap();
+        r.send(a.as_fd(), 3, Bytes(b"hello world".to_vec()), 6, false).unwrap();
+        r.submit_and_wait(1).unwrap();
+        let mut done = false;
+        r.completions(|_, c| {
+            if let Completion::Send { conn, result, source, skip } = c {
+                assert_eq!((conn, result.unwrap(), skip), (3, 5, 6));
+                assert_eq!(source.0, b"hello world");
+                done = true;
+            }
+        });
+        assert!(done);
+        let mut buf = [0u8; 5];
+        std::io::Read::read_exact(&mut b, &mut buf).unwrap();
+        assert_eq!(&buf, b"world");
+    }
+}

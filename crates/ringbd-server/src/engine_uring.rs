@@ -1,0 +1,606 @@
+//! The io_uring engine: one ring per worker thread, each running the same
+//! [`Connection`] state machine as the portable engine.
+//!
+//! - Every worker arms a multishot accept on every listener; the kernel
+//!   hands each new connection to one of them, spreading connections over
+//!   the rings.
+//! - Each connection has one multishot receive into the worker's
+//!   provided-buffer ring, with bundles where the kernel has them, so one
+//!   completion can carry many requests; buffers go back to the ring as soon
+//!   as their bytes are consumed.
+//! - After each batch of completions, every connection's queued replies
+//!   leave in one `sendmsg` (headers and payloads as iovecs); one send is in
+//!   flight per connection, and replies produced meanwhile join the next.
+//! - Backpressure: a connection whose reply queue is full keeps its unread
+//!   buffers as a backlog and its receive is cancelled until the queue
+//!   drains.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ringbd_io::uring::{
+    is_cancelled, is_out_of_buffers, Completion, Features, Ring, RingConfig, RingStats, SendSource,
+};
+
+use crate::conn::Connection;
+use crate::exports::Exports;
+use crate::listener::{Listener, Stream};
+use crate::log;
+use crate::out::OutBuf;
+
+/// Switches of the io_uring engine (the A/B knobs of the benchmarks).
+#[derive(Debug, Clone, Copy)]
+pub struct UringOptions {
+    pub threads: usize,
+    /// Receive bundles (several buffers per completion).
+    pub bundle: bool,
+    /// Batch all ready replies into one send (off: one send per reply).
+    pub coalesce: bool,
+    pub recv_buffers: u16,
+    pub recv_buffer_size: u32,
+}
+
+impl Default for UringOptions {
+    fn default() -> Self {
+        UringOptions {
+            threads: thread::available_parallelism().map_or(1, |n| n.get()),
+            bundle: true,
+            coalesce: true,
+            recv_buffers: 512,
+            recv_buffer_size: 32 * 1024,
+        }
+    }
+}
+
+impl SendSource for OutBuf {
+    fn len(&self) -> usize {
+        OutBuf::len(self)
+    }
+
+    fn iovecs<'a>(&'a self, skip: usize, out: &mut Vec<IoSlice<'a>>) {
+        OutBuf::iovecs(self, skip, out)
+    }
+}
+
+/// Counters shared by all workers, for `--stats-interval` and the exit report.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub connections: AtomicU64,
+    pub requests: AtomicU64,
+    pub recv_completions: AtomicU64,
+    pub recv_buffers: AtomicU64,
+    pub send_calls: AtomicU64,
+    pub replies: AtomicU64,
+    pub enters: AtomicU64,
+}
+
+impl EngineStats {
+    /// One line of ratios that show each technique engaged.
+    pub fn summary(&self) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (req, rc, rb, sc, rep, en) = (
+            g(&self.requests),
+            g(&self.recv_completions),
+            g(&self.recv_buffers),
+            g(&self.send_calls),
+            g(&self.replies),
+            g(&self.enters),
+        );
+        let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+        format!(
+            "connections {}, requests {req}, requests/recv completion {:.2}, buffers/recv completion {:.2}, \
+             replies/send {:.2}, ring enters/request {:.3}",
+            g(&self.connections),
+            ratio(req, rc),
+            ratio(rb, rc),
+            ratio(rep, sc),
+            ratio(en, req),
+        )
+    }
+}
+
+/// Running workers.
+pub struct Engine {
+    workers: Vec<thread::JoinHandle<io::Result<()>>>,
+    peers: Arc<Peers>,
+    pub stats: Arc<EngineStats>,
+}
+
+/// A message to a worker.
+enum Ctl {
+    /// A connection accepted by another worker, handed over to spread load.
+    Conn(OwnedFd, u32),
+    Stop,
+}
+
+/// How workers reach each other: a channel plus a wake-up pipe each.
+struct Peers {
+    ctl: Vec<(mpsc::Sender<Ctl>, std::io::PipeWriter)>,
+    /// Round-robin counter choosing the worker for each new connection.
+    next: AtomicUsize,
+}
+
+impl Peers {
+    fn send(&self, worker: usize, msg: Ctl) -> io::Result<()> {
+        let (tx, wake) = &self.ctl[worker];
+        tx.send(msg).map_err(|_| io::Error::other("worker has exited"))?;
+        let mut w: &std::io::PipeWriter = wake;
+        w.write_all(b"w")
+    }
+}
+
+impl Engine {
+    /// Starts `opts.threads` workers serving `listeners`.
+    pub fn start(
+        listeners: Arc<Vec<Listener>>,
+        exports: Arc<Exports>,
+        opts: UringOptions,
+        features: Features,
+    ) -> io::Result<Engine> {
+        let stats = Arc::new(EngineStats::default());
+        let n = opts.threads.max(1);
+        let mut ctl = Vec::with_capacity(n);
+        let mut inboxes = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (wake_rx, wake_tx) = io::pipe()?;
+            let (tx, rx) = mpsc::channel();
+            ctl.push((tx, wake_tx));
+            inboxes.push((rx, wake_rx));
+        }
+        let peers = Arc::new(Peers { ctl, next: AtomicUsize::new(0) });
+        let mut workers = Vec::new();
+        for (i, (ctl_rx, wake_rx)) in inboxes.into_iter().enumerate() {
+            let cfg = RingConfig {
+                entries: 1024,
+                recv_buffers: opts.recv_buffers,
+                recv_buffer_size: opts.recv_buffer_size,
+                bundle: opts.bundle && features.bundle,
+            };
+            let state = State {
+                index: i,
+                peers: peers.clone(),
+                ctl_rx,
+                wake_rx,
+                listeners: listeners.clone(),
+                exports: exports.clone(),
+                conns: Vec::new(),
+                free: Vec::new(),
+                live: 0,
+                stopping: None,
+                coalesce: opts.coalesce,
+                stats: stats.clone(),
+                local: Local::default(),
+                seen: RingStats::default(),
+            };
+            // The ring is created on its own thread: a SINGLE_ISSUER ring
+            // accepts submissions only from the thread that made it.
+            let (ready_tx, ready_rx) = mpsc::channel();
+            let h = thread::Builder::new().name(format!("ring-{i}")).spawn(move || {
+                let ring = match Ring::new(cfg, &features) {
+                    Ok(r) => {
+                        ready_tx.send(Ok(())).ok();
+                        r
+                    }
+                    Err(e) => {
+                        let msg = e.to_string();
+                        ready_tx.send(Err(e)).ok();
+                        return Err(io::Error::other(msg));
+                    }
+                };
+                Worker { ring, state }.run()
+            })?;
+            match ready_rx.recv() {
+                Ok(Ok(())) => workers.push(h),
+                Ok(Err(e)) => {
+                    h.join().ok();
+                    return Err(io::Error::new(e.kind(), format!("creating io_uring ring: {e}")));
+                }
+                Err(_) => return Err(io::Error::other("ring worker died during start-up")),
+            }
+        }
+        Ok(Engine { workers, peers, stats })
+    }
+    /// Asks every worker to stop: no new connections, in-flight requests
+    /// answered, then sockets closed. Waits for them.
+    pub fn stop(self) -> io::Result<()> {
+        let mut first_err = None;
+        for i in 0..self.workers.len() {
+            if let Err(e) = self.peers.send(i, Ctl::Stop) {
+                first_err.get_or_insert(e);
+            }
+        }
+        for h in self.workers {
+            match h.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_err.get_or_insert(io::Error::other("a ring worker panicked"));
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+/// Token of the wake-up pipe's poll.
+const WAKE_TOKEN: u32 = u32::MAX;
+/// How long connections get to finish once a stop is requested.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+struct Worker {
+    ring: Ring<OutBuf>,
+    state: State,
+}
+
+/// Per-worker counters, folded into the shared ones once per loop turn.
+#[derive(Default)]
+struct Local {
+    requests: u64,
+    replies: u64,
+}
+
+struct State {
+    index: usize,
+    peers: Arc<Peers>,
+    ctl_rx: mpsc::Receiver<Ctl>,
+    wake_rx: std::io::PipeReader,
+    listeners: Arc<Vec<Listener>>,
+    exports: Arc<Exports>,
+    conns: Vec<Option<Conn>>,
+    free: Vec<u32>,
+    live: usize,
+    stopping: Option<Instant>,
+    coalesce: bool,
+    stats: Arc<EngineStats>,
+    local: Local,
+    /// Ring counters already published.
+    seen: RingStats,
+}
+
+struct Conn {
+    stream: Stream,
+    conn: Connection,
+    recv_armed: bool,
+    cancel_sent: bool,
+    send_inflight: bool,
+    /// Received bytes not yet consumed: (buffer id, start, end).
+    backlog: VecDeque<(u16, u32, u32)>,
+    /// The socket failed; drop whatever is queued.
+    broken: bool,
+    shut: bool,
+    dirty: bool,
+}
+
+impl Worker {
+    fn run(mut self) -> io::Result<()> {
+        let r = self.serve();
+        if let Err(e) = &r {
+            log::warn(format_args!("ring worker failed: {e}"));
+        }
+        r
+    }
+
+    fn serve(&mut self) -> io::Result<()> {
+        let s = &mut self.state;
+        for (i, l) in s.listeners.iter().enumerate() {
+            self.ring.accept_multi(l.as_fd(), i as u32)?;
+        }
+        self.ring.poll_readable(s.wake_rx.as_fd(), WAKE_TOKEN)?;
+        loop {
+            self.ring.submit_and_wait(1)?;
+            let state = &mut self.state;
+            self.ring.completions(|ring, c| state.complete(ring, c));
+            self.state.flush(&mut self.ring);
+            self.state.fold_stats(&self.ring);
+            if let Some(since) = self.state.stopping {
+                if self.state.live == 0 {
+                    return Ok(());
+                }
+                if since.elapsed() > DRAIN_TIMEOUT {
+                    self.state.abort_all();
+                }
+            }
+        }
+    }
+}
+
+impl State {
+    fn complete(&mut self, ring: &mut Ring<OutBuf>, c: Completion<OutBuf>) {
+        match c {
+            Completion::Accept { listener, result, more } => {
+                match result {
+                    Ok(fd) => {
+                        // Spread connections over the rings round robin; the
+                        // kernel tends to hand every accept to one ring.
+                        let n = self.peers.ctl.len();
+                        let target = self.peers.next.fetch_add(1, Ordering::Relaxed) % n;
+                        if target == self.index {
+                            self.accepted(ring, listener, fd);
+                        } else if let Err(e) = self.peers.send(target, Ctl::Conn(fd, listener)) {
+                            log::warn(format_args!("handing a connection to ring {target}: {e}"));
+                        }
+                    }
+                    Err(e) => log::warn(format_args!("accept: {e}")),
+                }
+                if !more && self.stopping.is_none() {
+                    if let Some(l) = self.listeners.get(listener as usize) {
+                        if let Err(e) = ring.accept_multi(l.as_fd(), listener) {
+                            log::warn(format_args!("re-arming accept: {e}"));
+                        }
+                    }
+                }
+            }
+            Completion::Recv { conn, result, more } => self.received(ring, conn, result, more),
+            Completion::Send { conn, result, source, skip } => self.sent(ring, conn, result, source, skip),
+            Completion::Readable { token: WAKE_TOKEN } => self.woken(ring),
+            Completion::Readable { .. } | Completion::Cancelled => {}
+        }
+    }
+
+    fn accepted(&mut self, ring: &mut Ring<OutBuf>, listener: u32, fd: OwnedFd) {
+        if self.stopping.is_some() {
+            return; // dropping the fd closes it
+        }
+        let stream = match self.listeners.get(listener as usize) {
+            Some(Listener::Tcp(_)) => {
+                let s = TcpStream::from(fd);
+                if let Err(e) = s.set_nodelay(true) {
+                    log::warn(format_args!("TCP_NODELAY: {e}"));
+                }
+                Stream::Tcp(s)
+            }
+            _ => Stream::Unix(UnixStream::from(fd)),
+        };
+        let mut conn = Connection::new(self.exports.clone(), stream.peer());
+        if !self.coalesce {
+            conn.set_reply_limit(1);
+        }
+        let id = match self.free.pop() {
+            Some(id) => id,
+            None => {
+                self.conns.push(None);
+                (self.conns.len() - 1) as u32
+            }
+        };
+        let mut c = Conn {
+            stream,
+            conn,
+            recv_armed: false,
+            cancel_sent: false,
+            send_inflight: false,
+            backlog: VecDeque::new(),
+            broken: false,
+            shut: false,
+            dirty: true,
+        };
+        match ring.recv_multi(c.stream.as_fd(), id) {
+            Ok(()) => c.recv_armed = true,
+            Err(e) => {
+                log::warn(format_args!("arming receive: {e}"));
+                c.broken = true;
+            }
+        }
+        self.conns[id as usize] = Some(c);
+        self.live += 1;
+        self.stats.connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn received(
+        &mut self,
+        ring: &mut Ring<OutBuf>,
+        id: u32,
+        result: io::Result<ringbd_io::uring::RecvBufs>,
+        more: bool,
+    ) {
+        let Some(Some(c)) = self.conns.get_mut(id as usize) else {
+            // Not ours any more: give the buffers back.
+            if let Ok(b) = result {
+                b.bufs.iter().for_each(|(bid, _)| ring.recycle(*bid));
+            }
+            return;
+        };
+        if !more {
+            c.recv_armed = false;
+            c.cancel_sent = false;
+        }
+        c.dirty = true;
+        match result {
+            Ok(b) if b.len == 0 => {
+                b.bufs.iter().for_each(|(bid, _)| ring.recycle(*bid));
+                c.conn.peer_closed();
+            }
+            Ok(b) => {
+                for (bid, n) in b.bufs {
+                    c.backlog.push_back((bid, 0, n));
+                }
+                c.consume_backlog(ring, &mut self.local);
+                if !c.backlog.is_empty() && c.recv_armed && !c.cancel_sent {
+                    // Backpressure: stop receiving until the replies drain.
+                    if ring.cancel_recv(id).is_ok() {
+                        c.cancel_sent = true;
+                    }
+                }
+            }
+            // Out of receive buffers (re-armed in flush) or cancelled.
+            Err(e) if is_out_of_buffers(&e) || is_cancelled(&e) => {}
+            Err(_) => {
+                c.conn.peer_closed();
+                c.broken = true;
+            }
+        }
+    }
+
+    fn sent(
+        &mut self,
+        ring: &mut Ring<OutBuf>,
+        id: u32,
+        result: io::Result<usize>,
+        source: OutBuf,
+        skip: usize,
+    ) {
+        let Some(Some(c)) = self.conns.get_mut(id as usize) else { return };
+        c.send_inflight = false;
+        c.dirty = true;
+        match result {
+            Ok(n) if skip + n < source.len() && n > 0 => {
+                // Short send: the rest goes first, before anything newer.
+                match ring.send(c.stream.as_fd(), id, source, skip + n, false) {
+                    Ok(()) => c.send_inflight = true,
+                    Err(_) => c.broken = true,
+                }
+            }
+            Ok(0) if !source.is_empty() => c.broken = true,
+            Ok(_) => {
+                self.local.replies += u64::from(source.replies());
+                c.conn.recycle(source);
+            }
+            Err(_) => c.broken = true,
+        }
+    }
+
+    /// After a batch of completions: feed backlogs, send queued replies,
+    /// re-arm receives, close finished connections.
+    fn flush(&mut self, ring: &mut Ring<OutBuf>) {
+        for id in 0..self.conns.len() {
+            let Some(c) = &mut self.conns[id] else { continue };
+            if !c.dirty {
+                continue;
+            }
+            c.dirty = false;
+            if !c.send_inflight && !c.backlog.is_empty() && c.conn.wants_input() {
+                c.consume_backlog(ring, &mut self.local);
+            }
+            if !c.send_inflight && !c.conn.out().is_empty() && !c.broken {
+                let out = c.conn.take_out();
+                // More replies follow right after this send: let TCP cork.
+                let more = !c.backlog.is_empty();
+                match ring.send(c.stream.as_fd(), id as u32, out, 0, more) {
+                    Ok(()) => c.send_inflight = true,
+                    Err(e) => {
+                        log::warn(format_args!("send: {e}"));
+                        c.broken = true;
+                    }
+                }
+            }
+            let finished = c.conn.is_closed() || c.broken;
+            if !finished
+                && !c.recv_armed
+                && c.backlog.is_empty()
+                && c.conn.wants_input()
+                && ring.free_recv_buffers() > 0
+            {
+                match ring.recv_multi(c.stream.as_fd(), id as u32) {
+                    Ok(()) => c.recv_armed = true,
+                    Err(e) => {
+                        log::warn(format_args!("re-arming receive: {e}"));
+                        c.broken = true;
+                    }
+                }
+            }
+            if finished && !c.send_inflight {
+                if !c.shut {
+                    c.shut = true;
+                    c.stream.shutdown(Shutdown::Both).ok();
+                }
+                if !c.recv_armed {
+                    c.backlog.drain(..).for_each(|(bid, _, _)| ring.recycle(bid));
+                    self.conns[id] = None;
+                    self.free.push(id as u32);
+                    self.live -= 1;
+                }
+            } else if !c.recv_armed && !finished && c.backlog.is_empty() && c.conn.wants_input() {
+                // Waiting for receive buffers: look again next turn.
+                c.dirty = true;
+            }
+        }
+    }
+
+    /// The wake-up pipe is readable: drain it and the message channel, then
+    /// poll again.
+    fn woken(&mut self, ring: &mut Ring<OutBuf>) {
+        let mut b = [0u8; 64];
+        // The poll said readable, so this read does not block.
+        if let Err(e) = (&self.wake_rx).read(&mut b) {
+            log::warn(format_args!("wake-up pipe: {e}"));
+        }
+        while let Ok(msg) = self.ctl_rx.try_recv() {
+            match msg {
+                Ctl::Conn(fd, listener) => self.accepted(ring, listener, fd),
+                Ctl::Stop => self.stop(),
+            }
+        }
+        if let Err(e) = ring.poll_readable(self.wake_rx.as_fd(), WAKE_TOKEN) {
+            log::warn(format_args!("re-arming the wake-up poll: {e}"));
+        }
+    }
+
+    fn stop(&mut self) {
+        if self.stopping.is_some() {
+            return;
+        }
+        self.stopping = Some(Instant::now());
+        for c in self.conns.iter_mut().flatten() {
+            // Requests already received are answered; nothing new is read.
+            c.stream.shutdown(Shutdown::Read).ok();
+            c.dirty = true;
+        }
+    }
+
+    fn abort_all(&mut self) {
+        for c in self.conns.iter_mut().flatten() {
+            c.broken = true;
+            c.stream.shutdown(Shutdown::Both).ok();
+            c.dirty = true;
+        }
+    }
+
+    fn fold_stats(&mut self, ring: &Ring<OutBuf>) {
+        let s = &self.stats;
+        s.requests.fetch_add(std::mem::take(&mut self.local.requests), Ordering::Relaxed);
+        s.replies.fetch_add(std::mem::take(&mut self.local.replies), Ordering::Relaxed);
+        // Ring counters are cumulative per ring: publish the deltas.
+        let rs = ring.stats;
+        s.recv_completions
+            .fetch_add(rs.recv_completions.saturating_sub(self.seen.recv_completions), Ordering::Relaxed);
+        s.recv_buffers.fetch_add(rs.recv_buffers.saturating_sub(self.seen.recv_buffers), Ordering::Relaxed);
+        s.send_calls.fetch_add(rs.send_calls.saturating_sub(self.seen.send_calls), Ordering::Relaxed);
+        s.enters.fetch_add(rs.enters.saturating_sub(self.seen.enters), Ordering::Relaxed);
+        self.seen = rs;
+    }
+}
+
+impl Conn {
+    /// Feeds backlog buffers to the connection while it takes input,
+    /// returning fully consumed buffers to the ring.
+    fn consume_backlog(&mut self, ring: &mut Ring<OutBuf>, local: &mut Local) {
+        let before = self.conn.stats.requests;
+        while let Some(&(bid, start, end)) = self.backlog.front() {
+            if !self.conn.wants_input() {
+                break;
+            }
+            let data = &ring.buffer(bid, end)[start as usize..];
+            let used = self.conn.receive(data) as u32;
+            if start + used < end {
+                self.backlog[0].1 = start + used;
+                if self.conn.is_closed() {
+                    // Nothing after DISC or a fatal error is read.
+                    self.backlog.drain(..).for_each(|(b, _, _)| ring.recycle(b));
+                }
+                break;
+            }
+            self.backlog.pop_front();
+            ring.recycle(bid);
+        }
+        local.requests += self.conn.stats.requests - before;
+    }
+}

@@ -1,0 +1,143 @@
+# Helpers for the guest tests (busybox ash). A test starts with
+#   . /vmtest/lib.sh
+# and then runs with `set -e`: any failing command fails the test, reported
+# with the step it was in. Exit 0 = pass, `fail MSG` = fail, `skip MSG` = skip.
+set -e
+
+VMTEST_NAME=${VMTEST_NAME:-$(basename "$0" .sh)}
+STEP="start"
+CLEANUPS=""
+
+log() { echo "[$VMTEST_NAME $(cut -d' ' -f1 /proc/uptime)] $*"; }
+step() { STEP="$*"; log "-- $*"; }
+fail() { echo "FAIL: $* (step: $STEP)"; VMTEST_REPORTED=1; exit 1; }
+skip() { echo "SKIP: $*"; VMTEST_REPORTED=1; exit 77; }
+
+# on_exit CMD: run CMD (last registered first) when the test exits, pass or fail
+on_exit() { CLEANUPS="$*; $CLEANUPS"; }
+_vmtest_exit() {
+    rc=$?
+    set +e
+    if [ "$rc" != 0 ] && [ -z "$VMTEST_REPORTED" ]; then
+        echo "FAIL: exit status $rc in step: $STEP"
+        dmesg | tail -n 20 | sed 's/^/  dmesg: /'
+    fi
+    eval "$CLEANUPS" >/dev/null 2>&1
+    exit "$rc"
+}
+trap _vmtest_exit EXIT
+
+# modprobe with a clear failure; modules.dep/alias come from the initramfs
+load_module() { modprobe "$1" || fail "modprobe $1 failed: $(dmesg | tail -n 3)"; }
+
+# wait_for SECONDS CMD...: poll CMD every 0.1 s until it succeeds
+wait_for() {
+    _n=$(($1 * 10)); shift
+    while ! "$@" 2>/dev/null; do
+        _n=$((_n - 1))
+        [ "$_n" -gt 0 ] || return 1
+        sleep 0.1
+    done
+}
+
+# --- ringbd -------------------------------------------------------------------
+# ringbd_start ARGS...: `ringbd serve ARGS` in the background; returns once it
+# printed its URI. Sets RINGBD_PID, RINGBD_URI; logs in ./ringbd.out/.err.
+ringbd_start() {
+    ringbd serve "$@" >ringbd.out 2>ringbd.err &
+    RINGBD_PID=$!
+    on_exit "kill $RINGBD_PID"
+    if ! wait_for 30 test -s ringbd.out; then
+        kill -0 "$RINGBD_PID" 2>/dev/null || fail "ringbd exited at start: $(tail -n 3 ringbd.err)"
+        fail "ringbd printed no URI within 30 s"
+    fi
+    RINGBD_URI=$(head -n1 ringbd.out)
+    log "ringbd $* -> $RINGBD_URI (pid $RINGBD_PID)"
+}
+# ringbd_stop: SIGTERM, which must end it with status 0
+ringbd_stop() {
+    kill -TERM "$RINGBD_PID"
+    _rc=0; wait "$RINGBD_PID" || _rc=$?
+    [ "$_rc" = 0 ] || fail "ringbd exited with status $_rc on SIGTERM: $(tail -n 3 ringbd.err)"
+    log "ringbd stopped cleanly"
+}
+
+# --- kernel NBD client -----------------------------------------------------------
+# nbd_connect DEV ARGS...: nbd-client ARGS DEV, then check the device is live
+nbd_connect() {
+    _dev=$1; shift
+    nbd-client "$@" "$_dev" || fail "nbd-client $* $_dev failed: $(dmesg | tail -n 3)"
+    on_exit "nbd-client -d $_dev"
+    wait_for 10 nbd-client -c "$_dev" >/dev/null || fail "$_dev not connected after nbd-client"
+    log "$_dev connected: $(blockdev --getsize64 "$_dev") bytes"
+}
+nbd_disconnect() {
+    nbd-client -d "$1" >/dev/null || fail "nbd-client -d $1 failed"
+    wait_for 10 sh -c "! nbd-client -c $1 >/dev/null" || fail "$1 still connected after nbd-client -d"
+    log "$1 disconnected"
+}
+
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+
+# --- workloads shared by the NBD tests ----------------------------------------
+# (cmp and md5sum, not sha256sum: hashing is slow under TCG)
+
+# check_pattern WRITE_DEV READ_DEV RECONNECT_CMD: write known data through
+# WRITE_DEV (at the start, at 64 MiB, in the last MiB), then after
+# RECONNECT_CMD (which must make READ_DEV a fresh connection to the same
+# export) read it back, so the data demonstrably went through the server and
+# not just the page cache. Also checks that an unwritten region reads zeroes.
+check_pattern() {
+    _w=$1 _r=$2 _reconnect=$3
+    step "pattern: write through $_w"
+    _size=$(blockdev --getsize64 "$_w")
+    _mib=$((_size / 1048576))
+    dd if=/dev/urandom of=pattern bs=1M count=8 2>/dev/null
+    head -c 1048576 pattern >pattern1
+    head -c 1048576 /dev/zero >zero1
+    dd if=pattern of="$_w" bs=1M conv=fsync 2>/dev/null
+    dd if=pattern of="$_w" bs=1M seek=64 conv=fsync 2>/dev/null
+    dd if=pattern1 of="$_w" bs=1M seek=$((_mib - 1)) conv=fsync 2>/dev/null
+    step "pattern: read back through $_r after reconnecting"
+    eval "$_reconnect"
+    drop_caches
+    dd if="$_r" bs=1M count=8 2>/dev/null | cmp -s - pattern || fail "data at offset 0 differs"
+    dd if="$_r" bs=1M skip=64 count=8 2>/dev/null | cmp -s - pattern || fail "data at 64 MiB differs"
+    dd if="$_r" bs=1M skip=$((_mib - 1)) 2>/dev/null | cmp -s - pattern1 || fail "data in the last MiB differs"
+    dd if="$_r" bs=1M skip=32 count=1 2>/dev/null | cmp -s - zero1 || fail "unwritten region at 32 MiB does not read as zeroes"
+    log "pattern ok (offset 0, 64 MiB, last MiB; zeroes at 32 MiB)"
+}
+
+# check_ext4 DEV: mkfs.ext4, mount, write files, sync, umount, e2fsck -fn
+# clean, remount and verify every file's checksum
+check_ext4() {
+    _dev=$1
+    load_module crc32c_generic   # ext4's metadata_csum needs crc32c (a softdep)
+    load_module ext4
+    step "mkfs.ext4 $_dev"
+    mkfs.ext4 -q -F "$_dev" || fail "mkfs.ext4 failed"
+    step "mount and write files"
+    mkdir -p /mnt/t
+    mount -t ext4 "$_dev" /mnt/t || fail "mount failed: $(dmesg | tail -n 3)"
+    on_exit "umount /mnt/t"
+    for i in 1 2 3 4; do dd if=/dev/urandom of=/mnt/t/big$i bs=1M count=4 2>/dev/null; done
+    mkdir -p /mnt/t/dir/sub
+    i=0
+    while [ $i -lt 200 ]; do echo "file $i $(date)" >/mnt/t/dir/sub/f$i; i=$((i + 1)); done
+    dd if=/dev/urandom of=/mnt/t/dir/odd bs=1000 count=77 2>/dev/null
+    _manifest=$PWD/manifest
+    (cd /mnt/t && find . -type f | sort | xargs md5sum) >"$_manifest"
+    sync
+    step "umount and e2fsck -fn"
+    umount /mnt/t || fail "umount failed"
+    drop_caches
+    _rc=0; e2fsck -fn "$_dev" >fsck.log 2>&1 || _rc=$?
+    [ "$_rc" = 0 ] || { cat fsck.log; fail "e2fsck -fn reports problems (exit $_rc)"; }
+    log "e2fsck: $(tail -n1 fsck.log)"
+    step "remount read-only and verify checksums"
+    mount -t ext4 -o ro "$_dev" /mnt/t || fail "remount failed"
+    (cd /mnt/t && md5sum -c -s "$_manifest") || fail "file checksums differ after remount"
+    [ "$(wc -l <manifest)" = 205 ] || fail "expected 205 files, manifest has $(wc -l <manifest)"
+    umount /mnt/t
+    log "ext4 ok: $(wc -l <manifest) files verified"
+}

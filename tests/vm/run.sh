@@ -1,0 +1,237 @@
+#!/usr/bin/env bash
+# tests/vm/run.sh [TEST...]: kernel-in-the-loop tests for ringbd.
+#
+# Builds an initramfs (busybox, the kernel modules the tests need, ringbd,
+# nbd-client, e2fsprogs, their shared libraries, and tests/vm/guest/*.sh),
+# boots it under qemu-system-x86_64 (TCG; VM_ACCEL=kvm to opt in), runs
+# the guest tests, parses their `VMTEST PASS|FAIL|SKIP name` lines from the
+# serial console and ends with `N passed, M failed`. Exits non-zero on any
+# failure, on a test that reported nothing, or on a guest that hung (hard
+# time limit).
+#
+# With no TEST arguments every tests/vm/guest/*.sh runs, in name order.
+# A TEST is a file name in tests/vm/guest/ without the .sh.
+#
+# Environment:
+#   RINGBD            ringbd binary (default target/release/ringbd; built with
+#                     `cargo build --release --locked -p ringbd` if missing)
+#   VM_TIMEOUT        hard limit for the whole VM run in seconds (default 300)
+#   VM_TEST_TIMEOUT   limit for one guest test in seconds (default 150)
+#   VM_MEM, VM_SMP    guest memory in MiB (default 1024) and CPUs (default 2)
+#   VM_CACHE          cache dir made by setup.sh (default target/vm-cache)
+#   VM_KEEP=1         keep the initramfs staging dir (path printed)
+#   VM_VERBOSE=1      show the kernel's log on the console too
+#   VM_ACCEL          tcg (default) or kvm
+set -euo pipefail
+shopt -s extglob
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+CACHE=${VM_CACHE:-$REPO/target/vm-cache}
+export VM_CACHE=$CACHE
+ROOT=$CACHE/root
+VM_TIMEOUT=${VM_TIMEOUT:-300}
+VM_TEST_TIMEOUT=${VM_TEST_TIMEOUT:-150}
+VM_MEM=${VM_MEM:-1024}
+VM_SMP=${VM_SMP:-2}
+
+say() { printf 'vm: %s\n' "$*"; }
+die() { printf 'vm: ERROR: %s\n' "$*" >&2; exit 2; }
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
+T_START=$(now)
+
+# --- what to run ------------------------------------------------------------------
+TESTS=()
+if (($#)); then
+    for t in "$@"; do
+        t=${t%.sh}; t=${t##*/}
+        [[ -f $HERE/guest/$t.sh ]] || die "no such test: $t (tests: $(cd "$HERE/guest" && ls -- *.sh | sed 's/\.sh$//' | tr '\n' ' '))"
+        TESTS+=("$t")
+    done
+else
+    for f in "$HERE"/guest/*.sh; do t=${f##*/}; TESTS+=("${t%.sh}"); done
+fi
+((${#TESTS[@]})) || die "no tests in $HERE/guest"
+
+# --- inputs -------------------------------------------------------------------------
+"$HERE/setup.sh"
+KVER=$(sed -n 's/^kernel=//p' "$CACHE/setup.stamp")
+KERNEL=$ROOT/boot/vmlinuz-$KVER
+MODDIR=$ROOT/lib/modules/$KVER
+BUSYBOX=$ROOT/bin/busybox
+LIBPATH=$ROOT/lib/x86_64-linux-gnu:$ROOT/usr/lib/x86_64-linux-gnu
+[[ -f $KERNEL && -d $MODDIR ]] || die "kernel $KVER not in $ROOT (rerun with VM_SETUP_FORCE=1 tests/vm/setup.sh)"
+
+RINGBD=${RINGBD:-$REPO/target/release/ringbd}
+if [[ ! -x $RINGBD ]]; then
+    [[ $RINGBD == "$REPO/target/release/ringbd" ]] || die "RINGBD=$RINGBD is not an executable"
+    say "building ringbd (cargo build --release --locked -p ringbd)"
+    (cd "$REPO" && cargo build --release --locked -p ringbd)
+fi
+
+# --- initramfs ------------------------------------------------------------------------
+WORK=$(mktemp -d "$CACHE/run.XXXXXX")
+cleanup() {
+    if [[ ${VM_KEEP:-0} == 1 ]]; then say "kept $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+STAGE=$WORK/stage
+mkdir -p "$STAGE"/{bin,sbin,usr/bin,usr/sbin,lib/x86_64-linux-gnu,lib64,etc,proc,sys,dev,tmp,run,mnt,root,vmtest/guest}
+
+# busybox and its applet links (real binaries copied below replace some)
+cp "$BUSYBOX" "$STAGE/bin/busybox"
+while read -r applet; do
+    [[ $applet == bin/busybox ]] && continue
+    ln -sf /bin/busybox "$STAGE/$applet"
+done < <("$BUSYBOX" --list-full)
+
+# dynamically linked programs, each with the libraries ldd resolves for it
+declare -A COPIED_LIB=()
+add_prog() {  # add_prog SRC DEST-IN-GUEST
+    local src=$1 dest=$2 line name path
+    rm -f "$STAGE/$dest"
+    cp -L "$src" "$STAGE/$dest"
+    while read -r line; do
+        if [[ $line =~ ^([^[:space:]]+)\ =\>\ (/[^[:space:]]+) ]]; then
+            name=${BASH_REMATCH[1]}; path=${BASH_REMATCH[2]}
+            [[ -n ${COPIED_LIB[$name]:-} ]] && continue
+            cp -L "$path" "$STAGE/lib/x86_64-linux-gnu/$name"
+            COPIED_LIB[$name]=1
+        elif [[ $line =~ ^(/[^[:space:]]+)\ \( ]]; then   # the ELF interpreter
+            path=${BASH_REMATCH[1]}
+            mkdir -p "$STAGE/$(dirname "$path")"
+            cp -L "$path" "$STAGE/$path"
+        elif [[ $line == *"not found"* ]]; then
+            die "$src: $line"
+        fi
+    done < <(LD_LIBRARY_PATH=$LIBPATH ldd "$src" | sed 's/^[[:space:]]*//')
+}
+add_prog "$RINGBD" usr/bin/ringbd
+add_prog "$ROOT/sbin/nbd-client" sbin/nbd-client
+add_prog "$ROOT/sbin/mke2fs" sbin/mke2fs
+add_prog "$ROOT/sbin/e2fsck" sbin/e2fsck
+ln -sf mke2fs "$STAGE/sbin/mkfs.ext4"
+ln -sf e2fsck "$STAGE/sbin/fsck.ext4"
+cp "$ROOT/etc/mke2fs.conf" "$STAGE/etc/mke2fs.conf"
+printf 'root:x:0:0:root:/root:/bin/sh\n' >"$STAGE/etc/passwd"
+printf 'root:x:0:\n' >"$STAGE/etc/group"
+
+# kernel modules: the ones the tests load, with their dependencies (from each
+# module's .modinfo), uncompressed (busybox insmod does not read .ko.xz);
+# busybox depmod then writes modules.dep and modules.alias for modprobe.
+WANT_MODULES=(nbd ublk_drv ext4 crc32c_generic)
+declare -A MODPATH=() MODDONE=()
+while read -r f; do
+    n=${f##*/}; n=${n%%.ko*}; MODPATH[${n//-/_}]=$f
+done < <(cd "$MODDIR" && find kernel -name '*.ko*')
+add_module() {
+    local name=${1//-/_} rel dst deps d
+    [[ -n ${MODDONE[$name]:-} ]] && return 0
+    MODDONE[$name]=1
+    if [[ -z ${MODPATH[$name]:-} ]]; then
+        grep -q "/${name//_/[-_]}\.ko" "$MODDIR/modules.builtin" && return 0   # built in
+        die "module $name not found in kernel $KVER"
+    fi
+    rel=${MODPATH[$name]}
+    dst=$STAGE/lib/modules/$KVER/${rel%%.ko*}.ko
+    mkdir -p "$(dirname "$dst")"
+    case $rel in
+        *.ko.xz) "$BUSYBOX" unxz -c "$MODDIR/$rel" >"$dst" ;;
+        *.ko.gz) "$BUSYBOX" gunzip -c "$MODDIR/$rel" >"$dst" ;;
+        *.ko.zst) zstd -qdc "$MODDIR/$rel" >"$dst" ;;
+        *.ko) cp "$MODDIR/$rel" "$dst" ;;
+        *) die "unknown module format: $rel" ;;
+    esac
+    deps=$(tr '\0' '\n' <"$dst" | sed -n 's/^depends=//p' | tr ',' ' ')
+    for d in $deps; do add_module "$d"; done
+}
+for m in "${WANT_MODULES[@]}"; do add_module "$m"; done
+cp "$MODDIR"/modules.builtin* "$MODDIR/modules.order" "$STAGE/lib/modules/$KVER/"
+"$BUSYBOX" depmod -b "$STAGE" "$KVER"
+
+# the guest side of the harness and the tests
+cp "$HERE/init" "$STAGE/init"
+cp "$HERE/lib.sh" "$STAGE/vmtest/lib.sh"
+cp "$HERE"/guest/*.sh "$STAGE/vmtest/guest/"
+chmod 755 "$STAGE/init" "$STAGE"/vmtest/guest/*.sh
+
+INITRD=$WORK/initramfs.cpio
+(cd "$STAGE" && find . | LC_ALL=C sort | "$BUSYBOX" cpio -o -H newc >"$INITRD" 2>/dev/null)
+T_BUILT=$(now)
+say "initramfs: $(du -m "$INITRD" | cut -f1) MiB, modules: ${!MODDONE[*]} ($(elapsed "$T_START" "$T_BUILT") s)"
+
+# --- boot --------------------------------------------------------------------------------
+QEMU=$ROOT/usr/bin/qemu-system-x86_64
+# TCG by default: it works everywhere (a /dev/kvm may exist on a nested host
+# and still not work, e.g. qemu 7.2 aborts on "failed to set MSR 0x10a").
+case ${VM_ACCEL:-tcg} in
+    tcg) ACCEL=(-accel tcg,thread=multi -cpu max) ;;
+    kvm) ACCEL=(-accel kvm -cpu host) ;;
+    *) die "VM_ACCEL must be tcg or kvm" ;;
+esac
+LOGLEVEL="quiet loglevel=1"
+[[ ${VM_VERBOSE:-0} == 1 ]] && LOGLEVEL="loglevel=7"
+TESTLIST=$(IFS=,; echo "${TESTS[*]}")
+APPEND="console=ttyS0 panic=-1 $LOGLEVEL rdinit=/init vmtests=$TESTLIST vmtest_timeout=$VM_TEST_TIMEOUT"
+LOG=$CACHE/last-run.log
+say "booting $KVER (${ACCEL[*]}, ${VM_MEM} MiB, ${VM_SMP} CPUs), tests: ${TESTS[*]}; console log: $LOG"
+
+declare -A RESULT=() REASON=()
+T_BOOTED="" GUEST_DONE=0
+read_console() {  # echo the console, keep a copy in $LOG, collect results
+    local line
+    while IFS= read -r line || [[ -n $line ]]; do
+        line=${line//$'\r'/}
+        line=${line//$'\e'\[*([0-9;?])[a-zA-Z]/}   # SeaBIOS's terminal escapes
+        printf '%s\n' "$line"
+        printf '%s\n' "$line" >&3
+        if [[ $line =~ VMTEST\ BOOTED ]]; then
+            T_BOOTED=$(now)
+            say "guest userspace up after $(elapsed "$T_BUILT" "$T_BOOTED") s (host wall clock)"
+        elif [[ $line =~ VMTEST\ (PASS|FAIL|SKIP)\ ([A-Za-z0-9_.-]+)(:\ (.*)|\ .*)?$ ]]; then
+            RESULT[${BASH_REMATCH[2]}]=${BASH_REMATCH[1]}
+            REASON[${BASH_REMATCH[2]}]=${BASH_REMATCH[4]}
+        elif [[ $line =~ VMTEST\ DONE ]]; then
+            GUEST_DONE=1
+        fi
+    done
+}
+exec 3>"$LOG"
+read_console < <(LD_LIBRARY_PATH=$LIBPATH QEMU_MODULE_DIR=$ROOT/usr/lib/x86_64-linux-gnu/qemu exec timeout -k 5 "$VM_TIMEOUT" "$QEMU" \
+    -L "$ROOT/usr/share/qemu" -L "$ROOT/usr/share/seabios" \
+    "${ACCEL[@]}" -m "$VM_MEM" -smp "$VM_SMP" \
+    -nographic -no-reboot -nodefaults -no-user-config -vga none -net none \
+    -serial stdio -monitor none \
+    -kernel "$KERNEL" -initrd "$INITRD" -append "$APPEND" \
+    </dev/null 2>&1)
+QEMU_RC=0
+wait $! || QEMU_RC=$?
+exec 3>&-
+T_END=$(now)
+[[ -t 1 ]] && stty sane 2>/dev/null || true
+
+# --- verdict -------------------------------------------------------------------------------
+echo
+if ((QEMU_RC == 124 || QEMU_RC == 137)); then
+    say "TIMEOUT: the VM ran past VM_TIMEOUT=${VM_TIMEOUT}s and was killed"
+elif ((QEMU_RC != 0)); then
+    say "qemu exited with status $QEMU_RC"
+fi
+((GUEST_DONE)) || say "the guest did not finish its test run (hung, crashed or panicked: see $LOG)"
+passed=0 failed=0 skipped=0
+for t in "${TESTS[@]}"; do
+    case ${RESULT[$t]:-} in
+        PASS) passed=$((passed + 1)); say "PASS $t" ;;
+        SKIP) skipped=$((skipped + 1)); say "SKIP $t: ${REASON[$t]}" ;;
+        FAIL) failed=$((failed + 1)); say "FAIL $t: ${REASON[$t]}" ;;
+        *) failed=$((failed + 1)); say "FAIL $t: no result from the guest" ;;
+    esac
+done
+if ((!GUEST_DONE || QEMU_RC != 0)) && ((failed == 0)); then
+    failed=1   # every test reported, but the VM itself did not end cleanly
+fi
+say "boot to userspace: $( [[ -n $T_BOOTED ]] && elapsed "$T_BUILT" "$T_BOOTED" || echo '?') s, VM total: $(elapsed "$T_BUILT" "$T_END") s, run.sh total: $(elapsed "$T_START" "$T_END") s"
+((skipped)) && echo "$skipped skipped"
+echo "$passed passed, $failed failed"
+((failed == 0))

@@ -103,7 +103,8 @@ pub enum Completion<S> {
     /// [`Ring::recycle`]. `len == 0` means the peer closed its side.
     /// `more`: the receive is still armed.
     Recv { conn: u32, result: io::Result<RecvBufs>, more: bool },
-    /// A send finished: `result` is the bytes sent; `source` is returned.
+    /// A send finished: `result` is the bytes sent; `source` is returned
+    /// (for a zero-copy send, only once the kernel released its pages).
     Send { conn: u32, result: io::Result<usize>, source: S, skip: usize },
     /// A cancellation request finished.
     Cancelled,
@@ -113,6 +114,12 @@ pub enum Completion<S> {
 /// once buffers are back).
 pub fn is_out_of_buffers(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::ENOBUFS)
+}
+
+/// The kernel cannot do this operation on this file (e.g. zero-copy send
+/// on a socket type without it).
+pub fn is_unsupported(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EOPNOTSUPP)
 }
 
 /// An operation ended because it was cancelled.
@@ -136,7 +143,16 @@ pub struct RingStats {
     pub recv_buffers: u64,
     pub send_calls: u64,
     pub sent_bytes: u64,
+    /// Zero-copy sends issued, and how many of them the kernel copied anyway.
+    pub zc_sends: u64,
+    pub zc_copied: u64,
 }
+
+/// `IORING_SEND_ZC_REPORT_USAGE`: the notification says whether the
+/// kernel copied the data anyway.
+const SEND_ZC_REPORT_USAGE: u16 = 1 << 3;
+/// `IORING_NOTIF_USAGE_ZC_COPIED`, in a zero-copy notification's result.
+const NOTIF_USAGE_ZC_COPIED: u32 = 1 << 31;
 
 const KIND_SHIFT: u32 = 56;
 const KIND_ACCEPT: u64 = 1;
@@ -153,6 +169,10 @@ struct InflightSend<S> {
     source: S,
     skip: usize,
     conn: u32,
+    /// Zero-copy: the memory is the kernel's until the notification.
+    zc: bool,
+    /// Result of a zero-copy send, held until its notification arrives.
+    result: Option<io::Result<usize>>,
     /// Kept alive until the kernel is done with the message.
     iov: Vec<libc::iovec>,
     msg: Box<libc::msghdr>,
@@ -257,6 +277,7 @@ impl<S: SendSource> Ring<S> {
         source: S,
         skip: usize,
         more: bool,
+        zerocopy: bool,
     ) -> io::Result<()> {
         let mut slices = Vec::with_capacity(8);
         source.iovecs(skip, &mut slices);
@@ -277,19 +298,29 @@ impl<S: SendSource> Ring<S> {
             }
         };
         let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
-        let e = opcode::SendMsg::new(types::Fd(fd.as_raw_fd()), &*msg as *const libc::msghdr)
-            .flags(flags as u32)
-            .build()
-            .user_data(user_data(KIND_SEND, conn, slot));
+        let fd = types::Fd(fd.as_raw_fd());
+        let e = if zerocopy {
+            opcode::SendMsgZc::new(fd, &*msg as *const libc::msghdr)
+                .flags(flags as u32)
+                .ioprio(SEND_ZC_REPORT_USAGE)
+                .build()
+        } else {
+            opcode::SendMsg::new(fd, &*msg as *const libc::msghdr).flags(flags as u32).build()
+        };
+        let e = e.user_data(user_data(KIND_SEND, conn, slot));
         // The iovecs point into `source`'s heap buffers, which do not move
         // when `source` moves into the slot.
-        self.sends[slot as usize] = Some(InflightSend { source, skip, conn, iov, msg });
+        self.sends[slot as usize] =
+            Some(InflightSend { source, skip, conn, zc: zerocopy, result: None, iov, msg });
         if let Err(e) = self.push(e) {
             self.sends[slot as usize] = None;
             self.free_sends.push(slot);
             return Err(e);
         }
         self.stats.send_calls += 1;
+        if zerocopy {
+            self.stats.zc_sends += 1;
+        }
         Ok(())
     }
 
@@ -352,13 +383,29 @@ impl<S: SendSource> Ring<S> {
                 Some(Completion::Recv { conn: id, result, more })
             }
             KIND_SEND => {
+                let entry = self.sends.get_mut(slot as usize)?.as_mut()?;
+                let result = if entry.zc && cqueue::notif(flags) {
+                    // The kernel is done with the pages; `res` says whether
+                    // it had to copy them after all (loopback always does).
+                    if res as u32 & NOTIF_USAGE_ZC_COPIED != 0 {
+                        self.stats.zc_copied += 1;
+                    }
+                    entry.result.take().unwrap_or(Ok(0))
+                } else {
+                    let r = if res < 0 { Err(err(res)) } else { Ok(res as usize) };
+                    if let Ok(n) = r {
+                        self.stats.sent_bytes += n as u64;
+                    }
+                    if entry.zc && more {
+                        // The buffers stay pinned until the notification.
+                        entry.result = Some(r);
+                        return None;
+                    }
+                    r
+                };
                 let s = self.sends.get_mut(slot as usize)?.take()?;
                 self.free_sends.push(slot);
                 drop((s.iov, s.msg));
-                let result = if res < 0 { Err(err(res)) } else { Ok(res as usize) };
-                if let Ok(n) = result {
-                    self.stats.sent_bytes += n as u64;
-                }
                 debug_assert_eq!(s.conn, id);
                 Some(Completion::Send { conn: s.conn, result, source: s.source, skip: s.skip })
             }
@@ -622,7 +669,7 @@ mod tests {
     fn send_returns_the_source_and_counts_bytes() {
         let mut r = ring(false);
         let (a, mut b) = UnixStream::pair().unwrap();
-        r.send(a.as_fd(), 3, Bytes(b"hello world".to_vec()), 6, false).unwrap();
+        r.send(a.as_fd(), 3, Bytes(b"hello world".to_vec()), 6, false, false).unwrap();
         r.submit_and_wait(1).unwrap();
         let mut done = false;
         r.completions(|_, c| {
@@ -636,5 +683,41 @@ mod tests {
         let mut buf = [0u8; 5];
         std::io::Read::read_exact(&mut b, &mut buf).unwrap();
         assert_eq!(&buf, b"world");
+    }
+
+    #[test]
+    fn zero_copy_send_returns_the_source_after_its_notification() {
+        let f = Features::probe();
+        assert!(f.send_zc, "kernel lacks SEND_ZC");
+        let mut r = ring(false);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut b, _) = l.accept().unwrap();
+        let payload: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        r.send(a.as_fd(), 9, Bytes(payload.clone()), 0, false, true).unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; 200_000];
+            std::io::Read::read_exact(&mut b, &mut got).map(|_| got)
+        });
+        let mut sent = 0;
+        let mut returned = false;
+        while !returned {
+            r.submit_and_wait(1).unwrap();
+            r.completions(|_, c| {
+                if let Completion::Send { conn, result, source, .. } = c {
+                    assert_eq!(conn, 9);
+                    sent = result.unwrap();
+                    assert_eq!(source.0.len(), 200_000);
+                    returned = true;
+                }
+            });
+        }
+        assert!(sent > 0);
+        // A short send leaves the rest to us.
+        std::io::Write::write_all(&mut &a, &payload[sent..]).unwrap();
+        assert_eq!(reader.join().unwrap().unwrap(), payload);
+        assert_eq!(r.stats.zc_sends, 1);
+        assert_eq!(r.stats.zc_copied, 1, "loopback always copies");
+        assert_eq!(r.inflight(), 0);
     }
 }

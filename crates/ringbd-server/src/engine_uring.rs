@@ -27,7 +27,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use ringbd_io::uring::{
-    is_cancelled, is_out_of_buffers, Completion, Features, Ring, RingConfig, RingStats, SendSource,
+    is_cancelled, is_out_of_buffers, is_unsupported, Completion, Features, Ring, RingConfig, RingStats,
+    SendSource,
 };
 
 use crate::conn::Connection;
@@ -46,6 +47,10 @@ pub struct UringOptions {
     pub coalesce: bool,
     pub recv_buffers: u16,
     pub recv_buffer_size: u32,
+    /// Zero-copy sends (SENDMSG_ZC) over TCP for batches carrying at least
+    /// `zerocopy_threshold` bytes of read payload.
+    pub zerocopy: bool,
+    pub zerocopy_threshold: usize,
 }
 
 impl Default for UringOptions {
@@ -56,6 +61,8 @@ impl Default for UringOptions {
             coalesce: true,
             recv_buffers: 512,
             recv_buffer_size: 32 * 1024,
+            zerocopy: true,
+            zerocopy_threshold: 64 * 1024,
         }
     }
 }
@@ -80,6 +87,8 @@ pub struct EngineStats {
     pub send_calls: AtomicU64,
     pub replies: AtomicU64,
     pub enters: AtomicU64,
+    pub zc_sends: AtomicU64,
+    pub zc_copied: AtomicU64,
 }
 
 impl EngineStats {
@@ -97,12 +106,14 @@ impl EngineStats {
         let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
         format!(
             "connections {}, requests {req}, requests/recv completion {:.2}, buffers/recv completion {:.2}, \
-             replies/send {:.2}, ring enters/request {:.3}",
+             replies/send {:.2}, ring enters/request {:.3}, zero-copy sends {}, zero-copy sends the kernel copied {}",
             g(&self.connections),
             ratio(req, rc),
             ratio(rb, rc),
             ratio(rep, sc),
             ratio(en, req),
+            g(&self.zc_sends),
+            g(&self.zc_copied),
         )
     }
 }
@@ -176,6 +187,11 @@ impl Engine {
                 live: 0,
                 stopping: None,
                 coalesce: opts.coalesce,
+                zerocopy: if opts.zerocopy && features.send_zc {
+                    Some(opts.zerocopy_threshold)
+                } else {
+                    None
+                },
                 stats: stats.clone(),
                 local: Local::default(),
                 seen: RingStats::default(),
@@ -261,6 +277,8 @@ struct State {
     live: usize,
     stopping: Option<Instant>,
     coalesce: bool,
+    /// Zero-copy threshold, when zero-copy sends are on.
+    zerocopy: Option<usize>,
     stats: Arc<EngineStats>,
     local: Local,
     /// Ring counters already published.
@@ -277,6 +295,8 @@ struct Conn {
     backlog: VecDeque<(u16, u32, u32)>,
     /// The socket failed; drop whatever is queued.
     broken: bool,
+    /// TCP (zero-copy sends apply); false after the kernel refused one.
+    zc_ok: bool,
     shut: bool,
     dirty: bool,
 }
@@ -351,6 +371,7 @@ impl State {
         if self.stopping.is_some() {
             return; // dropping the fd closes it
         }
+        let tcp = matches!(self.listeners.get(listener as usize), Some(Listener::Tcp(_)));
         let stream = match self.listeners.get(listener as usize) {
             Some(Listener::Tcp(_)) => {
                 let s = TcpStream::from(fd);
@@ -380,6 +401,7 @@ impl State {
             send_inflight: false,
             backlog: VecDeque::new(),
             broken: false,
+            zc_ok: tcp,
             shut: false,
             dirty: true,
         };
@@ -454,7 +476,8 @@ impl State {
         match result {
             Ok(n) if skip + n < source.len() && n > 0 => {
                 // Short send: the rest goes first, before anything newer.
-                match ring.send(c.stream.as_fd(), id, source, skip + n, false) {
+                let zc = c.zc_ok && self.zerocopy.is_some_and(|t| source.len() - skip - n >= t);
+                match ring.send(c.stream.as_fd(), id, source, skip + n, false, zc) {
                     Ok(()) => c.send_inflight = true,
                     Err(_) => c.broken = true,
                 }
@@ -463,6 +486,14 @@ impl State {
             Ok(_) => {
                 self.local.replies += u64::from(source.replies());
                 c.conn.recycle(source);
+            }
+            Err(e) if is_unsupported(&e) && c.zc_ok => {
+                // This socket cannot do zero-copy: send normally from now on.
+                c.zc_ok = false;
+                match ring.send(c.stream.as_fd(), id, source, skip, false, false) {
+                    Ok(()) => c.send_inflight = true,
+                    Err(_) => c.broken = true,
+                }
             }
             Err(_) => c.broken = true,
         }
@@ -484,7 +515,8 @@ impl State {
                 let out = c.conn.take_out();
                 // More replies follow right after this send: let TCP cork.
                 let more = !c.backlog.is_empty();
-                match ring.send(c.stream.as_fd(), id as u32, out, 0, more) {
+                let zc = c.zc_ok && self.zerocopy.is_some_and(|t| out.large_bytes() >= t);
+                match ring.send(c.stream.as_fd(), id as u32, out, 0, more, zc) {
                     Ok(()) => c.send_inflight = true,
                     Err(e) => {
                         log::warn(format_args!("send: {e}"));
@@ -575,6 +607,8 @@ impl State {
         s.recv_buffers.fetch_add(rs.recv_buffers.saturating_sub(self.seen.recv_buffers), Ordering::Relaxed);
         s.send_calls.fetch_add(rs.send_calls.saturating_sub(self.seen.send_calls), Ordering::Relaxed);
         s.enters.fetch_add(rs.enters.saturating_sub(self.seen.enters), Ordering::Relaxed);
+        s.zc_sends.fetch_add(rs.zc_sends.saturating_sub(self.seen.zc_sends), Ordering::Relaxed);
+        s.zc_copied.fetch_add(rs.zc_copied.saturating_sub(self.seen.zc_copied), Ordering::Relaxed);
         self.seen = rs;
     }
 }

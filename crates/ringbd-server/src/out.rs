@@ -27,6 +27,11 @@ impl OutBuf {
         self.bytes.len() + self.large_len
     }
 
+    /// Bytes queued as separate large payloads.
+    pub fn large_bytes(&self) -> usize {
+        self.large_len
+    }
+
     /// Replies queued.
     pub fn replies(&self) -> u32 {
         self.replies

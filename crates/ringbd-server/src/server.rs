@@ -192,12 +192,17 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
         };
         log::warn(format_args!(
             "engine io_uring: {} ring(s) (single issuer + defer taskrun: {}), multishot accept, multishot recv over \
-             {} x {} KiB provided buffers, bundles {bundle}, replies {}",
+             {} x {} KiB provided buffers, bundles {bundle}, replies {}, zero-copy sends {}",
             o.threads,
             if features.defer_taskrun { "yes" } else { "no" },
             o.recv_buffers,
             o.recv_buffer_size / 1024,
             if o.coalesce { "coalesced per loop turn" } else { "one send each" },
+            match (o.zerocopy, features.send_zc) {
+                (true, true) => format!("over TCP from {} KiB of read payload", o.zerocopy_threshold / 1024),
+                (true, false) => "unavailable".to_owned(),
+                (false, _) => "off".to_owned(),
+            },
         ));
         let listeners = Arc::new(listeners);
         let eng = Engine::start(listeners, exports.clone(), config.uring, features)

@@ -71,6 +71,12 @@ struct ServeArgs {
     /// A/B switch: receive one provided buffer per completion (no bundles).
     #[arg(long)]
     no_bundle: bool,
+    /// A/B switch: never use zero-copy sends (SENDMSG_ZC).
+    #[arg(long)]
+    no_zerocopy: bool,
+    /// Send batches carrying at least this much read payload with SENDMSG_ZC (TCP only).
+    #[arg(long, value_name = "SIZE", default_value = "64K", value_parser = ringbd_backend::parse_size)]
+    zerocopy_threshold: u64,
     /// Print the engine's counters (requests per receive, replies per send...) this often, e.g. 1s or 500ms; they are always printed at exit.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     stats_interval: Option<Duration>,
@@ -139,6 +145,8 @@ fn serve(a: ServeArgs) -> ExitCode {
             }
             u.coalesce = !a.no_coalesce;
             u.bundle = !a.no_bundle;
+            u.zerocopy = !a.no_zerocopy;
+            u.zerocopy_threshold = usize::try_from(a.zerocopy_threshold).unwrap_or(usize::MAX);
             u
         },
         stats_interval: a.stats_interval,

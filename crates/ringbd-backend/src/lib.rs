@@ -15,6 +15,7 @@ pub mod null;
 pub mod spec;
 
 use std::ops::Range;
+use std::sync::Arc;
 
 pub use error::{Error, ErrorKind, Op, Result};
 pub use spec::{open, parse_size, Spec, SpecError};
@@ -78,6 +79,40 @@ impl Holes {
     }
 }
 
+/// A piece of a zero-copy read: the backend's own memory (kept alive by the
+/// reference count, never written in place while shared) or a known-zero run.
+#[derive(Debug, Clone)]
+pub enum Piece {
+    /// `len` bytes reading as zero (nothing stored: a hole).
+    Zero(usize),
+    Shared {
+        page: Arc<[u8]>,
+        start: usize,
+        len: usize,
+    },
+}
+
+impl Piece {
+    pub fn len(&self) -> usize {
+        match self {
+            Piece::Zero(n) => *n,
+            Piece::Shared { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes, or `None` for a zero run.
+    pub fn bytes(&self) -> Option<&[u8]> {
+        match self {
+            Piece::Zero(_) => None,
+            Piece::Shared { page, start, len } => page.get(*start..*start + *len),
+        }
+    }
+}
+
 /// A storage backend. Offsets and lengths are already validated against
 /// [`Backend::size`] by the caller; implementations still never panic on them.
 pub trait Backend: Send + Sync {
@@ -89,6 +124,14 @@ pub trait Backend: Send + Sync {
     fn describe(&self) -> String;
     /// Fills `buf` from `offset`; reports the sparse ranges it zero-filled.
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<Holes>;
+    /// Zero-copy read for backends whose data already sits in memory:
+    /// appends pieces covering `[offset, offset+len)` in order and returns
+    /// true; returns false (appending nothing) when the backend cannot.
+    fn read_shared(&self, offset: u64, len: usize, out: &mut Vec<Piece>) -> Result<bool> {
+        let _ = (offset, len, out);
+        Ok(false)
+    }
+
     /// Writes `data` at `offset`; with `fua`, durable before returning.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()>;
     /// Makes every completed write durable.

@@ -8,9 +8,9 @@
 //! 2^63-byte export costs nothing until written.
 
 use std::collections::BTreeMap;
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::{Backend, Caps, Error, ErrorKind, Extent, Holes, Op, Result, ZeroFlags, MAX_EXTENTS};
+use crate::{Backend, Caps, Error, ErrorKind, Extent, Holes, Op, Piece, Result, ZeroFlags, MAX_EXTENTS};
 
 /// Allocation granularity (bytes).
 pub const PAGE: u64 = 32 * 1024;
@@ -19,7 +19,9 @@ pub const SHARDS: usize = 16;
 /// Most pages one block-status call inspects before answering.
 const MAX_SCAN_PAGES: u64 = 1 << 16;
 
-type Page = Box<[u8]>;
+/// A page; shared (reference counted) so zero-copy reads can hand it to the
+/// kernel while writers copy on write.
+type Page = Arc<[u8]>;
 type Shard = BTreeMap<u64, Page>;
 
 pub struct MemoryBackend {
@@ -94,7 +96,7 @@ impl MemoryBackend {
             let page = from / PAGE;
             if let Some(p) = self.write_shard(page).get_mut(&page) {
                 let a = (from % PAGE) as usize;
-                p[a..a + (to - from) as usize].fill(0);
+                Arc::make_mut(p)[a..a + (to - from) as usize].fill(0);
             }
         };
         if first_full >= end_full {
@@ -118,12 +120,14 @@ impl MemoryBackend {
 }
 
 fn new_page(offset: u64, len: u64) -> Result<Page> {
-    let mut v: Vec<u8> = Vec::new();
-    v.try_reserve_exact(PAGE as usize).map_err(|_| {
+    // Probe for the memory first so an exhausted machine gives the client
+    // ENOSPC instead of aborting the server.
+    let mut probe: Vec<u8> = Vec::new();
+    probe.try_reserve_exact(PAGE as usize).map_err(|_| {
         Error::other(ErrorKind::NoSpace, Op::Write, offset, len, "out of memory for export pages")
     })?;
-    v.resize(PAGE as usize, 0);
-    Ok(v.into_boxed_slice())
+    drop(probe);
+    Ok(std::iter::repeat_n(0u8, PAGE as usize).collect())
 }
 
 impl Backend for MemoryBackend {
@@ -165,6 +169,20 @@ impl Backend for MemoryBackend {
         Ok(holes)
     }
 
+    fn read_shared(&self, offset: u64, len: usize, out: &mut Vec<Piece>) -> Result<bool> {
+        Self::for_each_piece(offset, len, |page, in_page, range| {
+            let shard = self.read_shard(page);
+            match shard.get(&page) {
+                Some(p) => out.push(Piece::Shared { page: p.clone(), start: in_page, len: range.len() }),
+                None => match out.last_mut() {
+                    Some(Piece::Zero(n)) => *n += range.len(),
+                    _ => out.push(Piece::Zero(range.len())),
+                },
+            }
+        });
+        Ok(true)
+    }
+
     fn write(&self, offset: u64, data: &[u8], _fua: bool) -> Result<()> {
         let mut result = Ok(());
         Self::for_each_piece(offset, data.len(), |page, in_page, range| {
@@ -174,12 +192,13 @@ impl Backend for MemoryBackend {
             let src = &data[range];
             let mut shard = self.write_shard(page);
             match shard.get_mut(&page) {
-                Some(p) => p[in_page..in_page + src.len()].copy_from_slice(src),
+                // Copy on write when a zero-copy read still holds the page.
+                Some(p) => Arc::make_mut(p)[in_page..in_page + src.len()].copy_from_slice(src),
                 // Zeroes into an unallocated page change nothing.
                 None if src.iter().all(|&b| b == 0) => {}
                 None => match new_page(offset, data.len() as u64) {
                     Ok(mut p) => {
-                        p[in_page..in_page + src.len()].copy_from_slice(src);
+                        Arc::make_mut(&mut p)[in_page..in_page + src.len()].copy_from_slice(src);
                         shard.insert(page, p);
                     }
                     Err(e) => result = Err(e),
@@ -346,6 +365,26 @@ mod tests {
         assert_eq!(e[1], Extent { len: PAGE, hole: false, zero: false });
         m.trim(0, i64::MAX as u64 - 7, false).unwrap();
         assert_eq!(m.allocated_bytes(), 0);
+    }
+
+    #[test]
+    fn shared_reads_see_the_data_of_their_moment_and_writers_copy_on_write() {
+        let m = MemoryBackend::new(4 * PAGE);
+        m.write(100, b"old", false).unwrap();
+        let mut pieces = Vec::new();
+        assert!(m.read_shared(100, 3 + PAGE as usize, &mut pieces).unwrap());
+        // A write after the read must not change what the read handed out.
+        m.write(100, b"new", false).unwrap();
+        match &pieces[0] {
+            Piece::Shared { page, start, len } => {
+                assert_eq!(&page[*start..*start + 3], b"old");
+                assert_eq!(*len, PAGE as usize - 100);
+            }
+            other => panic!("expected shared data, got {other:?}"),
+        }
+        assert!(matches!(pieces[1], Piece::Zero(n) if n == 103), "{pieces:?}");
+        let (b, _) = read(&m, 100, 3);
+        assert_eq!(&b, b"new");
     }
 
     #[test]

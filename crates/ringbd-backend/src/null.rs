@@ -1,6 +1,6 @@
 //! Null backend: writes are discarded, reads return zeroes (as holes).
 
-use crate::{Backend, Caps, Extent, Holes, Result, ZeroFlags};
+use crate::{Backend, Caps, Extent, Holes, Piece, Result, ZeroFlags};
 
 pub struct NullBackend {
     size: u64,
@@ -40,6 +40,11 @@ impl Backend for NullBackend {
         let mut h = Holes::default();
         h.push(0..buf.len());
         Ok(h)
+    }
+
+    fn read_shared(&self, _offset: u64, len: usize, out: &mut Vec<Piece>) -> Result<bool> {
+        out.push(Piece::Zero(len));
+        Ok(true)
     }
 
     fn write(&self, _offset: u64, _data: &[u8], _fua: bool) -> Result<()> {

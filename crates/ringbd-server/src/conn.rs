@@ -397,6 +397,14 @@ impl Tx {
             return;
         }
         let s = &self.session;
+        // Backends whose data sits in memory hand out their pages: the reply
+        // is sent straight from them, with no staging copy.
+        let mut pieces = Vec::new();
+        match self.backend.read_shared(offset, len, &mut pieces) {
+            Ok(true) => return self.send_pieces(req, offset, len, df, pieces, out),
+            Ok(false) => {}
+            Err(e) => return self.backend_error(req, &e, out),
+        }
         if len <= COPY_LIMIT {
             // Read straight into the queue behind room for the header.
             let hl = s.data_header_len();
@@ -436,6 +444,54 @@ impl Tx {
         }
         self.chunks(req, offset, &buf, &holes.0, out, true);
         pool.push(buf);
+    }
+
+    /// A read reply from zero-copy pieces: one data chunk (simple replies,
+    /// DF, or no holes), else data chunks and hole chunks.
+    fn send_pieces(
+        &self,
+        req: &Request,
+        offset: u64,
+        len: usize,
+        df: bool,
+        pieces: Vec<ringbd_backend::Piece>,
+        out: &mut OutBuf,
+    ) {
+        let s = &self.session;
+        let has_hole = pieces.iter().any(|p| p.bytes().is_none());
+        if !s.structured() || df || !has_hole {
+            s.write_data_header(out.bytes(), req, offset, len as u64, true);
+            pieces.into_iter().for_each(|p| out.push_piece(p));
+            return;
+        }
+        // Runs of data pieces become one OFFSET_DATA chunk each.
+        let mut runs: Vec<(usize, usize, bool)> = Vec::new(); // (start, len, hole)
+        let mut pos = 0;
+        for p in &pieces {
+            let hole = p.bytes().is_none();
+            match runs.last_mut() {
+                Some(r) if r.2 == hole && !hole => r.1 += p.len(),
+                _ => runs.push((pos, p.len(), hole)),
+            }
+            pos += p.len();
+        }
+        let last = runs.len() - 1;
+        let mut it = pieces.into_iter();
+        for (i, (start, n, hole)) in runs.into_iter().enumerate() {
+            let at = offset + start as u64;
+            if hole {
+                it.next();
+                s.write_hole(out.bytes(), req, at, n as u32, i == last);
+                continue;
+            }
+            s.write_data_header(out.bytes(), req, at, n as u64, i == last);
+            let mut left = n;
+            while left > 0 {
+                let Some(p) = it.next() else { break };
+                left = left.saturating_sub(p.len());
+                out.push_piece(p);
+            }
+        }
     }
 
     /// A structured read reply with holes: data pieces as `OFFSET_DATA`,

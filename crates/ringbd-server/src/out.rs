@@ -6,12 +6,24 @@
 
 use std::io::IoSlice;
 
+use ringbd_backend::Piece;
+
+/// Source of iovecs for zero runs of zero-copy reads.
+static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
+
+/// A payload kept outside the inline queue.
+enum Seg {
+    Owned(Vec<u8>),
+    /// A piece of the export's own memory (zero-copy read).
+    Shared(Piece),
+}
+
 /// Queued reply bytes.
 #[derive(Default)]
 pub struct OutBuf {
     bytes: Vec<u8>,
-    /// Large payloads, each to be sent right after `bytes[..at]`.
-    large: Vec<(usize, Vec<u8>)>,
+    /// Payloads, each to be sent right after `bytes[..at]`.
+    large: Vec<(usize, Seg)>,
     large_len: usize,
     /// Replies (complete answers to requests) queued.
     replies: u32,
@@ -49,7 +61,13 @@ impl OutBuf {
     /// Queues a large payload after everything queued so far.
     pub(crate) fn push_large(&mut self, payload: Vec<u8>) {
         self.large_len += payload.len();
-        self.large.push((self.bytes.len(), payload));
+        self.large.push((self.bytes.len(), Seg::Owned(payload)));
+    }
+
+    /// Queues a zero-copy piece after everything queued so far.
+    pub(crate) fn push_piece(&mut self, piece: Piece) {
+        self.large_len += piece.len();
+        self.large.push((self.bytes.len(), Seg::Shared(piece)));
     }
 
     /// The queued bytes as iovecs, skipping the first `skip` bytes (already
@@ -64,9 +82,22 @@ impl OutBuf {
             }
         };
         let mut at = 0;
-        for (pos, payload) in &self.large {
+        for (pos, seg) in &self.large {
             push(&self.bytes[at..*pos], out);
-            push(payload, out);
+            match seg {
+                Seg::Owned(v) => push(v, out),
+                Seg::Shared(p) => match p.bytes() {
+                    Some(b) => push(b, out),
+                    None => {
+                        let mut left = p.len();
+                        while left > 0 {
+                            let n = left.min(ZEROES.len());
+                            push(&ZEROES[..n], out);
+                            left -= n;
+                        }
+                    }
+                },
+            }
             at = *pos;
         }
         push(&self.bytes[at..], out);
@@ -75,9 +106,11 @@ impl OutBuf {
     /// Empties the queue, handing large buffers back to `pool` for reuse.
     pub fn clear(&mut self, pool: &mut Vec<Vec<u8>>) {
         self.bytes.clear();
-        for (_, v) in self.large.drain(..) {
-            if pool.len() < 8 {
-                pool.push(v);
+        for (_, seg) in self.large.drain(..) {
+            if let Seg::Owned(v) = seg {
+                if pool.len() < 8 {
+                    pool.push(v);
+                }
             }
         }
         self.large_len = 0;
@@ -111,5 +144,20 @@ mod tests {
         o.clear(&mut pool);
         assert!(o.is_empty());
         assert_eq!(pool.len(), 2);
+    }
+
+    #[test]
+    fn shared_pieces_and_zero_runs_become_iovecs() {
+        let mut o = OutBuf::default();
+        o.bytes().extend_from_slice(b"h");
+        let page: std::sync::Arc<[u8]> = b"0123456789".to_vec().into();
+        o.push_piece(Piece::Shared { page, start: 2, len: 3 });
+        o.push_piece(Piece::Zero(70_000));
+        o.bytes().extend_from_slice(b"t");
+        let all = flat(&o, 0);
+        assert_eq!(all.len(), 1 + 3 + 70_000 + 1);
+        assert_eq!(&all[..4], b"h234");
+        assert!(all[4..70_004].iter().all(|&b| b == 0));
+        assert_eq!(all[70_004], b't');
     }
 }

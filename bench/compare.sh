@@ -31,8 +31,12 @@ READY_TIMEOUT=30
 # A row can also be given inline on the command line as `KIND[ARGS]`.
 declare -A SERVER_KIND=() SERVER_ARGS=()
 server() { SERVER_KIND[$1]=$2; SERVER_ARGS[$1]="${*:3}"; }
-server ringbd         ringbd
-server ringbd-threads ringbd   --engine threads
+server ringbd             ringbd   --engine uring
+server ringbd-threads     ringbd   --engine threads
+# A/B rows: the io_uring engine with one technique switched off.
+server ringbd-nocoalesce  ringbd   --engine uring --no-coalesce
+server ringbd-nobundle    ringbd   --engine uring --no-bundle
+server ringbd-nozerocopy  ringbd   --engine uring --no-zerocopy
 server nbdkit         nbdkit
 server qemu-nbd       qemu-nbd
 
@@ -54,7 +58,7 @@ split_list() { local IFS=,; read -ra "$1" <<<"$2"; }
 
 # ---- arguments ---------------------------------------------------------------
 RUNTIME=5
-SERVERS_ARG=ringbd,nbdkit,qemu-nbd
+SERVERS_ARG=ringbd,ringbd-threads,nbdkit,qemu-nbd
 TRANSPORTS_ARG=unix
 WORKLOADS_ARG=$(IFS=,; echo "${ALL_WORKLOADS[*]}")
 BASELINE=nbdkit

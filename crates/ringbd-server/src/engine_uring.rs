@@ -476,7 +476,7 @@ impl State {
         match result {
             Ok(n) if skip + n < source.len() && n > 0 => {
                 // Short send: the rest goes first, before anything newer.
-                let zc = c.zc_ok && self.zerocopy.is_some_and(|t| source.len() - skip - n >= t);
+                let zc = c.zc_ok && self.zerocopy.is_some_and(|t| source.largest_payload() >= t);
                 match ring.send(c.stream.as_fd(), id, source, skip + n, false, zc) {
                     Ok(()) => c.send_inflight = true,
                     Err(_) => c.broken = true,
@@ -515,7 +515,7 @@ impl State {
                 let out = c.conn.take_out();
                 // More replies follow right after this send: let TCP cork.
                 let more = !c.backlog.is_empty();
-                let zc = c.zc_ok && self.zerocopy.is_some_and(|t| out.large_bytes() >= t);
+                let zc = c.zc_ok && self.zerocopy.is_some_and(|t| out.largest_payload() >= t);
                 match ring.send(c.stream.as_fd(), id as u32, out, 0, more, zc) {
                     Ok(()) => c.send_inflight = true,
                     Err(e) => {

@@ -25,6 +25,10 @@ pub struct OutBuf {
     /// Payloads, each to be sent right after `bytes[..at]`.
     large: Vec<(usize, Seg)>,
     large_len: usize,
+    /// Out-of-line payload bytes of the reply being built, and the most of
+    /// any reply queued (what decides a zero-copy send).
+    current_payload: usize,
+    largest_payload: usize,
     /// Replies (complete answers to requests) queued.
     replies: u32,
 }
@@ -44,6 +48,11 @@ impl OutBuf {
         self.large_len
     }
 
+    /// The largest out-of-line payload of any one queued reply.
+    pub fn largest_payload(&self) -> usize {
+        self.largest_payload.max(self.current_payload)
+    }
+
     /// Replies queued.
     pub fn replies(&self) -> u32 {
         self.replies
@@ -51,6 +60,8 @@ impl OutBuf {
 
     pub(crate) fn reply_done(&mut self) {
         self.replies += 1;
+        self.largest_payload = self.largest_payload.max(self.current_payload);
+        self.current_payload = 0;
     }
 
     /// The inline byte queue, for headers and small payloads.
@@ -61,12 +72,14 @@ impl OutBuf {
     /// Queues a large payload after everything queued so far.
     pub(crate) fn push_large(&mut self, payload: Vec<u8>) {
         self.large_len += payload.len();
+        self.current_payload += payload.len();
         self.large.push((self.bytes.len(), Seg::Owned(payload)));
     }
 
     /// Queues a zero-copy piece after everything queued so far.
     pub(crate) fn push_piece(&mut self, piece: Piece) {
         self.large_len += piece.len();
+        self.current_payload += piece.len();
         self.large.push((self.bytes.len(), Seg::Shared(piece)));
     }
 
@@ -114,6 +127,8 @@ impl OutBuf {
             }
         }
         self.large_len = 0;
+        self.current_payload = 0;
+        self.largest_payload = 0;
         self.replies = 0;
     }
 }

@@ -166,7 +166,7 @@ QEMU=$ROOT/usr/bin/qemu-system-x86_64
 # TCG by default: it works everywhere (a /dev/kvm may exist on a nested host
 # and still not work, e.g. qemu 7.2 aborts on "failed to set MSR 0x10a").
 case ${VM_ACCEL:-tcg} in
-    tcg) ACCEL=(-accel tcg,thread=multi -cpu max) ;;
+    tcg) ACCEL=(-accel "tcg,thread=multi" -cpu max) ;;
     kvm) ACCEL=(-accel kvm -cpu host) ;;
     *) die "VM_ACCEL must be tcg or kvm" ;;
 esac
@@ -184,6 +184,7 @@ read_console() {  # echo the console, keep a copy in $LOG, collect results
     while IFS= read -r line || [[ -n $line ]]; do
         line=${line//$'\r'/}
         line=${line//$'\e'\[*([0-9;?])[a-zA-Z]/}   # SeaBIOS's terminal escapes
+        line=${line//$'\e'c/}
         printf '%s\n' "$line"
         printf '%s\n' "$line" >&3
         if [[ $line =~ VMTEST\ BOOTED ]]; then

@@ -13,8 +13,10 @@ ringbd_start memory:256M --listen 127.0.0.1:10809
 
 step "connect /dev/nbd0"
 # nbd-client 3.24: `nbd-client -N NAME HOST PORT DEV` (fixed newstyle,
-# NBD_OPT_GO); -N "" is ringbd's default export (without -N nbd-client warns
-# about oldstyle and then uses "" anyway). Default block size: 512.
+# NBD_OPT_GO, configured over netlink); -N "" is ringbd's default export.
+# nbd-client treats "" like no name and prints a harmless "oldstyle protocol
+# is no longer supported ... uses the newstyle protocol with a default
+# export" warning. Default block size: 512 (nbd-multiconn uses 4096).
 nbd_connect /dev/nbd0 -N "" 127.0.0.1 10809
 [ "$(blockdev --getsize64 /dev/nbd0)" = 268435456 ] || fail "/dev/nbd0 is not 256 MiB"
 

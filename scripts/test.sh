@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite: static checks, unit tests, then the interop suite
-# against real NBD clients (libnbd, qemu, fio), run against ringbd and
-# against nbdkit as the reference server.
+# The whole test suite: static checks, unit tests, the interop suite against
+# real NBD clients (libnbd, qemu, fio) run against both of ringbd's engines and
+# against nbdkit as the reference server, then the kernel's own NBD client
+# against ringbd inside a VM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,3 +28,7 @@ RINGBD_ARGS="--engine threads" INTEROP_SERVERS=ringbd \
 
 step "interop suite: ringbd's io_uring engine, and nbdkit as the reference"
 RINGBD_ARGS="--engine uring" /usr/bin/python3 -m pytest tests/interop -q -p no:cacheprovider "$@"
+
+step "kernel in the loop: Linux 6.12 under qemu (nbd and ublk drivers)"
+tests/vm/setup.sh
+tests/vm/run.sh

@@ -187,6 +187,7 @@ impl Connection {
             hdr_len: 0,
             rx: Rx::Header,
             closed: false,
+            pieces: Vec::new(),
         }));
         // `leftover` came out of `data`: it is its tail. Consume only what
         // precedes it, so the caller hands the rest to the new phase.
@@ -225,6 +226,8 @@ struct Tx {
     hdr_len: usize,
     rx: Rx,
     closed: bool,
+    /// Scratch list for zero-copy reads, reused across requests.
+    pieces: Vec<ringbd_backend::Piece>,
 }
 
 impl Tx {
@@ -351,7 +354,9 @@ impl Tx {
                 return;
             }
             Command::Read { offset, len, df } => {
-                self.read(&req, offset, len as usize, df, out, pool);
+                let mut pieces = std::mem::take(&mut self.pieces);
+                self.read(&req, (offset, len as usize, df), out, pool, &mut pieces);
+                self.pieces = pieces;
                 out.reply_done();
                 return;
             }
@@ -383,14 +388,14 @@ impl Tx {
         self.session.write_error(out.bytes(), req, errno, &e.to_string());
     }
 
+    /// Answers a read of `(offset, len, df)`.
     fn read(
         &self,
         req: &Request,
-        offset: u64,
-        len: usize,
-        df: bool,
+        (offset, len, df): (u64, usize, bool),
         out: &mut OutBuf,
         pool: &mut Vec<Vec<u8>>,
+        pieces: &mut Vec<ringbd_backend::Piece>,
     ) {
         if len == 0 {
             self.session.write_ok(out.bytes(), req);
@@ -399,8 +404,8 @@ impl Tx {
         let s = &self.session;
         // Backends whose data sits in memory hand out their pages: the reply
         // is sent straight from them, with no staging copy.
-        let mut pieces = Vec::new();
-        match self.backend.read_shared(offset, len, &mut pieces) {
+        pieces.clear();
+        match self.backend.read_shared(offset, len, pieces) {
             Ok(true) => return self.send_pieces(req, offset, len, df, pieces, out),
             Ok(false) => {}
             Err(e) => return self.backend_error(req, &e, out),
@@ -454,20 +459,20 @@ impl Tx {
         offset: u64,
         len: usize,
         df: bool,
-        pieces: Vec<ringbd_backend::Piece>,
+        pieces: &mut Vec<ringbd_backend::Piece>,
         out: &mut OutBuf,
     ) {
         let s = &self.session;
         let has_hole = pieces.iter().any(|p| p.bytes().is_none());
         if !s.structured() || df || !has_hole {
             s.write_data_header(out.bytes(), req, offset, len as u64, true);
-            pieces.into_iter().for_each(|p| out.push_piece(p));
+            pieces.drain(..).for_each(|p| out.push_piece(p));
             return;
         }
         // Runs of data pieces become one OFFSET_DATA chunk each.
         let mut runs: Vec<(usize, usize, bool)> = Vec::new(); // (start, len, hole)
         let mut pos = 0;
-        for p in &pieces {
+        for p in pieces.iter() {
             let hole = p.bytes().is_none();
             match runs.last_mut() {
                 Some(r) if r.2 == hole && !hole => r.1 += p.len(),
@@ -476,7 +481,7 @@ impl Tx {
             pos += p.len();
         }
         let last = runs.len() - 1;
-        let mut it = pieces.into_iter();
+        let mut it = pieces.drain(..);
         for (i, (start, n, hole)) in runs.into_iter().enumerate() {
             let at = offset + start as u64;
             if hole {

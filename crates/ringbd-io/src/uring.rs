@@ -105,7 +105,9 @@ pub enum Completion<S> {
     Recv { conn: u32, result: io::Result<RecvBufs>, more: bool },
     /// A send finished: `result` is the bytes sent; `source` is returned
     /// (for a zero-copy send, only once the kernel released its pages).
-    Send { conn: u32, result: io::Result<usize>, source: S, skip: usize },
+    /// `copied`: for a zero-copy send, whether the kernel copied the data
+    /// anyway (it always does over loopback); `None` for a plain send.
+    Send { conn: u32, result: io::Result<usize>, source: S, skip: usize, copied: Option<bool> },
     /// A cancellation request finished.
     Cancelled,
 }
@@ -173,6 +175,8 @@ struct InflightSend<S> {
     zc: bool,
     /// Result of a zero-copy send, held until its notification arrives.
     result: Option<io::Result<usize>>,
+    /// Whether the notification said the kernel copied.
+    copied: Option<bool>,
     /// Kept alive until the kernel is done with the message.
     iov: Vec<libc::iovec>,
     msg: Box<libc::msghdr>,
@@ -311,7 +315,7 @@ impl<S: SendSource> Ring<S> {
         // The iovecs point into `source`'s heap buffers, which do not move
         // when `source` moves into the slot.
         self.sends[slot as usize] =
-            Some(InflightSend { source, skip, conn, zc: zerocopy, result: None, iov, msg });
+            Some(InflightSend { source, skip, conn, zc: zerocopy, result: None, copied: None, iov, msg });
         if let Err(e) = self.push(e) {
             self.sends[slot as usize] = None;
             self.free_sends.push(slot);
@@ -387,9 +391,11 @@ impl<S: SendSource> Ring<S> {
                 let result = if entry.zc && cqueue::notif(flags) {
                     // The kernel is done with the pages; `res` says whether
                     // it had to copy them after all (loopback always does).
-                    if res as u32 & NOTIF_USAGE_ZC_COPIED != 0 {
+                    let copied = res as u32 & NOTIF_USAGE_ZC_COPIED != 0;
+                    if copied {
                         self.stats.zc_copied += 1;
                     }
+                    entry.copied = Some(copied);
                     entry.result.take().unwrap_or(Ok(0))
                 } else {
                     let r = if res < 0 { Err(err(res)) } else { Ok(res as usize) };
@@ -407,7 +413,13 @@ impl<S: SendSource> Ring<S> {
                 self.free_sends.push(slot);
                 drop((s.iov, s.msg));
                 debug_assert_eq!(s.conn, id);
-                Some(Completion::Send { conn: s.conn, result, source: s.source, skip: s.skip })
+                Some(Completion::Send {
+                    conn: s.conn,
+                    result,
+                    source: s.source,
+                    skip: s.skip,
+                    copied: s.copied,
+                })
             }
             KIND_CANCEL => Some(Completion::Cancelled),
             KIND_POLL => Some(Completion::Readable { token: id }),
@@ -673,7 +685,7 @@ mod tests {
         r.submit_and_wait(1).unwrap();
         let mut done = false;
         r.completions(|_, c| {
-            if let Completion::Send { conn, result, source, skip } = c {
+            if let Completion::Send { conn, result, source, skip, .. } = c {
                 assert_eq!((conn, result.unwrap(), skip), (3, 5, 6));
                 assert_eq!(source.0, b"hello world");
                 done = true;
@@ -704,8 +716,9 @@ mod tests {
         while !returned {
             r.submit_and_wait(1).unwrap();
             r.completions(|_, c| {
-                if let Completion::Send { conn, result, source, .. } = c {
+                if let Completion::Send { conn, result, source, copied, .. } = c {
                     assert_eq!(conn, 9);
+                    assert_eq!(copied, Some(true), "loopback always copies");
                     sent = result.unwrap();
                     assert_eq!(source.0.len(), 200_000);
                     returned = true;

@@ -295,8 +295,11 @@ struct Conn {
     backlog: VecDeque<(u16, u32, u32)>,
     /// The socket failed; drop whatever is queued.
     broken: bool,
-    /// TCP (zero-copy sends apply); false after the kernel refused one.
+    /// TCP (zero-copy sends apply); false after the kernel refused one, or
+    /// copied several in a row (loopback peers: nothing to gain).
     zc_ok: bool,
+    /// Consecutive zero-copy sends the kernel copied anyway.
+    zc_copied_streak: u8,
     shut: bool,
     dirty: bool,
 }
@@ -361,7 +364,12 @@ impl State {
                 }
             }
             Completion::Recv { conn, result, more } => self.received(ring, conn, result, more),
-            Completion::Send { conn, result, source, skip } => self.sent(ring, conn, result, source, skip),
+            Completion::Send { conn, result, source, skip, copied } => {
+                if let Some(Some(c)) = self.conns.get_mut(conn as usize) {
+                    c.note_zerocopy(copied);
+                }
+                self.sent(ring, conn, result, source, skip)
+            }
             Completion::Readable { token: WAKE_TOKEN } => self.woken(ring),
             Completion::Readable { .. } | Completion::Cancelled => {}
         }
@@ -402,6 +410,7 @@ impl State {
             backlog: VecDeque::new(),
             broken: false,
             zc_ok: tcp,
+            zc_copied_streak: 0,
             shut: false,
             dirty: true,
         };
@@ -613,7 +622,29 @@ impl State {
     }
 }
 
+/// Zero-copy sends the kernel copied in a row before a connection stops
+/// asking for zero-copy (it only costs a notification and a pinned buffer).
+const ZC_COPIED_LIMIT: u8 = 4;
+
 impl Conn {
+    /// Learns from a zero-copy notification whether zero-copy pays here.
+    fn note_zerocopy(&mut self, copied: Option<bool>) {
+        match copied {
+            Some(true) => {
+                self.zc_copied_streak += 1;
+                if self.zc_copied_streak >= ZC_COPIED_LIMIT && self.zc_ok {
+                    self.zc_ok = false;
+                    log::debug(format_args!(
+                        "the kernel copied {ZC_COPIED_LIMIT} zero-copy sends in a row (a local peer?); \
+                         plain sends from now on for this connection"
+                    ));
+                }
+            }
+            Some(false) => self.zc_copied_streak = 0,
+            None => {}
+        }
+    }
+
     /// Feeds backlog buffers to the connection while it takes input,
     /// returning fully consumed buffers to the ring.
     fn consume_backlog(&mut self, ring: &mut Ring<OutBuf>, local: &mut Local) {

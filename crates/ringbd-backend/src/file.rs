@@ -19,6 +19,8 @@ pub struct FileBackend {
     size: u64,
     block_device: bool,
     read_only: bool,
+    /// On tmpfs/ramfs: nothing ever waits for a device.
+    memory_fs: bool,
 }
 
 impl FileBackend {
@@ -46,7 +48,8 @@ impl FileBackend {
                 "not a regular file or block device",
             )));
         };
-        Ok(FileBackend { file, path: path.to_owned(), size, block_device, read_only })
+        let memory_fs = ringbd_io::fs::is_memory_fs(&file).unwrap_or(false);
+        Ok(FileBackend { file, path: path.to_owned(), size, block_device, read_only, memory_fs })
     }
 
     fn sync(&self, op: Op, offset: u64, len: u64) -> Result<()> {
@@ -106,6 +109,13 @@ impl Backend for FileBackend {
             Error::new(Op::Read, offset, buf.len() as u64, e)
         })?;
         Ok(Holes::default())
+    }
+
+    fn file_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        // On a memory filesystem a plain pread/pwrite never blocks, and the
+        // ring would only punt it to a worker thread: run it inline.
+        (!self.memory_fs).then(|| self.file.as_fd())
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {

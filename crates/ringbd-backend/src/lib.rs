@@ -132,6 +132,13 @@ pub trait Backend: Send + Sync {
         Ok(false)
     }
 
+    /// The open file behind the export, for engines that run reads, writes
+    /// and flushes themselves (io_uring), when those can wait for a device;
+    /// `None` for memory, null, and files on memory filesystems.
+    fn file_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
+
     /// Writes `data` at `offset`; with `fua`, durable before returning.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()>;
     /// Makes every completed write durable.

@@ -63,6 +63,19 @@ pub fn block_device_size(fd: impl AsFd) -> io::Result<u64> {
     Ok(size)
 }
 
+/// Whether the file lives on a memory filesystem (tmpfs, ramfs), where
+/// reads and writes never wait for a device.
+pub fn is_memory_fs(fd: impl AsFd) -> io::Result<bool> {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    // SAFETY: statfs is plain old data; all-zero is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: st is a live, writable statfs for the call.
+    cvt(unsafe { libc::fstatfs(fd.as_fd().as_raw_fd(), &mut st) })?;
+    let t = st.f_type as i64;
+    Ok(t == TMPFS_MAGIC || t == RAMFS_MAGIC)
+}
+
 /// `posix_fadvise(POSIX_FADV_WILLNEED)`: start reading a range into cache.
 pub fn fadvise_willneed(fd: impl AsFd, offset: u64, len: u64) -> io::Result<()> {
     let (off, len) = (to_off(offset)?, to_off(len)?);
@@ -132,6 +145,16 @@ mod tests {
     fn block_device_size_fails_cleanly_on_a_regular_file() {
         let f = sparse_file();
         assert!(block_device_size(&f).is_err());
+    }
+
+    #[test]
+    fn shm_is_a_memory_fs_and_the_root_is_not() {
+        if let Ok(f) = std::fs::File::open("/dev/shm") {
+            assert!(is_memory_fs(&f).unwrap());
+        }
+        let f = std::fs::File::open("/proc/self/exe").unwrap();
+        // The test binary lives on a disk filesystem in any sane build tree.
+        assert!(!is_memory_fs(&f).unwrap());
     }
 
     #[test]

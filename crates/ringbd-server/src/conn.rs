@@ -8,6 +8,7 @@
 //! landed, so it is copied once, into its destination. Commands run on the
 //! backend as soon as they are complete; replies go to the output queue.
 
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 use nbd_proto::handshake::BASE_ALLOCATION_ID;
@@ -17,6 +18,7 @@ use nbd_proto::{
     clip_extents, Command, Errno, Extent, FramingError, Outcome, Request, ServerHandshake, Session,
 };
 use ringbd_backend::{Backend, ZeroFlags};
+use ringbd_io::uring::FileOp;
 
 use crate::exports::{nbd_errno, Exports};
 use crate::log;
@@ -46,6 +48,8 @@ pub struct Connection {
     peer: String,
     /// Most replies queued before input stops (1 = one send per reply).
     reply_limit: u32,
+    /// The engine runs file reads, writes and flushes itself.
+    async_file_io: bool,
     pub stats: ConnStats,
 }
 
@@ -69,7 +73,45 @@ impl Connection {
             pool: Vec::new(),
             peer,
             reply_limit: u32::MAX,
+            async_file_io: false,
             stats: ConnStats::default(),
+        }
+    }
+
+    /// File exports' reads, writes and flushes will be handed to the engine
+    /// ([`Connection::take_io`]) instead of run inline. Call before the
+    /// handshake ends.
+    pub fn enable_async_file_io(&mut self) {
+        self.async_file_io = true;
+    }
+
+    /// Moves the file operations waiting to be started into `out`.
+    pub fn take_io(&mut self, out: &mut Vec<IoRequest>) {
+        if let Phase::Transmission(tx) = &mut self.phase {
+            out.append(&mut tx.io_out);
+        }
+    }
+
+    /// The export's file, for the engine's file operations.
+    pub fn file_fd(&self) -> Option<BorrowedFd<'_>> {
+        match &self.phase {
+            Phase::Transmission(tx) => tx.backend.file_fd(),
+            _ => None,
+        }
+    }
+
+    /// File operations started and not completed.
+    pub fn io_pending(&self) -> usize {
+        match &self.phase {
+            Phase::Transmission(tx) => tx.pending_count,
+            _ => 0,
+        }
+    }
+
+    /// A file operation finished: continue it (short transfer) or reply.
+    pub fn io_complete(&mut self, token: u32, result: std::io::Result<usize>, buf: Vec<u8>) {
+        if let Phase::Transmission(tx) = &mut self.phase {
+            tx.io_complete(token, result, buf, &mut self.out, &mut self.pool);
         }
     }
 
@@ -86,7 +128,14 @@ impl Connection {
 
     /// Whether the connection can take more input now (see [`OUT_HIGH_WATER`]).
     pub fn wants_input(&self) -> bool {
-        !self.is_closed() && self.out.len() < OUT_HIGH_WATER && self.out.replies() < self.reply_limit
+        let io_room = match &self.phase {
+            Phase::Transmission(tx) => tx.pending_count < MAX_PENDING && tx.pending_bytes < MAX_PENDING_BYTES,
+            _ => true,
+        };
+        !self.is_closed()
+            && io_room
+            && self.out.len() < OUT_HIGH_WATER
+            && self.out.replies() < self.reply_limit
     }
 
     /// Replies waiting to be sent.
@@ -188,6 +237,12 @@ impl Connection {
             rx: Rx::Header,
             closed: false,
             pieces: Vec::new(),
+            async_io: self.async_file_io && export.backend.file_fd().is_some(),
+            io_out: Vec::new(),
+            pending: Vec::new(),
+            free_tokens: Vec::new(),
+            pending_count: 0,
+            pending_bytes: 0,
         }));
         // `leftover` came out of `data`: it is its tail. Consume only what
         // precedes it, so the caller hands the rest to the new phase.
@@ -198,13 +253,15 @@ impl Connection {
 /// What the transmission phase expects next on the wire.
 enum Rx {
     Header,
-    /// Write payload: each piece goes to the backend where it landed.
+    /// Write payload: each piece goes to the backend where it landed, or,
+    /// with asynchronous file I/O, into `collect` for one ring write.
     Write {
         req: Request,
         offset: u64,
         left: u64,
         fua: bool,
         failed: Option<ringbd_backend::Error>,
+        collect: Option<Vec<u8>>,
     },
     /// A small payload collected whole (block-status filter).
     Payload {
@@ -228,7 +285,47 @@ struct Tx {
     closed: bool,
     /// Scratch list for zero-copy reads, reused across requests.
     pieces: Vec<ringbd_backend::Piece>,
+    /// Reads, writes and flushes go to the engine as file operations.
+    async_io: bool,
+    /// File operations the engine has not taken yet.
+    io_out: Vec<IoRequest>,
+    /// Requests waiting for their file operation, by token.
+    pending: Vec<Option<(Request, Pend)>>,
+    free_tokens: Vec<u32>,
+    pending_count: usize,
+    pending_bytes: u64,
 }
+
+/// A file operation the engine should run for this connection.
+pub struct IoRequest {
+    /// Hand back to [`Connection::io_complete`] with the result.
+    pub token: u32,
+    pub op: FileOp,
+    pub buf: Vec<u8>,
+}
+
+/// What a request waiting on a file operation still needs.
+#[derive(Debug, Clone, Copy)]
+enum Pend {
+    Read { offset: u64, len: u64, done: u64 },
+    Write { offset: u64, len: u64, fua: bool, done: u64 },
+    Flush,
+}
+
+impl Pend {
+    /// Buffer bytes this operation holds.
+    fn bytes(&self) -> u64 {
+        match *self {
+            Pend::Read { len, .. } | Pend::Write { len, .. } => len,
+            Pend::Flush => 0,
+        }
+    }
+}
+
+/// Most file operations one connection keeps in flight, and their bytes;
+/// beyond either, the connection stops taking requests until some finish.
+const MAX_PENDING: usize = 256;
+const MAX_PENDING_BYTES: u64 = 64 * 1024 * 1024;
 
 impl Tx {
     fn receive(
@@ -255,7 +352,20 @@ impl Tx {
                         self.header(out, pool);
                     }
                 }
-                Rx::Write { req, offset, left, fua, failed } => {
+                Rx::Write { req, left, fua, collect: Some(buf), .. } => {
+                    let n = (*left).min(rest.len() as u64) as usize;
+                    *left -= n as u64;
+                    buf.extend_from_slice(&rest[..n]);
+                    used += n;
+                    if *left == 0 {
+                        let (req, fua, buf) = (*req, *fua, std::mem::take(buf));
+                        let start = req.offset;
+                        self.rx = Rx::Header;
+                        let len = buf.len() as u64;
+                        self.submit(req, Pend::Write { offset: start, len, fua, done: 0 }, buf);
+                    }
+                }
+                Rx::Write { req, offset, left, fua, failed, collect: None } => {
                     let n = (*left).min(rest.len() as u64) as usize;
                     *left -= n as u64;
                     if failed.is_none() {
@@ -344,13 +454,29 @@ impl Tx {
                 if len == 0 {
                     b.write(offset, &[], fua)
                 } else {
-                    self.rx = Rx::Write { req, offset, left: len, fua, failed: None };
+                    let collect = self.async_io.then(|| {
+                        let mut b = pool.pop().unwrap_or_default();
+                        b.clear();
+                        b.reserve(len as usize);
+                        b
+                    });
+                    self.rx = Rx::Write { req, offset, left: len, fua, failed: None, collect };
                     return;
                 }
             }
             Command::BlockStatusPayload { payload } => {
                 let want = payload as usize;
                 self.rx = Rx::Payload { req, buf: Vec::with_capacity(want), want };
+                return;
+            }
+            Command::Read { offset, len, .. } if self.async_io && len > 0 => {
+                let mut buf = pool.pop().unwrap_or_default();
+                buf.resize(len as usize, 0);
+                self.submit(req, Pend::Read { offset, len, done: 0 }, buf);
+                return;
+            }
+            Command::Flush if self.async_io => {
+                self.submit(req, Pend::Flush, Vec::new());
                 return;
             }
             Command::Read { offset, len, df } => {
@@ -375,6 +501,123 @@ impl Tx {
         match result {
             Ok(()) => self.session.write_ok(out.bytes(), &req),
             Err(e) => self.backend_error(&req, &e, out),
+        }
+        out.reply_done();
+    }
+
+    /// Queues a file operation for the engine.
+    fn submit(&mut self, req: Request, pend: Pend, buf: Vec<u8>) {
+        let token = match self.free_tokens.pop() {
+            Some(t) => t,
+            None => {
+                self.pending.push(None);
+                (self.pending.len() - 1) as u32
+            }
+        };
+        self.pending_count += 1;
+        self.pending_bytes += pend.bytes();
+        self.pending[token as usize] = Some((req, pend));
+        self.queue_op(token, pend, buf);
+    }
+
+    fn queue_op(&mut self, token: u32, pend: Pend, buf: Vec<u8>) {
+        let op = match pend {
+            Pend::Read { offset, done, .. } => FileOp::Read { offset: offset + done, at: done as usize },
+            Pend::Write { offset, done, fua, .. } => {
+                FileOp::Write { offset: offset + done, at: done as usize, dsync: fua }
+            }
+            Pend::Flush => FileOp::Fsync,
+        };
+        self.io_out.push(IoRequest { token, op, buf });
+    }
+
+    fn io_complete(
+        &mut self,
+        token: u32,
+        result: std::io::Result<usize>,
+        buf: Vec<u8>,
+        out: &mut OutBuf,
+        pool: &mut Vec<Vec<u8>>,
+    ) {
+        let Some((req, pend)) = self.pending.get_mut(token as usize).and_then(Option::take) else { return };
+        let finish = |this: &mut Self| {
+            this.pending_count -= 1;
+            this.pending_bytes = this.pending_bytes.saturating_sub(pend.bytes());
+            this.free_tokens.push(token);
+        };
+        let (op, offset, len) = match pend {
+            Pend::Read { offset, len, .. } => (ringbd_backend::Op::Read, offset, len),
+            Pend::Write { offset, len, .. } => (ringbd_backend::Op::Write, offset, len),
+            Pend::Flush => (ringbd_backend::Op::Flush, 0, 0),
+        };
+        let moved = match result {
+            Err(e) => {
+                finish(self);
+                self.backend_error(&req, &ringbd_backend::Error::new(op, offset, len, e), out);
+                out.reply_done();
+                pool.push(buf);
+                return;
+            }
+            Ok(n) => n as u64,
+        };
+        let next = match pend {
+            Pend::Read { offset, len, done } if done + moved < len => {
+                if moved == 0 {
+                    finish(self);
+                    let e = ringbd_backend::Error::other(
+                        ringbd_backend::ErrorKind::Io,
+                        op,
+                        offset,
+                        len,
+                        "file is shorter than the export (truncated?)",
+                    );
+                    self.backend_error(&req, &e, out);
+                    out.reply_done();
+                    pool.push(buf);
+                    return;
+                }
+                Some(Pend::Read { offset, len, done: done + moved })
+            }
+            Pend::Write { offset, len, fua, done } if done + moved < len => {
+                if moved == 0 {
+                    finish(self);
+                    let e = ringbd_backend::Error::other(
+                        ringbd_backend::ErrorKind::NoSpace,
+                        op,
+                        offset,
+                        len,
+                        "write made no progress",
+                    );
+                    self.backend_error(&req, &e, out);
+                    out.reply_done();
+                    pool.push(buf);
+                    return;
+                }
+                Some(Pend::Write { offset, len, fua, done: done + moved })
+            }
+            _ => None,
+        };
+        if let Some(p) = next {
+            // Short transfer: continue where it stopped.
+            self.pending[token as usize] = Some((req, p));
+            self.queue_op(token, p, buf);
+            return;
+        }
+        finish(self);
+        match pend {
+            Pend::Read { offset, len, .. } => {
+                self.session.write_data_header(out.bytes(), &req, offset, len, true);
+                if buf.len() <= COPY_LIMIT {
+                    out.bytes().extend_from_slice(&buf);
+                    pool.push(buf);
+                } else {
+                    out.push_large(buf);
+                }
+            }
+            Pend::Write { .. } | Pend::Flush => {
+                self.session.write_ok(out.bytes(), &req);
+                pool.push(buf);
+            }
         }
         out.reply_done();
     }

@@ -89,6 +89,7 @@ pub struct EngineStats {
     pub enters: AtomicU64,
     pub zc_sends: AtomicU64,
     pub zc_copied: AtomicU64,
+    pub file_ops: AtomicU64,
 }
 
 impl EngineStats {
@@ -106,7 +107,7 @@ impl EngineStats {
         let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
         format!(
             "connections {}, requests {req}, requests/recv completion {:.2}, buffers/recv completion {:.2}, \
-             replies/send {:.2}, ring enters/request {:.3}, zero-copy sends {}, zero-copy sends the kernel copied {}",
+             replies/send {:.2}, ring enters/request {:.3}, zero-copy sends {}, zero-copy sends the kernel copied {}, file ops on the ring {}",
             g(&self.connections),
             ratio(req, rc),
             ratio(rb, rc),
@@ -114,6 +115,7 @@ impl EngineStats {
             ratio(en, req),
             g(&self.zc_sends),
             g(&self.zc_copied),
+            g(&self.file_ops),
         )
     }
 }
@@ -195,6 +197,7 @@ impl Engine {
                 stats: stats.clone(),
                 local: Local::default(),
                 seen: RingStats::default(),
+                io_scratch: Vec::new(),
             };
             // The ring is created on its own thread: a SINGLE_ISSUER ring
             // accepts submissions only from the thread that made it.
@@ -283,6 +286,8 @@ struct State {
     local: Local,
     /// Ring counters already published.
     seen: RingStats,
+    /// File operations being started (reused).
+    io_scratch: Vec<crate::conn::IoRequest>,
 }
 
 struct Conn {
@@ -323,6 +328,14 @@ impl Worker {
             self.ring.submit_and_wait(1)?;
             let state = &mut self.state;
             self.ring.completions(|ring, c| state.complete(ring, c));
+            // File reads and writes that hit the page cache finish during
+            // submission: start them now and collect their completions
+            // before sending, so their replies join this turn's sends.
+            if self.state.start_io(&mut self.ring) {
+                self.ring.submit_and_wait(0)?;
+                let state = &mut self.state;
+                self.ring.completions(|ring, c| state.complete(ring, c));
+            }
             self.state.flush(&mut self.ring);
             self.state.fold_stats(&self.ring);
             if let Some(since) = self.state.stopping {
@@ -371,6 +384,12 @@ impl State {
                 self.sent(ring, conn, result, source, skip)
             }
             Completion::Readable { token: WAKE_TOKEN } => self.woken(ring),
+            Completion::File { conn, token, result, buf } => {
+                if let Some(Some(c)) = self.conns.get_mut(conn as usize) {
+                    c.conn.io_complete(token, result, buf);
+                    c.dirty = true;
+                }
+            }
             Completion::Readable { .. } | Completion::Cancelled => {}
         }
     }
@@ -391,6 +410,8 @@ impl State {
             _ => Stream::Unix(UnixStream::from(fd)),
         };
         let mut conn = Connection::new(self.exports.clone(), stream.peer());
+        // File exports: reads, writes and flushes become ring operations.
+        conn.enable_async_file_io();
         if !self.coalesce {
             conn.set_reply_limit(1);
         }
@@ -510,6 +531,35 @@ impl State {
 
     /// After a batch of completions: feed backlogs, send queued replies,
     /// re-arm receives, close finished connections.
+    /// Feeds backlogs and starts the file operations they produce; returns
+    /// whether any operation was started.
+    fn start_io(&mut self, ring: &mut Ring<OutBuf>) -> bool {
+        let mut started = false;
+        for (id, slot) in self.conns.iter_mut().enumerate() {
+            let Some(c) = slot else { continue };
+            if !c.dirty {
+                continue;
+            }
+            if !c.send_inflight && !c.backlog.is_empty() && c.conn.wants_input() {
+                c.consume_backlog(ring, &mut self.local);
+            }
+            c.conn.take_io(&mut self.io_scratch);
+            for io in self.io_scratch.drain(..) {
+                let r = match c.conn.file_fd() {
+                    Some(fd) => ring.file_op(fd, id as u32, io.token, io.op, io.buf),
+                    None => Err(io::Error::other("no file behind this export")),
+                };
+                match r {
+                    Ok(()) => started = true,
+                    // The request gets an error reply; the buffer went with
+                    // the failed submission.
+                    Err(e) => c.conn.io_complete(io.token, Err(e), Vec::new()),
+                }
+            }
+        }
+        started
+    }
+
     fn flush(&mut self, ring: &mut Ring<OutBuf>) {
         for id in 0..self.conns.len() {
             let Some(c) = &mut self.conns[id] else { continue };
@@ -517,9 +567,6 @@ impl State {
                 continue;
             }
             c.dirty = false;
-            if !c.send_inflight && !c.backlog.is_empty() && c.conn.wants_input() {
-                c.consume_backlog(ring, &mut self.local);
-            }
             if !c.send_inflight && !c.conn.out().is_empty() && !c.broken {
                 let out = c.conn.take_out();
                 // More replies follow right after this send: let TCP cork.
@@ -548,7 +595,7 @@ impl State {
                     }
                 }
             }
-            if finished && !c.send_inflight {
+            if finished && !c.send_inflight && c.conn.io_pending() == 0 {
                 if !c.shut {
                     c.shut = true;
                     c.stream.shutdown(Shutdown::Both).ok();
@@ -618,6 +665,7 @@ impl State {
         s.enters.fetch_add(rs.enters.saturating_sub(self.seen.enters), Ordering::Relaxed);
         s.zc_sends.fetch_add(rs.zc_sends.saturating_sub(self.seen.zc_sends), Ordering::Relaxed);
         s.zc_copied.fetch_add(rs.zc_copied.saturating_sub(self.seen.zc_copied), Ordering::Relaxed);
+        s.file_ops.fetch_add(rs.file_ops.saturating_sub(self.seen.file_ops), Ordering::Relaxed);
         self.seen = rs;
     }
 }

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Memory bound under write pressure: 64 connections x qd 32 x 1 MiB writes
+# (2 GiB in flight from the client) against a null export, for each engine;
+# prints the server's peak RSS (VmHWM). Usage: bench/memory.sh [JOBS] [QD]
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+RINGBD_BIN=${RINGBD_BIN:-$HERE/../target/release/ringbd}
+JOBS=${1:-64}
+QD=${2:-32}
+WORK=$(mktemp -d /tmp/ringbd-memory.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+cat >"$WORK/load.sh" <<LOAD
+pid=\$(cat "$WORK/pid")
+fio --name=w --ioengine=nbd --uri="\$uri" --rw=write --bs=1M --iodepth=$QD --numjobs=$JOBS --size=1G \
+    --time_based --runtime=8 --group_reporting --output-format=terse --terse-version=3 \
+    | awk -F';' 'NF > 50 { printf "fio: %d MiB/s written\n", \$48 / 1024 }' >&2
+grep VmHWM /proc/\$pid/status >&2
+LOAD
+for engine in uring threads; do
+    echo "== $engine: $JOBS connections x qd $QD x 1 MiB writes"
+    # The shell records its pid, then becomes ringbd (exec keeps the pid).
+    sh -c 'echo $$ > "$1"; shift; exec "$@"' sh "$WORK/pid" \
+        "$RINGBD_BIN" serve --engine "$engine" null:1G --unix "$WORK/s.sock" --run "sh $WORK/load.sh" \
+        2>&1 >/dev/null | grep -E '^fio:|VmHWM'
+done

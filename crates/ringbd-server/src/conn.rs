@@ -550,49 +550,37 @@ impl Tx {
             Pend::Write { offset, len, .. } => (ringbd_backend::Op::Write, offset, len),
             Pend::Flush => (ringbd_backend::Op::Flush, 0, 0),
         };
-        let moved = match result {
+        let failure = match &result {
+            Err(_) => None,
+            // A transfer that stops short without progress will never finish.
+            Ok(0) if matches!(pend, Pend::Read { .. }) && pend.bytes() > 0 => {
+                Some((ringbd_backend::ErrorKind::Io, "file is shorter than the export (truncated?)"))
+            }
+            Ok(0) if matches!(pend, Pend::Write { .. }) && pend.bytes() > 0 => {
+                Some((ringbd_backend::ErrorKind::NoSpace, "write made no progress"))
+            }
+            Ok(_) => None,
+        };
+        let moved = match (result, failure) {
+            (Err(e), _) => Err(ringbd_backend::Error::new(op, offset, len, e)),
+            (Ok(_), Some((kind, msg))) => Err(ringbd_backend::Error::other(kind, op, offset, len, msg)),
+            (Ok(n), None) => Ok(n as u64),
+        };
+        let moved = match moved {
+            Ok(n) => n,
             Err(e) => {
                 finish(self);
-                self.backend_error(&req, &ringbd_backend::Error::new(op, offset, len, e), out);
+                self.backend_error(&req, &e, out);
                 out.reply_done();
                 pool.push(buf);
                 return;
             }
-            Ok(n) => n as u64,
         };
         let next = match pend {
             Pend::Read { offset, len, done } if done + moved < len => {
-                if moved == 0 {
-                    finish(self);
-                    let e = ringbd_backend::Error::other(
-                        ringbd_backend::ErrorKind::Io,
-                        op,
-                        offset,
-                        len,
-                        "file is shorter than the export (truncated?)",
-                    );
-                    self.backend_error(&req, &e, out);
-                    out.reply_done();
-                    pool.push(buf);
-                    return;
-                }
                 Some(Pend::Read { offset, len, done: done + moved })
             }
             Pend::Write { offset, len, fua, done } if done + moved < len => {
-                if moved == 0 {
-                    finish(self);
-                    let e = ringbd_backend::Error::other(
-                        ringbd_backend::ErrorKind::NoSpace,
-                        op,
-                        offset,
-                        len,
-                        "write made no progress",
-                    );
-                    self.backend_error(&req, &e, out);
-                    out.reply_done();
-                    pool.push(buf);
-                    return;
-                }
                 Some(Pend::Write { offset, len, fua, done: done + moved })
             }
             _ => None,

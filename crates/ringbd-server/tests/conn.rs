@@ -113,3 +113,74 @@ fn a_client_that_never_reads_hits_the_high_water_mark() {
     assert!(c.wants_input());
     assert!(c.receive(&s[used..]) > 0);
 }
+
+#[test]
+fn async_file_reads_continue_after_a_short_transfer() {
+    use ringbd_io::uring::FileOp;
+    // A disk filesystem (not tmpfs), so the export hands its I/O to the engine.
+    let dir = std::path::Path::new("/var/tmp");
+    let path = dir.join(format!("ringbd-conn-async-{}", std::process::id()));
+    std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+    let backend = ringbd_backend::open(&ringbd_backend::Spec::File(path.clone()), false).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert!(backend.file_fd().is_some(), "/var/tmp should not be a memory filesystem");
+    let mut e = Exports::default();
+    e.add(Export::new("", backend, false)).unwrap();
+    let mut c = Connection::new(Arc::new(e), "test".into());
+    c.enable_async_file_io();
+    let mut s = 3u32.to_be_bytes().to_vec();
+    s.extend(option(7, &[0, 0, 0, 0, 0, 0]));
+    s.extend(request(0, 9, 8192, 4096, &[]));
+    assert_eq!(c.receive(&s), s.len());
+    c.sent(); // drop the handshake replies
+
+    let mut io = Vec::new();
+    c.take_io(&mut io);
+    assert_eq!(io.len(), 1);
+    let first = io.pop().unwrap();
+    assert!(matches!(first.op, FileOp::Read { offset: 8192, at: 0 }), "{:?}", first.op);
+    // The kernel moved only 1000 bytes: the rest must be asked for.
+    let mut buf = first.buf;
+    buf[..1000].fill(7);
+    c.io_complete(first.token, Ok(1000), buf);
+    assert!(c.out().is_empty(), "no reply before the read is whole");
+    c.take_io(&mut io);
+    let second = io.pop().unwrap();
+    assert!(matches!(second.op, FileOp::Read { offset: 9192, at: 1000 }), "{:?}", second.op);
+    let mut buf = second.buf;
+    buf[1000..].fill(8);
+    c.io_complete(second.token, Ok(3096), buf);
+    assert_eq!(c.io_pending(), 0);
+    let mut iov = Vec::new();
+    c.out().iovecs(0, &mut iov);
+    let reply: Vec<u8> = iov.iter().flat_map(|s| s.iter().copied()).collect();
+    assert_eq!(&reply[..4], &0x6744_6698u32.to_be_bytes(), "simple reply");
+    assert_eq!(&reply[8..16], &9u64.to_be_bytes());
+    assert_eq!(reply.len(), 16 + 4096);
+    assert!(reply[16..1016].iter().all(|&b| b == 7) && reply[1016..].iter().all(|&b| b == 8));
+}
+
+#[test]
+fn async_file_read_that_makes_no_progress_fails_with_eio() {
+    let path = std::path::Path::new("/var/tmp").join(format!("ringbd-conn-eio-{}", std::process::id()));
+    std::fs::write(&path, vec![0u8; 1 << 16]).unwrap();
+    let backend = ringbd_backend::open(&ringbd_backend::Spec::File(path.clone()), false).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let mut e = Exports::default();
+    e.add(Export::new("", backend, false)).unwrap();
+    let mut c = Connection::new(Arc::new(e), "test".into());
+    c.enable_async_file_io();
+    let mut s = 3u32.to_be_bytes().to_vec();
+    s.extend(option(7, &[0, 0, 0, 0, 0, 0]));
+    s.extend(request(0, 5, 0, 512, &[]));
+    c.receive(&s);
+    c.sent();
+    let mut io = Vec::new();
+    c.take_io(&mut io);
+    let r = io.pop().unwrap();
+    c.io_complete(r.token, Ok(0), r.buf);
+    let mut iov = Vec::new();
+    c.out().iovecs(0, &mut iov);
+    let reply: Vec<u8> = iov.iter().flat_map(|s| s.iter().copied()).collect();
+    assert_eq!(reply, [&0x6744_6698u32.to_be_bytes()[..], &5u32.to_be_bytes(), &5u64.to_be_bytes()].concat());
+}

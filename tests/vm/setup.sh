@@ -48,8 +48,17 @@ if [[ -n ${VM_KERNEL_PKG:-} ]]; then
 else
     # bookworm-security / bookworm-backports ship 6.12 (with nbd and
     # ublk_drv as modules); pick the newest ABI apt knows of.
-    KPKG=$(apt-cache search --names-only '^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$' \
-        | awk '{print $1}' | sort -V | tail -n1)
+    find_kernel() {
+        apt-cache search --names-only '^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$' \
+            | awk '{print $1}' | sort -V | tail -n1
+    }
+    KPKG=$(find_kernel)
+    if [[ -z $KPKG ]]; then
+        # A fresh machine may have empty package lists: read them once.
+        echo "setup: no 6.12 kernel in apt's lists; running apt-get update"
+        apt-get update -qq || die "apt-get update failed"
+        KPKG=$(find_kernel)
+    fi
     [[ -n $KPKG ]] || die "no linux-image-6.12.*+deb12-amd64-unsigned in apt (run apt-get update; is bookworm-security or bookworm-backports in sources?)"
 fi
 

@@ -114,13 +114,11 @@ fn a_client_that_never_reads_hits_the_high_water_mark() {
     assert!(c.receive(&s[used..]) > 0);
 }
 
-#[test]
-fn async_file_reads_continue_after_a_short_transfer() {
-    use ringbd_io::uring::FileOp;
-    // A disk filesystem (not tmpfs), so the export hands its I/O to the engine.
-    let dir = std::path::Path::new("/var/tmp");
-    let path = dir.join(format!("ringbd-conn-async-{}", std::process::id()));
-    std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+/// A connection to a file export on a disk filesystem (not tmpfs), so the
+/// export hands its reads, writes and flushes to the engine.
+fn async_file_connection(tag: &str, size: usize) -> Connection {
+    let path = std::path::Path::new("/var/tmp").join(format!("ringbd-conn-{tag}-{}", std::process::id()));
+    std::fs::write(&path, vec![0u8; size]).unwrap();
     let backend = ringbd_backend::open(&ringbd_backend::Spec::File(path.clone()), false).unwrap();
     std::fs::remove_file(&path).unwrap();
     assert!(backend.file_fd().is_some(), "/var/tmp should not be a memory filesystem");
@@ -128,6 +126,20 @@ fn async_file_reads_continue_after_a_short_transfer() {
     e.add(Export::new("", backend, false)).unwrap();
     let mut c = Connection::new(Arc::new(e), "test".into());
     c.enable_async_file_io();
+    c
+}
+
+/// The reply bytes queued on `c`.
+fn queued(c: &Connection) -> Vec<u8> {
+    let mut iov = Vec::new();
+    c.out().iovecs(0, &mut iov);
+    iov.iter().flat_map(|s| s.iter().copied()).collect()
+}
+
+#[test]
+fn async_file_reads_continue_after_a_short_transfer() {
+    use ringbd_io::uring::FileOp;
+    let mut c = async_file_connection("async", 1 << 20);
     let mut s = 3u32.to_be_bytes().to_vec();
     s.extend(option(7, &[0, 0, 0, 0, 0, 0]));
     s.extend(request(0, 9, 8192, 4096, &[]));
@@ -151,9 +163,7 @@ fn async_file_reads_continue_after_a_short_transfer() {
     buf[1000..].fill(8);
     c.io_complete(second.token, Ok(3096), buf);
     assert_eq!(c.io_pending(), 0);
-    let mut iov = Vec::new();
-    c.out().iovecs(0, &mut iov);
-    let reply: Vec<u8> = iov.iter().flat_map(|s| s.iter().copied()).collect();
+    let reply = queued(&c);
     assert_eq!(&reply[..4], &0x6744_6698u32.to_be_bytes(), "simple reply");
     assert_eq!(&reply[8..16], &9u64.to_be_bytes());
     assert_eq!(reply.len(), 16 + 4096);
@@ -162,14 +172,7 @@ fn async_file_reads_continue_after_a_short_transfer() {
 
 #[test]
 fn async_file_read_that_makes_no_progress_fails_with_eio() {
-    let path = std::path::Path::new("/var/tmp").join(format!("ringbd-conn-eio-{}", std::process::id()));
-    std::fs::write(&path, vec![0u8; 1 << 16]).unwrap();
-    let backend = ringbd_backend::open(&ringbd_backend::Spec::File(path.clone()), false).unwrap();
-    std::fs::remove_file(&path).unwrap();
-    let mut e = Exports::default();
-    e.add(Export::new("", backend, false)).unwrap();
-    let mut c = Connection::new(Arc::new(e), "test".into());
-    c.enable_async_file_io();
+    let mut c = async_file_connection("eio", 1 << 16);
     let mut s = 3u32.to_be_bytes().to_vec();
     s.extend(option(7, &[0, 0, 0, 0, 0, 0]));
     s.extend(request(0, 5, 0, 512, &[]));
@@ -179,8 +182,6 @@ fn async_file_read_that_makes_no_progress_fails_with_eio() {
     c.take_io(&mut io);
     let r = io.pop().unwrap();
     c.io_complete(r.token, Ok(0), r.buf);
-    let mut iov = Vec::new();
-    c.out().iovecs(0, &mut iov);
-    let reply: Vec<u8> = iov.iter().flat_map(|s| s.iter().copied()).collect();
+    let reply = queued(&c);
     assert_eq!(reply, [&0x6744_6698u32.to_be_bytes()[..], &5u32.to_be_bytes(), &5u64.to_be_bytes()].concat());
 }

@@ -5,6 +5,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
+use ringbd_io::buf::{IoBuf, ALIGN};
 use ringbd_io::fs::{block_device_size, fadvise_willneed, fallocate, seek_data, seek_hole, Fallocate};
 
 use crate::{Backend, Caps, Error, ErrorKind, Extent, Holes, Op, Result, ZeroFlags, MAX_EXTENTS};
@@ -21,11 +22,38 @@ pub struct FileBackend {
     read_only: bool,
     /// On tmpfs/ramfs: nothing ever waits for a device.
     memory_fs: bool,
+    /// `file:PATH,direct`: a second descriptor opened `O_DIRECT`, used for
+    /// every read and write whose offset and length are aligned; the rest go
+    /// through `file` and the page cache (the kernel keeps the two coherent).
+    direct: Option<Direct>,
+}
+
+struct Direct {
+    file: File,
+    /// Offset, length and buffer alignment `O_DIRECT` needs here.
+    align: u32,
+}
+
+/// Where a file export's aligned I/O can bypass the page cache.
+#[derive(Debug, Clone, Copy)]
+pub struct DirectIo<'a> {
+    pub fd: std::os::fd::BorrowedFd<'a>,
+    /// Offsets, lengths and buffer addresses must be multiples of this.
+    pub align: u32,
+}
+
+impl DirectIo<'_> {
+    /// Whether `[offset, offset+len)` may go through the `O_DIRECT` descriptor.
+    pub fn fits(&self, offset: u64, len: u64) -> bool {
+        let a = u64::from(self.align);
+        len > 0 && offset.is_multiple_of(a) && len.is_multiple_of(a) && len <= usize::MAX as u64
+    }
 }
 
 impl FileBackend {
-    /// Opens a regular file or block device. `read_only` opens it O_RDONLY.
-    pub fn open(path: &Path, read_only: bool) -> Result<Self> {
+    /// Opens a regular file or block device. `read_only` opens it O_RDONLY;
+    /// `direct` also opens it `O_DIRECT` for aligned reads and writes.
+    pub fn open(path: &Path, read_only: bool, direct: bool) -> Result<Self> {
         let ctx = |e: io::Error| {
             let msg = format!("{}: {e}", path.display());
             Error {
@@ -49,7 +77,32 @@ impl FileBackend {
             )));
         };
         let memory_fs = ringbd_io::fs::is_memory_fs(&file).unwrap_or(false);
-        Ok(FileBackend { file, path: path.to_owned(), size, block_device, read_only, memory_fs })
+        let direct = if direct { Some(Direct::open(path, read_only).map_err(ctx)?) } else { None };
+        Ok(FileBackend { file, path: path.to_owned(), size, block_device, read_only, memory_fs, direct })
+    }
+
+    /// The `O_DIRECT` descriptor and its alignment, for `file:PATH,direct`.
+    pub fn direct_io(&self) -> Option<DirectIo<'_>> {
+        use std::os::fd::AsFd;
+        self.direct.as_ref().map(|d| DirectIo { fd: d.file.as_fd(), align: d.align })
+    }
+
+    /// Reads through the `O_DIRECT` descriptor via an aligned bounce
+    /// buffer; `false` when the range is not aligned for it.
+    fn read_direct(&self, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
+        let Some(d) = self.direct.as_ref().filter(|d| d.fits(offset, buf.len())) else { return Ok(false) };
+        let mut bounce = IoBuf::with_capacity(buf.len());
+        bounce.set_len(buf.len());
+        d.file.read_exact_at(&mut bounce, offset)?;
+        buf.copy_from_slice(&bounce);
+        Ok(true)
+    }
+
+    /// Writes through the `O_DIRECT` descriptor; `false` when not aligned.
+    fn write_direct(&self, offset: u64, data: &[u8]) -> io::Result<bool> {
+        let Some(d) = self.direct.as_ref().filter(|d| d.fits(offset, data.len())) else { return Ok(false) };
+        d.file.write_all_at(&IoBuf::from_slice(data), offset)?;
+        Ok(true)
     }
 
     fn sync(&self, op: Op, offset: u64, len: u64) -> Result<()> {
@@ -67,6 +120,43 @@ impl FileBackend {
             done += n as u64;
         }
         Ok(())
+    }
+}
+
+impl Direct {
+    fn fits(&self, offset: u64, len: usize) -> bool {
+        let a = u64::from(self.align);
+        len > 0 && offset.is_multiple_of(a) && (len as u64).is_multiple_of(a)
+    }
+
+    fn open(path: &Path, read_only: bool) -> io::Result<Direct> {
+        let no_direct = || {
+            io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the filesystem does not support O_DIRECT (drop \",direct\" to use the page cache)",
+            )
+        };
+        let file = ringbd_io::fs::open_direct(path, read_only).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                no_direct()
+            } else {
+                e
+            }
+        })?;
+        let align = match ringbd_io::fs::direct_alignment(&file) {
+            Ok(Some(a)) if a.mem == 0 && a.offset == 0 => return Err(no_direct()),
+            Ok(Some(a)) => a.mem.max(a.offset).max(1),
+            // The kernel does not say: a page satisfies any device whose
+            // logical block size is at most a page.
+            Ok(None) | Err(_) => ALIGN as u32,
+        };
+        if align as usize > ALIGN || !align.is_power_of_two() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("O_DIRECT here needs {align}-byte alignment; ringbd supports at most {ALIGN}"),
+            ));
+        }
+        Ok(Direct { file, align })
     }
 }
 
@@ -100,7 +190,12 @@ impl Backend for FileBackend {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<Holes> {
-        self.file.read_exact_at(buf, offset).map_err(|e| {
+        let r = match self.read_direct(offset, buf) {
+            Ok(true) => Ok(()),
+            Ok(false) => self.file.read_exact_at(buf, offset),
+            Err(e) => Err(e),
+        };
+        r.map_err(|e| {
             let e = if e.kind() == io::ErrorKind::UnexpectedEof {
                 io::Error::new(io::ErrorKind::UnexpectedEof, "file is shorter than the export (truncated?)")
             } else {
@@ -115,12 +210,21 @@ impl Backend for FileBackend {
         use std::os::fd::AsFd;
         // On a memory filesystem a plain pread/pwrite never blocks, and the
         // ring would only punt it to a worker thread: run it inline.
-        (!self.memory_fs).then(|| self.file.as_fd())
+        (!self.memory_fs || self.direct.is_some()).then(|| self.file.as_fd())
+    }
+
+    fn direct_io(&self) -> Option<DirectIo<'_>> {
+        FileBackend::direct_io(self)
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         let len = data.len() as u64;
-        self.file.write_all_at(data, offset).map_err(|e| Error::new(Op::Write, offset, len, e))?;
+        let r = match self.write_direct(offset, data) {
+            Ok(true) => Ok(()),
+            Ok(false) => self.file.write_all_at(data, offset),
+            Err(e) => Err(e),
+        };
+        r.map_err(|e| Error::new(Op::Write, offset, len, e))?;
         if fua {
             self.sync(Op::Write, offset, len)?;
         }
@@ -222,7 +326,7 @@ mod tests {
         let f = File::create(&path).unwrap();
         f.set_len(size).unwrap();
         drop(f);
-        let b = FileBackend::open(&path, false).unwrap();
+        let b = FileBackend::open(&path, false, false).unwrap();
         (path, b)
     }
 
@@ -271,10 +375,29 @@ mod tests {
     }
 
     #[test]
+    fn direct_mode_round_trips_aligned_and_unaligned_io() {
+        let (path, _) = temp_file(1 << 20);
+        let b = FileBackend::open(&path, false, true).unwrap();
+        let d = b.direct_io().expect("O_DIRECT on the temp dir's filesystem");
+        assert!(d.align.is_power_of_two() && d.align as usize <= ALIGN);
+        assert!(d.fits(8192, 4096) && !d.fits(8193, 4096) && !d.fits(0, 100));
+        b.write(8192, &[5u8; 4096], true).unwrap(); // aligned: O_DIRECT
+        b.write(8192 + 10, b"abc", false).unwrap(); // unaligned: page cache
+        let mut buf = vec![0u8; 4096];
+        b.read(8192, &mut buf).unwrap(); // aligned read sees the buffered write
+        assert_eq!(&buf[10..13], b"abc");
+        assert!(buf[..10].iter().chain(&buf[13..]).all(|&x| x == 5));
+        let mut small = [0u8; 3];
+        b.read(8192 + 10, &mut small).unwrap();
+        assert_eq!(&small, b"abc");
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
     fn opening_a_directory_or_missing_file_is_a_clear_error() {
-        let e = FileBackend::open(Path::new("/"), true).err().expect("directory must fail");
+        let e = FileBackend::open(Path::new("/"), true, false).err().expect("directory must fail");
         assert!(e.to_string().contains("not a regular file or block device"), "{e}");
-        let e = FileBackend::open(Path::new("/nonexistent/x"), true).err().expect("missing must fail");
+        let e = FileBackend::open(Path::new("/nonexistent/x"), true, false).err().expect("missing must fail");
         assert!(e.to_string().contains("/nonexistent/x"), "{e}");
     }
 

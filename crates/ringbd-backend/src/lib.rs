@@ -3,7 +3,7 @@
 //! - [`memory`]: sparse RAM, allocated in pages on first write.
 //! - [`file`](mod@file): a regular file or block device.
 //! - [`null`]: discards writes, reads zeroes.
-//! - [`spec`]: parses export specs (`memory:1G`, `file:PATH`, `null:1G`).
+//! - [`spec`]: parses export specs (`memory:1G`, `file:PATH[,direct]`, `null:1G`).
 //!
 //! A backend declares what it can do in [`Caps`]; the server advertises
 //! exactly that and never calls what is not declared.
@@ -18,6 +18,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 pub use error::{Error, ErrorKind, Op, Result};
+pub use file::DirectIo;
 pub use spec::{open, parse_size, Spec, SpecError};
 
 /// What a backend supports.
@@ -136,6 +137,12 @@ pub trait Backend: Send + Sync {
     /// and flushes themselves (io_uring), when those can wait for a device;
     /// `None` for memory, null, and files on memory filesystems.
     fn file_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
+
+    /// For `file:PATH,direct`: the `O_DIRECT` descriptor that aligned reads
+    /// and writes should use instead of [`Backend::file_fd`].
+    fn direct_io(&self) -> Option<file::DirectIo<'_>> {
         None
     }
 

@@ -1,4 +1,4 @@
-//! Export specs: `memory:SIZE`, `file:PATH`, `null:SIZE`.
+//! Export specs: `memory:SIZE`, `file:PATH[,direct]`, `null:SIZE`.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -13,7 +13,11 @@ use crate::{Backend, Error};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Spec {
     Memory(u64),
-    File(PathBuf),
+    /// `file:PATH[,direct]`.
+    File {
+        path: PathBuf,
+        direct: bool,
+    },
     Null(u64),
 }
 
@@ -67,14 +71,15 @@ impl std::str::FromStr for Spec {
 
     fn from_str(s: &str) -> Result<Self, SpecError> {
         let (kind, arg) = s.split_once(':').ok_or_else(|| {
-            SpecError::Syntax(format!("export spec {s:?} must look like memory:SIZE, file:PATH or null:SIZE"))
+            SpecError::Syntax(format!(
+                "export spec {s:?} must look like memory:SIZE, file:PATH[,direct] or null:SIZE"
+            ))
         })?;
         let size = |a: &str| parse_size(a).map_err(|e| SpecError::Syntax(format!("export spec {s:?}: {e}")));
         match kind {
             "memory" | "mem" => Ok(Spec::Memory(size(arg)?)),
             "null" => Ok(Spec::Null(size(arg)?)),
-            "file" if !arg.is_empty() => Ok(Spec::File(PathBuf::from(arg))),
-            "file" => Err(SpecError::Syntax(format!("export spec {s:?} names no file"))),
+            "file" => parse_file(s, arg),
             _ => Err(SpecError::Syntax(format!(
                 "export spec {s:?}: unknown backend {kind:?} (memory, file or null)"
             ))),
@@ -82,12 +87,27 @@ impl std::str::FromStr for Spec {
     }
 }
 
+/// `PATH[,direct]`. A trailing `,WORD` that is not an option stays part
+/// of the path (file names may contain commas).
+fn parse_file(spec: &str, arg: &str) -> Result<Spec, SpecError> {
+    let (path, direct) = match arg.rsplit_once(',') {
+        Some((p, "direct")) => (p, true),
+        _ => (arg, false),
+    };
+    if path.is_empty() {
+        return Err(SpecError::Syntax(format!("export spec {spec:?} names no file")));
+    }
+    Ok(Spec::File { path: PathBuf::from(path), direct })
+}
+
 /// Opens the backend a spec names.
 pub fn open(spec: &Spec, read_only: bool) -> Result<Arc<dyn Backend>, SpecError> {
     Ok(match spec {
         Spec::Memory(size) => Arc::new(MemoryBackend::new(*size)),
         Spec::Null(size) => Arc::new(NullBackend::new(*size)),
-        Spec::File(path) => Arc::new(FileBackend::open(path, read_only).map_err(SpecError::Open)?),
+        Spec::File { path, direct } => {
+            Arc::new(FileBackend::open(path, read_only, *direct).map_err(SpecError::Open)?)
+        }
     })
 }
 
@@ -112,7 +132,11 @@ mod tests {
     fn specs() {
         assert_eq!("memory:1G".parse::<Spec>().unwrap(), Spec::Memory(1 << 30));
         assert_eq!("null:4096".parse::<Spec>().unwrap(), Spec::Null(4096));
-        assert_eq!("file:/a/b".parse::<Spec>().unwrap(), Spec::File("/a/b".into()));
+        let file = |p: &str, direct| Spec::File { path: p.into(), direct };
+        assert_eq!("file:/a/b".parse::<Spec>().unwrap(), file("/a/b", false));
+        assert_eq!("file:/a/b,direct".parse::<Spec>().unwrap(), file("/a/b", true));
+        assert_eq!("file:/a,b".parse::<Spec>().unwrap(), file("/a,b", false));
+        assert!("file:,direct".parse::<Spec>().is_err());
         assert!("disk:/x".parse::<Spec>().unwrap_err().to_string().contains("unknown backend"));
         assert!("memory".parse::<Spec>().is_err());
         assert!("file:".parse::<Spec>().is_err());

@@ -63,6 +63,38 @@ pub fn block_device_size(fd: impl AsFd) -> io::Result<u64> {
     Ok(size)
 }
 
+/// What `O_DIRECT` I/O on a file requires: buffer addresses aligned to
+/// `mem`, file offsets and lengths aligned to `offset` (bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectAlign {
+    pub mem: u32,
+    pub offset: u32,
+}
+
+/// The `O_DIRECT` alignment of an open file (`statx(STATX_DIOALIGN)`,
+/// Linux 6.1+), or `None` when the kernel or filesystem does not say.
+/// Both zero means the file does not support `O_DIRECT`.
+pub fn direct_alignment(fd: impl AsFd) -> io::Result<Option<DirectAlign>> {
+    // SAFETY: statx is plain old data; all-zero is a valid value.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: an empty path with AT_EMPTY_PATH names the fd itself; the path
+    // is a NUL-terminated static string and st is live and writable.
+    cvt(unsafe {
+        libc::statx(fd.as_fd().as_raw_fd(), c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut st)
+    })?;
+    if st.stx_mask & libc::STATX_DIOALIGN == 0 {
+        return Ok(None);
+    }
+    Ok(Some(DirectAlign { mem: st.stx_dio_mem_align, offset: st.stx_dio_offset_align }))
+}
+
+/// Opens `path` again with `O_DIRECT` (same access mode as `read_only`
+/// says), for I/O that bypasses the page cache.
+pub fn open_direct(path: &std::path::Path, read_only: bool) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().read(true).write(!read_only).custom_flags(libc::O_DIRECT).open(path)
+}
+
 /// Whether the file lives on a memory filesystem (tmpfs, ramfs), where
 /// reads and writes never wait for a device.
 pub fn is_memory_fs(fd: impl AsFd) -> io::Result<bool> {

@@ -12,8 +12,11 @@ use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
+
+use crate::buf::{Arena, IoBuf};
 
 /// What the running kernel offers, probed once at start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -110,7 +113,7 @@ pub enum Completion<S> {
     Send { conn: u32, result: io::Result<usize>, source: S, skip: usize, copied: Option<bool> },
     /// A file read, write or fsync finished: `result` is the bytes moved
     /// (0 for fsync); `buf` is returned.
-    File { conn: u32, token: u32, result: io::Result<usize>, buf: Vec<u8> },
+    File { conn: u32, token: u32, result: io::Result<usize>, buf: IoBuf },
     /// A cancellation request finished.
     Cancelled,
 }
@@ -151,8 +154,10 @@ pub struct RingStats {
     /// Zero-copy sends issued, and how many of them the kernel copied anyway.
     pub zc_sends: u64,
     pub zc_copied: u64,
-    /// File reads, writes and fsyncs started.
+    /// File reads, writes and fsyncs started, and how many of the reads
+    /// and writes used a registered (fixed) buffer.
     pub file_ops: u64,
+    pub file_fixed: u64,
 }
 
 /// `IORING_SEND_ZC_REPORT_USAGE`: the notification says whether the
@@ -190,7 +195,7 @@ struct InflightSend<S> {
 
 struct InflightFile {
     /// Kept alive (and not touched) until the kernel is done with it.
-    buf: Vec<u8>,
+    buf: IoBuf,
     conn: u32,
     token: u32,
 }
@@ -217,9 +222,43 @@ pub struct Ring<S> {
     free_sends: Vec<u32>,
     files: Vec<Option<InflightFile>>,
     free_files: Vec<u32>,
+    /// Registered buffers (dropped after `ring`, which unregisters them).
+    arena: Option<Arc<Arena>>,
+    /// Registered sockets: `fixed[slot]` is in use.
+    fixed: Vec<bool>,
+    free_fixed: Vec<u32>,
     /// Operations queued or in flight (for a safe drop).
     inflight: usize,
     pub stats: RingStats,
+}
+
+/// A socket as ring operations name it: its descriptor, or its slot in
+/// the ring's registered-file table (no descriptor lookup per operation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sock {
+    Raw(RawFd),
+    Fixed(u32),
+}
+
+impl Sock {
+    pub fn raw(fd: BorrowedFd<'_>) -> Sock {
+        Sock::Raw(fd.as_raw_fd())
+    }
+}
+
+macro_rules! with_sock {
+    ($sock:expr, |$fd:ident| $body:expr) => {
+        match $sock {
+            Sock::Raw(raw) => {
+                let $fd = types::Fd(raw);
+                $body
+            }
+            Sock::Fixed(slot) => {
+                let $fd = types::Fixed(slot);
+                $body
+            }
+        }
+    };
 }
 
 /// Provided-buffer group id used for receives.
@@ -244,6 +283,9 @@ impl<S: SendSource> Ring<S> {
             free_sends: Vec::new(),
             files: Vec::new(),
             free_files: Vec::new(),
+            arena: None,
+            fixed: Vec::new(),
+            free_fixed: Vec::new(),
             inflight: 0,
             stats: RingStats::default(),
         })
@@ -274,15 +316,71 @@ impl<S: SendSource> Ring<S> {
         self.push(e)
     }
 
-    /// Arms a multishot receive for connection `conn` on socket `fd`.
-    pub fn recv_multi(&mut self, fd: BorrowedFd<'_>, conn: u32) -> io::Result<()> {
-        let fd = types::Fd(fd.as_raw_fd());
-        let e = if self.bundle {
+    /// Arms a multishot receive for connection `conn` on socket `sock`.
+    pub fn recv_multi(&mut self, sock: Sock, conn: u32) -> io::Result<()> {
+        let bundle = self.bundle;
+        let e = with_sock!(sock, |fd| if bundle {
             opcode::RecvMultiBundle::new(fd, BGID).build()
         } else {
             opcode::RecvMulti::new(fd, BGID).build()
-        };
+        });
         self.push(e.user_data(user_data(KIND_RECV, conn, 0)))
+    }
+
+    /// Creates a registered-file table with room for `slots` sockets.
+    pub fn enable_fixed_files(&mut self, slots: u32) -> io::Result<()> {
+        self.ring.submitter().register_files_sparse(slots)?;
+        self.fixed = vec![false; slots as usize];
+        self.free_fixed = (0..slots).rev().collect();
+        Ok(())
+    }
+
+    /// Puts `fd` in the registered-file table; `None` when the table is
+    /// full or was never created. The table holds its own reference to the
+    /// socket: call [`Ring::unregister_socket`] before closing it.
+    pub fn register_socket(&mut self, fd: BorrowedFd<'_>) -> io::Result<Option<Sock>> {
+        let Some(slot) = self.free_fixed.pop() else { return Ok(None) };
+        match self.ring.submitter().register_files_update(slot, &[fd.as_raw_fd()]) {
+            Ok(_) => {
+                self.fixed[slot as usize] = true;
+                Ok(Some(Sock::Fixed(slot)))
+            }
+            Err(e) => {
+                self.free_fixed.push(slot);
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes a socket out of the registered-file table (a no-op for a raw
+    /// descriptor). Operations already started keep their own reference.
+    pub fn unregister_socket(&mut self, sock: Sock) -> io::Result<()> {
+        let Sock::Fixed(slot) = sock else { return Ok(()) };
+        if !self.fixed.get(slot as usize).copied().unwrap_or(false) {
+            return Ok(());
+        }
+        self.ring.submitter().register_files_update(slot, &[-1])?;
+        self.fixed[slot as usize] = false;
+        self.free_fixed.push(slot);
+        Ok(())
+    }
+
+    /// Registers `arena`'s chunks as fixed buffers: file reads and writes
+    /// into them skip per-operation page pinning.
+    pub fn register_arena(&mut self, arena: Arc<Arena>) -> io::Result<()> {
+        let iov = arena.iovecs();
+        // SAFETY: the kernel may use the registered memory until the ring is
+        // closed. The arena's allocation lives as long as an Arc to it does,
+        // and self.arena keeps one until after self.ring is dropped (field
+        // order), or forever if operations were in flight (see Drop).
+        unsafe { self.ring.submitter().register_buffers(&iov)? };
+        self.arena = Some(arena);
+        Ok(())
+    }
+
+    /// The registered arena, if any.
+    pub fn arena(&self) -> Option<&Arc<Arena>> {
+        self.arena.as_ref()
     }
 
     /// Reports (once) when `fd` becomes readable, as [`Completion::Readable`].
@@ -301,11 +399,11 @@ impl<S: SendSource> Ring<S> {
         self.push(e)
     }
 
-    /// Sends `source` (from byte `skip`) on `fd` in one `sendmsg`. `more`
+    /// Sends `source` (from byte `skip`) on `sock` in one `sendmsg`. `more`
     /// sets `MSG_MORE` (more replies are coming: let the kernel cork).
     pub fn send(
         &mut self,
-        fd: BorrowedFd<'_>,
+        sock: Sock,
         conn: u32,
         source: S,
         skip: usize,
@@ -331,15 +429,12 @@ impl<S: SendSource> Ring<S> {
             }
         };
         let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
-        let fd = types::Fd(fd.as_raw_fd());
-        let e = if zerocopy {
-            opcode::SendMsgZc::new(fd, &*msg as *const libc::msghdr)
-                .flags(flags as u32)
-                .ioprio(SEND_ZC_REPORT_USAGE)
-                .build()
+        let m = &*msg as *const libc::msghdr;
+        let e = with_sock!(sock, |fd| if zerocopy {
+            opcode::SendMsgZc::new(fd, m).flags(flags as u32).ioprio(SEND_ZC_REPORT_USAGE).build()
         } else {
-            opcode::SendMsg::new(fd, &*msg as *const libc::msghdr).flags(flags as u32).build()
-        };
+            opcode::SendMsg::new(fd, m).flags(flags as u32).build()
+        });
         let e = e.user_data(user_data(KIND_SEND, conn, slot));
         // The iovecs point into `source`'s heap buffers, which do not move
         // when `source` moves into the slot.
@@ -358,14 +453,16 @@ impl<S: SendSource> Ring<S> {
     }
 
     /// Starts a read, write or fsync on a file; `buf` (unused by fsync) is
-    /// owned by the ring until [`Completion::File`] returns it.
+    /// owned by the ring until [`Completion::File`] returns it. A read
+    /// fills `buf[at..len]`. A chunk of the registered arena makes the read
+    /// or write a fixed-buffer operation.
     pub fn file_op(
         &mut self,
         fd: BorrowedFd<'_>,
         conn: u32,
         token: u32,
         op: FileOp,
-        buf: Vec<u8>,
+        buf: IoBuf,
     ) -> io::Result<()> {
         let slot = match self.free_files.pop() {
             Some(s) => s,
@@ -375,20 +472,32 @@ impl<S: SendSource> Ring<S> {
             }
         };
         let fd = types::Fd(fd.as_raw_fd());
+        let fixed = self.arena.as_ref().and_then(|a| buf.fixed_index(a));
         let e = match op {
             FileOp::Read { offset, at } => {
                 let rest = buf.get(at..).unwrap_or_default();
                 let len = rest.len().min(u32::MAX as usize) as u32;
-                opcode::Read::new(fd, rest.as_ptr() as *mut u8, len).offset(offset).build()
+                let ptr = rest.as_ptr() as *mut u8;
+                match fixed {
+                    Some(i) => opcode::ReadFixed::new(fd, ptr, len, i).offset(offset).build(),
+                    None => opcode::Read::new(fd, ptr, len).offset(offset).build(),
+                }
             }
             FileOp::Write { offset, at, dsync } => {
                 let rest = buf.get(at..).unwrap_or_default();
                 let len = rest.len().min(u32::MAX as usize) as u32;
                 let flags = if dsync { libc::RWF_DSYNC } else { 0 };
-                opcode::Write::new(fd, rest.as_ptr(), len).offset(offset).rw_flags(flags).build()
+                match fixed {
+                    Some(i) => opcode::WriteFixed::new(fd, rest.as_ptr(), len, i)
+                        .offset(offset)
+                        .rw_flags(flags)
+                        .build(),
+                    None => opcode::Write::new(fd, rest.as_ptr(), len).offset(offset).rw_flags(flags).build(),
+                }
             }
             FileOp::Fsync => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
         };
+        let fixed = fixed.is_some() && !matches!(op, FileOp::Fsync);
         let e = e.user_data(user_data(KIND_FILE, conn, slot));
         // The pointer into `buf`'s heap memory stays valid: the Vec moves
         // into the slot, its heap buffer does not move, and nothing touches
@@ -400,6 +509,9 @@ impl<S: SendSource> Ring<S> {
             return Err(e);
         }
         self.stats.file_ops += 1;
+        if fixed {
+            self.stats.file_fixed += 1;
+        }
         Ok(())
     }
 
@@ -541,6 +653,9 @@ impl<S> Drop for Ring<S> {
             }
             for f in self.files.drain(..).flatten() {
                 std::mem::forget(f);
+            }
+            if let Some(a) = self.arena.take() {
+                std::mem::forget(a);
             }
         }
     }
@@ -733,7 +848,7 @@ mod tests {
         for bundle in [false, true] {
             let mut r = ring(bundle);
             let (mut a, b) = UnixStream::pair().unwrap();
-            r.recv_multi(b.as_fd(), 7).unwrap();
+            r.recv_multi(Sock::raw(b.as_fd()), 7).unwrap();
             let data: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
             a.write_all(&data).unwrap();
             drop(a);
@@ -765,7 +880,7 @@ mod tests {
     fn send_returns_the_source_and_counts_bytes() {
         let mut r = ring(false);
         let (a, mut b) = UnixStream::pair().unwrap();
-        r.send(a.as_fd(), 3, Bytes(b"hello world".to_vec()), 6, false, false).unwrap();
+        r.send(Sock::raw(a.as_fd()), 3, Bytes(b"hello world".to_vec()), 6, false, false).unwrap();
         r.submit_and_wait(1).unwrap();
         let mut done = false;
         r.completions(|_, c| {
@@ -790,7 +905,7 @@ mod tests {
         let a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (mut b, _) = l.accept().unwrap();
         let payload: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
-        r.send(a.as_fd(), 9, Bytes(payload.clone()), 0, false, true).unwrap();
+        r.send(Sock::raw(a.as_fd()), 9, Bytes(payload.clone()), 0, false, true).unwrap();
         let reader = std::thread::spawn(move || {
             let mut got = vec![0u8; 200_000];
             std::io::Read::read_exact(&mut b, &mut got).map(|_| got)
@@ -830,7 +945,7 @@ mod tests {
             .open(&path)
             .unwrap();
         std::fs::remove_file(&path).unwrap();
-        let run = |r: &mut Ring<Bytes>, op: FileOp, buf: Vec<u8>| {
+        let run = |r: &mut Ring<Bytes>, op: FileOp, buf: IoBuf| {
             r.file_op(f.as_fd(), 1, 42, op, buf).unwrap();
             r.submit_and_wait(1).unwrap();
             let mut out = None;
@@ -842,11 +957,68 @@ mod tests {
             });
             out.expect("a file completion")
         };
-        let (n, _) = run(&mut r, FileOp::Write { offset: 4096, at: 2, dsync: true }, b"xxhello".to_vec());
+        let (n, _) =
+            run(&mut r, FileOp::Write { offset: 4096, at: 2, dsync: true }, IoBuf::from_slice(b"xxhello"));
         assert_eq!(n, 5);
-        let (n, buf) = run(&mut r, FileOp::Read { offset: 4096, at: 1 }, vec![0u8; 6]);
+        let (n, buf) = run(&mut r, FileOp::Read { offset: 4096, at: 1 }, IoBuf::from_slice(&[0u8; 6]));
         assert_eq!(n, 5);
-        assert_eq!(&buf, b"\0hello");
-        assert_eq!(run(&mut r, FileOp::Fsync, Vec::new()).0, 0);
+        assert_eq!(&buf[..], b"\0hello");
+        assert_eq!(run(&mut r, FileOp::Fsync, IoBuf::new()).0, 0);
+        assert_eq!(r.stats.file_fixed, 0);
+
+        // The same through registered buffers.
+        let arena = Arena::new(4096, 2).unwrap();
+        r.register_arena(Arc::clone(&arena)).unwrap();
+        let mut w = arena.take(4096).unwrap();
+        w.extend_from_slice(b"fixed!");
+        let (n, w) = run(&mut r, FileOp::Write { offset: 8192, at: 0, dsync: false }, w);
+        assert_eq!(n, 6);
+        drop(w);
+        let mut rd = arena.take(6).unwrap();
+        rd.set_len(6);
+        let (n, rd) = run(&mut r, FileOp::Read { offset: 8192, at: 0 }, rd);
+        assert_eq!((n, &rd[..]), (6, &b"fixed!"[..]));
+        assert_eq!(r.stats.file_fixed, 2);
+    }
+
+    #[test]
+    fn registered_sockets_carry_receives_and_sends() {
+        let mut r = ring(false);
+        r.enable_fixed_files(4).unwrap();
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let s = r.register_socket(a.as_fd()).unwrap().expect("a free slot");
+        assert!(matches!(s, Sock::Fixed(_)));
+        r.send(s, 1, Bytes(b"ping".to_vec()), 0, false, false).unwrap();
+        r.recv_multi(s, 1).unwrap();
+        r.submit_and_wait(1).unwrap();
+        let mut buf = [0u8; 4];
+        std::io::Read::read_exact(&mut b, &mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+        b.write_all(b"pong").unwrap();
+        let mut got = Vec::new();
+        while got.len() < 4 {
+            r.submit_and_wait(1).unwrap();
+            r.completions(|r, c| {
+                if let Completion::Recv { result: Ok(bufs), .. } = c {
+                    for (bid, n) in bufs.bufs {
+                        got.extend_from_slice(r.buffer(bid, n));
+                        r.recycle(bid);
+                    }
+                }
+            });
+        }
+        assert_eq!(got, b"pong");
+        // Unregistering drops the table's reference: closing our descriptor
+        // then closes the socket, which the peer sees as end of stream.
+        r.cancel_recv(1).unwrap();
+        while r.inflight() > 0 {
+            r.submit_and_wait(1).unwrap();
+            r.completions(|_, _| {});
+        }
+        r.unregister_socket(s).unwrap();
+        drop(a);
+        let mut rest = Vec::new();
+        std::io::Read::read_to_end(&mut b, &mut rest).unwrap();
+        assert!(rest.is_empty());
     }
 }

@@ -18,6 +18,7 @@ use nbd_proto::{
     clip_extents, Command, Errno, Extent, FramingError, Outcome, Request, ServerHandshake, Session,
 };
 use ringbd_backend::{Backend, ZeroFlags};
+use ringbd_io::buf::{Arena, IoBuf};
 use ringbd_io::uring::FileOp;
 
 use crate::exports::{nbd_errno, Exports};
@@ -44,12 +45,14 @@ pub struct Connection {
     /// An empty queue with capacity, swapped in when `out` is taken.
     spare: OutBuf,
     /// Recycled payload buffers.
-    pool: Vec<Vec<u8>>,
+    pool: Vec<IoBuf>,
     peer: String,
     /// Most replies queued before input stops (1 = one send per reply).
     reply_limit: u32,
     /// The engine runs file reads, writes and flushes itself.
     async_file_io: bool,
+    /// The engine's registered buffers, used first for file operations.
+    arena: Option<Arc<Arena>>,
     pub stats: ConnStats,
 }
 
@@ -74,15 +77,18 @@ impl Connection {
             peer,
             reply_limit: u32::MAX,
             async_file_io: false,
+            arena: None,
             stats: ConnStats::default(),
         }
     }
 
     /// File exports' reads, writes and flushes will be handed to the engine
     /// ([`Connection::take_io`]) instead of run inline. Call before the
-    /// handshake ends.
-    pub fn enable_async_file_io(&mut self) {
+    /// handshake ends. Buffers come from `arena` (the ring's registered
+    /// buffers) while it has room, else from the heap.
+    pub fn enable_async_file_io(&mut self, arena: Option<Arc<Arena>>) {
         self.async_file_io = true;
+        self.arena = arena;
     }
 
     /// Moves the file operations waiting to be started into `out`.
@@ -92,9 +98,11 @@ impl Connection {
         }
     }
 
-    /// The export's file, for the engine's file operations.
-    pub fn file_fd(&self) -> Option<BorrowedFd<'_>> {
+    /// The export's file, for the engine's file operations: the `O_DIRECT`
+    /// descriptor when `direct` (see [`IoRequest::direct`]).
+    pub fn file_fd(&self, direct: bool) -> Option<BorrowedFd<'_>> {
         match &self.phase {
+            Phase::Transmission(tx) if direct => tx.backend.direct_io().map(|d| d.fd),
             Phase::Transmission(tx) => tx.backend.file_fd(),
             _ => None,
         }
@@ -109,7 +117,7 @@ impl Connection {
     }
 
     /// A file operation finished: continue it (short transfer) or reply.
-    pub fn io_complete(&mut self, token: u32, result: std::io::Result<usize>, buf: Vec<u8>) {
+    pub fn io_complete(&mut self, token: u32, result: std::io::Result<usize>, buf: IoBuf) {
         if let Phase::Transmission(tx) = &mut self.phase {
             tx.io_complete(token, result, buf, &mut self.out, &mut self.pool);
         }
@@ -238,6 +246,7 @@ impl Connection {
             closed: false,
             pieces: Vec::new(),
             async_io: self.async_file_io && export.backend.file_fd().is_some(),
+            arena: self.arena.clone(),
             io_out: Vec::new(),
             pending: Vec::new(),
             free_tokens: Vec::new(),
@@ -247,6 +256,14 @@ impl Connection {
         // `leftover` came out of `data`: it is its tail. Consume only what
         // precedes it, so the caller hands the rest to the new phase.
         data.len() - leftover.len().min(data.len())
+    }
+}
+
+/// Keeps a payload buffer for reuse; an arena chunk goes back to its arena
+/// instead (the ring's registered buffers are shared by its connections).
+pub(crate) fn recycle(pool: &mut Vec<IoBuf>, buf: IoBuf) {
+    if !buf.is_chunk() && pool.len() < 8 {
+        pool.push(buf);
     }
 }
 
@@ -261,7 +278,7 @@ enum Rx {
         left: u64,
         fua: bool,
         failed: Option<ringbd_backend::Error>,
-        collect: Option<Vec<u8>>,
+        collect: Option<IoBuf>,
     },
     /// A small payload collected whole (block-status filter).
     Payload {
@@ -287,6 +304,7 @@ struct Tx {
     pieces: Vec<ringbd_backend::Piece>,
     /// Reads, writes and flushes go to the engine as file operations.
     async_io: bool,
+    arena: Option<Arc<Arena>>,
     /// File operations the engine has not taken yet.
     io_out: Vec<IoRequest>,
     /// Requests waiting for their file operation, by token.
@@ -301,7 +319,11 @@ pub struct IoRequest {
     /// Hand back to [`Connection::io_complete`] with the result.
     pub token: u32,
     pub op: FileOp,
-    pub buf: Vec<u8>,
+    pub buf: IoBuf,
+    /// Run it on the export's `O_DIRECT` descriptor
+    /// ([`Connection::file_fd`]`(true)`): offset, length and buffer are
+    /// aligned for it.
+    pub direct: bool,
 }
 
 /// What a request waiting on a file operation still needs.
@@ -332,7 +354,7 @@ impl Tx {
         &mut self,
         data: &[u8],
         out: &mut OutBuf,
-        pool: &mut Vec<Vec<u8>>,
+        pool: &mut Vec<IoBuf>,
         st: &mut ConnStats,
         reply_limit: u32,
     ) -> usize {
@@ -420,7 +442,7 @@ impl Tx {
     }
 
     /// A complete header is in `self.hdr`.
-    fn header(&mut self, out: &mut OutBuf, pool: &mut Vec<Vec<u8>>) {
+    fn header(&mut self, out: &mut OutBuf, pool: &mut Vec<IoBuf>) {
         let hlen = self.session.request_len();
         let req = match self.session.decode(&self.hdr[..hlen]) {
             Ok(r) => r,
@@ -454,12 +476,7 @@ impl Tx {
                 if len == 0 {
                     b.write(offset, &[], fua)
                 } else {
-                    let collect = self.async_io.then(|| {
-                        let mut b = pool.pop().unwrap_or_default();
-                        b.clear();
-                        b.reserve(len as usize);
-                        b
-                    });
+                    let collect = self.async_io.then(|| self.io_buf(len as usize, pool));
                     self.rx = Rx::Write { req, offset, left: len, fua, failed: None, collect };
                     return;
                 }
@@ -470,13 +487,14 @@ impl Tx {
                 return;
             }
             Command::Read { offset, len, .. } if self.async_io && len > 0 => {
-                let mut buf = pool.pop().unwrap_or_default();
-                buf.resize(len as usize, 0);
+                let mut buf = self.io_buf(len as usize, pool);
+                // The file fills it; a failed read never sends it.
+                buf.set_len(len as usize);
                 self.submit(req, Pend::Read { offset, len, done: 0 }, buf);
                 return;
             }
             Command::Flush if self.async_io => {
-                self.submit(req, Pend::Flush, Vec::new());
+                self.submit(req, Pend::Flush, IoBuf::new());
                 return;
             }
             Command::Read { offset, len, df } => {
@@ -505,8 +523,20 @@ impl Tx {
         out.reply_done();
     }
 
+    /// An empty buffer for a file operation of `len` bytes: a registered
+    /// one while the arena has room, else a recycled or new one.
+    fn io_buf(&self, len: usize, pool: &mut Vec<IoBuf>) -> IoBuf {
+        if let Some(b) = self.arena.as_ref().and_then(|a| a.take(len)) {
+            return b;
+        }
+        let mut b = pool.pop().unwrap_or_default();
+        b.clear();
+        b.reserve(len);
+        b
+    }
+
     /// Queues a file operation for the engine.
-    fn submit(&mut self, req: Request, pend: Pend, buf: Vec<u8>) {
+    fn submit(&mut self, req: Request, pend: Pend, buf: IoBuf) {
         let token = match self.free_tokens.pop() {
             Some(t) => t,
             None => {
@@ -520,24 +550,35 @@ impl Tx {
         self.queue_op(token, pend, buf);
     }
 
-    fn queue_op(&mut self, token: u32, pend: Pend, buf: Vec<u8>) {
-        let op = match pend {
-            Pend::Read { offset, done, .. } => FileOp::Read { offset: offset + done, at: done as usize },
-            Pend::Write { offset, done, fua, .. } => {
-                FileOp::Write { offset: offset + done, at: done as usize, dsync: fua }
+    fn queue_op(&mut self, token: u32, pend: Pend, buf: IoBuf) {
+        let (op, range) = match pend {
+            Pend::Read { offset, len, done } => {
+                (FileOp::Read { offset: offset + done, at: done as usize }, Some((offset, len, done)))
             }
-            Pend::Flush => FileOp::Fsync,
+            Pend::Write { offset, len, fua, done } => {
+                let op = FileOp::Write { offset: offset + done, at: done as usize, dsync: fua };
+                (op, Some((offset, len, done)))
+            }
+            Pend::Flush => (FileOp::Fsync, None),
         };
-        self.io_out.push(IoRequest { token, op, buf });
+        // O_DIRECT where the file range is aligned; the buffer is page
+        // aligned, so its position `done` is aligned when offset is too.
+        let direct = match (range, self.backend.direct_io()) {
+            (Some((offset, len, done)), Some(d)) => {
+                d.fits(offset, d.align.into()) && d.fits(offset + done, len - done)
+            }
+            _ => false,
+        };
+        self.io_out.push(IoRequest { token, op, buf, direct });
     }
 
     fn io_complete(
         &mut self,
         token: u32,
         result: std::io::Result<usize>,
-        buf: Vec<u8>,
+        buf: IoBuf,
         out: &mut OutBuf,
-        pool: &mut Vec<Vec<u8>>,
+        pool: &mut Vec<IoBuf>,
     ) {
         let Some((req, pend)) = self.pending.get_mut(token as usize).and_then(Option::take) else { return };
         let finish = |this: &mut Self| {
@@ -572,7 +613,7 @@ impl Tx {
                 finish(self);
                 self.backend_error(&req, &e, out);
                 out.reply_done();
-                pool.push(buf);
+                recycle(pool, buf);
                 return;
             }
         };
@@ -597,14 +638,14 @@ impl Tx {
                 self.session.write_data_header(out.bytes(), &req, offset, len, true);
                 if buf.len() <= COPY_LIMIT {
                     out.bytes().extend_from_slice(&buf);
-                    pool.push(buf);
+                    recycle(pool, buf);
                 } else {
                     out.push_large(buf);
                 }
             }
             Pend::Write { .. } | Pend::Flush => {
                 self.session.write_ok(out.bytes(), &req);
-                pool.push(buf);
+                recycle(pool, buf);
             }
         }
         out.reply_done();
@@ -625,7 +666,7 @@ impl Tx {
         req: &Request,
         (offset, len, df): (u64, usize, bool),
         out: &mut OutBuf,
-        pool: &mut Vec<Vec<u8>>,
+        pool: &mut Vec<IoBuf>,
         pieces: &mut Vec<ringbd_backend::Piece>,
     ) {
         if len == 0 {
@@ -665,11 +706,12 @@ impl Tx {
             return self.chunks(req, offset, &data, &holes.0, out, false);
         }
         let mut buf = pool.pop().unwrap_or_default();
-        buf.resize(len, 0);
+        // The backend fills every byte (zeroes where sparse).
+        buf.set_len(len);
         let holes = match self.backend.read(offset, &mut buf) {
             Ok(h) => h,
             Err(e) => {
-                pool.push(buf);
+                recycle(pool, buf);
                 return self.backend_error(req, &e, out);
             }
         };
@@ -679,7 +721,7 @@ impl Tx {
             return;
         }
         self.chunks(req, offset, &buf, &holes.0, out, true);
-        pool.push(buf);
+        recycle(pool, buf);
     }
 
     /// A read reply from zero-copy pieces: one data chunk (simple replies,
@@ -761,7 +803,7 @@ impl Tx {
             } else {
                 self.session.write_data_header(out.bytes(), req, at, range.len() as u64, i == last);
                 if large && range.len() > COPY_LIMIT {
-                    out.push_large(data[range].to_vec());
+                    out.push_large(IoBuf::from_slice(&data[range]));
                 } else {
                     out.bytes().extend_from_slice(&data[range]);
                 }

@@ -26,9 +26,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use ringbd_io::buf::{Arena, IoBuf};
 use ringbd_io::uring::{
     is_cancelled, is_out_of_buffers, is_unsupported, Completion, Features, Ring, RingConfig, RingStats,
-    SendSource,
+    SendSource, Sock,
 };
 
 use crate::conn::Connection;
@@ -51,6 +52,11 @@ pub struct UringOptions {
     /// `zerocopy_threshold` bytes of read payload.
     pub zerocopy: bool,
     pub zerocopy_threshold: usize,
+    /// Sockets in each ring's registered-file table.
+    pub fixed_files: bool,
+    /// Bytes of registered buffers per ring for file exports' reads and
+    /// writes (0: none).
+    pub registered_buffers: usize,
 }
 
 impl Default for UringOptions {
@@ -63,6 +69,8 @@ impl Default for UringOptions {
             recv_buffer_size: 32 * 1024,
             zerocopy: true,
             zerocopy_threshold: 64 * 1024,
+            fixed_files: true,
+            registered_buffers: 8 << 20,
         }
     }
 }
@@ -90,6 +98,8 @@ pub struct EngineStats {
     pub zc_sends: AtomicU64,
     pub zc_copied: AtomicU64,
     pub file_ops: AtomicU64,
+    pub file_fixed: AtomicU64,
+    pub file_direct: AtomicU64,
 }
 
 impl EngineStats {
@@ -107,7 +117,8 @@ impl EngineStats {
         let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
         format!(
             "connections {}, requests {req}, requests/recv completion {:.2}, buffers/recv completion {:.2}, \
-             replies/send {:.2}, ring enters/request {:.3}, zero-copy sends {}, zero-copy sends the kernel copied {}, file ops on the ring {}",
+             replies/send {:.2}, ring enters/request {:.3}, zero-copy sends {}, zero-copy sends the kernel copied {}, \
+             file ops on the ring {}, file ops with registered buffers {}, file ops with O_DIRECT {}",
             g(&self.connections),
             ratio(req, rc),
             ratio(rb, rc),
@@ -116,6 +127,8 @@ impl EngineStats {
             g(&self.zc_sends),
             g(&self.zc_copied),
             g(&self.file_ops),
+            g(&self.file_fixed),
+            g(&self.file_direct),
         )
     }
 }
@@ -169,6 +182,9 @@ impl Engine {
             inboxes.push((rx, wake_rx));
         }
         let peers = Arc::new(Peers { ctl, next: AtomicUsize::new(0) });
+        // Registered buffers only serve file exports' ring operations.
+        let buffers =
+            if exports.iter().any(|e| e.backend.file_fd().is_some()) { opts.registered_buffers } else { 0 };
         let mut workers = Vec::new();
         for (i, (ctl_rx, wake_rx)) in inboxes.into_iter().enumerate() {
             let cfg = RingConfig {
@@ -204,8 +220,9 @@ impl Engine {
             let (ready_tx, ready_rx) = mpsc::channel();
             let h = thread::Builder::new().name(format!("ring-{i}")).spawn(move || {
                 let ring = match Ring::new(cfg, &features) {
-                    Ok(r) => {
-                        ready_tx.send(Ok(())).ok();
+                    Ok(mut r) => {
+                        let note = register(&mut r, i, opts.fixed_files, buffers);
+                        ready_tx.send(Ok(note)).ok();
                         r
                     }
                     Err(e) => {
@@ -217,7 +234,12 @@ impl Engine {
                 Worker { ring, state }.run()
             })?;
             match ready_rx.recv() {
-                Ok(Ok(())) => workers.push(h),
+                Ok(Ok(note)) => {
+                    if i == 0 {
+                        log::warn(format_args!("io_uring resources per ring: {note}"));
+                    }
+                    workers.push(h)
+                }
                 Ok(Err(e)) => {
                     h.join().ok();
                     return Err(io::Error::new(e.kind(), format!("creating io_uring ring: {e}")));
@@ -251,6 +273,45 @@ impl Engine {
     }
 }
 
+/// Sockets per ring's registered-file table (more connections use their
+/// plain descriptors).
+const FIXED_FILE_SLOTS: u32 = 4096;
+
+/// Registers a new ring's file table and buffers; says what it got. Either
+/// failing (old kernel, RLIMIT_MEMLOCK) leaves the plain path.
+fn register(ring: &mut Ring<OutBuf>, index: usize, fixed_files: bool, buffers: usize) -> String {
+    let mut said = Vec::new();
+    if fixed_files {
+        match ring.enable_fixed_files(FIXED_FILE_SLOTS) {
+            Ok(()) => said.push(format!("registered file table ({FIXED_FILE_SLOTS} sockets)")),
+            Err(e) => said.push(format!("no registered file table ({e})")),
+        }
+    }
+    if buffers > 0 {
+        // Small chunks for small I/O, a few large ones for large I/O.
+        let large = if buffers >= 4 << 20 { (buffers / 2) >> 20 } else { 0 };
+        let small = (buffers - (large << 20)) / (64 << 10);
+        let classes = [(64 << 10, small.min(4096) as u16), (1 << 20, large.min(4096) as u16)];
+        match Arena::with_classes(&classes).and_then(|a| ring.register_arena(a)) {
+            Ok(()) => said.push(format!(
+                "{} MiB registered buffers ({small} x 64 KiB, {large} x 1 MiB)",
+                buffers >> 20
+            )),
+            Err(e) => {
+                log::warn(format_args!(
+                    "ring {index}: registering buffers: {e}; file I/O uses plain buffers"
+                ));
+                said.push("no registered buffers".into());
+            }
+        }
+    }
+    if said.is_empty() {
+        "none".into()
+    } else {
+        said.join(", ")
+    }
+}
+
 /// Token of the wake-up pipe's poll.
 const WAKE_TOKEN: u32 = u32::MAX;
 /// How long connections get to finish once a stop is requested.
@@ -266,6 +327,7 @@ struct Worker {
 struct Local {
     requests: u64,
     replies: u64,
+    direct: u64,
 }
 
 struct State {
@@ -292,6 +354,8 @@ struct State {
 
 struct Conn {
     stream: Stream,
+    /// How ring operations name the socket (registered slot or descriptor).
+    sock: Sock,
     conn: Connection,
     recv_armed: bool,
     cancel_sent: bool,
@@ -411,7 +475,7 @@ impl State {
         };
         let mut conn = Connection::new(self.exports.clone(), stream.peer());
         // File exports: reads, writes and flushes become ring operations.
-        conn.enable_async_file_io();
+        conn.enable_async_file_io(ring.arena().cloned());
         if !self.coalesce {
             conn.set_reply_limit(1);
         }
@@ -422,8 +486,17 @@ impl State {
                 (self.conns.len() - 1) as u32
             }
         };
+        let sock = match ring.register_socket(stream.as_fd()) {
+            Ok(Some(s)) => s,
+            Ok(None) => Sock::raw(stream.as_fd()),
+            Err(e) => {
+                log::debug(format_args!("registering a socket: {e}"));
+                Sock::raw(stream.as_fd())
+            }
+        };
         let mut c = Conn {
             stream,
+            sock,
             conn,
             recv_armed: false,
             cancel_sent: false,
@@ -435,7 +508,7 @@ impl State {
             shut: false,
             dirty: true,
         };
-        match ring.recv_multi(c.stream.as_fd(), id) {
+        match ring.recv_multi(c.sock, id) {
             Ok(()) => c.recv_armed = true,
             Err(e) => {
                 log::warn(format_args!("arming receive: {e}"));
@@ -507,7 +580,7 @@ impl State {
             Ok(n) if skip + n < source.len() && n > 0 => {
                 // Short send: the rest goes first, before anything newer.
                 let zc = c.zc_ok && self.zerocopy.is_some_and(|t| source.largest_payload() >= t);
-                match ring.send(c.stream.as_fd(), id, source, skip + n, false, zc) {
+                match ring.send(c.sock, id, source, skip + n, false, zc) {
                     Ok(()) => c.send_inflight = true,
                     Err(_) => c.broken = true,
                 }
@@ -520,7 +593,7 @@ impl State {
             Err(e) if is_unsupported(&e) && c.zc_ok => {
                 // This socket cannot do zero-copy: send normally from now on.
                 c.zc_ok = false;
-                match ring.send(c.stream.as_fd(), id, source, skip, false, false) {
+                match ring.send(c.sock, id, source, skip, false, false) {
                     Ok(()) => c.send_inflight = true,
                     Err(_) => c.broken = true,
                 }
@@ -545,15 +618,18 @@ impl State {
             }
             c.conn.take_io(&mut self.io_scratch);
             for io in self.io_scratch.drain(..) {
-                let r = match c.conn.file_fd() {
+                let r = match c.conn.file_fd(io.direct) {
                     Some(fd) => ring.file_op(fd, id as u32, io.token, io.op, io.buf),
                     None => Err(io::Error::other("no file behind this export")),
                 };
                 match r {
-                    Ok(()) => started = true,
+                    Ok(()) => {
+                        started = true;
+                        self.local.direct += u64::from(io.direct);
+                    }
                     // The request gets an error reply; the buffer went with
                     // the failed submission.
-                    Err(e) => c.conn.io_complete(io.token, Err(e), Vec::new()),
+                    Err(e) => c.conn.io_complete(io.token, Err(e), IoBuf::new()),
                 }
             }
         }
@@ -572,7 +648,7 @@ impl State {
                 // More replies follow right after this send: let TCP cork.
                 let more = !c.backlog.is_empty();
                 let zc = c.zc_ok && self.zerocopy.is_some_and(|t| out.largest_payload() >= t);
-                match ring.send(c.stream.as_fd(), id as u32, out, 0, more, zc) {
+                match ring.send(c.sock, id as u32, out, 0, more, zc) {
                     Ok(()) => c.send_inflight = true,
                     Err(e) => {
                         log::warn(format_args!("send: {e}"));
@@ -587,7 +663,7 @@ impl State {
                 && c.conn.wants_input()
                 && ring.free_recv_buffers() > 0
             {
-                match ring.recv_multi(c.stream.as_fd(), id as u32) {
+                match ring.recv_multi(c.sock, id as u32) {
                     Ok(()) => c.recv_armed = true,
                     Err(e) => {
                         log::warn(format_args!("re-arming receive: {e}"));
@@ -602,6 +678,11 @@ impl State {
                 }
                 if !c.recv_armed {
                     c.backlog.drain(..).for_each(|(bid, _, _)| ring.recycle(bid));
+                    // The table holds a reference: without this the socket
+                    // would stay open after the stream is dropped.
+                    if let Err(e) = ring.unregister_socket(c.sock) {
+                        log::warn(format_args!("unregistering a socket: {e}"));
+                    }
                     self.conns[id] = None;
                     self.free.push(id as u32);
                     self.live -= 1;
@@ -656,6 +737,7 @@ impl State {
         let s = &self.stats;
         s.requests.fetch_add(std::mem::take(&mut self.local.requests), Ordering::Relaxed);
         s.replies.fetch_add(std::mem::take(&mut self.local.replies), Ordering::Relaxed);
+        s.file_direct.fetch_add(std::mem::take(&mut self.local.direct), Ordering::Relaxed);
         // Ring counters are cumulative per ring: publish the deltas.
         let rs = ring.stats;
         s.recv_completions
@@ -666,6 +748,7 @@ impl State {
         s.zc_sends.fetch_add(rs.zc_sends.saturating_sub(self.seen.zc_sends), Ordering::Relaxed);
         s.zc_copied.fetch_add(rs.zc_copied.saturating_sub(self.seen.zc_copied), Ordering::Relaxed);
         s.file_ops.fetch_add(rs.file_ops.saturating_sub(self.seen.file_ops), Ordering::Relaxed);
+        s.file_fixed.fetch_add(rs.file_fixed.saturating_sub(self.seen.file_fixed), Ordering::Relaxed);
         self.seen = rs;
     }
 }

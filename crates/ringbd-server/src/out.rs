@@ -7,13 +7,14 @@
 use std::io::IoSlice;
 
 use ringbd_backend::Piece;
+use ringbd_io::buf::IoBuf;
 
 /// Source of iovecs for zero runs of zero-copy reads.
 static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
 
 /// A payload kept outside the inline queue.
 enum Seg {
-    Owned(Vec<u8>),
+    Owned(IoBuf),
     /// A piece of the export's own memory (zero-copy read).
     Shared(Piece),
 }
@@ -70,7 +71,7 @@ impl OutBuf {
     }
 
     /// Queues a large payload after everything queued so far.
-    pub(crate) fn push_large(&mut self, payload: Vec<u8>) {
+    pub(crate) fn push_large(&mut self, payload: IoBuf) {
         self.large_len += payload.len();
         self.current_payload += payload.len();
         self.large.push((self.bytes.len(), Seg::Owned(payload)));
@@ -117,13 +118,11 @@ impl OutBuf {
     }
 
     /// Empties the queue, handing large buffers back to `pool` for reuse.
-    pub fn clear(&mut self, pool: &mut Vec<Vec<u8>>) {
+    pub fn clear(&mut self, pool: &mut Vec<IoBuf>) {
         self.bytes.clear();
         for (_, seg) in self.large.drain(..) {
             if let Seg::Owned(v) = seg {
-                if pool.len() < 8 {
-                    pool.push(v);
-                }
+                crate::conn::recycle(pool, v);
             }
         }
         self.large_len = 0;
@@ -147,9 +146,9 @@ mod tests {
     fn large_payloads_are_spliced_in_order_and_skip_works() {
         let mut o = OutBuf::default();
         o.bytes().extend_from_slice(b"ab");
-        o.push_large(b"CDE".to_vec());
+        o.push_large(IoBuf::from_slice(b"CDE"));
         o.bytes().extend_from_slice(b"f");
-        o.push_large(b"GH".to_vec());
+        o.push_large(IoBuf::from_slice(b"GH"));
         assert_eq!(o.len(), 8);
         assert_eq!(flat(&o, 0), b"abCDEfGH");
         assert_eq!(flat(&o, 3), b"DEfGH");

@@ -117,15 +117,25 @@ fn a_client_that_never_reads_hits_the_high_water_mark() {
 /// A connection to a file export on a disk filesystem (not tmpfs), so the
 /// export hands its reads, writes and flushes to the engine.
 fn async_file_connection(tag: &str, size: usize) -> Connection {
+    async_file_connection_with(tag, size, false, None)
+}
+
+fn async_file_connection_with(
+    tag: &str,
+    size: usize,
+    direct: bool,
+    arena: Option<Arc<ringbd_io::buf::Arena>>,
+) -> Connection {
     let path = std::path::Path::new("/var/tmp").join(format!("ringbd-conn-{tag}-{}", std::process::id()));
     std::fs::write(&path, vec![0u8; size]).unwrap();
-    let backend = ringbd_backend::open(&ringbd_backend::Spec::File(path.clone()), false).unwrap();
+    let spec = ringbd_backend::Spec::File { path: path.clone(), direct };
+    let backend = ringbd_backend::open(&spec, false).unwrap();
     std::fs::remove_file(&path).unwrap();
     assert!(backend.file_fd().is_some(), "/var/tmp should not be a memory filesystem");
     let mut e = Exports::default();
     e.add(Export::new("", backend, false)).unwrap();
     let mut c = Connection::new(Arc::new(e), "test".into());
-    c.enable_async_file_io();
+    c.enable_async_file_io(arena);
     c
 }
 
@@ -184,4 +194,34 @@ fn async_file_read_that_makes_no_progress_fails_with_eio() {
     c.io_complete(r.token, Ok(0), r.buf);
     let reply = queued(&c);
     assert_eq!(reply, [&0x6744_6698u32.to_be_bytes()[..], &5u32.to_be_bytes(), &5u64.to_be_bytes()].concat());
+}
+
+#[test]
+fn direct_exports_use_o_direct_only_for_aligned_ranges_and_arena_buffers_first() {
+    let arena = ringbd_io::buf::Arena::new(64 << 10, 1).unwrap();
+    let mut c = async_file_connection_with("direct", 1 << 20, true, Some(arena.clone()));
+    let mut s = 3u32.to_be_bytes().to_vec();
+    s.extend(option(7, &[0, 0, 0, 0, 0, 0]));
+    s.extend(request(0, 1, 8192, 4096, &[])); // aligned
+    s.extend(request(0, 2, 100, 4096, &[])); // unaligned offset
+    s.extend(request(0, 3, 0, 1000, &[])); // unaligned length
+    assert_eq!(c.receive(&s), s.len());
+    c.sent();
+    let mut io = Vec::new();
+    c.take_io(&mut io);
+    assert_eq!(io.iter().map(|r| r.direct).collect::<Vec<_>>(), [true, false, false]);
+    assert!(io[0].buf.fixed_index(&arena).is_some(), "the first buffer comes from the arena");
+    assert!(!io[1].buf.is_chunk() && !io[2].buf.is_chunk(), "the arena has one chunk");
+    assert!(c.file_fd(true).is_some() && c.file_fd(false).is_some());
+    let first = io.remove(0);
+    assert_eq!(first.buf.as_ptr() as usize % 4096, 0);
+    // A short transfer that stops off alignment continues through the page cache.
+    c.io_complete(first.token, Ok(1000), first.buf);
+    c.take_io(&mut io);
+    let cont = io.pop().unwrap();
+    assert!(!cont.direct, "continuation at an unaligned position");
+    c.io_complete(cont.token, Ok(3096), cont.buf);
+    drop(io);
+    c.sent();
+    assert_eq!(arena.available(), 1, "the arena chunk came back once the reply was sent");
 }

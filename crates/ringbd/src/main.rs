@@ -28,6 +28,8 @@ enum Cmd {
 SPEC is one of:
   memory:SIZE   sparse RAM disk, e.g. memory:1G (the default: memory:1G)
   file:PATH     a regular file or block device
+  file:PATH,direct
+                the same with O_DIRECT for aligned reads and writes (no page cache)
   null:SIZE     discards writes, reads zeroes
 
 Each listener's URI is printed on stdout once it is ready.
@@ -77,6 +79,12 @@ struct ServeArgs {
     /// Send batches carrying at least this much read payload with SENDMSG_ZC (TCP only).
     #[arg(long, value_name = "SIZE", default_value = "64K", value_parser = ringbd_backend::parse_size)]
     zerocopy_threshold: u64,
+    /// A/B switch: name sockets by descriptor instead of registering them in the ring's file table.
+    #[arg(long)]
+    no_fixed_files: bool,
+    /// Registered buffers per ring for file exports' reads and writes (0 = none).
+    #[arg(long, value_name = "SIZE", default_value = "8M", value_parser = ringbd_backend::parse_size)]
+    registered_buffers: u64,
     /// Print the engine's counters (requests per receive, replies per send...) this often, e.g. 1s or 500ms; they are always printed at exit.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     stats_interval: Option<Duration>,
@@ -147,6 +155,8 @@ fn serve(a: ServeArgs) -> ExitCode {
             u.bundle = !a.no_bundle;
             u.zerocopy = !a.no_zerocopy;
             u.zerocopy_threshold = usize::try_from(a.zerocopy_threshold).unwrap_or(usize::MAX);
+            u.fixed_files = !a.no_fixed_files;
+            u.registered_buffers = usize::try_from(a.registered_buffers).unwrap_or(usize::MAX).min(1 << 30);
             u
         },
         stats_interval: a.stats_interval,

@@ -15,7 +15,6 @@ pub mod null;
 pub mod spec;
 
 use std::ops::Range;
-use std::sync::Arc;
 
 pub use error::{Error, ErrorKind, Op, Result};
 pub use file::DirectIo;
@@ -87,7 +86,7 @@ pub enum Piece {
     /// `len` bytes reading as zero (nothing stored: a hole).
     Zero(usize),
     Shared {
-        page: Arc<[u8]>,
+        page: memory::Page,
         start: usize,
         len: usize,
     },

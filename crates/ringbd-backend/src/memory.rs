@@ -2,68 +2,184 @@
 //!
 //! The export is cut into [`PAGE`]-byte pages, allocated on the first write
 //! of nonzero data. Unwritten, trimmed and zeroed pages hold no memory and
-//! read as holes. Pages are spread over [`SHARDS`] ordered maps, each behind
-//! its own lock, so requests from many connections rarely contend; ordered
-//! maps let block status skip straight to the next allocated page, so a
-//! 2^63-byte export costs nothing until written.
+//! read as holes.
+//!
+//! Pages are found through a radix table (4096 entries per node, as many
+//! levels as the export size needs: two for up to 512 GiB), so a lookup is
+//! a few loads from dense arrays instead of a search. Each page slot has its
+//! own lock, so requests from many connections do not contend. Every node
+//! counts the pages allocated below it, so block status and trims skip
+//! untouched regions: a 2^63-byte export costs nothing until written.
+//!
+//! A page is reference counted (zero-copy reads hand it to the kernel;
+//! writers copy on write). The count lives in a small separate allocation,
+//! not in the page, so a read touches one cache line of page metadata
+//! rather than a cold line at the start of a 32 KiB page.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::{Backend, Caps, Error, ErrorKind, Extent, Holes, Op, Piece, Result, ZeroFlags, MAX_EXTENTS};
 
 /// Allocation granularity (bytes).
 pub const PAGE: u64 = 32 * 1024;
-/// Number of independently locked page maps.
-pub const SHARDS: usize = 16;
 /// Most pages one block-status call inspects before answering.
 const MAX_SCAN_PAGES: u64 = 1 << 16;
+/// Entries per table node.
+const FANOUT_BITS: u32 = 12;
+const FANOUT: u64 = 1 << FANOUT_BITS;
 
 /// A page; shared (reference counted) so zero-copy reads can hand it to the
 /// kernel while writers copy on write.
-type Page = Arc<[u8]>;
-type Shard = BTreeMap<u64, Page>;
+pub type Page = Arc<Box<[u8]>>;
+type Slot = RwLock<Option<Page>>;
+
+struct Node {
+    /// Pages allocated below this node. Raised before a page is installed
+    /// and lowered after one is removed, so it is never below the truth: a
+    /// zero means the whole subtree reads as a hole.
+    count: AtomicU64,
+    kind: Kind,
+}
+
+enum Kind {
+    Inner(Box<[OnceLock<Box<Node>>]>),
+    Leaf(Box<[Slot]>),
+}
+
+impl Node {
+    fn new(level: u32, entries: u64) -> Node {
+        let kind = if level == 0 {
+            Kind::Leaf((0..entries).map(|_| RwLock::new(None)).collect())
+        } else {
+            Kind::Inner((0..entries).map(|_| OnceLock::new()).collect())
+        };
+        Node { count: AtomicU64::new(0), kind }
+    }
+
+    fn count(&self) -> u64 {
+        self.count.load(Ordering::Acquire)
+    }
+}
+
+fn read_slot(s: &Slot) -> RwLockReadGuard<'_, Option<Page>> {
+    // A poisoned lock means a panic mid-copy into plain bytes; the slot
+    // itself is still consistent, so keep serving.
+    s.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write_slot(s: &Slot) -> RwLockWriteGuard<'_, Option<Page>> {
+    s.write().unwrap_or_else(|p| p.into_inner())
+}
 
 pub struct MemoryBackend {
     size: u64,
-    shards: Vec<RwLock<Shard>>,
+    root: Node,
+    /// Levels below the root (0: the root is a leaf).
+    height: u32,
+}
+
+/// Index of `page`'s entry in its node at `level`.
+fn digit(page: u64, level: u32) -> usize {
+    ((page >> (level * FANOUT_BITS)) & (FANOUT - 1)) as usize
 }
 
 impl MemoryBackend {
     pub fn new(size: u64) -> Self {
-        MemoryBackend { size, shards: (0..SHARDS).map(|_| RwLock::new(BTreeMap::new())).collect() }
+        let pages = size.div_ceil(PAGE).max(1);
+        let mut height = 0;
+        while pages > 1u64 << (FANOUT_BITS * (height + 1)).min(63) && height < 5 {
+            height += 1;
+        }
+        let root_entries = (pages - 1) >> (FANOUT_BITS * height).min(63);
+        MemoryBackend { size, root: Node::new(height, root_entries + 1), height }
     }
 
     /// Bytes of page memory currently allocated.
     pub fn allocated_bytes(&self) -> u64 {
-        (0..SHARDS).map(|i| self.shard_read_at(i).len() as u64 * PAGE).sum()
+        self.root.count() * PAGE
     }
 
-    fn shard_of(page: u64) -> usize {
-        (page % SHARDS as u64) as usize
+    /// The root's entry index for `page` (the root may be partial).
+    fn root_index(&self, page: u64) -> usize {
+        (page >> (self.height * FANOUT_BITS).min(63)) as usize
     }
 
-    fn shard_read_at(&self, i: usize) -> RwLockReadGuard<'_, Shard> {
-        // A poisoned lock means a panic mid-update of plain byte arrays; the
-        // map itself is still consistent, so keep serving.
-        self.shards[i].read().unwrap_or_else(|p| p.into_inner())
+    /// The slot of `page`, if its leaf exists.
+    fn slot(&self, page: u64) -> Option<&Slot> {
+        let mut node = &self.root;
+        let mut level = self.height;
+        let mut index = self.root_index(page);
+        loop {
+            match &node.kind {
+                Kind::Leaf(slots) => return slots.get(index),
+                Kind::Inner(children) => {
+                    node = children.get(index)?.get()?;
+                    level -= 1;
+                    index = digit(page, level);
+                }
+            }
+        }
     }
 
-    fn read_shard(&self, page: u64) -> RwLockReadGuard<'_, Shard> {
-        self.shard_read_at(Self::shard_of(page))
-    }
-
-    fn write_shard(&self, page: u64) -> RwLockWriteGuard<'_, Shard> {
-        self.shards[Self::shard_of(page)].write().unwrap_or_else(|p| p.into_inner())
+    /// The slot of `page`, creating its leaf; the nodes on the way (root
+    /// first) go to `path` so the caller can adjust their counts.
+    fn slot_or_create<'a>(&'a self, page: u64, path: &mut Vec<&'a Node>) -> Option<&'a Slot> {
+        path.clear();
+        let mut node = &self.root;
+        let mut level = self.height;
+        let mut index = self.root_index(page);
+        loop {
+            path.push(node);
+            match &node.kind {
+                Kind::Leaf(slots) => return slots.get(index),
+                Kind::Inner(children) => {
+                    let child = children.get(index)?;
+                    level -= 1;
+                    node = child.get_or_init(|| Box::new(Node::new(level, FANOUT)));
+                    index = digit(page, level);
+                }
+            }
+        }
     }
 
     fn is_allocated(&self, page: u64) -> bool {
-        self.read_shard(page).contains_key(&page)
+        self.slot(page).is_some_and(|s| read_slot(s).is_some())
     }
 
     /// First allocated page in `[from, to)`.
     fn next_allocated(&self, from: u64, to: u64) -> Option<u64> {
-        (0..SHARDS).filter_map(|i| self.shard_read_at(i).range(from..to).next().map(|(k, _)| *k)).min()
+        let span = 1u64 << (self.height * FANOUT_BITS).min(63);
+        Self::search(&self.root, 0, span, from, to)
+    }
+
+    /// [`Self::next_allocated`] within `node`, whose entries each cover
+    /// `span` pages starting at `base`.
+    fn search(node: &Node, base: u64, span: u64, from: u64, to: u64) -> Option<u64> {
+        if node.count() == 0 {
+            return None;
+        }
+        let first = from.saturating_sub(base) / span;
+        match &node.kind {
+            Kind::Leaf(slots) => (first..slots.len() as u64)
+                .map(|i| base + i)
+                .take_while(|&p| p < to)
+                .find(|&p| slots.get((p - base) as usize).is_some_and(|s| read_slot(s).is_some())),
+            Kind::Inner(children) => {
+                for i in first..children.len() as u64 {
+                    let child_base = base + i * span;
+                    if child_base >= to {
+                        break;
+                    }
+                    let Some(child) = children.get(i as usize).and_then(OnceLock::get) else { continue };
+                    let child_span = span >> FANOUT_BITS;
+                    if let Some(p) = Self::search(child, child_base, child_span, from, to) {
+                        return Some(p);
+                    }
+                }
+                None
+            }
+        }
     }
 
     /// Calls `f(page, offset_in_page, range_in_buffer)` for each page piece
@@ -94,9 +210,11 @@ impl MemoryBackend {
                 return;
             }
             let page = from / PAGE;
-            if let Some(p) = self.write_shard(page).get_mut(&page) {
-                let a = (from % PAGE) as usize;
-                Arc::make_mut(p)[a..a + (to - from) as usize].fill(0);
+            if let Some(slot) = self.slot(page) {
+                if let Some(p) = write_slot(slot).as_mut() {
+                    let a = (from % PAGE) as usize;
+                    Arc::make_mut(p)[a..a + (to - from) as usize].fill(0);
+                }
             }
         };
         if first_full >= end_full {
@@ -108,14 +226,43 @@ impl MemoryBackend {
         }
         zero_partial(offset, first_full * PAGE);
         zero_partial(end_full * PAGE, end);
-        for (i, lock) in self.shards.iter().enumerate() {
-            let mut shard = lock.write().unwrap_or_else(|p| p.into_inner());
-            let doomed: Vec<u64> = shard.range(first_full..end_full).map(|(k, _)| *k).collect();
-            for k in doomed {
-                debug_assert_eq!(Self::shard_of(k), i);
-                shard.remove(&k);
+        let span = 1u64 << (self.height * FANOUT_BITS).min(63);
+        Self::free(&self.root, 0, span, first_full, end_full);
+    }
+
+    /// Frees the pages of `[from, to)` below `node`; returns how many.
+    fn free(node: &Node, base: u64, span: u64, from: u64, to: u64) -> u64 {
+        if node.count() == 0 {
+            return 0;
+        }
+        let first = from.saturating_sub(base) / span;
+        let mut freed = 0;
+        match &node.kind {
+            Kind::Leaf(slots) => {
+                for (i, slot) in slots.iter().enumerate().skip(first as usize) {
+                    let p = base + i as u64;
+                    if p >= to {
+                        break;
+                    }
+                    if write_slot(slot).take().is_some() {
+                        freed += 1;
+                    }
+                }
+            }
+            Kind::Inner(children) => {
+                for i in first..children.len() as u64 {
+                    let child_base = base + i * span;
+                    if child_base >= to {
+                        break;
+                    }
+                    if let Some(child) = children.get(i as usize).and_then(OnceLock::get) {
+                        freed += Self::free(child, child_base, span >> FANOUT_BITS, from, to);
+                    }
+                }
             }
         }
+        node.count.fetch_sub(freed, Ordering::AcqRel);
+        freed
     }
 }
 
@@ -127,7 +274,7 @@ fn new_page(offset: u64, len: u64) -> Result<Page> {
         Error::other(ErrorKind::NoSpace, Op::Write, offset, len, "out of memory for export pages")
     })?;
     drop(probe);
-    Ok(std::iter::repeat_n(0u8, PAGE as usize).collect())
+    Ok(Arc::new(vec![0u8; PAGE as usize].into_boxed_slice()))
 }
 
 impl Backend for MemoryBackend {
@@ -157,10 +304,10 @@ impl Backend for MemoryBackend {
         let mut holes = Holes::default();
         let len = buf.len();
         Self::for_each_piece(offset, len, |page, in_page, range| {
-            let shard = self.read_shard(page);
-            match shard.get(&page) {
-                Some(p) => buf[range.clone()].copy_from_slice(&p[in_page..in_page + range.len()]),
-                None => {
+            let slot = self.slot(page).map(read_slot);
+            match slot.as_deref() {
+                Some(Some(p)) => buf[range.clone()].copy_from_slice(&p[in_page..in_page + range.len()]),
+                _ => {
                     buf[range.clone()].fill(0);
                     holes.push(range);
                 }
@@ -171,10 +318,12 @@ impl Backend for MemoryBackend {
 
     fn read_shared(&self, offset: u64, len: usize, out: &mut Vec<Piece>) -> Result<bool> {
         Self::for_each_piece(offset, len, |page, in_page, range| {
-            let shard = self.read_shard(page);
-            match shard.get(&page) {
-                Some(p) => out.push(Piece::Shared { page: p.clone(), start: in_page, len: range.len() }),
-                None => match out.last_mut() {
+            let slot = self.slot(page).map(read_slot);
+            match slot.as_deref() {
+                Some(Some(p)) => {
+                    out.push(Piece::Shared { page: p.clone(), start: in_page, len: range.len() })
+                }
+                _ => match out.last_mut() {
                     Some(Piece::Zero(n)) => *n += range.len(),
                     _ => out.push(Piece::Zero(range.len())),
                 },
@@ -185,13 +334,19 @@ impl Backend for MemoryBackend {
 
     fn write(&self, offset: u64, data: &[u8], _fua: bool) -> Result<()> {
         let mut result = Ok(());
+        let mut path = Vec::with_capacity(6);
         Self::for_each_piece(offset, data.len(), |page, in_page, range| {
             if result.is_err() {
                 return;
             }
             let src = &data[range];
-            let mut shard = self.write_shard(page);
-            match shard.get_mut(&page) {
+            let Some(slot) = self.slot_or_create(page, &mut path) else {
+                let msg = "write beyond the export's page table";
+                result = Err(Error::other(ErrorKind::Invalid, Op::Write, offset, data.len() as u64, msg));
+                return;
+            };
+            let mut slot = write_slot(slot);
+            match slot.as_mut() {
                 // Copy on write when a zero-copy read still holds the page.
                 Some(p) => Arc::make_mut(p)[in_page..in_page + src.len()].copy_from_slice(src),
                 // Zeroes into an unallocated page change nothing.
@@ -199,7 +354,8 @@ impl Backend for MemoryBackend {
                 None => match new_page(offset, data.len() as u64) {
                     Ok(mut p) => {
                         Arc::make_mut(&mut p)[in_page..in_page + src.len()].copy_from_slice(src);
-                        shard.insert(page, p);
+                        path.iter().for_each(|n| _ = n.count.fetch_add(1, Ordering::AcqRel));
+                        *slot = Some(p);
                     }
                     Err(e) => result = Err(e),
                 },
@@ -365,6 +521,37 @@ mod tests {
         assert_eq!(e[1], Extent { len: PAGE, hole: false, zero: false });
         m.trim(0, i64::MAX as u64 - 7, false).unwrap();
         assert_eq!(m.allocated_bytes(), 0);
+    }
+
+    #[test]
+    fn table_levels_and_leaf_boundaries() {
+        // 4097 pages plus a byte: a root of 2 entries over full leaves.
+        let size = (FANOUT + 1) * PAGE + 1;
+        let m = MemoryBackend::new(size);
+        assert_eq!(m.height, 1);
+        let last = size - 1;
+        m.write(last, &[3], false).unwrap();
+        m.write(FANOUT * PAGE - 2, &[4, 4, 4, 4], false).unwrap(); // across two leaves
+        assert_eq!(m.allocated_bytes(), 3 * PAGE);
+        assert_eq!(read(&m, last, 1).0, [3]);
+        assert_eq!(read(&m, FANOUT * PAGE - 2, 4).0, [4, 4, 4, 4]);
+        assert_eq!(m.next_allocated(0, FANOUT + 2), Some(FANOUT - 1));
+        assert_eq!(m.next_allocated(FANOUT + 1, FANOUT + 2), Some(FANOUT + 1));
+        let e = m.extents(0, size).unwrap();
+        let kinds: Vec<(u64, bool)> = e.iter().map(|x| (x.len, x.hole)).collect();
+        assert_eq!(kinds, [((FANOUT - 1) * PAGE, true), (2 * PAGE + 1, false)]);
+        m.trim(FANOUT * PAGE, PAGE, false).unwrap();
+        assert_eq!(m.allocated_bytes(), 2 * PAGE);
+        assert!(m.is_allocated(FANOUT - 1) && !m.is_allocated(FANOUT));
+        // A write of zeroes over a trimmed page keeps it sparse.
+        m.write(FANOUT * PAGE, &[0; 10], false).unwrap();
+        assert_eq!(m.allocated_bytes(), 2 * PAGE);
+        // Tiny and empty exports work too.
+        let t = MemoryBackend::new(0);
+        assert_eq!(t.extents(0, 1).unwrap().len(), 1);
+        let t = MemoryBackend::new(512);
+        t.write(0, &[1; 512], false).unwrap();
+        assert_eq!(read(&t, 0, 512).0, vec![1; 512]);
     }
 
     #[test]

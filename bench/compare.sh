@@ -37,6 +37,8 @@ server ringbd-threads     ringbd   --engine threads
 server ringbd-nocoalesce  ringbd   --engine uring --no-coalesce
 server ringbd-nobundle    ringbd   --engine uring --no-bundle
 server ringbd-nozerocopy  ringbd   --engine uring --no-zerocopy
+server ringbd-noinc       ringbd   --engine uring --no-incremental
+server ringbd-nofixed     ringbd   --engine uring --no-fixed-files
 server nbdkit         nbdkit
 server qemu-nbd       qemu-nbd
 

@@ -29,6 +29,8 @@ pub struct Features {
     pub buf_ring: bool,
     pub bundle: bool,
     pub send_zc: bool,
+    /// Incremental buffer consumption (`IOU_PBUF_RING_INC`, 6.12+).
+    pub buf_inc: bool,
 }
 
 impl Features {
@@ -57,7 +59,9 @@ impl Features {
             f.send_zc = probe.is_supported(opcode::SendZc::CODE);
         }
         f.bundle = ring.params().is_feature_recvsend_bundle();
-        f.buf_ring = BufRing::new(&ring, 8, 4096).is_ok();
+        f.buf_ring = BufRing::new(&ring, 8, 4096, false).is_ok();
+        // A second group: the probe ring already has group 0.
+        f.buf_inc = f.buf_ring && BufRing::with_group(&ring, 8, 4096, true, 1).is_ok();
         // Multishot accept (5.19) and receive (6.0) arrived with buffer
         // rings (5.19); their opcodes are older than that, so the probe alone
         // cannot tell. A kernel with buffer rings and the 6.0-era linked-file
@@ -79,6 +83,9 @@ pub struct RingConfig {
     pub recv_buffer_size: u32,
     /// Receive bundles: one completion carries several buffers.
     pub bundle: bool,
+    /// Incremental consumption: the kernel fills each buffer across
+    /// receives instead of spending a whole buffer on each.
+    pub incremental: bool,
 }
 
 /// Something a send can take from: the ring keeps it until the kernel has
@@ -102,7 +109,7 @@ pub enum Completion<S> {
     /// A file descriptor polled with [`Ring::poll_readable`] is readable.
     Readable { token: u32 },
     /// Data for connection `conn`: `bufs` hold `len` bytes in order; read
-    /// them with [`Ring::buffer`] and give each back with
+    /// each piece with [`Ring::buffer`] and give each piece back with
     /// [`Ring::recycle`]. `len == 0` means the peer closed its side.
     /// `more`: the receive is still armed.
     Recv { conn: u32, result: io::Result<RecvBufs>, more: bool },
@@ -138,8 +145,10 @@ pub fn is_cancelled(e: &io::Error) -> bool {
 /// Buffers of one receive completion.
 #[derive(Debug, Default)]
 pub struct RecvBufs {
-    /// (buffer id, bytes used in it), in stream order.
-    pub bufs: Vec<(u16, u32)>,
+    /// (buffer id, start, end) of each piece, in stream order. With
+    /// incremental consumption a buffer's bytes may arrive in several
+    /// pieces, even for different connections.
+    pub bufs: Vec<(u16, u32, u32)>,
     pub len: usize,
 }
 
@@ -274,7 +283,8 @@ impl<S: SendSource> Ring<S> {
             b.setup_coop_taskrun();
         }
         let ring = b.build(cfg.entries)?;
-        let bufs = BufRing::new(&ring, cfg.recv_buffers, cfg.recv_buffer_size)?;
+        let inc = cfg.incremental && features.buf_inc;
+        let bufs = BufRing::new(&ring, cfg.recv_buffers, cfg.recv_buffer_size, inc)?;
         Ok(Ring {
             ring,
             bufs,
@@ -620,14 +630,21 @@ impl<S: SendSource> Ring<S> {
         }
     }
 
-    /// The received bytes in buffer `bid`.
-    pub fn buffer(&self, bid: u16, len: u32) -> &[u8] {
-        self.bufs.get(bid, len)
+    /// The received bytes of a piece (`start..end` of buffer `bid`).
+    pub fn buffer(&self, bid: u16, start: u32, end: u32) -> &[u8] {
+        self.bufs.get(bid, start, end)
     }
 
-    /// Gives a receive buffer back to the kernel.
+    /// Gives back one piece of a receive buffer (every piece exactly once,
+    /// once its bytes are consumed); the buffer returns to the kernel when
+    /// all its pieces are back and the kernel has filled it.
     pub fn recycle(&mut self, bid: u16) {
-        self.bufs.put(bid);
+        self.bufs.release(bid);
+    }
+
+    /// Whether receive buffers are consumed incrementally.
+    pub fn incremental(&self) -> bool {
+        self.bufs.inc
     }
 
     /// Receive buffers currently available to the kernel.
@@ -676,10 +693,27 @@ struct BufRing {
     /// Next slot we fill.
     tail: u16,
     leaked: bool,
+    /// `IOU_PBUF_RING_INC`: the kernel takes each buffer bit by bit.
+    inc: bool,
+    /// Per buffer: bytes the kernel has filled (incremental mode), pieces
+    /// handed out and not yet released, and whether the kernel is done
+    /// with it (it may still be filling it in incremental mode).
+    filled: Vec<u32>,
+    pieces: Vec<u16>,
+    kernel_done: Vec<bool>,
+    /// Buffers the kernel has finished with (monotonic).
+    spent: u64,
 }
 
+/// `IOU_PBUF_RING_INC`.
+const PBUF_RING_INC: u16 = 2;
+
 impl BufRing {
-    fn new(ring: &IoUring, entries: u16, buf_size: u32) -> io::Result<Self> {
+    fn new(ring: &IoUring, entries: u16, buf_size: u32, inc: bool) -> io::Result<Self> {
+        BufRing::with_group(ring, entries, buf_size, inc, BGID)
+    }
+
+    fn with_group(ring: &IoUring, entries: u16, buf_size: u32, inc: bool, bgid: u16) -> io::Result<Self> {
         if !entries.is_power_of_two() || entries > 32768 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -722,12 +756,18 @@ impl BufRing {
             head: 0,
             tail: 0,
             leaked: false,
+            inc,
+            filled: vec![0; entries as usize],
+            pieces: vec![0; entries as usize],
+            kernel_done: vec![false; entries as usize],
+            spent: 0,
         };
+        let flags = if inc { PBUF_RING_INC } else { 0 };
         // SAFETY: the ring memory is page aligned, sized for `entries`, and
         // lives in `br` until drop, which happens after the IoUring that
         // uses it is dropped (field order in Ring) or, if operations were
         // still in flight, never (leak()).
-        unsafe { ring.submitter().register_buf_ring_with_flags(ring_ptr as u64, entries, BGID, 0)? };
+        unsafe { ring.submitter().register_buf_ring_with_flags(ring_ptr as u64, entries, bgid, flags)? };
         for bid in 0..entries {
             br.put(bid);
         }
@@ -759,9 +799,13 @@ impl BufRing {
         }
     }
 
-    /// Records that the kernel consumed buffers for `len` bytes, the first
-    /// being `bid`, and lists them.
-    fn take(&mut self, bid: u16, len: usize, out: &mut Vec<(u16, u32)>) {
+    /// Records that the kernel filled `len` bytes, starting in buffer `bid`,
+    /// and lists the pieces.
+    fn take(&mut self, bid: u16, len: usize, out: &mut Vec<(u16, u32, u32)>) {
+        if len == 0 && self.inc {
+            // End of stream: an incremental buffer is not consumed.
+            return;
+        }
         let mask = self.mask();
         if self.slots[(self.head & mask) as usize] != bid {
             // Completions arrive in consumption order on a single-issuer
@@ -773,28 +817,66 @@ impl BufRing {
                 self.head = pos;
             }
         }
+        // Without incremental mode every buffer is spent whole (an end of
+        // stream spends one too); with it, only filled bytes are.
         let mut left = len.max(1);
         while left > 0 {
             let b = self.slots[(self.head & mask) as usize];
-            let n = left.min(self.buf_size as usize);
-            out.push((b, if len == 0 { 0 } else { n as u32 }));
-            self.head = self.head.wrapping_add(1);
+            let bi = b as usize;
+            let start = if self.inc { self.filled[bi] } else { 0 };
+            let n = left.min((self.buf_size - start) as usize);
+            out.push((b, start, if len == 0 { start } else { start + n as u32 }));
+            self.pieces[bi] = self.pieces[bi].saturating_add(1);
+            if self.inc {
+                self.filled[bi] += n as u32;
+            }
+            if !self.inc || self.filled[bi] >= self.buf_size {
+                self.kernel_done[bi] = true;
+                self.spent += 1;
+                self.head = self.head.wrapping_add(1);
+            }
             left -= n;
         }
     }
 
-    fn get(&self, bid: u16, len: u32) -> &[u8] {
-        let len = len.min(self.buf_size) as usize;
+    /// One piece of buffer `bid` is consumed; republishes the buffer once
+    /// the kernel is done with it and no piece is outstanding.
+    fn release(&mut self, bid: u16) {
+        let bi = bid as usize;
+        let Some(p) = self.pieces.get_mut(bi) else { return };
+        *p = p.saturating_sub(1);
+        if *p == 0 && self.kernel_done[bi] {
+            self.kernel_done[bi] = false;
+            self.filled[bi] = 0;
+            self.put(bid);
+        }
+    }
+
+    fn get(&self, bid: u16, start: u32, end: u32) -> &[u8] {
+        let end = end.min(self.buf_size) as usize;
+        let start = (start as usize).min(end);
         let bid = bid.min(self.entries - 1);
-        // SAFETY: bid < entries and len <= buf_size, so the range is inside
-        // the allocation; the buffer was handed to us by a completion and is
-        // not in the ring until recycle(), so the kernel does not write it
-        // while this shared borrow of self lives (recycle needs &mut self).
-        unsafe { std::slice::from_raw_parts(self.mem.add(bid as usize * self.buf_size as usize), len) }
+        // SAFETY: bid < entries and start <= end <= buf_size, so the range
+        // is inside the allocation. The kernel filled these bytes before
+        // the completion that listed them, and does not write them again
+        // until the buffer is republished by release(), which needs
+        // &mut self and so cannot run while this shared borrow lives; in
+        // incremental mode the kernel only writes past what it has filled.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.mem.add(bid as usize * self.buf_size as usize + start),
+                end - start,
+            )
+        }
     }
 
     fn available(&self) -> usize {
         self.tail.wrapping_sub(self.head) as usize
+    }
+
+    #[cfg(test)]
+    fn idle(&self) -> bool {
+        self.pieces.iter().all(|&p| p == 0)
     }
 
     fn leak(&mut self) {
@@ -834,19 +916,26 @@ mod tests {
     }
 
     fn ring(bundle: bool) -> Ring<Bytes> {
+        ring_with(bundle, false)
+    }
+
+    fn ring_with(bundle: bool, incremental: bool) -> Ring<Bytes> {
         let f = Features::probe();
         assert!(f.io_uring && f.recv_multishot && f.buf_ring, "kernel lacks what this test needs: {f:?}");
-        Ring::new(
-            RingConfig { entries: 64, recv_buffers: 16, recv_buffer_size: 1024, bundle: bundle && f.bundle },
-            &f,
-        )
-        .unwrap()
+        let cfg = RingConfig {
+            entries: 64,
+            recv_buffers: 16,
+            recv_buffer_size: 1024,
+            bundle: bundle && f.bundle,
+            incremental,
+        };
+        Ring::new(cfg, &f).unwrap()
     }
 
     #[test]
     fn multishot_recv_delivers_bytes_in_order_across_buffers() {
-        for bundle in [false, true] {
-            let mut r = ring(bundle);
+        for (bundle, inc) in [(false, false), (true, false), (false, true), (true, true)] {
+            let mut r = ring_with(bundle, inc);
             let (mut a, b) = UnixStream::pair().unwrap();
             r.recv_multi(Sock::raw(b.as_fd()), 7).unwrap();
             let data: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
@@ -863,16 +952,94 @@ mod tests {
                         if bufs.len == 0 {
                             eof = true;
                         }
-                        for (bid, n) in bufs.bufs {
-                            got.extend_from_slice(r.buffer(bid, n));
+                        for (bid, start, end) in bufs.bufs {
+                            got.extend_from_slice(r.buffer(bid, start, end));
                             r.recycle(bid);
                         }
                     }
                     _ => panic!("unexpected completion"),
                 });
             }
-            assert_eq!(got, data, "bundle={bundle}");
-            assert_eq!(r.free_recv_buffers(), 16);
+            assert_eq!(got, data, "bundle={bundle} inc={inc}");
+            assert!(r.bufs.idle());
+            if !inc {
+                assert_eq!(r.free_recv_buffers(), 16);
+            }
+        }
+    }
+
+    #[test]
+    fn incremental_buffers_hold_many_small_receives_and_survive_interleaving() {
+        let f = Features::probe();
+        assert!(f.buf_inc, "kernel lacks IOU_PBUF_RING_INC: {f:?}");
+        for bundle in [false, true] {
+            let mut r = ring_with(bundle, true);
+            assert!(r.incremental());
+            let (mut a1, b1) = UnixStream::pair().unwrap();
+            let (mut a2, b2) = UnixStream::pair().unwrap();
+            r.recv_multi(Sock::raw(b1.as_fd()), 1).unwrap();
+            r.recv_multi(Sock::raw(b2.as_fd()), 2).unwrap();
+            // Small messages from two connections, alternating: they share
+            // buffers, and conn 1's pieces are held back (a backlog) while
+            // conn 2's are released at once.
+            let (mut got1, mut got2, mut held) = (Vec::new(), Vec::new(), Vec::new());
+            let mut want = (Vec::new(), Vec::new());
+            for i in 0..300u32 {
+                let m1 = [(i % 251) as u8; 28];
+                let m2 = [(i % 13) as u8 + 100; 100];
+                a1.write_all(&m1).unwrap();
+                a2.write_all(&m2).unwrap();
+                want.0.extend_from_slice(&m1);
+                want.1.extend_from_slice(&m2);
+                r.submit_and_wait(1).unwrap();
+                r.completions(|r, c| {
+                    if let Completion::Recv { conn, result: Ok(bufs), .. } = c {
+                        for (bid, start, end) in bufs.bufs {
+                            if conn == 1 {
+                                held.push((bid, start, end));
+                            } else {
+                                got2.extend_from_slice(r.buffer(bid, start, end));
+                                r.recycle(bid);
+                            }
+                        }
+                    }
+                });
+                if held.len() > 40 {
+                    for (bid, start, end) in held.drain(..) {
+                        got1.extend_from_slice(r.buffer(bid, start, end));
+                        r.recycle(bid);
+                    }
+                }
+            }
+            drop((a1, a2));
+            while got1.len() + held.iter().map(|p| (p.2 - p.1) as usize).sum::<usize>() < want.0.len()
+                || got2.len() < want.1.len()
+            {
+                r.submit_and_wait(1).unwrap();
+                r.completions(|r, c| {
+                    if let Completion::Recv { conn, result: Ok(bufs), .. } = c {
+                        for (bid, start, end) in bufs.bufs {
+                            if conn == 1 {
+                                held.push((bid, start, end));
+                            } else {
+                                got2.extend_from_slice(r.buffer(bid, start, end));
+                                r.recycle(bid);
+                            }
+                        }
+                    }
+                });
+            }
+            for (bid, start, end) in held.drain(..) {
+                got1.extend_from_slice(r.buffer(bid, start, end));
+                r.recycle(bid);
+            }
+            assert_eq!(got1, want.0, "bundle={bundle}");
+            assert_eq!(got2, want.1, "bundle={bundle}");
+            // Buffers are spent by bytes (1 KiB each here), not one per
+            // completion.
+            let bytes = want.0.len() + want.1.len();
+            assert!(r.bufs.spent <= (bytes / 1024 + 2) as u64, "{} buffers for {bytes} bytes", r.bufs.spent);
+            assert!(r.stats.recv_completions > r.bufs.spent, "{:?} spent {}", r.stats, r.bufs.spent);
         }
     }
 
@@ -1000,8 +1167,8 @@ mod tests {
             r.submit_and_wait(1).unwrap();
             r.completions(|r, c| {
                 if let Completion::Recv { result: Ok(bufs), .. } = c {
-                    for (bid, n) in bufs.bufs {
-                        got.extend_from_slice(r.buffer(bid, n));
+                    for (bid, start, end) in bufs.bufs {
+                        got.extend_from_slice(r.buffer(bid, start, end));
                         r.recycle(bid);
                     }
                 }

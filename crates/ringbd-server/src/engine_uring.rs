@@ -52,6 +52,8 @@ pub struct UringOptions {
     /// `zerocopy_threshold` bytes of read payload.
     pub zerocopy: bool,
     pub zerocopy_threshold: usize,
+    /// Incremental receive-buffer consumption (IOU_PBUF_RING_INC).
+    pub incremental: bool,
     /// Sockets in each ring's registered-file table.
     pub fixed_files: bool,
     /// Bytes of registered buffers per ring for file exports' reads and
@@ -70,6 +72,7 @@ impl Default for UringOptions {
             zerocopy: true,
             zerocopy_threshold: 64 * 1024,
             fixed_files: true,
+            incremental: true,
             registered_buffers: 8 << 20,
         }
     }
@@ -192,6 +195,7 @@ impl Engine {
                 recv_buffers: opts.recv_buffers,
                 recv_buffer_size: opts.recv_buffer_size,
                 bundle: opts.bundle && features.bundle,
+                incremental: opts.incremental,
             };
             let state = State {
                 index: i,
@@ -530,7 +534,7 @@ impl State {
         let Some(Some(c)) = self.conns.get_mut(id as usize) else {
             // Not ours any more: give the buffers back.
             if let Ok(b) = result {
-                b.bufs.iter().for_each(|(bid, _)| ring.recycle(*bid));
+                b.bufs.iter().for_each(|(bid, _, _)| ring.recycle(*bid));
             }
             return;
         };
@@ -541,13 +545,11 @@ impl State {
         c.dirty = true;
         match result {
             Ok(b) if b.len == 0 => {
-                b.bufs.iter().for_each(|(bid, _)| ring.recycle(*bid));
+                b.bufs.iter().for_each(|(bid, _, _)| ring.recycle(*bid));
                 c.conn.peer_closed();
             }
             Ok(b) => {
-                for (bid, n) in b.bufs {
-                    c.backlog.push_back((bid, 0, n));
-                }
+                c.backlog.extend(b.bufs);
                 c.consume_backlog(ring, &mut self.local);
                 if !c.backlog.is_empty() && c.recv_armed && !c.cancel_sent {
                     // Backpressure: stop receiving until the replies drain.
@@ -784,7 +786,7 @@ impl Conn {
             if !self.conn.wants_input() {
                 break;
             }
-            let data = &ring.buffer(bid, end)[start as usize..];
+            let data = ring.buffer(bid, start, end);
             let used = self.conn.receive(data) as u32;
             if start + used < end {
                 self.backlog[0].1 = start + used;

@@ -190,9 +190,14 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
             (true, false) => "unavailable",
             (false, _) => "off",
         };
+        let inc = match (o.incremental, features.buf_inc) {
+            (true, true) => " (consumed incrementally)",
+            (true, false) => " (incremental consumption unavailable)",
+            (false, _) => "",
+        };
         log::warn(format_args!(
             "engine io_uring: {} ring(s) (single issuer + defer taskrun: {}), multishot accept, multishot recv over \
-             {} x {} KiB provided buffers, bundles {bundle}, replies {}, zero-copy sends {}",
+             {} x {} KiB provided buffers{inc}, bundles {bundle}, replies {}, zero-copy sends {}",
             o.threads,
             if features.defer_taskrun { "yes" } else { "no" },
             o.recv_buffers,

@@ -79,6 +79,9 @@ struct ServeArgs {
     /// Send batches carrying at least this much read payload with SENDMSG_ZC (TCP only).
     #[arg(long, value_name = "SIZE", default_value = "64K", value_parser = ringbd_backend::parse_size)]
     zerocopy_threshold: u64,
+    /// A/B switch: spend a whole receive buffer per receive (no IOU_PBUF_RING_INC).
+    #[arg(long)]
+    no_incremental: bool,
     /// A/B switch: name sockets by descriptor instead of registering them in the ring's file table.
     #[arg(long)]
     no_fixed_files: bool,
@@ -156,6 +159,7 @@ fn serve(a: ServeArgs) -> ExitCode {
             u.zerocopy = !a.no_zerocopy;
             u.zerocopy_threshold = usize::try_from(a.zerocopy_threshold).unwrap_or(usize::MAX);
             u.fixed_files = !a.no_fixed_files;
+            u.incremental = !a.no_incremental;
             u.registered_buffers = usize::try_from(a.registered_buffers).unwrap_or(usize::MAX).min(1 << 30);
             u
         },

@@ -353,16 +353,11 @@ impl Device {
             Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {}
             Err(e) => first = Some(Error::new(format!("ublk device {id}: STOP_DEV"), e)),
         }
+        let mut total = QueueStats::default();
+        let had_queues = !self.queues.is_empty();
         for (q, h) in self.queues.drain(..).enumerate() {
             match h.join() {
-                Ok(Ok(st)) => {
-                    if st.errors > 0 {
-                        eprintln!(
-                            "ringbd: ublk device {id} queue {q}: {} of {} requests failed",
-                            st.errors, st.requests
-                        );
-                    }
-                }
+                Ok(Ok(st)) => total.add(&st),
                 Ok(Err(e)) => {
                     first.get_or_insert(e);
                 }
@@ -373,6 +368,9 @@ impl Device {
                     ));
                 }
             }
+        }
+        if had_queues {
+            eprintln!("ringbd: ublk device {id}: {total}");
         }
         if self.created {
             self.created = false;

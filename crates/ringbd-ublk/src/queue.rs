@@ -12,15 +12,63 @@ use std::sync::Arc;
 use ringbd_io::ublk::{Event, QueueConfig, QueueRing};
 
 use crate::error::{Context, Error, Result};
-use crate::target::{QueueHandler, Request, Step, Target};
+use crate::target::{Op, QueueHandler, Request, Step, Target};
 
-/// Counters of one queue, reported when it ends.
+/// Counters of one queue, reported when the device is torn down.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct QueueStats {
     pub requests: u64,
+    pub reads: u64,
+    pub writes: u64,
+    pub flushes: u64,
+    pub discards: u64,
+    pub write_zeroes: u64,
+    /// Requests completed with an error.
     pub errors: u64,
     /// Loop turns (one submission each).
     pub turns: u64,
+}
+
+impl QueueStats {
+    fn count(&mut self, op: Op) {
+        self.requests += 1;
+        match op {
+            Op::Read => self.reads += 1,
+            Op::Write => self.writes += 1,
+            Op::Flush => self.flushes += 1,
+            Op::Discard => self.discards += 1,
+            Op::WriteZeroes => self.write_zeroes += 1,
+            Op::Other(_) => {}
+        }
+    }
+
+    pub fn add(&mut self, o: &QueueStats) {
+        self.requests += o.requests;
+        self.reads += o.reads;
+        self.writes += o.writes;
+        self.flushes += o.flushes;
+        self.discards += o.discards;
+        self.write_zeroes += o.write_zeroes;
+        self.errors += o.errors;
+        self.turns += o.turns;
+    }
+}
+
+impl std::fmt::Display for QueueStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} requests ({} reads, {} writes, {} flushes, {} discards, {} write-zeroes), {} failed, {} loop turns",
+            self.requests,
+            self.reads,
+            self.writes,
+            self.flushes,
+            self.discards,
+            self.write_zeroes,
+            self.errors,
+            self.turns
+        )
+    }
 }
 
 /// Runs queue `cfg.q_id` until the device goes away. `ready` gets `Ok` once
@@ -69,8 +117,9 @@ fn serve(ring: &mut QueueRing, handler: &mut dyn QueueHandler, where_: &str) -> 
         for ev in events.drain(..) {
             let (tag, step) = match ev {
                 Event::Request { tag, desc } => {
-                    stats.requests += 1;
-                    (tag, handler.start(ring, tag, &Request::from_desc(&desc)))
+                    let req = Request::from_desc(&desc);
+                    stats.count(req.op);
+                    (tag, handler.start(ring, tag, &req))
                 }
                 Event::Op { tag, cookie, result } => (tag, handler.op_done(ring, tag, cookie, result)),
                 Event::Aborted { .. } => continue,

@@ -62,3 +62,16 @@ dd if=pat of="$UBLK_DEV" bs=1M seek=120 conv=fsync 2>/dev/null || fail "dd to th
 ublk_detach
 dd if=disk.img bs=1M skip=120 count=2 2>/dev/null | cmp -s - pat || fail "data written through the O_DIRECT target is not in the file"
 log "O_DIRECT target ok"
+
+step "target errors reach the writer as their errno (ENOSPC from a full tmpfs)"
+mkdir -p small && mount -t tmpfs -o size=2M tmpfs small
+on_exit "umount $PWD/small"
+truncate -s 16M small/disk.img
+ublk_attach "file:$PWD/small/disk.img" --queues 1
+rc=0; dd if=/dev/zero of="$UBLK_DEV" bs=1M count=4 seek=4 oflag=direct 2>dd.err || rc=$?
+[ "$rc" != 0 ] || fail "writing 4 MiB into a 2 MiB tmpfs succeeded"
+grep -qi 'no space left' dd.err || fail "the writer did not see ENOSPC: $(cat dd.err)"
+grep -q 'No space left on device' attach.err || fail "ringbd did not log the ENOSPC: $(tail -n 3 attach.err)"
+log "writer: $(grep -i 'space' dd.err | head -n1)"
+log "$(grep -m1 'No space left' attach.err)"
+ublk_detach

@@ -111,9 +111,9 @@ fn check_options(o: &AttachOptions, t: &dyn Target) -> Result<()> {
 }
 
 fn device_size(o: &AttachOptions, t: &dyn Target) -> Result<u64> {
-    let avail = t.info().size;
+    let (avail, any_size) = (t.info().size, t.info().any_size);
     let size = match o.size {
-        Some(s) if s > avail && !matches!(t.describe().split_once(':'), Some(("null", _))) => {
+        Some(s) if s > avail && !any_size => {
             return Err(Error::msg(
                 format!("--size {s}: {} has only {avail} bytes", t.describe()),
                 libc::EINVAL,
@@ -391,8 +391,10 @@ impl Device {
 
 impl Drop for Device {
     fn drop(&mut self) {
-        // Only on a failed attach/recover (run() tears down itself).
-        if self.created || !self.queues.is_empty() {
+        // Only on a failed attach (run() tears down itself). A failed
+        // recovery leaves the device as it found it, quiesced and waiting
+        // for another --recover: the queue threads end with the process.
+        if self.created {
             if let Err(e) = self.teardown() {
                 eprintln!("ringbd: cleaning up: {e}");
             }
@@ -499,4 +501,68 @@ pub fn list() -> Result<Vec<Listed>> {
 /// `USER_RECOVERY|...` for a feature mask.
 pub fn feature_names(flags: u64) -> String {
     sys::feature_names(flags)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::null::NullTarget;
+
+    fn opts() -> AttachOptions {
+        AttachOptions::default()
+    }
+
+    #[test]
+    fn options_are_checked() {
+        let t = NullTarget::new(1 << 30);
+        assert!(check_options(&opts(), &t).is_ok());
+        for bs in [256, 1000, 8192] {
+            let e = check_options(&AttachOptions { block_size: bs, ..opts() }, &t).unwrap_err();
+            assert!(e.to_string().contains("--block-size"), "{e}");
+        }
+        assert!(check_options(&AttachOptions { depth: 0, ..opts() }, &t).is_err());
+        assert!(check_options(&AttachOptions { depth: 4097, ..opts() }, &t).is_err());
+        assert!(check_options(&AttachOptions { queues: 0, ..opts() }, &t).is_err());
+        assert!(check_options(&AttachOptions { max_io: 1000, ..opts() }, &t).is_err());
+        assert!(check_options(&AttachOptions { max_io: 64 << 20, ..opts() }, &t).is_err());
+    }
+
+    #[test]
+    fn size_is_rounded_to_the_block_size_and_bounded_for_files() {
+        let t = NullTarget::new((1 << 20) + 1000);
+        assert_eq!(device_size(&opts(), &t).unwrap(), (1 << 20) + 512);
+        let o = AttachOptions { block_size: 4096, ..opts() };
+        assert_eq!(device_size(&o, &t).unwrap(), 1 << 20);
+        // null may be made larger than its spec, a file may not
+        let o = AttachOptions { size: Some(1 << 30), ..opts() };
+        assert_eq!(device_size(&o, &t).unwrap(), 1 << 30);
+        assert!(device_size(&AttachOptions { size: Some(100), ..opts() }, &t).is_err());
+    }
+
+    #[test]
+    fn params_describe_the_target() {
+        let t = NullTarget::new(1 << 30);
+        let o = AttachOptions { block_size: 4096, ..opts() };
+        let p = build_params(&o, &t, 1 << 30, 512 << 10);
+        assert_eq!(p.basic.logical_bs_shift, 12);
+        assert_eq!(p.basic.physical_bs_shift, 12);
+        assert_eq!(p.basic.dev_sectors, 1 << 21);
+        assert_eq!(p.basic.max_sectors, 1024);
+        assert_eq!(p.basic.attrs & sys::UBLK_ATTR_VOLATILE_CACHE, 0, "null has no cache to flush");
+        assert_ne!(p.types & sys::UBLK_PARAM_TYPE_DISCARD, 0);
+        assert_eq!(p.discard.max_discard_segments, 1);
+        assert_eq!(p.discard.discard_granularity, 4096);
+        assert_eq!(p.discard.max_write_zeroes_sectors, 1024, "one buffer: the write-of-zeroes fallback");
+        let ro = build_params(&AttachOptions { read_only: true, ..o }, &t, 1 << 30, 512 << 10);
+        assert_ne!(ro.basic.attrs & sys::UBLK_ATTR_READ_ONLY, 0);
+        assert_eq!(ro.types & sys::UBLK_PARAM_TYPE_DISCARD, 0);
+    }
+
+    #[test]
+    fn device_names_parse() {
+        assert_eq!(parse_device("3"), Ok(3));
+        assert_eq!(parse_device("/dev/ublkb12"), Ok(12));
+        assert_eq!(parse_device("/dev/ublkc0"), Ok(0));
+        assert!(parse_device("/dev/sda").is_err());
+    }
 }

@@ -77,6 +77,7 @@ impl Target for FileTarget {
             discard: !self.read_only,
             write_zeroes: !self.read_only,
             min_block_size: if self.direct { 4096 } else { 512 },
+            any_size: false,
         }
     }
 

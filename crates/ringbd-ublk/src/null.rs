@@ -29,6 +29,7 @@ impl Target for NullTarget {
             discard: true,
             write_zeroes: true,
             min_block_size: 512,
+            any_size: true,
         }
     }
 

@@ -32,6 +32,8 @@ pub struct TargetInfo {
     pub write_zeroes: bool,
     /// The smallest block size the target accepts (e.g. O_DIRECT's).
     pub min_block_size: u32,
+    /// `--size` may exceed `size` (null has no end).
+    pub any_size: bool,
 }
 
 /// The request operations a handler sees.

@@ -387,8 +387,9 @@ impl QueueRing {
 
     /// Moves every completion into `out`.
     pub fn reap(&mut self, out: &mut Vec<Event>) {
-        let cqes: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
-        for (ud, res) in cqes {
+        let descs = self.descs.ptr;
+        for cqe in self.ring.completion() {
+            let (ud, res) = (cqe.user_data(), cqe.result());
             self.inflight = self.inflight.saturating_sub(1);
             let tag = (ud & 0xffff) as u16;
             let Some(st) = self.tags.get_mut(usize::from(tag)) else { continue };
@@ -405,7 +406,7 @@ impl QueueRing {
                 // SAFETY: i < depth, so the descriptor lies inside the
                 // mapping; the driver wrote it before completing the command
                 // and does not touch it again until we commit the tag.
-                let desc = unsafe { std::ptr::read_volatile(self.descs.ptr.as_ptr().add(i)) };
+                let desc = unsafe { std::ptr::read_volatile(descs.as_ptr().add(i)) };
                 out.push(Event::Request { tag, desc });
             } else if res == sys::UBLK_IO_RES_ABORT {
                 *st = TagState::Done;

@@ -54,3 +54,14 @@ rc=0; wait "$UBLK_PID" || rc=$?
 [ ! -e "$UBLK_DEV" ] || fail "$UBLK_DEV still exists after SIGTERM"
 [ -z "$(ls /sys/class/ublk-char/ 2>/dev/null)" ] || fail "ublk char devices left: $(ls /sys/class/ublk-char/)"
 log "SIGTERM: clean teardown"
+
+step "--no-recovery: the block device goes when the server dies; detach removes the rest"
+ublk_attach null:64M --no-recovery --queues 1
+ringbd list | grep "^$UBLK_ID " | grep -q USER_RECOVERY && fail "--no-recovery device has USER_RECOVERY: $(ringbd list)"
+kill -9 "$UBLK_PID"
+wait "$UBLK_PID" 2>/dev/null || true
+wait_for 10 sh -c "[ ! -e $UBLK_DEV ]" || fail "$UBLK_DEV still there after its server died"
+ringbd list | grep -q "^$UBLK_ID .*dead" || fail "device $UBLK_ID not listed as dead: $(ringbd list)"
+ringbd detach "$UBLK_ID" || fail "ringbd detach of a dead device failed"
+[ -z "$(ls /sys/class/ublk-char/ 2>/dev/null)" ] || fail "ublk char devices left: $(ls /sys/class/ublk-char/)"
+log "no-recovery device removed after its server died"

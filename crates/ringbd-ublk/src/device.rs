@@ -51,6 +51,10 @@ impl Default for AttachOptions {
     }
 }
 
+/// Feature bits that would let requests skip the copy into ringbd's
+/// buffers (6.15+); reported, not used yet.
+pub const ZERO_COPY_FEATURES: u64 = sys::UBLK_F_SUPPORT_ZERO_COPY | sys::UBLK_F_AUTO_BUF_REG;
+
 /// The block device path of device `id`.
 pub fn block_path(id: u32) -> String {
     format!("/dev/ublkb{id}")

@@ -10,19 +10,21 @@ use std::io;
 pub struct Error {
     context: String,
     source: io::Error,
+    /// False for [`Error::msg`]: the errno only says how a request fails.
+    show_source: bool,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn new(context: impl Into<String>, source: io::Error) -> Error {
-        Error { context: context.into(), source }
+        Error { context: context.into(), source, show_source: true }
     }
 
     /// An error with no system error under it (bad input, a state problem).
     pub fn msg(context: impl Into<String>, errno: i32) -> Error {
         let context = context.into();
-        Error { source: io::Error::from_raw_os_error(errno), context }
+        Error { source: io::Error::from_raw_os_error(errno), context, show_source: false }
     }
 
     /// The errno a request failing with this error completes with (EIO if
@@ -42,13 +44,21 @@ impl Error {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.context, self.source)
+        if self.show_source {
+            write!(f, "{}: {}", self.context, self.source)
+        } else {
+            f.write_str(&self.context)
+        }
     }
 }
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.source)
+        if self.show_source {
+            Some(&self.source)
+        } else {
+            None
+        }
     }
 }
 
@@ -73,5 +83,8 @@ mod tests {
         assert_eq!(e.errno(), libc::ENOSPC);
         assert_eq!(Error::new("x", io::Error::other("no errno")).errno(), libc::EIO);
         assert!(e.to_string().starts_with("read 4096 bytes at 0x1000: "));
+        let m = Error::msg("--depth 0: must be 1..=4096", libc::EINVAL);
+        assert_eq!(m.to_string(), "--depth 0: must be 1..=4096");
+        assert_eq!(m.errno(), libc::EINVAL);
     }
 }

@@ -122,6 +122,9 @@ pub fn attach(a: AttachArgs) -> ExitCode {
         ringbd_io_names(i.flags),
         ringbd_io_names(dev.features),
     );
+    if dev.features & ringbd_ublk::device::ZERO_COPY_FEATURES != 0 {
+        eprintln!("ringbd: the driver offers zero-copy buffers; this build still copies (docs/ublk.md)");
+    }
     eprintln!("ringbd: serving {} on {}", target.describe(), block_path(i.dev_id));
     let mut out = std::io::stdout();
     if let Err(e) = writeln!(out, "{}", block_path(i.dev_id)).and_then(|()| out.flush()) {

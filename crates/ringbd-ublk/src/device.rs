@@ -195,8 +195,38 @@ fn open_char(id: u32) -> Result<File> {
     }
 }
 
-/// Starts a thread per queue and waits until each has fetched its tags.
-fn start_queues(info: &DevInfo, target: &Arc<dyn Target>) -> Result<Vec<JoinHandle<Result<QueueStats>>>> {
+/// The CPUs blk-mq maps to each queue, for pinning its thread; empty
+/// (no pinning) where the driver does not say.
+fn queue_cpus(ctrl: &mut Control, info: &DevInfo) -> Vec<Vec<usize>> {
+    let mut all = Vec::new();
+    for q in 0..info.nr_hw_queues {
+        match ctrl.get_queue_affinity(info.dev_id, q) {
+            Ok(cpus) => all.push(cpus),
+            Err(e) => {
+                eprintln!(
+                    "ringbd: ublk device {} queue {q}: GET_QUEUE_AFFINITY: {e}; not pinning",
+                    info.dev_id
+                );
+                return Vec::new();
+            }
+        }
+    }
+    all
+}
+
+/// Starts a thread per queue (pinned to the queue's CPUs) and waits until
+/// each has fetched its tags.
+fn start_queues(
+    ctrl: &mut Control,
+    info: &DevInfo,
+    target: &Arc<dyn Target>,
+) -> Result<Vec<JoinHandle<Result<QueueStats>>>> {
+    let cpus = queue_cpus(ctrl, info);
+    if !cpus.is_empty() {
+        let list: Vec<String> =
+            cpus.iter().enumerate().map(|(q, c)| format!("queue {q}: {}", cpu_list(c))).collect();
+        eprintln!("ringbd: ublk device {}: queue threads pinned to CPUs ({})", info.dev_id, list.join("; "));
+    }
     let cdev = Arc::new(open_char(info.dev_id)?);
     let (tx, rx) = mpsc::channel();
     let mut handles = Vec::new();
@@ -208,9 +238,10 @@ fn start_queues(info: &DevInfo, target: &Arc<dyn Target>) -> Result<Vec<JoinHand
             buf_size: info.max_io_buf_bytes as usize,
         };
         let (cdev, target, tx) = (cdev.clone(), target.clone(), tx.clone());
+        let pin = cpus.get(usize::from(q)).cloned().unwrap_or_default();
         let h = std::thread::Builder::new()
             .name(format!("ublk{}q{q}", info.dev_id))
-            .spawn(move || queue::run(cdev, cfg, target, tx))
+            .spawn(move || queue::run(cdev, cfg, &pin, target, tx))
             .context(|| format!("ublk device {}: spawning queue {q}", info.dev_id))?;
         handles.push(h);
     }
@@ -259,7 +290,7 @@ impl Device {
             .set_params(info.dev_id, &params)
             .context(|| format!("ublk device {}: SET_PARAMS", info.dev_id))?;
         dev.params = params;
-        dev.queues = start_queues(&info, &target)?;
+        dev.queues = start_queues(&mut dev.ctrl, &info, &target)?;
         dev.ctrl
             .start_dev(info.dev_id, std::process::id() as i32)
             .context(|| format!("ublk device {}: START_DEV", info.dev_id))?;
@@ -312,7 +343,7 @@ impl Device {
             }
         }
         let mut dev = Device { ctrl, info, params, features, queues: Vec::new(), created: false };
-        dev.queues = start_queues(&info, &target)?;
+        dev.queues = start_queues(&mut dev.ctrl, &info, &target)?;
         dev.ctrl
             .end_user_recovery(id, std::process::id() as i32)
             .context(|| format!("ublk device {id}: END_USER_RECOVERY"))?;
@@ -413,6 +444,25 @@ pub fn state_name(s: u16) -> &'static str {
         sys::UBLK_S_DEV_QUIESCED => "quiesced",
         sys::UBLK_S_DEV_FAIL_IO => "fail-io",
         _ => "unknown",
+    }
+}
+
+/// "0-3,6" for a sorted CPU list.
+fn cpu_list(cpus: &[usize]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let mut j = i;
+        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j { cpus[i].to_string() } else { format!("{}-{}", cpus[i], cpus[j]) });
+        i = j + 1;
+    }
+    if out.is_empty() {
+        "none".to_owned()
+    } else {
+        out.join(",")
     }
 }
 
@@ -560,6 +610,13 @@ mod tests {
         let ro = build_params(&AttachOptions { read_only: true, ..o }, &t, 1 << 30, 512 << 10);
         assert_ne!(ro.basic.attrs & sys::UBLK_ATTR_READ_ONLY, 0);
         assert_eq!(ro.types & sys::UBLK_PARAM_TYPE_DISCARD, 0);
+    }
+
+    #[test]
+    fn cpu_lists_are_ranges() {
+        assert_eq!(cpu_list(&[0, 1, 2, 3, 6, 8, 9]), "0-3,6,8-9");
+        assert_eq!(cpu_list(&[5]), "5");
+        assert_eq!(cpu_list(&[]), "none");
     }
 
     #[test]

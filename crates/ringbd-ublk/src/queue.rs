@@ -71,16 +71,23 @@ impl std::fmt::Display for QueueStats {
     }
 }
 
-/// Runs queue `cfg.q_id` until the device goes away. `ready` gets `Ok` once
-/// every tag is fetched (START_DEV / END_USER_RECOVERY may then be sent),
-/// or the setup error.
+/// Runs queue `cfg.q_id` (on `cpus`, if any) until the device goes away.
+/// `ready` gets `Ok` once every tag is fetched (START_DEV /
+/// END_USER_RECOVERY may then be sent), or the setup error.
 pub fn run(
     cdev: Arc<File>,
     cfg: QueueConfig,
+    cpus: &[usize],
     target: Arc<dyn Target>,
     ready: Sender<Result<u16>>,
 ) -> Result<QueueStats> {
     let where_ = format!("ublk device {} queue {}", cfg.dev_id, cfg.q_id);
+    if !cpus.is_empty() {
+        // Before the ring exists, so its memory is allocated near those CPUs.
+        if let Err(e) = ringbd_io::ublk::pin_current_thread(cpus) {
+            eprintln!("ringbd: {where_}: pinning to CPUs {cpus:?}: {e}; running unpinned");
+        }
+    }
     let setup: Result<(QueueRing, Box<dyn QueueHandler>)> = (|| {
         let setup = target.queue(cfg.q_id, cfg.depth)?;
         let files: Vec<_> = setup.files.iter().map(|f| f.as_fd()).collect();

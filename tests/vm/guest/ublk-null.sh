@@ -1,7 +1,8 @@
 #!/bin/sh
 # The ublk frontend's kernel path with the null target: `ringbd attach
 # null:256M` with 4 KiB blocks and two queues makes /dev/ublkbN of the
-# configured size and block size (sysfs), dd writes go through and reads
+# configured size and block size (sysfs), each queue's thread is pinned to
+# the CPUs blk-mq maps to that queue, dd writes go through and reads
 # return zeroes, `ringbd list` shows the device and the driver's features,
 # and `ringbd detach` removes it (the attach process exits 0). A second
 # device with 512-byte blocks and --size checks the other geometry, and
@@ -23,6 +24,18 @@ b=${UBLK_DEV#/dev/}
 [ "$(blockdev --getsize64 "$UBLK_DEV")" = 268435456 ] || fail "$UBLK_DEV is not 256 MiB"
 [ "$(ls /sys/block/$b/mq | wc -l)" = 2 ] || fail "expected 2 hardware queues, sysfs has $(ls /sys/block/$b/mq | wc -l)"
 log "sysfs: $(cat /sys/block/$b/size) sectors, $(cat /sys/block/$b/queue/logical_block_size)-byte blocks, $(ls /sys/block/$b/mq | wc -l) queues"
+for t in /proc/$UBLK_PID/task/*; do
+    case $(cat "$t/comm") in
+        ublk*q*) echo "$(cat "$t/comm") $(awk '/^Cpus_allowed_list/ {print $2}' "$t/status")" ;;
+    esac
+done | sort >pins
+log "queue threads: $(tr '\n' ' ' <pins)"
+[ "$(wc -l <pins)" = 2 ] || fail "expected 2 queue threads, found: $(cat pins)"
+[ "$(cut -d' ' -f2 pins | sort -u | wc -l)" = 2 ] || fail "the two queue threads are not pinned to different CPUs: $(cat pins)"
+for q in 0 1; do
+    want=$(cat /sys/block/$b/mq/$q/cpu_list)
+    grep -q "^ublk${UBLK_ID}q$q $want\$" pins || fail "queue $q thread not pinned to its blk-mq CPUs ($want): $(cat pins)"
+done
 
 step "dd write and read"
 dd if=/dev/urandom of=data bs=1M count=4 2>/dev/null

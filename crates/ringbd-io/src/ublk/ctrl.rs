@@ -176,6 +176,24 @@ impl Control {
         Ok(out)
     }
 
+    /// `UBLK_U_CMD_GET_QUEUE_AFFINITY`: the CPUs whose requests blk-mq
+    /// sends to queue `q_id` (the queue's thread runs best on them).
+    pub fn get_queue_affinity(&mut self, dev_id: u32, q_id: u16) -> io::Result<Vec<usize>> {
+        let mut mask = [0u8; 256];
+        let mut cmd = dev_cmd(dev_id);
+        cmd.data[0] = u64::from(q_id);
+        self.run(sys::UBLK_U_CMD_GET_QUEUE_AFFINITY, cmd, &[], &mut mask)?;
+        let mut cpus = Vec::new();
+        for (i, byte) in mask.iter().enumerate() {
+            for bit in 0..8 {
+                if byte & (1 << bit) != 0 {
+                    cpus.push(i * 8 + bit);
+                }
+            }
+        }
+        Ok(cpus)
+    }
+
     /// `UBLK_U_CMD_START_USER_RECOVERY`: `EBUSY` until the old server's
     /// /dev/ublkcN is closed and the device is quiesced.
     pub fn start_user_recovery(&mut self, dev_id: u32) -> io::Result<()> {

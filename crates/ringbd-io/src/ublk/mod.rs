@@ -16,5 +16,5 @@ pub mod queue;
 pub mod sys;
 
 pub use ctrl::{signal_process, Control, CONTROL_PATH};
-pub use queue::{AllocMode, Event, FileIo, FileSlot, QueueConfig, QueueRing};
+pub use queue::{pin_current_thread, AllocMode, Event, FileIo, FileSlot, QueueConfig, QueueRing};
 pub use sys::{DevInfo, IoDesc, Params};

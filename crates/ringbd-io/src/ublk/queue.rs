@@ -115,6 +115,26 @@ pub struct QueueRing {
 // ownership along. (The driver then requires that thread to do all fetches.)
 unsafe impl Send for QueueRing {}
 
+/// Pins the calling thread to `cpus` (`sched_setaffinity`).
+pub fn pin_current_thread(cpus: &[usize]) -> io::Result<()> {
+    // SAFETY: cpu_set_t is a plain bitmap; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let max = 8 * std::mem::size_of::<libc::cpu_set_t>();
+    let mut any = false;
+    for &c in cpus.iter().filter(|&&c| c < max) {
+        // SAFETY: c is below the set's capacity; CPU_SET only writes into set.
+        unsafe { libc::CPU_SET(c, &mut set) };
+        any = true;
+    }
+    if !any {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: pid 0 is the calling thread; set is a live, initialised cpu_set_t
+    // of the size passed.
+    crate::cvt(unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) })?;
+    Ok(())
+}
+
 fn page_size() -> usize {
     // SAFETY: sysconf has no memory effects.
     let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };

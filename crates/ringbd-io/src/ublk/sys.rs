@@ -15,6 +15,7 @@ const IO: usize = std::mem::size_of::<IoCmd>();
 
 // Control commands (ioctl-encoded; 6.12 accepts only these unless the
 // kernel was built with CONFIG_BLKDEV_UBLK_LEGACY_OPCODES).
+pub const UBLK_U_CMD_GET_QUEUE_AFFINITY: u32 = ioc(IOC_READ, 0x01, CTRL);
 pub const UBLK_U_CMD_GET_DEV_INFO: u32 = ioc(IOC_READ, 0x02, CTRL);
 pub const UBLK_U_CMD_ADD_DEV: u32 = ioc(IOC_RW, 0x04, CTRL);
 pub const UBLK_U_CMD_DEL_DEV: u32 = ioc(IOC_RW, 0x05, CTRL);

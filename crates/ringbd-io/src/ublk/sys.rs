@@ -251,6 +251,10 @@ pub struct Params {
     pub discard: ParamDiscard,
     pub devt: ParamDevt,
     pub zoned: ParamZoned,
+    /// The C struct's trailing padding (to 8-byte alignment), named so that
+    /// every byte handed to the kernel is initialised. Later kernels put
+    /// the DMA-alignment parameters here, used only when `types` says so.
+    pub tail_pad: [u8; 4],
 }
 
 /// Size of one queue's descriptor area as the driver maps it:
@@ -280,6 +284,10 @@ mod tests {
         assert_eq!(size_of::<ParamBasic>(), 32);
         assert_eq!(size_of::<ParamDiscard>(), 20);
         assert_eq!(size_of::<Params>(), 112);
+        // No implicit padding anywhere: the fields add up to the size.
+        assert_eq!(8 + size_of::<ParamBasic>() + 20 + 16 + 32 + 4, size_of::<Params>());
+        assert_eq!(4 + 2 + 2 + 8 + 8 + 2 + 2 + 4, size_of::<CtrlCmd>());
+        assert_eq!(4 * 2 + 4 * 2 + 4 * 2 + 8 + 8 + 4 * 2 + 8 + 8, size_of::<DevInfo>());
     }
 
     #[test]

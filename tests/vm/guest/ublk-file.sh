@@ -5,8 +5,9 @@
 # backing file itself must hold exactly what the device showed (same
 # checksum) and be a clean ext4 image; mkfs's discards and write-zeroes
 # (its journal) must have reached ringbd as such. Then discard (punched
-# holes read back as zeroes, in the file too), and an O_DIRECT attach with
-# 4 KiB blocks whose writes land in the file.
+# holes read back as zeroes, in the file too), an O_DIRECT attach with
+# 4 KiB blocks whose writes land in the file, a --read-only attach, and
+# ENOSPC from a target on a full filesystem reaching the writer.
 . /vmtest/lib.sh
 
 step "load ublk_drv"
@@ -51,17 +52,27 @@ dd if=disk.img bs=1M skip=110 count=2 2>/dev/null | cmp -s - pat || fail "the pa
 log "discard ok"
 
 step "O_DIRECT target, 4 KiB blocks"
-if ! dd if=/dev/zero of=odirect-probe bs=4096 count=1 oflag=direct 2>/dev/null; then
+if dd if=/dev/zero of=odirect-probe bs=4096 count=1 oflag=direct 2>/dev/null; then
+    ublk_attach "file:$PWD/disk.img,direct" --block-size 4096 --queues 1
+    b=${UBLK_DEV#/dev/}
+    [ "$(cat /sys/block/$b/queue/logical_block_size)" = 4096 ] || fail "logical_block_size is not 4096"
+    dd if=pat of="$UBLK_DEV" bs=1M seek=120 conv=fsync 2>/dev/null || fail "dd to the O_DIRECT target failed: $(tail -n 3 attach.err)"
+    ublk_detach
+    dd if=disk.img bs=1M skip=120 count=2 2>/dev/null | cmp -s - pat || fail "data written through the O_DIRECT target is not in the file"
+    log "O_DIRECT target ok"
+else
     log "this tmpfs refuses O_DIRECT; skipping the direct part"
-    exit 0
 fi
-ublk_attach "file:$PWD/disk.img,direct" --block-size 4096 --queues 1
-b=${UBLK_DEV#/dev/}
-[ "$(cat /sys/block/$b/queue/logical_block_size)" = 4096 ] || fail "logical_block_size is not 4096"
-dd if=pat of="$UBLK_DEV" bs=1M seek=120 conv=fsync 2>/dev/null || fail "dd to the O_DIRECT target failed: $(tail -n 3 attach.err)"
+
+step "--read-only: the kernel refuses writes, reads work"
+ublk_attach "file:$PWD/disk.img" --read-only --queues 1
+[ "$(cat /sys/block/${UBLK_DEV#/dev/}/ro)" = 1 ] || fail "$UBLK_DEV is not read-only in sysfs"
+! dd if=pat of="$UBLK_DEV" bs=1M count=1 oflag=direct 2>/dev/null || fail "a write to the read-only device succeeded"
+dd if="$UBLK_DEV" bs=1M skip=110 count=2 iflag=direct 2>/dev/null | cmp -s - pat || fail "reading the read-only device failed"
 ublk_detach
-dd if=disk.img bs=1M skip=120 count=2 2>/dev/null | cmp -s - pat || fail "data written through the O_DIRECT target is not in the file"
-log "O_DIRECT target ok"
+head -c 1048576 pat >pat1
+dd if=disk.img bs=1M count=1 2>/dev/null | cmp -s - pat1 && fail "the refused write reached the file"
+log "read-only ok"
 
 step "target errors reach the writer as their errno (ENOSPC from a full tmpfs)"
 mkdir -p small && mount -t tmpfs -o size=2M tmpfs small

@@ -141,3 +141,32 @@ check_ext4() {
     umount /mnt/t
     log "ext4 ok: $(wc -l <manifest) files verified"
 }
+
+# --- ublk ----------------------------------------------------------------------
+# ublk_attach ARGS...: `ringbd attach ARGS` in the background; returns once
+# it printed the block device. Sets UBLK_PID, UBLK_DEV (/dev/ublkbN),
+# UBLK_ID; logs in ./attach.out/.err (appended to, so a recovery run keeps
+# the first run's log).
+ublk_attach() {
+    : >attach.out
+    ringbd attach "$@" >attach.out 2>>attach.err &
+    UBLK_PID=$!
+    on_exit "kill $UBLK_PID"
+    if ! wait_for 60 test -s attach.out; then
+        kill -0 "$UBLK_PID" 2>/dev/null || fail "ringbd attach exited at start: $(tail -n 3 attach.err)"
+        fail "ringbd attach printed no device within 60 s: $(tail -n 3 attach.err)"
+    fi
+    UBLK_DEV=$(head -n1 attach.out)
+    UBLK_ID=${UBLK_DEV#/dev/ublkb}
+    [ -b "$UBLK_DEV" ] || fail "$UBLK_DEV is not a block device"
+    log "ringbd attach $* -> $UBLK_DEV (pid $UBLK_PID)"
+}
+# ublk_detach: `ringbd detach` must make the attach process exit 0 and the
+# device disappear
+ublk_detach() {
+    ringbd detach "$UBLK_DEV" || fail "ringbd detach $UBLK_DEV failed"
+    _rc=0; wait "$UBLK_PID" || _rc=$?
+    [ "$_rc" = 0 ] || fail "ringbd attach exited with status $_rc after detach: $(tail -n 3 attach.err)"
+    [ ! -e "$UBLK_DEV" ] || fail "$UBLK_DEV still exists after detach"
+    log "$UBLK_DEV detached"
+}

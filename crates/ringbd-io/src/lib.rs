@@ -7,11 +7,13 @@
 //!   BLKGETSIZE64, fadvise).
 //! - [`net`]: socket activation (LISTEN_FDS) and readiness polling.
 //! - [`signal`]: SIGINT/SIGTERM delivered as a readable fd.
+//! - [`ublk`]: the ublk driver's control and queue commands.
 
 pub mod buf;
 pub mod fs;
 pub mod net;
 pub mod signal;
+pub mod ublk;
 pub mod uring;
 
 use std::io;

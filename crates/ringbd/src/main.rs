@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod cmd_ublk;
+
 use clap::{Args, Parser, Subcommand};
 use ringbd_backend::Spec;
 use ringbd_server::engine_uring::UringOptions;
@@ -21,6 +23,12 @@ struct Cli {
 enum Cmd {
     /// Serve exports over NBD (fixed newstyle, structured replies, extended headers).
     Serve(ServeArgs),
+    /// Serve a target as a local block device /dev/ublkbN (ublk; Linux 6.0+, root).
+    Attach(cmd_ublk::AttachArgs),
+    /// Stop and remove a ublk device (ID or /dev/ublkbN).
+    Detach(cmd_ublk::DetachArgs),
+    /// List ublk devices and the driver's features.
+    List(cmd_ublk::ListArgs),
 }
 
 #[derive(Args)]
@@ -126,6 +134,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Serve(a) => serve(a),
+        Cmd::Attach(a) => cmd_ublk::attach(a),
+        Cmd::Detach(a) => cmd_ublk::detach(a),
+        Cmd::List(a) => cmd_ublk::list(a),
     }
 }
 

@@ -1,0 +1,20 @@
+//! The kernel side of the ublk frontend: the userspace block device driver
+//! (`ublk_drv`, Linux 6.0+) driven over io_uring passthrough commands.
+//!
+//! - [`sys`]: the UAPI constants and structs (6.12 layout).
+//! - [`ctrl`]: `/dev/ublk-control` commands (add, parameters, start, stop,
+//!   delete, info, features, user recovery).
+//! - [`queue`]: one queue's ring, mmapped request descriptors and per-tag
+//!   buffers; FETCH_REQ / COMMIT_AND_FETCH_REQ and the target's file
+//!   operations on the same ring.
+//!
+//! The frontend itself (targets, queue threads, device lifecycle) is the
+//! `ringbd-ublk` crate, which has no `unsafe`.
+
+pub mod ctrl;
+pub mod queue;
+pub mod sys;
+
+pub use ctrl::{signal_process, Control, CONTROL_PATH};
+pub use queue::{pin_current_thread, AllocMode, Event, FileIo, FileSlot, QueueConfig, QueueRing};
+pub use sys::{DevInfo, IoDesc, Params};

@@ -1,0 +1,192 @@
+//! `ringbd attach`, `ringbd detach`, `ringbd list`: the ublk frontend.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use ringbd_ublk::device::{self, block_path, state_name};
+use ringbd_ublk::{AttachOptions, Device, TargetSpec, TermSignals};
+
+#[derive(Args)]
+#[command(after_help = "\
+TARGET is one of:
+  null:SIZE             reads zeroes, drops writes, e.g. null:1G
+  file:PATH[,direct]    a regular file or block device (direct: O_DIRECT)
+
+The block device path (/dev/ublkbN) is printed on stdout once the device is live;
+attach then serves it in the foreground until SIGINT/SIGTERM or `ringbd detach`.
+Devices are created with USER_RECOVERY where the kernel has it: if this process
+dies, `ringbd attach TARGET --recover N` re-attaches /dev/ublkbN and queued I/O
+goes on. Needs root and the ublk_drv module (Linux 6.0+; 6.5+ for GET_FEATURES).
+
+Examples:
+  ringbd attach null:1G --block-size 4096
+  ringbd attach file:/srv/disk.img --queues 2 --depth 128
+  ringbd attach file:/srv/disk.img --recover 0")]
+pub struct AttachArgs {
+    /// What backs the device.
+    target: TargetSpec,
+    /// Queues (a thread and ring each) [default: CPUs, at most 4].
+    #[arg(long, value_name = "N")]
+    queues: Option<u16>,
+    /// Requests in flight per queue.
+    #[arg(long, value_name = "N", default_value = "64")]
+    depth: u16,
+    /// Logical and physical block size: 512, 1024, 2048 or 4096.
+    #[arg(long, value_name = "BYTES", default_value = "512")]
+    block_size: u32,
+    /// Device size [default: the target's, rounded down to the block size].
+    #[arg(long, value_name = "SIZE", value_parser = ringbd_backend::parse_size)]
+    size: Option<u64>,
+    /// Largest request, and the buffer per tag.
+    #[arg(long, value_name = "SIZE", default_value = "512K", value_parser = ringbd_backend::parse_size)]
+    max_io: u64,
+    /// Refuse writes, discards and write-zeroes.
+    #[arg(long)]
+    read_only: bool,
+    /// Ask for device id N (/dev/ublkbN) [default: the driver picks].
+    #[arg(long, value_name = "N", conflicts_with = "recover")]
+    id: Option<u32>,
+    /// Create the device without USER_RECOVERY: if ringbd dies, the device goes away.
+    #[arg(long, conflicts_with = "recover")]
+    no_recovery: bool,
+    /// Re-attach device N (ID or /dev/ublkbN), whose previous server died.
+    #[arg(long, value_name = "ID", value_parser = device::parse_device)]
+    recover: Option<u32>,
+}
+
+#[derive(Args)]
+pub struct DetachArgs {
+    /// Device id or /dev/ublkbN.
+    #[arg(value_parser = device::parse_device)]
+    device: u32,
+    /// How long to wait for the serving process to tear the device down.
+    #[arg(long, value_name = "SECONDS", default_value = "30")]
+    timeout: u64,
+}
+
+#[derive(Args)]
+pub struct ListArgs {}
+
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("ringbd: error: {e}");
+    ExitCode::FAILURE
+}
+
+pub fn attach(a: AttachArgs) -> ExitCode {
+    // Before any thread exists, so SIGINT/SIGTERM reach only this fd.
+    let signals = match TermSignals::new() {
+        Ok(s) => s,
+        Err(e) => return fail(format!("signalfd: {e}")),
+    };
+    let max_io = match u32::try_from(a.max_io) {
+        Ok(v) => v,
+        Err(_) => return fail(format!("--max-io {} is too large", a.max_io)),
+    };
+    let target = match a.target.open(a.read_only) {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
+    let dev = match a.recover {
+        Some(id) => Device::recover(target.clone(), id),
+        None => {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4) as u16;
+            let o = AttachOptions {
+                queues: a.queues.unwrap_or(cpus),
+                depth: a.depth,
+                block_size: a.block_size,
+                size: a.size,
+                max_io,
+                read_only: a.read_only,
+                dev_id: a.id,
+                recovery: !a.no_recovery,
+            };
+            Device::attach(target.clone(), &o)
+        }
+    };
+    let dev = match dev {
+        Ok(d) => d,
+        Err(e) => return fail(e),
+    };
+    let (i, p) = (&dev.info, &dev.params.basic);
+    eprintln!(
+        "ringbd: ublk device {} {}: {} bytes, {}-byte blocks, {} queue(s) x {} deep, {} KiB max I/O, device flags {}; driver features {}",
+        i.dev_id,
+        if a.recover.is_some() { "recovered" } else { "started" },
+        p.dev_sectors << 9,
+        1u32 << p.logical_bs_shift,
+        i.nr_hw_queues,
+        i.queue_depth,
+        i.max_io_buf_bytes >> 10,
+        ringbd_io_names(i.flags),
+        ringbd_io_names(dev.features),
+    );
+    if dev.features & ringbd_ublk::device::ZERO_COPY_FEATURES != 0 {
+        eprintln!("ringbd: the driver offers zero-copy buffers; this build still copies (docs/ublk.md)");
+    }
+    eprintln!("ringbd: serving {} on {}", target.describe(), block_path(i.dev_id));
+    let mut out = std::io::stdout();
+    if let Err(e) = writeln!(out, "{}", block_path(i.dev_id)).and_then(|()| out.flush()) {
+        eprintln!("ringbd: writing the device path to stdout: {e}");
+    }
+    let id = dev.id();
+    match dev.run(&signals) {
+        Ok(()) => {
+            eprintln!("ringbd: ublk device {id} removed");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+fn ringbd_io_names(flags: u64) -> String {
+    format!("{flags:#x} ({})", ringbd_ublk::device::feature_names(flags))
+}
+
+pub fn detach(a: DetachArgs) -> ExitCode {
+    match device::detach(a.device, Duration::from_secs(a.timeout)) {
+        Ok(()) => {
+            eprintln!("ringbd: ublk device {} detached", a.device);
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+pub fn list(_a: ListArgs) -> ExitCode {
+    let features = match device::features() {
+        Ok(f) => f,
+        Err(e) => return fail(e),
+    };
+    let devs = match device::list() {
+        Ok(d) => d,
+        Err(e) => return fail(e),
+    };
+    println!("# ublk_drv features {}", ringbd_io_names(features));
+    println!(
+        "{:<4} {:<16} {:<9} {:>14} {:>5} {:>6} {:>8} {:>7}  flags",
+        "id", "device", "state", "bytes", "bs", "queues", "depth", "pid"
+    );
+    for d in devs {
+        let (size, bs) = match d.params {
+            Some(p) => {
+                ((p.basic.dev_sectors << 9).to_string(), (1u32 << p.basic.logical_bs_shift).to_string())
+            }
+            None => ("?".to_owned(), "?".to_owned()),
+        };
+        println!(
+            "{:<4} {:<16} {:<9} {:>14} {:>5} {:>6} {:>8} {:>7}  {}",
+            d.info.dev_id,
+            block_path(d.info.dev_id),
+            state_name(d.info.state),
+            size,
+            bs,
+            d.info.nr_hw_queues,
+            d.info.queue_depth,
+            d.info.ublksrv_pid,
+            ringbd_ublk::device::feature_names(d.info.flags)
+        );
+    }
+    ExitCode::SUCCESS
+}

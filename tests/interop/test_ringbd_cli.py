@@ -268,6 +268,51 @@ def test_file_export_on_a_disk_filesystem_runs_its_io_on_the_ring(ringbd, server
         shutil.rmtree(d, ignore_errors=True)
 
 
+def test_trims_and_zeroing_of_a_disk_file_export_run_on_the_ring(ringbd, server_kind):
+    """Trim and write-zeroes (with and without FUA) on a file export on a disk
+    filesystem are fallocate operations on the ring: the ranges read back as
+    zeroes, the trimmed and zeroed ranges are deallocated in the file, and
+    the ring counted the operations."""
+    d = tempfile.mkdtemp(prefix="ringbd-falloc-", dir="/var/tmp")
+    try:
+        backing = os.path.join(d, "export.img")
+        with open(backing, "wb") as f:
+            f.write(b"\xaa" * (8 * MiB))
+            os.fsync(f.fileno())
+        script = ("import nbd,sys\n"
+                  "h = nbd.NBD(); h.connect_uri(sys.argv[1])\n"
+                  "h.trim(2 * 1048576, 0)\n"
+                  "h.trim(1048576, 3 * 1048576, nbd.CMD_FLAG_FUA)\n"
+                  "h.zero(1048576, 5 * 1048576)\n"
+                  "h.zero(4096, 7 * 1048576, nbd.CMD_FLAG_FUA | nbd.CMD_FLAG_NO_HOLE)\n"
+                  "assert h.pread(2 * 1048576, 0) == bytes(2 * 1048576)\n"
+                  "assert h.pread(1048576, 3 * 1048576) == bytes(1048576)\n"
+                  "assert h.pread(1048576, 5 * 1048576) == bytes(1048576)\n"
+                  "assert h.pread(4096, 2 * 1048576) == b'\\xaa' * 4096\n"
+                  "assert h.pread(4096, 7 * 1048576) == bytes(4096)\n"
+                  "assert h.pread(4096, 6 * 1048576) == b'\\xaa' * 4096\n"
+                  "h.shutdown()\n")
+        path = os.path.join(d, "t.py")
+        with open(path, "w") as f:
+            f.write(script)
+        p = subprocess.run([ringbd, "serve", "--engine", "uring", "file:" + backing, "--listen", "127.0.0.1:0",
+                            "--run", '/usr/bin/python3 %s "$uri"' % path],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           stdin=subprocess.DEVNULL, timeout=60)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert file_stats(p.stderr)["ops"] >= 6, p.stderr  # 4 fallocates + 2 fsyncs
+        with open(backing, "rb") as f:
+            data = f.read()
+        for start, end, byte in [(0, 2, 0), (2, 3, 0xaa), (3, 4, 0), (4, 5, 0xaa), (5, 6, 0), (6, 7, 0xaa)]:
+            assert data[start * MiB:end * MiB] == bytes([byte]) * ((end - start) * MiB), (start, end)
+        assert data[7 * MiB:7 * MiB + 4096] == bytes(4096)
+        assert data[7 * MiB + 4096:] == b"\xaa" * (MiB - 4096)
+        # Punched: the 4 MiB trimmed or zeroed without NO_HOLE hold no blocks.
+        assert os.stat(backing).st_blocks * 512 <= 4 * MiB + 64 * 1024
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def file_stats(stderr):
     """The file-operation counters of the last stats line."""
     line = [l for l in stderr.splitlines() if "stats:" in l][-1]

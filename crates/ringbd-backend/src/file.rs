@@ -162,7 +162,7 @@ impl Direct {
 
 /// Whether an fallocate failure means "this filesystem cannot do that".
 fn unsupported(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL | libc::ENODEV))
+    ringbd_io::fs::fallocate_unsupported(e)
 }
 
 impl Backend for FileBackend {
@@ -215,6 +215,11 @@ impl Backend for FileBackend {
 
     fn direct_io(&self) -> Option<DirectIo<'_>> {
         FileBackend::direct_io(self)
+    }
+
+    fn zero_mode(&self, no_hole: bool) -> Option<Fallocate> {
+        // The first mode write_zeroes tries (see there).
+        Some(if !no_hole && !self.block_device { Fallocate::PunchHole } else { Fallocate::ZeroRange })
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {

@@ -145,6 +145,16 @@ pub trait Backend: Send + Sync {
         None
     }
 
+    /// For engines that run trims and zeroing on [`Backend::file_fd`] as
+    /// `fallocate` operations: the mode [`Backend::write_zeroes`] tries first
+    /// (a trim is always a punched hole). Where that mode is refused as
+    /// unsupported, the engine falls back to calling the backend, which
+    /// knows the other ways. `None`: never run them outside the backend.
+    fn zero_mode(&self, no_hole: bool) -> Option<ringbd_io::fs::Fallocate> {
+        let _ = no_hole;
+        None
+    }
+
     /// Writes `data` at `offset`; with `fua`, durable before returning.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()>;
     /// Makes every completed write durable.

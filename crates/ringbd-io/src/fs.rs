@@ -14,12 +14,24 @@ pub enum Fallocate {
     ZeroRange,
 }
 
+impl Fallocate {
+    /// The `fallocate(2)` mode bits.
+    pub fn bits(self) -> libc::c_int {
+        match self {
+            Fallocate::PunchHole => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            Fallocate::ZeroRange => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        }
+    }
+}
+
+/// Whether an fallocate failure means "this filesystem cannot do that".
+pub fn fallocate_unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL | libc::ENODEV))
+}
+
 /// Calls `fallocate(2)` on `[offset, offset+len)`.
 pub fn fallocate(fd: impl AsFd, mode: Fallocate, offset: u64, len: u64) -> io::Result<()> {
-    let mode = match mode {
-        Fallocate::PunchHole => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-        Fallocate::ZeroRange => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-    };
+    let mode = mode.bits();
     let (off, len) = (to_off(offset)?, to_off(len)?);
     // SAFETY: fallocate takes an fd and integers; the borrowed fd is open for
     // the duration of the call.

@@ -219,6 +219,8 @@ pub enum FileOp {
     Write { offset: u64, at: usize, dsync: bool },
     /// `fdatasync`.
     Fsync,
+    /// `fallocate` (punch a hole or zero a range).
+    Fallocate { mode: crate::fs::Fallocate, offset: u64, len: u64 },
 }
 
 pub struct Ring<S> {
@@ -506,8 +508,11 @@ impl<S: SendSource> Ring<S> {
                 }
             }
             FileOp::Fsync => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
+            FileOp::Fallocate { mode, offset, len } => {
+                opcode::Fallocate::new(fd, len).offset(offset).mode(mode.bits()).build()
+            }
         };
-        let fixed = fixed.is_some() && !matches!(op, FileOp::Fsync);
+        let fixed = fixed.is_some() && matches!(op, FileOp::Read { .. } | FileOp::Write { .. });
         let e = e.user_data(user_data(KIND_FILE, conn, slot));
         // The pointer into `buf`'s heap memory stays valid: the Vec moves
         // into the slot, its heap buffer does not move, and nothing touches
@@ -1132,6 +1137,10 @@ mod tests {
         assert_eq!(&buf[..], b"\0hello");
         assert_eq!(run(&mut r, FileOp::Fsync, IoBuf::new()).0, 0);
         assert_eq!(r.stats.file_fixed, 0);
+        let punch = FileOp::Fallocate { mode: crate::fs::Fallocate::PunchHole, offset: 4096, len: 4096 };
+        assert_eq!(run(&mut r, punch, IoBuf::new()).0, 0);
+        let (_, buf) = run(&mut r, FileOp::Read { offset: 4096, at: 0 }, IoBuf::from_slice(&[9u8; 5]));
+        assert_eq!(&buf[..], &[0u8; 5], "the punched range reads as zeroes");
 
         // The same through registered buffers.
         let arena = Arena::new(4096, 2).unwrap();

@@ -19,6 +19,7 @@ use nbd_proto::{
 };
 use ringbd_backend::{Backend, ZeroFlags};
 use ringbd_io::buf::{Arena, IoBuf};
+use ringbd_io::fs::{fallocate_unsupported, Fallocate};
 use ringbd_io::uring::FileOp;
 
 use crate::exports::{nbd_errno, Exports};
@@ -329,9 +330,38 @@ pub struct IoRequest {
 /// What a request waiting on a file operation still needs.
 #[derive(Debug, Clone, Copy)]
 enum Pend {
-    Read { offset: u64, len: u64, done: u64 },
-    Write { offset: u64, len: u64, fua: bool, done: u64 },
+    Read {
+        offset: u64,
+        len: u64,
+        done: u64,
+    },
+    Write {
+        offset: u64,
+        len: u64,
+        fua: bool,
+        done: u64,
+    },
     Flush,
+    /// A punched hole (`fallocate`), then an fsync with `fua`.
+    Trim {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+    /// `fallocate` in the backend's first zeroing mode; the other ways are
+    /// the backend's own, inline, if this one is unsupported.
+    Zero {
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+        mode: Fallocate,
+    },
+    /// The fsync that makes a FUA trim or zeroing durable.
+    SyncAfter {
+        op: ringbd_backend::Op,
+        offset: u64,
+        len: u64,
+    },
 }
 
 impl Pend {
@@ -339,7 +369,7 @@ impl Pend {
     fn bytes(&self) -> u64 {
         match *self {
             Pend::Read { len, .. } | Pend::Write { len, .. } => len,
-            Pend::Flush => 0,
+            Pend::Flush | Pend::Trim { .. } | Pend::Zero { .. } | Pend::SyncAfter { .. } => 0,
         }
     }
 }
@@ -497,6 +527,18 @@ impl Tx {
                 self.submit(req, Pend::Flush, IoBuf::new());
                 return;
             }
+            Command::Trim { offset, len, fua } if self.async_io && len > 0 => {
+                self.submit(req, Pend::Trim { offset, len, fua }, IoBuf::new());
+                return;
+            }
+            Command::WriteZeroes { offset, len, fua, no_hole, fast } if self.async_io && len > 0 => {
+                if let Some(mode) = self.backend.zero_mode(no_hole) {
+                    let flags = ZeroFlags { fua, no_hole, fast };
+                    self.submit(req, Pend::Zero { offset, len, flags, mode }, IoBuf::new());
+                    return;
+                }
+                b.write_zeroes(offset, len, ZeroFlags { fua, no_hole, fast })
+            }
             Command::Read { offset, len, df } => {
                 let mut pieces = std::mem::take(&mut self.pieces);
                 self.read(&req, (offset, len as usize, df), out, pool, &mut pieces);
@@ -559,7 +601,11 @@ impl Tx {
                 let op = FileOp::Write { offset: offset + done, at: done as usize, dsync: fua };
                 (op, Some((offset, len, done)))
             }
-            Pend::Flush => (FileOp::Fsync, None),
+            Pend::Flush | Pend::SyncAfter { .. } => (FileOp::Fsync, None),
+            Pend::Trim { offset, len, .. } => {
+                (FileOp::Fallocate { mode: Fallocate::PunchHole, offset, len }, None)
+            }
+            Pend::Zero { offset, len, mode, .. } => (FileOp::Fallocate { mode, offset, len }, None),
         };
         // O_DIRECT where the file range is aligned; the buffer is page
         // aligned, so its position `done` is aligned when offset is too.
@@ -586,10 +632,20 @@ impl Tx {
             this.pending_bytes = this.pending_bytes.saturating_sub(pend.bytes());
             this.free_tokens.push(token);
         };
+        if matches!(pend, Pend::Trim { .. } | Pend::Zero { .. } | Pend::SyncAfter { .. }) {
+            if self.fallocate_complete(token, &req, pend, result, out) {
+                finish(self);
+                out.reply_done();
+            }
+            return;
+        }
         let (op, offset, len) = match pend {
             Pend::Read { offset, len, .. } => (ringbd_backend::Op::Read, offset, len),
             Pend::Write { offset, len, .. } => (ringbd_backend::Op::Write, offset, len),
-            Pend::Flush => (ringbd_backend::Op::Flush, 0, 0),
+            // (Trims and zeroing were answered by fallocate_complete.)
+            Pend::Flush | Pend::Trim { .. } | Pend::Zero { .. } | Pend::SyncAfter { .. } => {
+                (ringbd_backend::Op::Flush, 0, 0)
+            }
         };
         let failure = match &result {
             Err(_) => None,
@@ -643,12 +699,69 @@ impl Tx {
                     out.push_large(buf);
                 }
             }
-            Pend::Write { .. } | Pend::Flush => {
+            Pend::Write { .. }
+            | Pend::Flush
+            | Pend::Trim { .. }
+            | Pend::Zero { .. }
+            | Pend::SyncAfter { .. } => {
                 self.session.write_ok(out.bytes(), &req);
                 recycle(pool, buf);
             }
         }
         out.reply_done();
+    }
+
+    /// Completion of a trim, a zeroing or the fsync after one: true when
+    /// the reply is queued, false when a follow-up fsync was queued under
+    /// the same token.
+    fn fallocate_complete(
+        &mut self,
+        token: u32,
+        req: &Request,
+        pend: Pend,
+        result: std::io::Result<usize>,
+        out: &mut OutBuf,
+    ) -> bool {
+        use ringbd_backend::Op;
+        let (op, offset, len, fua) = match pend {
+            Pend::Trim { offset, len, fua } => (Op::Trim, offset, len, fua),
+            Pend::Zero { offset, len, flags, .. } => (Op::WriteZeroes, offset, len, flags.fua),
+            Pend::SyncAfter { op, offset, len } => (op, offset, len, false),
+            Pend::Flush => (Op::Flush, 0, 0, false),
+            Pend::Read { offset, len, .. } => (Op::Read, offset, len, false),
+            Pend::Write { offset, len, .. } => (Op::Write, offset, len, false),
+        };
+        let outcome = match (pend, result) {
+            (_, Ok(_)) => Ok(()),
+            // Trim is a hint: where holes cannot be punched, nothing is lost.
+            (Pend::Trim { .. }, Err(e)) if fallocate_unsupported(&e) => Ok(()),
+            // The backend knows the other ways to zero (and how to refuse a
+            // fast zero); they run inline, as without the ring.
+            (Pend::Zero { offset, len, flags, .. }, Err(e)) if fallocate_unsupported(&e) => {
+                match self.backend.write_zeroes(offset, len, flags) {
+                    Ok(()) => self.session.write_ok(out.bytes(), req),
+                    Err(e) => self.backend_error(req, &e, out),
+                }
+                return true;
+            }
+            (_, Err(e)) => Err(ringbd_backend::Error::new(op, offset, len, e)),
+        };
+        match outcome {
+            Ok(()) if fua => {
+                let p = Pend::SyncAfter { op, offset, len };
+                self.pending[token as usize] = Some((*req, p));
+                self.queue_op(token, p, IoBuf::new());
+                false
+            }
+            Ok(()) => {
+                self.session.write_ok(out.bytes(), req);
+                true
+            }
+            Err(e) => {
+                self.backend_error(req, &e, out);
+                true
+            }
+        }
     }
 
     fn backend_error(&self, req: &Request, e: &ringbd_backend::Error, out: &mut OutBuf) {

@@ -225,3 +225,70 @@ fn direct_exports_use_o_direct_only_for_aligned_ranges_and_arena_buffers_first()
     c.sent();
     assert_eq!(arena.available(), 1, "the arena chunk came back once the reply was sent");
 }
+
+/// A simple reply's errno for `cookie` in `bytes`, if there is one.
+fn simple_reply_errno(bytes: &[u8], cookie: u64) -> Option<u32> {
+    bytes.windows(16).find_map(|w| {
+        (w[..4] == 0x6744_6698u32.to_be_bytes() && w[8..16] == cookie.to_be_bytes())
+            .then(|| u32::from_be_bytes([w[4], w[5], w[6], w[7]]))
+    })
+}
+
+#[test]
+fn trims_and_zeroing_on_file_exports_run_as_ring_fallocates_with_fua_and_fallbacks() {
+    use ringbd_io::fs::Fallocate;
+    use ringbd_io::uring::FileOp;
+    let mut c = async_file_connection("falloc", 1 << 20);
+    let mut s = 3u32.to_be_bytes().to_vec();
+    s.extend(option(7, &[0, 0, 0, 0, 0, 0]));
+    s.extend(request(4, 1, 0, 8192, &[])); // trim
+    let mut fua_trim = request(4, 2, 65536, 4096, &[]);
+    fua_trim[4..6].copy_from_slice(&1u16.to_be_bytes()); // NBD_CMD_FLAG_FUA
+    s.extend(fua_trim);
+    s.extend(request(6, 3, 8192, 4096, &[])); // write zeroes
+    assert_eq!(c.receive(&s), s.len());
+    c.sent();
+    let mut io = Vec::new();
+    c.take_io(&mut io);
+    let ops: Vec<String> = io.iter().map(|r| format!("{:?}", r.op)).collect();
+    assert!(
+        matches!(io[0].op, FileOp::Fallocate { mode: Fallocate::PunchHole, offset: 0, len: 8192 }),
+        "{ops:?}"
+    );
+    assert!(
+        matches!(io[1].op, FileOp::Fallocate { mode: Fallocate::PunchHole, offset: 65536, .. }),
+        "{ops:?}"
+    );
+    assert!(matches!(io[2].op, FileOp::Fallocate { offset: 8192, len: 4096, .. }), "{ops:?}");
+    let (a, b, z) = (io.remove(0), io.remove(0), io.remove(0));
+    c.io_complete(a.token, Ok(0), a.buf);
+    assert_eq!(simple_reply_errno(&queued(&c), 1), Some(0), "plain trim answered");
+    // FUA: the fallocate is followed by an fsync before the reply.
+    c.io_complete(b.token, Ok(0), b.buf);
+    assert_eq!(simple_reply_errno(&queued(&c), 2), None, "no reply before the fsync");
+    c.take_io(&mut io);
+    assert!(matches!(io[0].op, FileOp::Fsync), "{:?}", io[0].op);
+    let f = io.remove(0);
+    c.io_complete(f.token, Ok(0), f.buf);
+    assert_eq!(simple_reply_errno(&queued(&c), 2), Some(0));
+    // A filesystem that cannot fallocate: the backend zeroes by its other ways.
+    c.io_complete(z.token, Err(std::io::Error::from_raw_os_error(EOPNOTSUPP)), z.buf);
+    assert_eq!(simple_reply_errno(&queued(&c), 3), Some(0), "zeroing fell back and succeeded");
+    // A real failure is an error reply with the errno's NBD code.
+    let mut s2 = request(4, 4, 0, 4096, &[]);
+    s2.extend(request(6, 5, 0, 4096, &[]));
+    c.sent();
+    assert_eq!(c.receive(&s2), s2.len());
+    c.take_io(&mut io);
+    let (t, z) = (io.remove(0), io.remove(0));
+    c.io_complete(t.token, Err(std::io::Error::from_raw_os_error(EOPNOTSUPP)), t.buf);
+    c.io_complete(z.token, Err(std::io::Error::from_raw_os_error(EIO)), z.buf);
+    let q = queued(&c);
+    assert_eq!(simple_reply_errno(&q, 4), Some(0), "an unsupported trim is still a successful hint");
+    assert_eq!(simple_reply_errno(&q, 5), Some(5), "EIO");
+    assert_eq!(c.io_pending(), 0);
+}
+
+/// Linux errno values (the test does not link libc).
+const EOPNOTSUPP: i32 = 95;
+const EIO: i32 = 5;

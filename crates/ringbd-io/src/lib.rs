@@ -2,11 +2,13 @@
 //! crate, each with the reasoning that makes it sound; callers get safe
 //! functions that return `io::Result` and never drop a syscall's result.
 //!
+//! - [`client_ring`]: the NBD client's ring (vectored sends, receives).
 //! - [`fs`]: file and block-device calls (fallocate, SEEK_DATA/SEEK_HOLE,
 //!   BLKGETSIZE64, fadvise).
 //! - [`net`]: socket activation (LISTEN_FDS) and readiness polling.
 //! - [`signal`]: SIGINT/SIGTERM delivered as a readable fd.
 
+pub mod client_ring;
 pub mod fs;
 pub mod net;
 pub mod signal;

@@ -11,6 +11,7 @@
 //! acknowledged, so steady-state I/O allocates nothing.
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use nbd_proto::client::{ClientRequest, ClientSession, ReplyChunk};
 use nbd_proto::wire::{cmd_flags, tx_flags, CmdType};
@@ -118,23 +119,40 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Opens `conns` connections to `uri` with `cfg` (the export comes from
-    /// the URI). Every connection must agree on size and flags.
-    pub fn connect(uri: &NbdUri, cfg: &ClientConfig, conns: usize) -> Result<Engine> {
-        let conns = conns.max(1);
-        let ring = ClientRing::new(64).map_err(|e| Error::io("create io_uring", e))?;
-        let mut e = Engine {
+    /// An engine with no connections yet (see [`Engine::add`]).
+    pub fn new() -> Result<Engine> {
+        let ring = ClientRing::new(256).map_err(|e| Error::io("create io_uring", e))?;
+        Ok(Engine {
             ring,
             conns: Vec::new(),
             events: Vec::new(),
             next_cookie: 1,
-            uri: uri.to_string(),
+            uri: String::new(),
             done: Vec::new(),
-        };
-        for i in 0..conns {
+        })
+    }
+
+    /// Opens `conns` connections to `uri` with `cfg` (the export comes from
+    /// the URI). Every connection must agree on size and flags.
+    pub fn connect(uri: &NbdUri, cfg: &ClientConfig, conns: usize) -> Result<Engine> {
+        let mut e = Engine::new()?;
+        e.add(uri, cfg, conns)?;
+        Ok(e)
+    }
+
+    /// Adds `n` connections to `uri` (one export; several exports may share
+    /// an engine, as a copy's source and destination do). Returns their indices.
+    pub fn add(&mut self, uri: &NbdUri, cfg: &ClientConfig, n: usize) -> Result<Range<usize>> {
+        let first = self.conns.len();
+        if self.uri.is_empty() {
+            self.uri = uri.to_string();
+        } else {
+            self.uri = format!("{} + {uri}", self.uri);
+        }
+        for i in 0..n.max(1) {
             let c = connect(uri, cfg.clone())?;
-            if let Some(first) = e.conns.first() {
-                let a = first.session.negotiated();
+            if let Some(f) = self.conns.get(first) {
+                let a = f.session.negotiated();
                 if a.size != c.negotiated.size || a.flags != c.negotiated.flags {
                     return Err(Error::Invalid(format!(
                         "connection {i} to {uri} negotiated size {} flags {:#x}, connection 0 size {} flags {:#x}",
@@ -142,8 +160,8 @@ impl Engine {
                     )));
                 }
             }
-            let sock = e.ring.add_socket(c.fd);
-            e.conns.push(Conn {
+            let sock = self.ring.add_socket(c.fd);
+            self.conns.push(Conn {
                 sock,
                 session: ClientSession::new(c.negotiated),
                 pending: HashMap::new(),
@@ -155,7 +173,23 @@ impl Engine {
                 rpos: 0,
             });
         }
-        Ok(e)
+        Ok(first..self.conns.len())
+    }
+
+    /// What connection `conn` negotiated.
+    pub fn negotiated_of(&self, conn: usize) -> Option<&ClientNegotiated> {
+        self.conns.get(conn).map(|c| c.session.negotiated())
+    }
+
+    /// The connection of `range` with the fewest requests in flight.
+    pub fn least_busy_in(&self, range: Range<usize>) -> usize {
+        let start = range.start;
+        range.min_by_key(|&i| self.conns.get(i).map_or(usize::MAX, |c| c.pending.len())).unwrap_or(start)
+    }
+
+    /// Largest read or write to send in one request on `conn`.
+    pub fn max_request_of(&self, conn: usize) -> u64 {
+        self.conns.get(conn).map_or(512, |c| c.session.max_payload())
     }
 
     /// What connection 0 negotiated (all agree on size and flags).

@@ -329,6 +329,17 @@ impl Drop for ClientRing {
     }
 }
 
+/// User and system CPU time this process has used (`getrusage`), for
+/// CPU-per-I/O figures.
+pub fn process_cpu_time() -> io::Result<std::time::Duration> {
+    // SAFETY: rusage is plain old data; all-zero is a valid value.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid, writable rusage for the duration of the call.
+    crate::cvt(unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) })?;
+    let tv = |t: libc::timeval| std::time::Duration::new(t.tv_sec as u64, (t.tv_usec as u32) * 1000);
+    Ok(tv(ru.ru_utime) + tv(ru.ru_stime))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

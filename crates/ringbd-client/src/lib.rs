@@ -1,5 +1,5 @@
 //! ringbd's NBD client: URIs ([`uri`]), connecting and negotiating
-//! ([`connect`]), and pipelined requests over one or more connections on an
+//! ([`mod@connect`]), and pipelined requests over one or more connections on an
 //! io_uring ring ([`engine`]). The protocol is `nbd_proto::client`; every
 //! system call is in `ringbd_io::client_ring`.
 #![forbid(unsafe_code)]

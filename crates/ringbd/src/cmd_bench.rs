@@ -593,25 +593,46 @@ fig.tight_layout()
 fig.savefig(sys.argv[1])
 "#;
 
+/// Runs the plot script with the first Python that has matplotlib:
+/// `$RINGBD_PYTHON`, then `python3` on the PATH, then `/usr/bin/python3`.
 fn plot(a: &BenchArgs, rs: &[Stats], path: &std::path::Path) -> Result<(), String> {
-    use std::io::Write;
     let data = json(a, 0, rs);
-    let mut child = std::process::Command::new("python3")
+    let mut tried = Vec::new();
+    let candidates =
+        std::env::var("RINGBD_PYTHON").ok().into_iter().chain(["python3".into(), "/usr/bin/python3".into()]);
+    for py in candidates {
+        match plot_with(&py, &data, path) {
+            Ok(()) => {
+                eprintln!("ringbd bench: plot written to {}", path.display());
+                return Ok(());
+            }
+            Err(e) => tried.push(format!("{py}: {e}")),
+        }
+    }
+    Err(format!("--plot needs python3 with matplotlib (python3-matplotlib); tried {}", tried.join("; ")))
+}
+
+fn plot_with(py: &str, data: &str, path: &std::path::Path) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(py)
         .arg("-c")
         .arg(PLOT_PY)
         .arg(path)
         .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
         .spawn()
-        .map_err(|e| format!("--plot needs python3 with matplotlib: {e}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(data.as_bytes()).map_err(|e| format!("--plot: write to python3: {e}"))?;
+        .map_err(|e| e.to_string())?;
+    let written = match child.stdin.take() {
+        Some(mut stdin) => stdin.write_all(data.as_bytes()).map_err(|e| format!("write to it: {e}")),
+        None => Err("no stdin".into()),
+    };
+    let st = child.wait().map_err(|e| format!("wait: {e}"))?;
+    written?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(format!("failed with {st}"))
     }
-    let st = child.wait().map_err(|e| format!("--plot: wait for python3: {e}"))?;
-    if !st.success() {
-        return Err(format!("--plot: python3 (matplotlib) failed with {st}"));
-    }
-    eprintln!("ringbd bench: plot written to {}", path.display());
-    Ok(())
 }
 
 #[cfg(test)]

@@ -307,3 +307,15 @@ def test_nbd_server_with_simple_replies(shm_tmp):
     finally:
         with open(pidfile) as f:
             os.kill(int(f.read().strip()), signal.SIGTERM)
+
+
+def test_tools_over_tcp_with_ringbd_run(shm_tmp):
+    """nbd:// over TCP loopback: ringbd serve's captive mode (--run) starts
+    the tools once it listens, with $uri set."""
+    src = sparse_image(os.path.join(shm_tmp, "src.img"), 32 * MiB, seed=11)
+    script = ('set -e; "$RB" info "$uri" | grep -q "using extended packets"; '
+              '"$RB" copy -C 3 "$SRC" "$uri"; qemu-img compare -q -f raw -F raw "$SRC" "$uri"; '
+              '"$RB" bench "$uri" --rw randrw --verify --time 500ms --size 8M --qd 8')
+    env = dict(os.environ, RB=ringbd_bin(), SRC=src)
+    p = ringbd("serve", "memory:32M", "--listen", "127.0.0.1:0", "--run", script, env=env)
+    assert "no mismatch" in p.stdout, p.stdout + p.stderr

@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::uri::NbdUri;
 
 /// Smallest receive buffer per connection.
-const RECV_BUF: usize = 256 * 1024;
+const RECV_BUF: usize = 1024 * 1024;
 /// Largest receive buffer (a 32 MiB read chunk plus headers).
 const RECV_BUF_MAX: usize = 33 * 1024 * 1024;
 
@@ -503,12 +503,16 @@ fn parse(c: &mut Conn, ci: usize, out: &mut Vec<Completion>) -> std::result::Res
             }
         }
     };
-    // Keep the unparsed tail at the front; grow when one message does not fit.
+    // Unparsed bytes stay where they are while there is room behind them;
+    // they move to the front only when the free space runs low, and the
+    // buffer grows only when one message does not fit in it.
     if pos == buf.len() {
         buf.clear();
-    } else if pos > 0 {
+        pos = 0;
+    } else if buf.capacity() - buf.len() < (buf.capacity() / 4).max(64 * 1024) && pos > 0 {
         buf.copy_within(pos.., 0);
         buf.truncate(buf.len() - pos);
+        pos = 0;
     }
     if buf.len() == buf.capacity() {
         if buf.capacity() >= RECV_BUF_MAX {
@@ -516,7 +520,7 @@ fn parse(c: &mut Conn, ci: usize, out: &mut Vec<Completion>) -> std::result::Res
         }
         buf.reserve(buf.capacity());
     }
-    c.rpos = 0;
+    c.rpos = pos;
     c.rbuf = Some(buf);
     res
 }

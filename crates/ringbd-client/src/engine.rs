@@ -192,18 +192,20 @@ impl Engine {
         self.conns.get(conn).map_or(512, |c| c.session.max_payload())
     }
 
-    /// What connection 0 negotiated (all agree on size and flags).
-    pub fn negotiated(&self) -> &ClientNegotiated {
-        // `connect` opens at least one connection.
-        self.conns[0].session.negotiated()
+    /// What connection 0 negotiated (the connections of one
+    /// [`Engine::connect`] agree on size and flags); `None` without connections.
+    pub fn negotiated(&self) -> Option<&ClientNegotiated> {
+        self.negotiated_of(0)
     }
 
+    /// Size of connection 0's export (0 without connections).
     pub fn size(&self) -> u64 {
-        self.negotiated().size
+        self.negotiated().map_or(0, |n| n.size)
     }
 
+    /// Whether connection 0's export has transmission flag `flag`.
     pub fn has(&self, flag: u16) -> bool {
-        self.negotiated().flags & flag != 0
+        self.negotiated().is_some_and(|n| n.flags & flag != 0)
     }
 
     pub fn conns(&self) -> usize {
@@ -212,7 +214,7 @@ impl Engine {
 
     /// Largest read or write to send in one request.
     pub fn max_request(&self) -> u64 {
-        self.conns[0].session.max_payload()
+        self.max_request_of(0)
     }
 
     /// Requests in flight on `conn`.

@@ -86,7 +86,7 @@ fn exercise(cfg: ClientConfig, name: &str) -> Engine {
 #[test]
 fn extended_headers() {
     let e = exercise(ClientConfig::new(""), "ext");
-    assert!(e.negotiated().extended);
+    assert!(e.negotiated().unwrap().extended);
     block_status(e);
 }
 
@@ -95,7 +95,7 @@ fn structured_replies() {
     let mut cfg = ClientConfig::new("");
     cfg.extended = false;
     let e = exercise(cfg, "sr");
-    assert!(e.negotiated().structured && !e.negotiated().extended);
+    assert!(e.negotiated().unwrap().structured && !e.negotiated().unwrap().extended);
     block_status(e);
 }
 
@@ -105,7 +105,7 @@ fn simple_replies() {
     cfg.extended = false;
     cfg.structured = false;
     let mut e = exercise(cfg, "simple");
-    assert!(!e.negotiated().structured);
+    assert!(!e.negotiated().unwrap().structured);
     let err = e.submit(0, 0, Cmd::block_status(0, 4096), Vec::new()).unwrap_err();
     assert!(err.to_string().contains("base:allocation"), "{err}");
     e.disconnect().unwrap();

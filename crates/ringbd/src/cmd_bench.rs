@@ -247,7 +247,7 @@ pub fn run(a: BenchArgs) -> ExitCode {
         Err(err) => return fail(err),
     };
     let writes = !matches!(a.rw, Rw::Randread | Rw::Read);
-    if (writes || a.verify || a.prefill) && e.negotiated().flags & nbd_proto::wire::tx_flags::READ_ONLY != 0 {
+    if (writes || a.verify || a.prefill) && e.has(nbd_proto::wire::tx_flags::READ_ONLY) {
         return fail(format!("{} is read-only", a.uri));
     }
     let region = a.size.unwrap_or(e.size()).min(e.size());

@@ -144,9 +144,7 @@ fn open_dst(a: &CopyArgs, e: &mut Option<Engine>, size: Option<u64>) -> Result<D
     if ringbd_client::uri::is_nbd_uri(&a.dst) {
         let uri: NbdUri = a.dst.parse().map_err(err)?;
         let eng = engine(e)?;
-        let mut cfg = ClientConfig::new(&uri.export);
-        cfg.base_allocation = false;
-        let conns = eng.add(&uri, &cfg, a.connections).map_err(err)?;
+        let conns = eng.add(&uri, &ClientConfig::new(&uri.export), a.connections).map_err(err)?;
         let n = eng.negotiated_of(conns.start).ok_or("no destination connection")?;
         if n.flags & tx_flags::READ_ONLY != 0 {
             return Err(format!("{} is read-only", a.dst));
@@ -216,10 +214,41 @@ fn plan(src: &Src, e: &mut Option<Engine>, size: u64) -> Result<Vec<MapEntry>, S
     }
 }
 
+/// Ranges the destination already reads as zeroes (from its block status
+/// before the copy starts), so zeroing them again can be skipped.
+struct ZeroMap(Vec<(u64, u64)>);
+
+impl ZeroMap {
+    fn covers(&self, off: u64, len: u64) -> bool {
+        let i = self.0.partition_point(|&(_, end)| end <= off);
+        self.0.get(i).is_some_and(|&(start, end)| start <= off && off + len <= end)
+    }
+}
+
+/// The destination's zero ranges, when it is an NBD export with base:allocation.
+fn dst_zero_map(dst: &Dst, e: &mut Option<Engine>) -> Result<ZeroMap, String> {
+    let (Dst::Nbd { conns, .. }, Some(eng)) = (dst, e.as_mut()) else { return Ok(ZeroMap(Vec::new())) };
+    let Some(n) = eng.negotiated_of(conns.start) else { return Ok(ZeroMap(Vec::new())) };
+    if n.base_allocation.is_none() {
+        return Ok(ZeroMap(Vec::new()));
+    }
+    let size = n.size;
+    let map = allocation_map(eng, conns.start, size).map_err(|e| format!("map the destination: {e}"))?;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for m in map.iter().filter(|m| m.flags & state_flags::ZERO != 0) {
+        match out.last_mut() {
+            Some(last) if last.1 == m.offset => last.1 += m.len,
+            _ => out.push((m.offset, m.offset + m.len)),
+        }
+    }
+    Ok(ZeroMap(out))
+}
+
 struct Copier<'a> {
     a: &'a CopyArgs,
     e: Option<Engine>,
     dst: Dst,
+    dst_zero: ZeroMap,
     pool: Vec<Vec<u8>>,
     done_bytes: u64,
     zero_bytes: u64,
@@ -236,7 +265,7 @@ impl Copier<'_> {
     fn zero(&mut self, off: u64, len: u64) -> Result<(), String> {
         self.zero_bytes += len;
         match &mut self.dst {
-            _ if self.a.destination_is_zero => self.done_bytes += len,
+            _ if self.a.destination_is_zero || self.dst_zero.covers(off, len) => self.done_bytes += len,
             Dst::Nbd { conns, zero: true, .. } => {
                 let mut o = off;
                 while o < off + len {
@@ -401,7 +430,8 @@ fn copy(a: &CopyArgs) -> Result<(), String> {
             o += l;
         }
     }
-    let mut c = Copier { a, e, dst, pool: Vec::new(), done_bytes: 0, zero_bytes: 0 };
+    let dst_zero = dst_zero_map(&dst, &mut e)?;
+    let mut c = Copier { a, e, dst, dst_zero, pool: Vec::new(), done_bytes: 0, zero_bytes: 0 };
     let mut progress = Progress {
         on: !a.no_progress && std::io::stderr().is_terminal(),
         last: Instant::now(),

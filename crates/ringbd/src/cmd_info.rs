@@ -236,7 +236,7 @@ pub fn allocation_map(e: &mut Engine, conn: usize, size: u64) -> Result<Vec<MapE
 fn map(a: &InfoArgs) -> Result<String, ringbd_client::Error> {
     let cfg = ClientConfig::new(&a.uri.export);
     let mut e = Engine::connect(&a.uri, &cfg, 1)?;
-    if e.negotiated().base_allocation.is_none() {
+    if e.negotiated().is_none_or(|n| n.base_allocation.is_none()) {
         return Err(ringbd_client::Error::Invalid(format!("{} does not support base:allocation", a.uri)));
     }
     let size = e.size();

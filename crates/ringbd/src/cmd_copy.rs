@@ -33,12 +33,12 @@ pub struct CopyArgs {
     src: String,
     /// Destination: NBD URI, file, block device, or - for stdout.
     dst: String,
-    /// Connections to each NBD side.
-    #[arg(short = 'C', long, default_value_t = 4)]
-    connections: usize,
-    /// Requests in flight in total.
-    #[arg(short = 'R', long, default_value_t = 64)]
-    requests: usize,
+    /// Connections to each NBD side [default: the number of CPUs, at most 4].
+    #[arg(short = 'C', long)]
+    connections: Option<usize>,
+    /// Requests in flight in total [default: 16 per connection].
+    #[arg(short = 'R', long)]
+    requests: Option<usize>,
     /// Bytes per read/write request.
     #[arg(long, default_value = "256k", value_parser = ringbd_backend::parse_size)]
     request_size: u64,
@@ -91,6 +91,12 @@ enum Work {
 /// Largest single WRITE_ZEROES request.
 const ZERO_CHUNK: u64 = 1 << 30;
 
+/// One connection per CPU, at most 4: on a small machine more connections
+/// than cores only add context switches on both sides.
+fn connections(a: &CopyArgs) -> usize {
+    a.connections.unwrap_or_else(|| std::thread::available_parallelism().map_or(4, |n| n.get().min(4))).max(1)
+}
+
 fn err(msg: impl std::fmt::Display) -> String {
     msg.to_string()
 }
@@ -116,7 +122,7 @@ fn open_src(a: &CopyArgs, e: &mut Option<Engine>) -> Result<(Src, Option<u64>), 
     if ringbd_client::uri::is_nbd_uri(&a.src) {
         let uri: NbdUri = a.src.parse().map_err(err)?;
         let eng = engine(e)?;
-        let conns = eng.add(&uri, &ClientConfig::new(&uri.export), a.connections).map_err(err)?;
+        let conns = eng.add(&uri, &ClientConfig::new(&uri.export), connections(a)).map_err(err)?;
         let size = eng.negotiated_of(conns.start).map(|n| n.size);
         return Ok((Src::Nbd { conns }, size));
     }
@@ -144,7 +150,7 @@ fn open_dst(a: &CopyArgs, e: &mut Option<Engine>, size: Option<u64>) -> Result<D
     if ringbd_client::uri::is_nbd_uri(&a.dst) {
         let uri: NbdUri = a.dst.parse().map_err(err)?;
         let eng = engine(e)?;
-        let conns = eng.add(&uri, &ClientConfig::new(&uri.export), a.connections).map_err(err)?;
+        let conns = eng.add(&uri, &ClientConfig::new(&uri.export), connections(a)).map_err(err)?;
         let n = eng.negotiated_of(conns.start).ok_or("no destination connection")?;
         if n.flags & tx_flags::READ_ONLY != 0 {
             return Err(format!("{} is read-only", a.dst));
@@ -440,7 +446,7 @@ fn copy(a: &CopyArgs) -> Result<(), String> {
     let mut stdin_off = 0u64;
     let mut stdin_eof = false;
     let mut done = Vec::new();
-    let max = a.requests.max(1);
+    let max = a.requests.unwrap_or(16 * connections(a)).max(1);
     loop {
         let inflight = |c: &Copier| c.e.as_ref().map_or(0, |e| e.total_inflight());
         while inflight(&c) < max {

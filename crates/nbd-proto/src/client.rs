@@ -564,6 +564,20 @@ pub enum ReplyChunk<'a> {
     Error { errno: u32, message: String, offset: Option<u64> },
 }
 
+/// Where the payload of a read reply goes (see [`ClientSession::peek_data`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataHead {
+    pub cookie: u64,
+    /// Export offset of the first payload byte.
+    pub offset: u64,
+    /// Payload bytes.
+    pub len: u64,
+    /// Bytes of header before the payload.
+    pub header_len: usize,
+    /// The reply's last message.
+    pub done: bool,
+}
+
 /// One decoded reply message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply<'a> {
@@ -663,6 +677,69 @@ impl ClientSession {
             out.put_u32(len);
         }
         Ok(())
+    }
+
+    /// For a driver that wants to receive a large read payload straight into
+    /// the caller's buffer: when `buf` starts with the complete header of a
+    /// data-bearing reply to a read (a simple reply without error, or an
+    /// `OFFSET_DATA` chunk including its offset field) whose payload has not
+    /// fully arrived, says where the payload goes. Anything else, including
+    /// anything malformed, is `None`: [`ClientSession::decode_reply`] then
+    /// decides, and reports violations.
+    pub fn peek_data(
+        &self,
+        buf: &[u8],
+        lookup: impl FnOnce(u64) -> Option<ClientRequest>,
+    ) -> Option<DataHead> {
+        let mut r = Reader::new(buf);
+        let magic = r.u32("magic").ok()?;
+        let (cookie, done, offset_field, plen, hlen) = match magic {
+            SIMPLE_REPLY_MAGIC if !self.neg.structured => {
+                let errno = r.u32("error").ok()?;
+                let cookie = r.u64("cookie").ok()?;
+                if errno != 0 {
+                    return None;
+                }
+                (cookie, true, None, None, 16)
+            }
+            STRUCTURED_REPLY_MAGIC | EXTENDED_REPLY_MAGIC => {
+                let extended = magic == EXTENDED_REPLY_MAGIC;
+                if extended != self.neg.extended || !self.neg.structured {
+                    return None;
+                }
+                let flags = r.u16("flags").ok()?;
+                if ChunkType(r.u16("type").ok()?) != ChunkType::OFFSET_DATA {
+                    return None;
+                }
+                let cookie = r.u64("cookie").ok()?;
+                let plen = if extended {
+                    r.u64("offset").ok()?;
+                    r.u64("length").ok()?
+                } else {
+                    u64::from(r.u32("length").ok()?)
+                };
+                let offset = r.u64("data offset").ok()?;
+                let hlen = if extended { 40 } else { 28 };
+                (cookie, flags & reply_flags::DONE != 0, Some(offset), Some(plen), hlen)
+            }
+            _ => return None,
+        };
+        let req = lookup(cookie)?;
+        if req.typ != CmdType::READ {
+            return None;
+        }
+        let (offset, len) = match (offset_field, plen) {
+            (Some(off), Some(plen)) => (off, plen.checked_sub(8)?),
+            _ => (req.offset, req.len),
+        };
+        let end = offset.checked_add(len)?;
+        if len == 0 || offset < req.offset || end > req.offset.saturating_add(req.len) {
+            return None;
+        }
+        if (buf.len() as u64) >= hlen as u64 + len {
+            return None;
+        }
+        Some(DataHead { cookie, offset, len, header_len: hlen, done })
     }
 
     /// Decodes one reply message from the front of `buf`. `lookup` gives the

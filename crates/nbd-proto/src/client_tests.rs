@@ -424,3 +424,45 @@ fn corrupted_replies_never_panic() {
         }
     }
 }
+
+#[test]
+fn peek_data_finds_large_payloads_and_nothing_else() {
+    let read = req(CmdType::READ, 0x1000, 0x2000);
+    let look = |c: u64| (c == 7).then_some(read);
+    let s = ClientSession::new(neg(false, false));
+    let simple = hex("67446698 00000000 0000000000000007 0102");
+    assert_eq!(
+        s.peek_data(&simple, look),
+        Some(DataHead { cookie: 7, offset: 0x1000, len: 0x2000, header_len: 16, done: true })
+    );
+    assert_eq!(s.peek_data(&simple[..15], look), None, "incomplete header");
+    assert_eq!(s.peek_data(&hex("67446698 00000005 0000000000000007"), look), None, "error reply");
+    let st = ClientSession::new(neg(true, false));
+    let chunk = hex("668e33ef 0000 0001 0000000000000007 00001008 0000000000001000 aa");
+    assert_eq!(
+        st.peek_data(&chunk, look),
+        Some(DataHead { cookie: 7, offset: 0x1000, len: 0x1000, header_len: 28, done: false })
+    );
+    // Out of range, wrong type, unknown cookie, wrong request: None.
+    assert_eq!(
+        st.peek_data(&hex("668e33ef 0000 0001 0000000000000007 00003008 0000000000001000"), look),
+        None
+    );
+    assert_eq!(
+        st.peek_data(&hex("668e33ef 0000 0002 0000000000000007 0000000c 0000000000001000"), look),
+        None
+    );
+    assert_eq!(
+        st.peek_data(&hex("668e33ef 0000 0001 0000000000000009 00001008 0000000000001000"), look),
+        None
+    );
+    let write = |_| Some(req(CmdType::WRITE, 0x1000, 0x2000));
+    assert_eq!(st.peek_data(&chunk, write), None);
+    let x = ClientSession::new(neg(false, true));
+    let ext = hex("6e8a278c 0001 0001 0000000000000007 0000000000001000 0000000000002008 0000000000001000");
+    assert_eq!(
+        x.peek_data(&ext, look),
+        Some(DataHead { cookie: 7, offset: 0x1000, len: 0x2000, header_len: 40, done: true })
+    );
+    assert_eq!(st.peek_data(&ext, look), None, "extended chunk without extended headers");
+}

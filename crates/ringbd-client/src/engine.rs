@@ -106,7 +106,28 @@ struct Conn {
     rbuf: Option<Vec<u8>>,
     /// Parse position in the receive buffer.
     rpos: usize,
+    /// A large read payload being received straight into its buffer.
+    direct: Option<Direct>,
+    /// Payloads received that way.
+    directs: u64,
 }
+
+/// The rest of one data payload, received into the read's own buffer
+/// instead of the receive buffer (saves a copy of every large read).
+struct Direct {
+    cookie: u64,
+    /// The read's buffer while it is not in the ring.
+    buf: Option<Vec<u8>>,
+    /// Next byte of `buf` to fill, and the end of the payload.
+    next: usize,
+    end: usize,
+    /// Payload length, and whether the chunk is the reply's last.
+    len: u64,
+    done: bool,
+}
+
+/// Payloads with at least this much still to arrive are received directly.
+const DIRECT_MIN: usize = 64 * 1024;
 
 /// N connections to one export on one ring.
 pub struct Engine {
@@ -171,6 +192,8 @@ impl Engine {
                 spare: Some(SendBatch::default()),
                 rbuf: Some(Vec::with_capacity(RECV_BUF)),
                 rpos: 0,
+                direct: None,
+                directs: 0,
             });
         }
         Ok(first..self.conns.len())
@@ -220,6 +243,11 @@ impl Engine {
     /// Requests in flight on `conn`.
     pub fn inflight(&self, conn: usize) -> usize {
         self.conns.get(conn).map_or(0, |c| c.pending.len())
+    }
+
+    /// Read payloads received straight into their buffers so far.
+    pub fn direct_receives(&self) -> u64 {
+        self.conns.iter().map(|c| c.directs).sum()
     }
 
     pub fn total_inflight(&self) -> usize {
@@ -351,7 +379,13 @@ impl Engine {
                 c.next_cookies.clear();
                 self.ring.send(c.sock, batch).map_err(|e| Error::io(format!("send to {}", self.uri), e))?;
             }
-            if !c.pending.is_empty() {
+            if let Some(d) = c.direct.as_mut() {
+                if let Some(buf) = d.buf.take() {
+                    self.ring
+                        .recv_into(c.sock, buf, d.next..d.end)
+                        .map_err(|e| Error::io(format!("receive from {}", self.uri), e))?;
+                }
+            } else if !c.pending.is_empty() {
                 if let Some(buf) = c.rbuf.take() {
                     self.ring
                         .recv(c.sock, buf)
@@ -398,6 +432,34 @@ impl Engine {
                 c.rbuf = Some(buf);
                 parse(c, ci, out)
                     .map_err(|what| Error::Protocol { context: format!("{uri} (connection {ci})"), what })?;
+            }
+            RingEvent::ReceivedInto { sock, buf, result, .. } => {
+                let Some(ci) = self.conns.iter().position(|c| c.sock == sock) else { return Ok(()) };
+                let n = result.map_err(|e| Error::io(format!("receive from {uri} (connection {ci})"), e))?;
+                let c = &mut self.conns[ci];
+                let Some(d) = c.direct.as_mut() else { return Ok(()) };
+                if n == 0 {
+                    return Err(Error::Protocol {
+                        context: format!("{uri} (connection {ci})"),
+                        what: format!("server closed the connection {} bytes into a read payload", d.next),
+                    });
+                }
+                d.next += n;
+                d.buf = Some(buf);
+                if d.next >= d.end {
+                    let (cookie, len, done, buf) = (d.cookie, d.len, d.done, d.buf.take());
+                    c.direct = None;
+                    let ctx = |what| Error::Protocol { context: format!("{uri} (connection {ci})"), what };
+                    let p = c
+                        .pending
+                        .get_mut(&cookie)
+                        .ok_or_else(|| ctx(format!("cookie {cookie:#x} vanished")))?;
+                    p.buf = buf;
+                    p.covered += len;
+                    if done {
+                        chunk_done(c, cookie, ci, out).map_err(ctx)?;
+                    }
+                }
             }
         }
         Ok(())
@@ -450,7 +512,13 @@ fn parse(c: &mut Conn, ci: usize, out: &mut Vec<Completion>) -> std::result::Res
         };
         let (reply, used) = match c.session.decode_reply(&buf[pos..], lookup) {
             Ok(Some(r)) => r,
-            Ok(None) => break Ok(()),
+            Ok(None) => {
+                start_direct(c, &buf[pos..]);
+                if c.direct.is_some() {
+                    pos = buf.len();
+                }
+                break Ok(());
+            }
             Err(e) => break Err(e.to_string()),
         };
         pos += used;
@@ -490,18 +558,8 @@ fn parse(c: &mut Conn, ci: usize, out: &mut Vec<Completion>) -> std::result::Res
             }
         }
         if reply.done {
-            if p.cmd.typ == CmdType::READ && p.error.is_none() && p.covered != p.cmd.len {
-                break Err(format!(
-                    "read of {} bytes at {:#x} got {} bytes of data and holes",
-                    p.cmd.len, p.cmd.offset, p.covered
-                ));
-            }
-            if p.cmd.typ == CmdType::BLOCK_STATUS && p.error.is_none() && p.extents.is_empty() {
-                break Err(format!("block status at {:#x} without base:allocation extents", p.cmd.offset));
-            }
-            p.replied = true;
-            if p.buf.is_some() {
-                finish(c, cookie, ci, out);
+            if let Err(e) = chunk_done(c, cookie, ci, out) {
+                break Err(e);
             }
         }
     };
@@ -525,6 +583,72 @@ fn parse(c: &mut Conn, ci: usize, out: &mut Vec<Completion>) -> std::result::Res
     c.rpos = pos;
     c.rbuf = Some(buf);
     res
+}
+
+/// The last chunk of `cookie`'s reply arrived: check it is whole, and
+/// complete the request unless its write payload is still in the ring.
+fn chunk_done(
+    c: &mut Conn,
+    cookie: u64,
+    ci: usize,
+    out: &mut Vec<Completion>,
+) -> std::result::Result<(), String> {
+    let Some(p) = c.pending.get_mut(&cookie) else { return Err(format!("cookie {cookie:#x} vanished")) };
+    if p.cmd.typ == CmdType::READ && p.error.is_none() && p.covered != p.cmd.len {
+        return Err(format!(
+            "read of {} bytes at {:#x} got {} bytes of data and holes",
+            p.cmd.len, p.cmd.offset, p.covered
+        ));
+    }
+    if p.cmd.typ == CmdType::BLOCK_STATUS && p.error.is_none() && p.extents.is_empty() {
+        return Err(format!("block status at {:#x} without base:allocation extents", p.cmd.offset));
+    }
+    p.replied = true;
+    if p.buf.is_some() {
+        finish(c, cookie, ci, out);
+    }
+    Ok(())
+}
+
+/// `rest` is an incomplete message at the end of the receive buffer: if it
+/// is the header of a large read payload, copy what arrived of the payload
+/// into the read's buffer and receive the rest straight there.
+fn start_direct(c: &mut Conn, rest: &[u8]) {
+    let pending = &c.pending;
+    let lookup = |cookie: u64| {
+        pending.get(&cookie).map(|p| ClientRequest {
+            typ: p.cmd.typ,
+            flags: p.cmd.flags,
+            cookie,
+            offset: p.cmd.offset,
+            len: p.cmd.len,
+        })
+    };
+    let Some(h) = c.session.peek_data(rest, lookup) else { return };
+    let have = rest.len() - h.header_len;
+    let Ok(len) = usize::try_from(h.len) else { return };
+    if len - have < DIRECT_MIN {
+        return;
+    }
+    let Some(p) = c.pending.get_mut(&h.cookie) else { return };
+    let at = (h.offset - p.cmd.offset) as usize;
+    let Some(mut buf) = p.buf.take() else { return };
+    match buf.get_mut(at..at + have) {
+        Some(dst) => dst.copy_from_slice(&rest[h.header_len..]),
+        None => {
+            p.buf = Some(buf);
+            return;
+        }
+    }
+    c.directs += 1;
+    c.direct = Some(Direct {
+        cookie: h.cookie,
+        buf: Some(buf),
+        next: at + have,
+        end: at + len,
+        len: h.len,
+        done: h.done,
+    });
 }
 
 fn finish(c: &mut Conn, cookie: u64, ci: usize, out: &mut Vec<Completion>) {

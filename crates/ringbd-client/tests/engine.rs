@@ -76,6 +76,12 @@ fn exercise(cfg: ClientConfig, name: &str) -> Engine {
     c.result.unwrap();
     assert!(c.buf[..512 << 10] == pattern(512 << 10, 512 << 10)[..], "data half");
     assert!(c.buf[512 << 10..].iter().all(|&b| b == 0), "hole half");
+    // A read larger than the receive buffer: where the server sends it in
+    // big pieces (simple replies), the payload goes straight into the buffer.
+    let c = e.run(1, Cmd::read(0, SIZE), vec![0xee; 1 << 20]).unwrap();
+    c.result.unwrap();
+    assert!(c.buf[..1 << 20] == pattern(0, 1 << 20), "1 MiB of data");
+    assert!(c.buf[1 << 20..].iter().all(|&b| b == 0), "3 MiB of hole");
     let c = e.run(0, Cmd::read(SIZE - 8192, 8192), vec![0xee; 8192]).unwrap();
     c.result.unwrap();
     assert!(c.buf.iter().all(|&b| b == 0), "hole reads as zeroes");
@@ -106,6 +112,7 @@ fn simple_replies() {
     cfg.structured = false;
     let mut e = exercise(cfg, "simple");
     assert!(!e.negotiated().unwrap().structured);
+    assert!(e.direct_receives() > 0, "a 4 MiB simple reply is received directly");
     let err = e.submit(0, 0, Cmd::block_status(0, 4096), Vec::new()).unwrap_err();
     assert!(err.to_string().contains("base:allocation"), "{err}");
     e.disconnect().unwrap();

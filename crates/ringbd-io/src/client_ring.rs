@@ -113,7 +113,9 @@ struct InflightSend {
 struct Socket {
     fd: OwnedFd,
     send: Option<InflightSend>,
-    recv: Option<Vec<u8>>,
+    /// The receive buffer, and the slice of it being filled for `recv_into`
+    /// (`None`: appending to its spare capacity).
+    recv: Option<(Vec<u8>, Option<std::ops::Range<usize>>)>,
 }
 
 /// A finished operation, with its buffers.
@@ -123,6 +125,8 @@ pub enum RingEvent {
     Sent { sock: usize, batch: SendBatch, result: io::Result<usize> },
     /// Received bytes were appended to `buf` (`Ok(0)`: the peer closed).
     Received { sock: usize, buf: Vec<u8>, result: io::Result<usize> },
+    /// Received bytes were written at the start of `range` in `buf`.
+    ReceivedInto { sock: usize, buf: Vec<u8>, range: std::ops::Range<usize>, result: io::Result<usize> },
 }
 
 /// The client ring; owns its sockets.
@@ -219,7 +223,40 @@ impl ClientRing {
         let spare = buf.spare_capacity_mut();
         let (ptr, len) = (spare.as_mut_ptr() as *mut u8, spare.len().min(u32::MAX as usize) as u32);
         let fd = types::Fd(s.fd.as_raw_fd());
-        s.recv = Some(buf);
+        s.recv = Some((buf, None));
+        let e = opcode::Recv::new(fd, ptr, len).build().user_data(KIND_RECV << 32 | sock as u64);
+        self.push(&e).inspect_err(|_| {
+            if let Some(s) = self.socks.get_mut(sock) {
+                s.recv = None;
+            }
+        })
+    }
+
+    /// Queues a receive on `sock` straight into `buf[range]` (clamped to
+    /// the buffer), e.g. the rest of a large read payload into the caller's
+    /// buffer.
+    pub fn recv_into(
+        &mut self,
+        sock: usize,
+        mut buf: Vec<u8>,
+        range: std::ops::Range<usize>,
+    ) -> io::Result<()> {
+        let s = self.socks.get_mut(sock).ok_or_else(|| io::Error::other(format!("no socket {sock}")))?;
+        if s.recv.is_some() {
+            return Err(io::Error::other(format!("socket {sock} already has a receive in flight")));
+        }
+        let end = range.end.min(buf.len());
+        let start = range.start.min(end);
+        if start == end {
+            return Err(io::Error::other(format!(
+                "empty receive range {range:?} in a buffer of {}",
+                buf.len()
+            )));
+        }
+        let target = &mut buf[start..end];
+        let (ptr, len) = (target.as_mut_ptr(), target.len().min(u32::MAX as usize) as u32);
+        let fd = types::Fd(s.fd.as_raw_fd());
+        s.recv = Some((buf, Some(start..end)));
         let e = opcode::Recv::new(fd, ptr, len).build().user_data(KIND_RECV << 32 | sock as u64);
         self.push(&e).inspect_err(|_| {
             if let Some(s) = self.socks.get_mut(sock) {
@@ -269,7 +306,16 @@ impl ClientRing {
                     out.push(RingEvent::Sent { sock, batch, result });
                 }
                 KIND_RECV => {
-                    let Some(mut buf) = s.recv.take() else { continue };
+                    let Some((mut buf, range)) = s.recv.take() else { continue };
+                    if let Some(range) = range {
+                        let result = if res < 0 {
+                            Err(io::Error::from_raw_os_error(-res))
+                        } else {
+                            Ok((res as usize).min(range.len()))
+                        };
+                        out.push(RingEvent::ReceivedInto { sock, buf, range, result });
+                        continue;
+                    }
                     let result = if res < 0 {
                         Err(io::Error::from_raw_os_error(-res))
                     } else {
@@ -379,8 +425,31 @@ mod tests {
                     assert_eq!(result.unwrap(), 5);
                     assert_eq!(buf, b"reply");
                 }
+                other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn receives_into_a_slice_of_an_owned_buffer() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut ring = ClientRing::new(8).unwrap();
+        let s = ring.add_socket(a.into());
+        ring.recv_into(s, vec![b'.'; 8], 2..6).unwrap();
+        b.write_all(b"abcdef").unwrap();
+        let mut events = Vec::new();
+        while events.is_empty() {
+            ring.submit_and_wait(1).unwrap();
+            ring.completions(&mut events).unwrap();
+        }
+        match events.pop() {
+            Some(RingEvent::ReceivedInto { buf, range, result, .. }) => {
+                assert_eq!((result.unwrap(), range), (4, 2..6));
+                assert_eq!(buf, b"..abcd..");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(ring.recv_into(s, vec![0; 4], 4..9).is_err(), "empty after clamping");
     }
 
     #[test]

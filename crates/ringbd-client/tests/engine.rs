@@ -17,13 +17,17 @@ use ringbd_server::listener::Stream;
 const SIZE: u64 = 4 << 20;
 
 fn server(name: &str) -> (NbdUri, PathBuf) {
+    server_with(name, false)
+}
+
+fn server_with(name: &str, read_only: bool) -> (NbdUri, PathBuf) {
     let dir = std::env::temp_dir().join(format!("ringbd-client-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("nbd.sock");
     let listener = UnixListener::bind(&path).unwrap();
     let mut exports = Exports::default();
-    exports.add(Export::new("", Arc::new(MemoryBackend::new(SIZE)), false)).unwrap();
+    exports.add(Export::new("", Arc::new(MemoryBackend::new(SIZE)), read_only)).unwrap();
     let exports = Arc::new(exports);
     thread::spawn(move || {
         for s in listener.incoming() {
@@ -136,4 +140,29 @@ fn block_status(mut e: Engine) {
     let err = e.submit(0, 0, Cmd::read(SIZE, 512), Vec::new()).unwrap_err();
     assert!(err.to_string().contains("beyond the end"), "{err}");
     e.disconnect().unwrap();
+}
+
+#[test]
+fn refused_requests_complete_with_the_errno_and_context() {
+    let (uri, _dir) = server_with("ro", true);
+    for extended in [true, false] {
+        let mut cfg = ClientConfig::new("");
+        cfg.extended = extended;
+        cfg.structured = extended;
+        let mut e = Engine::connect(&uri, &cfg, 1).unwrap();
+        // The client refuses writes to a read-only export only if asked to;
+        // here the server must refuse them, with EPERM, and the connection lives on.
+        let c = e.run(0, Cmd::write(4096, 512), vec![1; 512]).unwrap();
+        let err = c.result.unwrap_err();
+        match &err {
+            ringbd_client::Error::Request { cmd, offset, len, errno, .. } => {
+                assert_eq!((*cmd, *offset, *len, *errno), (CmdType::WRITE, 4096, 512, 1));
+            }
+            other => panic!("{other}"),
+        }
+        assert!(err.to_string().starts_with("WRITE of 512 bytes at 0x1000: EPERM"), "{err}");
+        assert_eq!(c.buf.len(), 512, "the payload comes back even on error");
+        e.run(0, Cmd::read(0, 4096), Vec::new()).unwrap().result.unwrap();
+        e.disconnect().unwrap();
+    }
 }

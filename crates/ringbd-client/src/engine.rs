@@ -338,9 +338,11 @@ impl Engine {
     /// Sends what was submitted, waits for at least one event when `wait`
     /// and requests are in flight, and appends finished requests to `out`.
     pub fn poll(&mut self, out: &mut Vec<Completion>, wait: bool) -> Result<()> {
+        // Completions held back by `run` count as progress: no waiting then.
+        let had = !self.done.is_empty();
         out.append(&mut self.done);
         self.arm()?;
-        let want = usize::from(wait && out.is_empty() && self.ring.inflight() > 0);
+        let want = usize::from(wait && !had && self.ring.inflight() > 0);
         self.ring.submit_and_wait(want).map_err(|e| Error::io(format!("io_uring wait ({})", self.uri), e))?;
         let mut events = std::mem::take(&mut self.events);
         self.ring
@@ -356,16 +358,26 @@ impl Engine {
         res
     }
 
-    /// Runs one request to completion (for tools that need one answer).
+    /// Runs one request to completion (for tools that need one answer);
+    /// other requests' completions are kept for the next [`Engine::poll`].
+    /// Its tag is `u64::MAX`, which callers mixing the two must not use.
     pub fn run(&mut self, conn: usize, cmd: Cmd, buf: Vec<u8>) -> Result<Completion> {
         let tag = u64::MAX;
         self.submit(conn, tag, cmd, buf)?;
         let mut got = Vec::new();
+        let mut others = Vec::new();
         loop {
             self.poll(&mut got, true)?;
-            if let Some(i) = got.iter().position(|c| c.tag == tag) {
-                let c = got.swap_remove(i);
-                self.done.append(&mut got);
+            let mut mine = None;
+            for c in got.drain(..) {
+                if c.tag == tag && mine.is_none() {
+                    mine = Some(c);
+                } else {
+                    others.push(c);
+                }
+            }
+            if let Some(c) = mine {
+                self.done.append(&mut others);
                 return Ok(c);
             }
         }

@@ -166,3 +166,23 @@ fn refused_requests_complete_with_the_errno_and_context() {
         e.disconnect().unwrap();
     }
 }
+
+#[test]
+fn run_keeps_other_completions_for_poll() {
+    let (uri, _dir) = server("mixed");
+    let mut e = Engine::connect(&uri, &ClientConfig::new(""), 1).unwrap();
+    for i in 0..8u64 {
+        e.submit(0, i, Cmd::read(i * 4096, 4096), Vec::new()).unwrap();
+    }
+    e.run(0, Cmd::flush(), Vec::new()).unwrap().result.unwrap();
+    let mut tags = Vec::new();
+    let mut done = Vec::new();
+    while tags.len() < 8 {
+        e.poll(&mut done, true).unwrap();
+        tags.extend(done.drain(..).map(|c| c.tag));
+    }
+    tags.sort_unstable();
+    assert_eq!(tags, (0..8).collect::<Vec<_>>());
+    assert_eq!(e.total_inflight(), 0);
+    e.disconnect().unwrap();
+}

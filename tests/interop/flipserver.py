@@ -5,7 +5,11 @@ connections.  With --flip-every N it flips one bit in every Nth read reply
 (a deliberately corrupting server, to prove that `ringbd bench --verify`
 notices).
 
-Usage: flipserver.py SOCKET SIZE [--flip-every N]
+With --evil MODE it breaks the protocol on the 50th read instead: "magic"
+(a reply with a bad magic), "cookie" (a reply to a cookie never sent),
+"short" (hangs up halfway through the data); the client must fail cleanly.
+
+Usage: flipserver.py SOCKET SIZE [--flip-every N] [--evil MODE]
 Prints "ready" on stdout once it listens (the readiness signal).
 """
 
@@ -29,10 +33,11 @@ TX_FLAGS = 1 | 4 | 256
 
 
 class Disk:
-    def __init__(self, size, flip_every):
+    def __init__(self, size, flip_every, evil=None):
         self.data = bytearray(size)
         self.lock = threading.Lock()
         self.flip_every = flip_every
+        self.evil = evil
         self.reads = 0
 
 
@@ -96,9 +101,18 @@ def serve(s, disk):
                     out = bytearray(disk.data[offset:offset + length])
                     disk.reads += 1
                     flip = disk.flip_every and disk.reads % disk.flip_every == 0
+                    evil = disk.evil if disk.reads == 50 else None
                 if flip and length:
                     out[length // 2] ^= 0x10
-                s.sendall(struct.pack(">IIQ", SIMPLE_MAGIC, 0, cookie) + bytes(out))
+                if evil == "magic":
+                    s.sendall(struct.pack(">IIQ", 0x12345678, 0, cookie) + bytes(out))
+                elif evil == "cookie":
+                    s.sendall(struct.pack(">IIQ", SIMPLE_MAGIC, 0, cookie ^ 0xdead0000) + bytes(out))
+                elif evil == "short":
+                    s.sendall(struct.pack(">IIQ", SIMPLE_MAGIC, 0, cookie) + bytes(out[:length // 2]))
+                    return
+                else:
+                    s.sendall(struct.pack(">IIQ", SIMPLE_MAGIC, 0, cookie) + bytes(out))
             elif typ == CMD_FLUSH:
                 s.sendall(struct.pack(">IIQ", SIMPLE_MAGIC, 0, cookie))
             else:
@@ -111,10 +125,17 @@ def serve(s, disk):
 
 def main():
     path, size = sys.argv[1], int(sys.argv[2])
-    flip_every = 0
-    if len(sys.argv) > 4 and sys.argv[3] == "--flip-every":
-        flip_every = int(sys.argv[4])
-    disk = Disk(size, flip_every)
+    flip_every, evil = 0, None
+    args = sys.argv[3:]
+    while args:
+        if args[0] == "--flip-every":
+            flip_every = int(args[1])
+        elif args[0] == "--evil":
+            evil = args[1]
+        else:
+            sys.exit("flipserver.py: unknown argument %r" % args[0])
+        args = args[2:]
+    disk = Disk(size, flip_every, evil)
     lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     if os.path.exists(path):
         os.unlink(path)

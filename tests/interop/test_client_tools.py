@@ -186,10 +186,12 @@ def test_bench_sweep_table_json_and_plot(server, shm_tmp):
 class FlipServer:
     """flipserver.py on a Unix socket; ready when it prints "ready"."""
 
-    def __init__(self, path, size, flip_every=0):
+    def __init__(self, path, size, flip_every=0, evil=None):
         argv = [sys.executable, os.path.join(HERE, "flipserver.py"), path, str(size)]
         if flip_every:
             argv += ["--flip-every", str(flip_every)]
+        if evil:
+            argv += ["--evil", evil]
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         assert line.strip() == "ready", "flipserver did not start: %r" % line
@@ -216,6 +218,27 @@ def test_bench_verify_catches_a_corrupting_server(shm_tmp, flip_every):
     else:
         assert p.returncode == 0, p.stderr
         assert "no mismatch" in p.stdout
+
+
+@pytest.mark.parametrize("evil,messages", [
+    ("magic", ["bad reply magic 0x12345678"]),
+    ("cookie", ["which is not in flight"]),
+    # A hang-up reads as EOF, or as a reset or broken pipe when requests
+    # were still unread in the server's socket.
+    ("short", ["server closed the connection", "Connection reset by peer", "Broken pipe"]),
+])
+def test_protocol_violations_end_the_run_cleanly(shm_tmp, evil, messages):
+    """A server that breaks the protocol makes the tools fail with a message
+    that names the connection, never a panic or a hang."""
+    srv = FlipServer(os.path.join(shm_tmp, "evil.sock"), 4 * MiB, evil=evil)
+    try:
+        p = ringbd("bench", srv.uri, "--rw", "randread", "--bs", "64k", "--time", "5s", "--qd", "4",
+                   check=False, timeout=60)
+    finally:
+        srv.stop()
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert any(m in p.stderr for m in messages) and "(connection " in p.stderr, p.stderr
+    assert "panicked" not in p.stderr
 
 
 # --------------------------------------------------------------------------

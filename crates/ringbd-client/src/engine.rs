@@ -137,6 +137,8 @@ pub struct Engine {
     next_cookie: u64,
     uri: String,
     done: Vec<Completion>,
+    /// Reused for encoding request headers.
+    scratch: Vec<u8>,
 }
 
 impl Engine {
@@ -150,6 +152,7 @@ impl Engine {
             next_cookie: 1,
             uri: String::new(),
             done: Vec::new(),
+            scratch: Vec::with_capacity(32),
         })
     }
 
@@ -245,6 +248,21 @@ impl Engine {
         self.conns.get(conn).map_or(0, |c| c.pending.len())
     }
 
+    /// A block-status request for `base:allocation` in the payload form
+    /// (extended headers with `BLOCK_STATUS_PAYLOAD`): the command and its
+    /// payload for [`Engine::submit`], or `None` where the form is not offered.
+    pub fn block_status_payload(&self, conn: usize, offset: u64, len: u64) -> Option<(Cmd, Vec<u8>)> {
+        let n = self.negotiated_of(conn)?;
+        let id = n.base_allocation?;
+        if !n.extended || n.flags & tx_flags::BLOCK_STATUS_PAYLOAD == 0 {
+            return None;
+        }
+        let mut payload = len.to_be_bytes().to_vec();
+        payload.extend_from_slice(&id.to_be_bytes());
+        let cmd = Cmd::block_status(offset, payload.len() as u64).with_flags(cmd_flags::PAYLOAD_LEN);
+        Some((cmd, payload))
+    }
+
     /// Read payloads received straight into their buffers so far.
     pub fn direct_receives(&self) -> u64 {
         self.conns.iter().map(|c| c.directs).sum()
@@ -291,6 +309,24 @@ impl Engine {
             }
             _ => {}
         }
+        // Block status with a payload (extended headers): `cmd.len` is the
+        // payload's length, the effect length is its first 8 bytes.
+        let payload_bs = cmd.typ == CmdType::BLOCK_STATUS && cmd.flags & cmd_flags::PAYLOAD_LEN != 0;
+        let mut effect_len = cmd.len;
+        if payload_bs {
+            if !neg.extended || neg.flags & tx_flags::BLOCK_STATUS_PAYLOAD == 0 {
+                return Err(ctx("the server does not take block status payloads"));
+            }
+            let head: Option<[u8; 8]> = buf.get(..8).and_then(|b| b.try_into().ok());
+            match head {
+                Some(h)
+                    if buf.len() as u64 == cmd.len && (buf.len() - 8).is_multiple_of(4) && buf.len() > 8 =>
+                {
+                    effect_len = u64::from_be_bytes(h);
+                }
+                _ => return Err(ctx(&format!("block status payload of {} bytes is not 8 + 4n", buf.len()))),
+            }
+        }
         let needs = match cmd.typ {
             CmdType::FLUSH => Some((tx_flags::SEND_FLUSH, "flush")),
             CmdType::TRIM => Some((tx_flags::SEND_TRIM, "trim")),
@@ -308,20 +344,22 @@ impl Engine {
         }
         if cmd.typ != CmdType::FLUSH
             && cmd.typ != CmdType::DISC
-            && cmd.offset.checked_add(cmd.len).is_none_or(|e| e > neg.size)
+            && cmd.offset.checked_add(effect_len).is_none_or(|e| e > neg.size)
         {
             return Err(ctx(&format!("beyond the end of the export ({} bytes)", neg.size)));
         }
         let cookie = self.next_cookie;
         self.next_cookie = self.next_cookie.wrapping_add(1).max(1);
         let req = ClientRequest { typ: cmd.typ, flags: cmd.flags, cookie, offset: cmd.offset, len: cmd.len };
-        let mut hdr = [0u8; 32];
-        let mut v = Vec::with_capacity(32);
-        c.session.encode_request(&mut v, &req).map_err(|e| ctx(&e.to_string()))?;
-        let n = v.len().min(32);
-        hdr[..n].copy_from_slice(&v[..n]);
-        c.next.push_head(&hdr[..n]);
-        let buf = if cmd.typ == CmdType::WRITE {
+        let mut hdr = std::mem::take(&mut self.scratch);
+        hdr.clear();
+        let encoded = c.session.encode_request(&mut hdr, &req);
+        if encoded.is_ok() {
+            c.next.push_head(&hdr);
+        }
+        self.scratch = hdr;
+        encoded.map_err(|e| ctx(&e.to_string()))?;
+        let buf = if cmd.typ == CmdType::WRITE || payload_bs {
             c.next.push_buf(buf);
             c.next_cookies.push(cookie);
             None

@@ -125,6 +125,17 @@ fn simple_replies() {
 fn block_status(mut e: Engine) {
     let c = e.run(0, Cmd::block_status(0, SIZE), Vec::new()).unwrap();
     c.result.unwrap();
+    // The payload form (extended headers only) answers the same.
+    match e.block_status_payload(1, 0, SIZE) {
+        Some((cmd, payload)) => {
+            assert!(e.negotiated().unwrap().extended);
+            let p = e.run(1, cmd, payload).unwrap();
+            p.result.unwrap();
+            assert_eq!(p.extents, c.extents);
+            assert_eq!(p.buf.len(), 12, "the payload comes back");
+        }
+        None => assert!(!e.negotiated().unwrap().extended),
+    }
     assert_eq!(c.extents[0].flags & state_flags::HOLE, 0, "written data first");
     assert!(c.extents.iter().map(|x| x.len).sum::<u64>() <= SIZE);
     // Zero the first MiB; it becomes a hole.

@@ -124,6 +124,11 @@ def test_copy_file_to_server_and_back_is_sparse(start_server, shm_tmp):
     assert os.path.getsize(out) == 64 * MiB
     # A fresh destination file stays sparse.
     assert os.stat(out).st_blocks * 512 <= 40 * MiB
+    # File to file: SEEK_DATA/SEEK_HOLE find the holes.
+    out2 = os.path.join(shm_tmp, "out2.img")
+    ringbd("copy", out, out2)
+    qemu_img_compare(src, out2)
+    assert os.stat(out2).st_blocks * 512 <= 40 * MiB
 
 
 def test_copy_between_two_servers(start_server, shm_tmp):

@@ -578,14 +578,14 @@ fn parse(c: &mut Conn, ci: usize, out: &mut Vec<Completion>) -> std::result::Res
         match reply.chunk {
             ReplyChunk::Ok => {}
             ReplyChunk::Data { offset, data } => {
-                let at = (offset - p.cmd.offset) as usize;
+                let at = offset.saturating_sub(p.cmd.offset) as usize; // the decoder checked the range
                 if let Some(dst) = p.buf.as_mut().and_then(|b| b.get_mut(at..at + data.len())) {
                     dst.copy_from_slice(data);
                 }
                 p.covered += data.len() as u64;
             }
             ReplyChunk::Hole { offset, len } => {
-                let at = (offset - p.cmd.offset) as usize;
+                let at = offset.saturating_sub(p.cmd.offset) as usize; // the decoder checked the range
                 if let Some(dst) = p.buf.as_mut().and_then(|b| b.get_mut(at..at + len as usize)) {
                     dst.fill(0);
                 }
@@ -681,7 +681,7 @@ fn start_direct(c: &mut Conn, rest: &[u8]) {
         return;
     }
     let Some(p) = c.pending.get_mut(&h.cookie) else { return };
-    let at = (h.offset - p.cmd.offset) as usize;
+    let at = h.offset.saturating_sub(p.cmd.offset) as usize;
     let Some(mut buf) = p.buf.take() else { return };
     match buf.get_mut(at..at + have) {
         Some(dst) => dst.copy_from_slice(&rest[h.header_len..]),

@@ -1,4 +1,4 @@
-//! Sans-IO implementation of the NBD protocol (server side for now).
+//! Sans-IO implementation of the NBD protocol, server and client sides.
 //!
 //! No sockets, no threads, no clocks: every type here consumes bytes and
 //! produces bytes, so the same code is driven by the blocking engine, the
@@ -9,14 +9,20 @@
 //! - [`export`]: what the handshake knows about exports.
 //! - [`handshake`]: the option-haggling state machine.
 //! - [`transmission`]: request decoding, validation and reply encoding.
+//! - [`client`]: the client's handshake, request encoder and reply decoder.
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod codec;
 pub mod export;
 pub mod handshake;
 pub mod transmission;
 pub mod wire;
 
+pub use client::{
+    ClientConfig, ClientHandshake, ClientNegotiated, ClientOutcome, ClientRequest, ClientSession, Reply,
+    ReplyChunk, ReplyError,
+};
 pub use export::{BlockSizes, ExportCaps, ExportCatalog, ExportDescriptor, ExportListing};
 pub use handshake::{HandshakeError, Negotiated, Outcome, ServerHandshake};
 pub use transmission::{clip_extents, Command, Extent, FramingError, Rejection, Request, Session};

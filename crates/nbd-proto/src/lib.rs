@@ -11,12 +11,17 @@
 //! - [`transmission`]: request decoding, validation and reply encoding.
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod codec;
 pub mod export;
 pub mod handshake;
 pub mod transmission;
 pub mod wire;
 
+pub use client::{
+    ClientConfig, ClientHandshake, ClientNegotiated, ClientOutcome, ClientRequest, ClientSession, Reply,
+    ReplyChunk, ReplyError,
+};
 pub use export::{BlockSizes, ExportCaps, ExportCatalog, ExportDescriptor, ExportListing};
 pub use handshake::{HandshakeError, Negotiated, Outcome, ServerHandshake};
 pub use transmission::{clip_extents, Command, Extent, FramingError, Rejection, Request, Session};

@@ -3,6 +3,7 @@
 //! functions that return `io::Result` and never drop a syscall's result.
 //!
 //! - [`buf`]: page-aligned I/O buffers and registered-buffer arenas.
+//! - [`client_ring`]: the NBD client's ring (vectored sends, receives).
 //! - [`fs`]: file and block-device calls (fallocate, SEEK_DATA/SEEK_HOLE,
 //!   BLKGETSIZE64, fadvise).
 //! - [`net`]: socket activation (LISTEN_FDS) and readiness polling.
@@ -10,6 +11,7 @@
 //! - [`ublk`]: the ublk driver's control and queue commands.
 
 pub mod buf;
+pub mod client_ring;
 pub mod fs;
 pub mod net;
 pub mod signal;

@@ -1,6 +1,10 @@
 //! `ringbd`: command-line entry point. Parsing only; the work is in the
 //! library crates.
 
+mod cmd_bench;
+mod cmd_copy;
+mod cmd_info;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -29,6 +33,12 @@ enum Cmd {
     Detach(cmd_ublk::DetachArgs),
     /// List ublk devices and the driver's features.
     List(cmd_ublk::ListArgs),
+    /// Show an export's size, flags, block sizes and meta contexts (like nbdinfo); --list, --map, --json.
+    Info(cmd_info::InfoArgs),
+    /// Copy between NBD URIs, files, block devices and stdin/stdout; sparse-aware, multi-connection.
+    Copy(cmd_copy::CopyArgs),
+    /// Measure an export: IOPS, MiB/s, latency percentiles, client CPU per I/O; --verify checks data.
+    Bench(cmd_bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -137,6 +147,9 @@ fn main() -> ExitCode {
         Cmd::Attach(a) => cmd_ublk::attach(a),
         Cmd::Detach(a) => cmd_ublk::detach(a),
         Cmd::List(a) => cmd_ublk::list(a),
+        Cmd::Info(a) => cmd_info::run(a),
+        Cmd::Copy(a) => cmd_copy::run(a),
+        Cmd::Bench(a) => cmd_bench::run(a),
     }
 }
 

@@ -137,6 +137,7 @@ impl Target for NbdTarget {
             headers: Vec::with_capacity(SEND_BATCH_MAX * 28),
             parts: Vec::with_capacity(SEND_BATCH_MAX),
             last_loss: String::new(),
+            unanswered: 0,
         };
         Ok(QueueSetup { handler: Box::new(handler), files: vec![fd] })
     }
@@ -216,6 +217,8 @@ struct NbdQueue {
     parts: Vec<SendPart>,
     /// Why the connection was last lost, for the EIO when reconnecting fails.
     last_loss: String,
+    /// Requests on the wire when it was lost (sent again after reconnecting).
+    unanswered: usize,
 }
 
 /// The NBD command for a request, with the tag as its cookie.
@@ -292,6 +295,7 @@ impl NbdQueue {
                 again.push(i as u16);
             }
         }
+        self.unanswered = again.len();
         for tag in again.into_iter().rev() {
             self.queue.push_front(tag);
         }
@@ -406,10 +410,11 @@ impl NbdQueue {
             match r {
                 Ok(c) => {
                     eprintln!(
-                        "ringbd: {}: reconnected (try {}); sending {} request(s) again",
+                        "ringbd: {}: reconnected (try {}); sending {} request(s) that had no reply again, and {} that arrived meanwhile",
                         self.what,
                         i + 1,
-                        self.queue.len()
+                        self.unanswered,
+                        self.queue.len().saturating_sub(self.unanswered)
                     );
                     self.sock = c.fd;
                     self.session = ClientSession::new(c.negotiated);

@@ -2,9 +2,11 @@
 # The ublk frontend's nbd target against `ringbd serve` in the same VM:
 # `ringbd attach nbd+unix:///disk?socket=...` on a memory: export, one
 # connection per queue; a pattern written with O_DIRECT reads back, also
-# through a second attach (so it went through the server, not a cache);
+# through a second attach over TCP (`nbd://127.0.0.1:PORT/disk`, so it went
+# through the server, not a cache);
 # mkfs.ext4, mount, files, umount, e2fsck clean; flushes, discards and
-# write-zeroes reached ringbd as such. Then reconnect: a file: export's
+# write-zeroes reached ringbd as such. A read-only export gives a read-only
+# device. Then reconnect: a file: export's
 # server is killed with SIGKILL while a writer runs and started again on the
 # same socket; the writer finishes without an error and every block reads
 # back, through the device and in the file. Last, a server that does not
@@ -17,8 +19,8 @@ step "load ublk_drv"
 load_module ublk_drv
 wait_for 5 test -c /dev/ublk-control || fail "/dev/ublk-control did not appear"
 
-step "serve memory:256M on a unix socket; attach it with 2 queues"
-ringbd_start --export disk=memory:256M --unix "$PWD/mem.sock" --verbose
+step "serve memory:256M on a unix socket and TCP; attach it with 2 queues"
+ringbd_start --export disk=memory:256M --unix "$PWD/mem.sock" --listen 127.0.0.1:10811 --verbose
 uri="nbd+unix:///disk?socket=$PWD/mem.sock"
 ublk_attach "$uri" --queues 2 --depth 32
 [ "$(blockdev --getsize64 "$UBLK_DEV")" = 268435456 ] || fail "$UBLK_DEV is not 256 MiB"
@@ -38,9 +40,9 @@ dd if=pat1 of="$UBLK_DEV" bs=1M seek=255 oflag=direct conv=fsync 2>/dev/null || 
 dd if="$UBLK_DEV" bs=1M count=8 iflag=direct 2>/dev/null | cmp -s - pat || fail "data at 0 differs"
 dd if="$UBLK_DEV" bs=256K skip=400 count=32 iflag=direct 2>/dev/null | cmp -s - pat || fail "data at 100 MiB differs"
 
-step "pattern: read back through a fresh attach"
+step "pattern: read back through a fresh attach, over TCP"
 ublk_detach
-ublk_attach "$uri" --queues 1
+ublk_attach "nbd://127.0.0.1:10811/disk" --queues 1
 dd if="$UBLK_DEV" bs=1M count=8 iflag=direct 2>/dev/null | cmp -s - pat || fail "data at 0 differs after re-attach"
 dd if="$UBLK_DEV" bs=1M skip=100 count=8 iflag=direct 2>/dev/null | cmp -s - pat || fail "data at 100 MiB differs after re-attach"
 dd if="$UBLK_DEV" bs=1M skip=255 iflag=direct 2>/dev/null | cmp -s - pat1 || fail "data in the last MiB differs after re-attach"
@@ -58,6 +60,16 @@ echo "$counts" | grep -q ' [1-9][0-9]* discards' || fail "mkfs sent no discard t
 echo "$counts" | grep -q ' [1-9][0-9]* write-zeroes' || fail "mkfs sent no write-zeroes through ringbd"
 echo "$counts" | grep -q ', 0 failed' || fail "requests failed: $counts"
 ringbd_stop
+
+step "a read-only export makes a read-only device"
+ringbd_start --read-only --unix "$PWD/ro.sock" memory:16M
+ublk_attach "nbd+unix:///?socket=$PWD/ro.sock" --queues 1
+[ "$(cat /sys/block/${UBLK_DEV#/dev/}/ro)" = 1 ] || fail "$UBLK_DEV is not read-only in sysfs"
+! dd if=pat1 of="$UBLK_DEV" bs=1M count=1 oflag=direct 2>/dev/null || fail "a write to the read-only device succeeded"
+dd if="$UBLK_DEV" bs=1M count=1 iflag=direct 2>/dev/null | cmp -s - zero1 || fail "reading the read-only device failed"
+ublk_detach
+ringbd_stop
+log "read-only ok"
 
 step "reconnect: serve file:disk.img, attach, writer running, SIGKILL the server"
 truncate -s 64M disk.img
@@ -87,8 +99,7 @@ rc=0; wait "$writer" || rc=$?
 log "writer finished without an error"
 grep -q 'connection lost' attach.err || fail "ringbd attach did not notice the lost connection"
 grep -q 'reconnected' attach.err || fail "ringbd attach did not reconnect: $(tail -n 3 attach.err)"
-log "$(grep -m1 'connection lost' attach.err)"
-log "$(grep -m1 'reconnected' attach.err)"
+grep -E 'connection lost|reconnected' attach.err | while read -r l; do log "$l"; done
 
 step "reconnect: every block reads back, through the device and in the file"
 i=0

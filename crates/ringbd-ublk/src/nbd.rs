@@ -321,7 +321,8 @@ impl NbdQueue {
             let Some(Slot::Sent(req)) = self.slots.get(usize::from(tag)).copied() else {
                 return self.lost(format!("read reply for tag {tag}, which is not in flight"));
             };
-            let (Ok(off), Ok(len)) = (u32::try_from(d.offset - req.offset), u32::try_from(d.len)) else {
+            let off = d.offset.checked_sub(req.offset).map(u32::try_from);
+            let (Some(Ok(off)), Ok(len)) = (off, u32::try_from(d.len)) else {
                 return self.lost(format!("read reply for tag {tag}: {} bytes at {:#x}", d.len, d.offset));
             };
             return match ring.recv_into(tag, SLOT, off as usize, len, K_PAYLOAD) {
@@ -619,9 +620,8 @@ mod tests {
         assert_eq!(nbd_errno(2), libc::EIO, "ENOENT is not an NBD error value");
     }
 
-    #[test]
-    fn a_changed_export_is_refused() {
-        let neg = |size, flags| ClientNegotiated {
+    fn neg(size: u64, flags: u16) -> ClientNegotiated {
+        ClientNegotiated {
             export: String::new(),
             size,
             flags,
@@ -633,7 +633,47 @@ mod tests {
             description: None,
             meta_contexts: Vec::new(),
             refused: Vec::new(),
-        };
+        }
+    }
+
+    fn target(neg: ClientNegotiated, read_only: bool) -> NbdTarget {
+        let uri = "nbd+unix:///d?socket=/x".parse().unwrap();
+        NbdTarget { uri, neg, read_only, first: Mutex::new(None) }
+    }
+
+    #[test]
+    fn the_export_describes_the_device() {
+        let all = tx_flags::HAS_FLAGS
+            | tx_flags::SEND_FLUSH
+            | tx_flags::SEND_FUA
+            | tx_flags::SEND_TRIM
+            | tx_flags::SEND_WRITE_ZEROES
+            | tx_flags::CAN_MULTI_CONN;
+        let mut n = neg(1 << 30, all);
+        n.block_sizes = Some(nbd_proto::BlockSizes { minimum: 1, preferred: 65536, maximum: 1 << 20 });
+        let i = target(n.clone(), false).info();
+        assert_eq!(
+            (i.size, i.read_only, i.flush, i.no_fua, i.discard, i.write_zeroes),
+            (1 << 30, false, true, false, true, true)
+        );
+        assert_eq!((i.min_block_size, i.opt_io, i.max_io, i.max_queues), (512, 65536, 1 << 20, 0));
+        n.block_sizes = Some(nbd_proto::BlockSizes { minimum: 4096, preferred: 4096, maximum: 1 << 20 });
+        assert_eq!(target(n.clone(), false).info().min_block_size, 4096);
+        // No multi-conn: one queue. Read-only: no discard or write-zeroes.
+        let i = target(neg(1 << 20, tx_flags::HAS_FLAGS | tx_flags::READ_ONLY | tx_flags::SEND_TRIM), false)
+            .info();
+        assert_eq!(
+            (i.read_only, i.discard, i.flush, i.max_queues, i.min_block_size),
+            (true, false, false, 1, 512)
+        );
+        let i = target(neg(1 << 20, all), true).info();
+        assert!(i.read_only && !i.write_zeroes);
+        let i = target(neg(1 << 20, tx_flags::HAS_FLAGS | tx_flags::SEND_FLUSH), false).info();
+        assert!(i.flush && i.no_fua);
+    }
+
+    #[test]
+    fn a_changed_export_is_refused() {
         let f = tx_flags::HAS_FLAGS | tx_flags::SEND_FLUSH | tx_flags::SEND_TRIM;
         assert!(check_same_export("x", &neg(1 << 20, f), &neg(1 << 20, f)).is_ok());
         assert!(check_same_export("x", &neg(1 << 20, f), &neg(2 << 20, f | tx_flags::SEND_FUA)).is_ok());

@@ -9,8 +9,10 @@
 # device. Then reconnect: a file: export's
 # server is killed with SIGKILL while a writer runs and started again on the
 # same socket; the writer finishes without an error and every block reads
-# back, through the device and in the file. Last, a server that does not
-# come back: the writer gets EIO after the bounded retries, nothing hangs.
+# back, through the device and in the file. The attach process itself
+# killed mid-write and restarted with --recover (new connections): the
+# writer finishes, its data reads back. Last, a server that does not come
+# back: the writer gets EIO after the bounded retries, nothing hangs.
 . /vmtest/lib.sh
 
 conns() { grep -c 'export "disk"' ringbd.err || true; }
@@ -117,8 +119,38 @@ while [ $i -lt 12 ]; do
 done
 log "all 12 blocks intact"
 
+step "USER_RECOVERY with the nbd target: SIGKILL the attach process, --recover"
+ublk_attach "nbd+unix:///?socket=$PWD/file.sock" --queues 2 --depth 16
+: >writer.err
+(
+    i=0
+    while [ $i -lt 8 ]; do
+        dd if=pat2 of="$UBLK_DEV" bs=64K seek=$((640 + i * 32)) oflag=direct 2>>writer.err || exit 1
+        i=$((i + 1))
+    done
+) &
+writer=$!
+on_exit "kill $writer"
+wait_for 30 test -s writer.err || true
+old=$UBLK_PID
+kill -9 "$old"
+wait "$old" 2>/dev/null || true
+kill -0 "$writer" 2>/dev/null || fail "the writer finished before the kill; nothing was in flight"
+wait_for 10 sh -c "ringbd list | grep -q '^$UBLK_ID .*quiesced'" || fail "device not quiesced: $(ringbd list)"
+dev=$UBLK_DEV
+ublk_attach "nbd+unix:///?socket=$PWD/file.sock" --recover "$UBLK_ID"
+[ "$UBLK_DEV" = "$dev" ] || fail "recovered $UBLK_DEV, expected $dev"
+rc=0; wait "$writer" || rc=$?
+[ "$rc" = 0 ] || fail "the writer failed across the recovery (status $rc): $(tail -n 3 writer.err)"
+i=0
+while [ $i -lt 8 ]; do
+    dd if="$UBLK_DEV" bs=64K skip=$((640 + i * 32)) count=32 iflag=direct 2>/dev/null | cmp -s - pat2 \
+        || fail "writer's block $i (at $((40 + i * 2)) MiB) differs after the recovery"
+    i=$((i + 1))
+done
+log "recovered $UBLK_DEV over new connections; the writer finished and its 8 blocks read back"
+
 step "a server that does not come back: EIO after the bounded retries"
-ublk_attach "nbd+unix:///?socket=$PWD/file.sock" --queues 1
 kill -9 "$RINGBD_PID"
 wait "$RINGBD_PID" 2>/dev/null || true
 t0=$(cut -d' ' -f1 /proc/uptime)

@@ -44,6 +44,7 @@ wait_for() {
 # ringbd_start ARGS...: `ringbd serve ARGS` in the background; returns once it
 # printed its URI. Sets RINGBD_PID, RINGBD_URI; logs in ./ringbd.out/.err.
 ringbd_start() {
+    : >ringbd.out   # emptied here, not in the background: a restart must not read the old URI
     ringbd serve "$@" >ringbd.out 2>ringbd.err &
     RINGBD_PID=$!
     on_exit "kill $RINGBD_PID"

@@ -93,6 +93,14 @@ pub fn poll_readable(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> io::R
     Ok(pfds.iter().map(|p| p.revents != 0).collect())
 }
 
+/// Shuts both directions of a socket down: operations pending on it
+/// complete (a receive with end of file), and the peer sees the close.
+pub fn shutdown_socket(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: shutdown on a descriptor the caller keeps open for the call;
+    // no memory is involved.
+    cvt(unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) }).map(drop)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

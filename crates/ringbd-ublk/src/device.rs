@@ -144,15 +144,25 @@ fn build_params(o: &AttachOptions, t: &dyn Target, size: u64, max_io: u32) -> Pa
         attrs |= sys::UBLK_ATTR_READ_ONLY;
     }
     if info.flush {
-        attrs |= sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA;
+        attrs |= sys::UBLK_ATTR_VOLATILE_CACHE;
+        if !info.no_fua {
+            attrs |= sys::UBLK_ATTR_FUA;
+        }
     }
+    // The target's preferred I/O size, where it is a power of two above
+    // the block size (an NBD export's INFO_BLOCK_SIZE preferred).
+    let opt_shift = if info.opt_io.is_power_of_two() && info.opt_io > o.block_size {
+        (info.opt_io.trailing_zeros() as u8).min(20)
+    } else {
+        shift
+    };
     let mut p = Params {
         types: sys::UBLK_PARAM_TYPE_BASIC,
         basic: sys::ParamBasic {
             attrs,
             logical_bs_shift: shift,
             physical_bs_shift: shift,
-            io_opt_shift: shift,
+            io_opt_shift: opt_shift,
             io_min_shift: shift,
             max_sectors: max_io >> 9,
             dev_sectors: size >> 9,
@@ -610,6 +620,42 @@ mod tests {
         let ro = build_params(&AttachOptions { read_only: true, ..o }, &t, 1 << 30, 512 << 10);
         assert_ne!(ro.basic.attrs & sys::UBLK_ATTR_READ_ONLY, 0);
         assert_eq!(ro.types & sys::UBLK_PARAM_TYPE_DISCARD, 0);
+    }
+
+    /// A target with a cache but no FUA, and a preferred I/O size.
+    struct NoFua;
+    impl Target for NoFua {
+        fn describe(&self) -> String {
+            "nofua".into()
+        }
+        fn info(&self) -> crate::target::TargetInfo {
+            crate::target::TargetInfo {
+                size: 1 << 30,
+                flush: true,
+                no_fua: true,
+                opt_io: 64 << 10,
+                min_block_size: 512,
+                ..Default::default()
+            }
+        }
+        fn queue(&self, _q: u16, _d: u16) -> Result<crate::target::QueueSetup> {
+            Err(Error::msg("no queues in this test", libc::EINVAL))
+        }
+    }
+
+    #[test]
+    fn cache_without_fua_and_preferred_io_size() {
+        let p = build_params(&opts(), &NoFua, 1 << 30, 512 << 10);
+        assert_ne!(p.basic.attrs & sys::UBLK_ATTR_VOLATILE_CACHE, 0);
+        assert_eq!(
+            p.basic.attrs & sys::UBLK_ATTR_FUA,
+            0,
+            "no FUA: the block layer flushes after such writes"
+        );
+        assert_eq!(p.basic.io_opt_shift, 16);
+        assert_eq!(p.basic.io_min_shift, 9);
+        let p = build_params(&opts(), &NullTarget::new(1 << 30), 1 << 30, 512 << 10);
+        assert_eq!(p.basic.io_opt_shift, 9, "no preferred size: the block size");
     }
 
     #[test]

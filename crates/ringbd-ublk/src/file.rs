@@ -78,6 +78,7 @@ impl Target for FileTarget {
             write_zeroes: !self.read_only,
             min_block_size: if self.direct { 4096 } else { 512 },
             any_size: false,
+            ..Default::default()
         }
     }
 

@@ -3,15 +3,16 @@
 //! commands, the mmapped descriptors and the buffers are `ringbd_io::ublk`.
 //!
 //! - [`target`]: the [`Target`] / [`QueueHandler`] traits a backing implements.
-//! - [`null`], [`file`](mod@file): the null and file targets.
+//! - [`null`], [`file`](mod@file), [`nbd`]: the null, file and NBD targets.
 //! - [`queue`]: a queue's thread and loop.
 //! - [`device`]: attach, recover, serve, tear down; detach and list.
-//! - [`spec`]: `null:SIZE`, `file:PATH[,direct]`.
+//! - [`spec`]: `null:SIZE`, `file:PATH[,direct]`, NBD URIs.
 #![forbid(unsafe_code)]
 
 pub mod device;
 pub mod error;
 pub mod file;
+pub mod nbd;
 pub mod null;
 pub mod queue;
 pub mod spec;

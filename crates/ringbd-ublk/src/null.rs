@@ -30,6 +30,7 @@ impl Target for NullTarget {
             write_zeroes: true,
             min_block_size: 512,
             any_size: true,
+            ..Default::default()
         }
     }
 

@@ -115,8 +115,16 @@ pub fn run(
 fn serve(ring: &mut QueueRing, handler: &mut dyn QueueHandler, where_: &str) -> Result<QueueStats> {
     let mut stats = QueueStats::default();
     let mut events = Vec::new();
+    let mut done = Vec::new();
     let mut failure: Option<Error> = None;
+    let mut stopped = false;
     while !ring.finished() {
+        if !stopped && ring.tags_finished() {
+            // Only the handler's own operations (a connection's receive)
+            // are left: make them end.
+            handler.stop(ring);
+            stopped = true;
+        }
         ring.submit_and_wait(1).context(|| format!("{where_}: io_uring_enter"))?;
         stats.turns += 1;
         events.clear();
@@ -129,6 +137,10 @@ fn serve(ring: &mut QueueRing, handler: &mut dyn QueueHandler, where_: &str) -> 
                     (tag, handler.start(ring, tag, &req))
                 }
                 Event::Op { tag, cookie, result } => (tag, handler.op_done(ring, tag, cookie, result)),
+                Event::ConnOp { cookie, result } => {
+                    handler.conn_op_done(ring, cookie, result);
+                    continue;
+                }
                 Event::Aborted { .. } => continue,
                 Event::CommandFailed { tag, error } => {
                     // The tag is lost to this queue; the device cannot go on
@@ -139,6 +151,10 @@ fn serve(ring: &mut QueueRing, handler: &mut dyn QueueHandler, where_: &str) -> 
                     continue;
                 }
             };
+            done.push((tag, step));
+        }
+        handler.end_turn(ring, &mut done);
+        for (tag, step) in done.drain(..) {
             let result = match step {
                 Step::Pending => continue,
                 Step::Done(n) => i32::try_from(n).unwrap_or(i32::MAX),

@@ -1,10 +1,14 @@
-//! Target specs on the command line: `null:SIZE`, `file:PATH[,direct]`.
+//! Target specs on the command line: `null:SIZE`, `file:PATH[,direct]`,
+//! `nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use ringbd_client::NbdUri;
+
 use crate::file::FileTarget;
+use crate::nbd::NbdTarget;
 use crate::null::NullTarget;
 use crate::target::Target;
 
@@ -12,15 +16,19 @@ use crate::target::Target;
 pub enum TargetSpec {
     Null(u64),
     File { path: PathBuf, direct: bool },
+    Nbd(NbdUri),
 }
 
 impl std::str::FromStr for TargetSpec {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if ringbd_client::uri::is_nbd_uri(s) {
+            return s.parse::<NbdUri>().map(TargetSpec::Nbd).map_err(|e| e.to_string());
+        }
         let (kind, rest) = s
             .split_once(':')
-            .ok_or_else(|| format!("target {s:?} is not null:SIZE or file:PATH[,direct]"))?;
+            .ok_or_else(|| format!("target {s:?} is not null:SIZE, file:PATH[,direct] or an NBD URI"))?;
         match kind {
             "null" => Ok(TargetSpec::Null(ringbd_backend::parse_size(rest)?)),
             "file" => {
@@ -33,8 +41,9 @@ impl std::str::FromStr for TargetSpec {
                 }
                 Ok(TargetSpec::File { path: PathBuf::from(path), direct })
             }
-            "nbd" | "nbd+unix" => Err(format!("target {s:?}: the nbd target is not part of this build yet")),
-            _ => Err(format!("target {s:?}: unknown kind {kind:?} (null:SIZE or file:PATH[,direct])")),
+            _ => Err(format!(
+                "target {s:?}: unknown kind {kind:?} (null:SIZE, file:PATH[,direct], nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)"
+            )),
         }
     }
 }
@@ -49,6 +58,7 @@ impl TargetSpec {
                 Ok(Arc::new(NullTarget::new(*size)))
             }
             TargetSpec::File { path, direct } => Ok(Arc::new(FileTarget::open(path, *direct, read_only)?)),
+            TargetSpec::Nbd(uri) => Ok(Arc::new(NbdTarget::open(uri.clone(), read_only)?)),
         }
     }
 }
@@ -72,5 +82,11 @@ mod tests {
         assert!("memory:1G".parse::<TargetSpec>().unwrap_err().contains("unknown kind"));
         assert!("null:lots".parse::<TargetSpec>().is_err());
         assert!("disk".parse::<TargetSpec>().is_err());
+        match "nbd+unix:///disk?socket=/run/nbd.sock".parse::<TargetSpec>() {
+            Ok(TargetSpec::Nbd(u)) => assert_eq!(u.export, "disk"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!("nbd://localhost:10809/x".parse::<TargetSpec>(), Ok(TargetSpec::Nbd(_))));
+        assert!("nbds://localhost/x".parse::<TargetSpec>().unwrap_err().contains("TLS"));
     }
 }

@@ -22,12 +22,22 @@ use crate::error::{Error, Result};
 /// What a target offers; becomes the device's parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TargetInfo {
+    /// Largest request the target takes (bytes; 0: no limit of its own).
+    pub max_io: u32,
+    /// Preferred I/O size (bytes, a power of two; 0: the block size).
+    pub opt_io: u32,
+    /// Most queues the target can serve (0: any); an NBD export without
+    /// `CAN_MULTI_CONN` gets one connection, so one queue.
+    pub max_queues: u16,
     /// Bytes.
     pub size: u64,
     pub read_only: bool,
     /// Writes may sit in a volatile cache until a flush (the device gets a
     /// write-back cache and FUA).
     pub flush: bool,
+    /// With `flush`: no forced-unit-access writes (the block layer then
+    /// follows such writes with a flush).
+    pub no_fua: bool,
     pub discard: bool,
     pub write_zeroes: bool,
     /// The smallest block size the target accepts (e.g. O_DIRECT's).
@@ -124,6 +134,21 @@ pub trait QueueHandler {
 
     /// A ring operation this handler queued for `tag` finished.
     fn op_done(&mut self, ring: &mut QueueRing, tag: u16, cookie: u32, result: std::io::Result<u32>) -> Step;
+
+    /// A connection operation (not tied to one tag: a batched send, a
+    /// reply header's receive) finished. Requests it completes are handed
+    /// back from [`QueueHandler::end_turn`].
+    fn conn_op_done(&mut self, _ring: &mut QueueRing, _cookie: u32, _result: std::io::Result<u32>) {}
+
+    /// Every event of a loop turn has been handled: queue what was batched
+    /// (an NBD target's sends) and append the requests completed outside
+    /// `start`/`op_done`'s return values to `done`.
+    fn end_turn(&mut self, _ring: &mut QueueRing, _done: &mut Vec<(u16, Step)>) {}
+
+    /// The device is going away (every tag's command has ended) while
+    /// operations of this handler are still in flight: make them finish
+    /// (shut a connection down), so the queue can end.
+    fn stop(&mut self, _ring: &mut QueueRing) {}
 }
 
 /// What [`Target::queue`] hands the queue thread.

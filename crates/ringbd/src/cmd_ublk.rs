@@ -13,6 +13,11 @@ use ringbd_ublk::{AttachOptions, Device, TargetSpec, TermSignals};
 TARGET is one of:
   null:SIZE             reads zeroes, drops writes, e.g. null:1G
   file:PATH[,direct]    a regular file or block device (direct: O_DIRECT)
+  nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH
+                        an NBD export: a connection per queue (one queue unless
+                        the server allows multi-conn); size, block size, read-only,
+                        flush/FUA/trim/write-zeroes come from the export; a lost
+                        connection is re-opened and unanswered requests sent again
 
 The block device path (/dev/ublkbN) is printed on stdout once the device is live;
 attach then serves it in the foreground until SIGINT/SIGTERM or `ringbd detach`.
@@ -23,7 +28,8 @@ goes on. Needs root and the ublk_drv module (Linux 6.0+; 6.5+ for GET_FEATURES).
 Examples:
   ringbd attach null:1G --block-size 4096
   ringbd attach file:/srv/disk.img --queues 2 --depth 128
-  ringbd attach file:/srv/disk.img --recover 0")]
+  ringbd attach file:/srv/disk.img --recover 0
+  ringbd attach nbd+unix:///disk?socket=/run/ringbd.sock")]
 pub struct AttachArgs {
     /// What backs the device.
     target: TargetSpec,
@@ -33,15 +39,17 @@ pub struct AttachArgs {
     /// Requests in flight per queue.
     #[arg(long, value_name = "N", default_value = "64")]
     depth: u16,
-    /// Logical and physical block size: 512, 1024, 2048 or 4096.
-    #[arg(long, value_name = "BYTES", default_value = "512")]
-    block_size: u32,
+    /// Logical and physical block size: 512, 1024, 2048 or 4096 [default: 512,
+    /// or the target's minimum: an NBD export's INFO_BLOCK_SIZE, O_DIRECT's 4096].
+    #[arg(long, value_name = "BYTES")]
+    block_size: Option<u32>,
     /// Device size [default: the target's, rounded down to the block size].
     #[arg(long, value_name = "SIZE", value_parser = ringbd_backend::parse_size)]
     size: Option<u64>,
-    /// Largest request, and the buffer per tag.
-    #[arg(long, value_name = "SIZE", default_value = "512K", value_parser = ringbd_backend::parse_size)]
-    max_io: u64,
+    /// Largest request, and the buffer per tag [default: 512K, or less where the
+    /// target's maximum is smaller].
+    #[arg(long, value_name = "SIZE", value_parser = ringbd_backend::parse_size)]
+    max_io: Option<u64>,
     /// Refuse writes, discards and write-zeroes.
     #[arg(long)]
     read_only: bool,
@@ -80,22 +88,39 @@ pub fn attach(a: AttachArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(format!("signalfd: {e}")),
     };
-    let max_io = match u32::try_from(a.max_io) {
-        Ok(v) => v,
-        Err(_) => return fail(format!("--max-io {} is too large", a.max_io)),
-    };
     let target = match a.target.open(a.read_only) {
         Ok(t) => t,
         Err(e) => return fail(e),
     };
+    let info = target.info();
+    let max_io = match a.max_io {
+        Some(m) => match u32::try_from(m) {
+            Ok(v) => v,
+            Err(_) => return fail(format!("--max-io {m} is too large")),
+        },
+        // The export's maximum request, in whole pages (at least one).
+        None if info.max_io > 0 => (info.max_io.min(512 << 10) & !4095).max(4096),
+        None => 512 << 10,
+    };
+    let block_size = a.block_size.unwrap_or(info.min_block_size.max(512));
     let dev = match a.recover {
         Some(id) => Device::recover(target.clone(), id),
         None => {
             let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4) as u16;
+            let mut queues = a.queues.unwrap_or(cpus);
+            if info.max_queues > 0 && queues > info.max_queues {
+                eprintln!(
+                    "ringbd: {} allows {} connection(s) (no CAN_MULTI_CONN): {} queue(s), not {queues}",
+                    target.describe(),
+                    info.max_queues,
+                    info.max_queues
+                );
+                queues = info.max_queues;
+            }
             let o = AttachOptions {
-                queues: a.queues.unwrap_or(cpus),
+                queues,
                 depth: a.depth,
-                block_size: a.block_size,
+                block_size,
                 size: a.size,
                 max_io,
                 read_only: a.read_only,

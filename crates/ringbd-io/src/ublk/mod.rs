@@ -16,5 +16,8 @@ pub mod queue;
 pub mod sys;
 
 pub use ctrl::{signal_process, Control, CONTROL_PATH};
-pub use queue::{pin_current_thread, AllocMode, Event, FileIo, FileSlot, QueueConfig, QueueRing};
+pub use queue::{
+    pin_current_thread, AllocMode, Event, FileIo, FileSlot, QueueConfig, QueueRing, SendPart,
+    RECV_HEADER_MAX, SEND_BATCH_MAX, SEND_HEADER_MAX,
+};
 pub use sys::{DevInfo, IoDesc, Params};

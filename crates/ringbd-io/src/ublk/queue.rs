@@ -21,6 +21,18 @@ use super::sys::{self, IoCmd, IoDesc};
 
 /// user_data bit that marks a target operation (clear: a ublk command).
 const OP_BIT: u64 = 1 << 63;
+/// The tag field of a connection operation (no tag: a batched send or a
+/// reply header's receive); real tags are below `UBLK_MAX_QUEUE_DEPTH`.
+const NO_TAG: u64 = 0xffff;
+/// With `NO_TAG`: which connection operation.
+const CONN_SEND: u64 = 1 << 48;
+const CONN_RECV: u64 = 1 << 49;
+/// Bytes of the ring's reply-header receive area.
+pub const RECV_HEADER_MAX: usize = 64;
+/// Bytes of one request header in a batched send.
+pub const SEND_HEADER_MAX: usize = 32;
+/// Requests in one batched send (two iovecs each, below IOV_MAX).
+pub const SEND_BATCH_MAX: usize = 256;
 /// Fixed-file slot of /dev/ublkcN; target files follow from 1.
 const CDEV_SLOT: u32 = 0;
 
@@ -47,6 +59,35 @@ pub enum Event {
     CommandFailed { tag: u16, error: io::Error },
     /// A target operation for `tag` finished: bytes moved, or the error.
     Op { tag: u16, cookie: u32, result: io::Result<u32> },
+    /// A connection operation ([`QueueRing::send_requests`],
+    /// [`QueueRing::recv_header`]) finished: bytes moved, or the error.
+    ConnOp { cookie: u32, result: io::Result<u32> },
+}
+
+/// One request of a batched send: `header_len` bytes of the headers
+/// passed along, then `payload` bytes from the start of `tag`'s buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct SendPart {
+    pub tag: u16,
+    pub header_len: usize,
+    pub payload: u32,
+}
+
+/// The memory a batched send points at; owned by the ring, reused, and
+/// never resized while a send is in flight.
+struct SendArea {
+    headers: Vec<u8>,
+    iov: Vec<libc::iovec>,
+    msg: Box<libc::msghdr>,
+    /// Tags whose buffers the send in flight reads.
+    tags: Vec<u16>,
+    busy: bool,
+}
+
+/// Where a reply header is received; one receive at a time.
+struct RecvArea {
+    buf: Box<[u8; RECV_HEADER_MAX]>,
+    busy: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +149,8 @@ pub struct QueueRing {
     tags: Vec<TagState>,
     /// Ring operations submitted and not yet completed (commands + ops).
     inflight: usize,
+    send: SendArea,
+    recv: RecvArea,
 }
 
 // SAFETY: the raw pointers are to memory owned by this value (the mapping
@@ -204,6 +247,15 @@ impl QueueRing {
         let mut fds = vec![cdev.as_raw_fd()];
         fds.extend(files.iter().map(|f| f.as_raw_fd()));
         ring.submitter().register_files(&fds).map_err(|e| ctx("registering files", e))?;
+        // SAFETY: msghdr is plain old data; all-zero is a valid empty message.
+        let msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+        let send = SendArea {
+            headers: Vec::with_capacity(SEND_BATCH_MAX * SEND_HEADER_MAX),
+            iov: Vec::with_capacity(SEND_BATCH_MAX * 2),
+            msg,
+            tags: Vec::with_capacity(SEND_BATCH_MAX),
+            busy: false,
+        };
         Ok(QueueRing {
             ring,
             cfg,
@@ -211,6 +263,8 @@ impl QueueRing {
             bufs,
             tags: vec![TagState::Idle; usize::from(cfg.depth)],
             inflight: 0,
+            send,
+            recv: RecvArea { buf: Box::new([0; RECV_HEADER_MAX]), busy: false },
         })
     }
 
@@ -226,7 +280,9 @@ impl QueueRing {
     fn push(&mut self, e: squeue::Entry128) -> io::Result<()> {
         // SAFETY: every SQE made by this type points only at memory owned
         // by self (tag buffers, which stay allocated while any operation on
-        // them is in flight; see Drop) or at nothing.
+        // them is in flight, see Drop; the send area's headers, iovecs and
+        // msghdr and the receive area, which are heap memory that is neither
+        // freed nor resized while their operation is in flight) or at nothing.
         if unsafe { self.ring.submission().push(&e) }.is_err() {
             self.submit()?;
             // SAFETY: as above.
@@ -389,6 +445,153 @@ impl QueueRing {
         self.push(e.user_data(Self::op_data(tag, cookie)).into())
     }
 
+    /// Points registered slot `slot` at `fd` instead (a reconnected socket);
+    /// operations already in flight keep the file they started with.
+    pub fn replace_file(&mut self, slot: FileSlot, fd: BorrowedFd<'_>) -> io::Result<()> {
+        let n = self.ring.submitter().register_files_update(slot.0, &[fd.as_raw_fd()])?;
+        if n != 1 {
+            return Err(io::Error::other(format!("registered file update replaced {n} slots, not 1")));
+        }
+        Ok(())
+    }
+
+    /// Whether a ring operation (a send of its payload, a receive into its
+    /// buffer, a file operation) still uses `tag`'s buffer: its request
+    /// cannot be committed yet.
+    pub fn tag_busy(&self, tag: u16) -> bool {
+        matches!(self.tags.get(usize::from(tag)), Some(TagState::Ours { ops }) if *ops > 0)
+    }
+
+    /// Whether a batched send is in flight (one at a time).
+    pub fn sending(&self) -> bool {
+        self.send.busy
+    }
+
+    /// Whether a header receive is in flight (one at a time).
+    pub fn receiving(&self) -> bool {
+        self.recv.busy
+    }
+
+    /// Sends `parts` on the socket in `sock` as one `sendmsg` (headers
+    /// copied into the ring's send area, payloads read from the tags'
+    /// buffers, which must be held with no operation using them; they are
+    /// then in use until the send completes). Completes as [`Event::ConnOp`] with `cookie`;
+    /// the result is the bytes sent (all of them unless the connection
+    /// failed: `MSG_WAITALL`).
+    pub fn send_requests(
+        &mut self,
+        sock: FileSlot,
+        headers: &[u8],
+        parts: &[SendPart],
+        cookie: u32,
+    ) -> io::Result<()> {
+        let (dev, q, size) = (self.cfg.dev_id, self.cfg.q_id, self.bufs.buf_size);
+        let err = |what: String| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("ublk device {dev} queue {q}: send: {what}"))
+        };
+        if self.send.busy {
+            return Err(err("a send is already in flight".into()));
+        }
+        if parts.is_empty() || parts.len() > SEND_BATCH_MAX {
+            return Err(err(format!("{} requests in one send (1..={SEND_BATCH_MAX})", parts.len())));
+        }
+        let hsum: usize = parts.iter().map(|p| p.header_len).sum();
+        if hsum != headers.len() || parts.iter().any(|p| p.header_len > SEND_HEADER_MAX) {
+            return Err(err(format!("header lengths add up to {hsum}, not {}", headers.len())));
+        }
+        for p in parts.iter().filter(|p| p.payload > 0) {
+            if p.payload as usize > size {
+                return Err(err(format!(
+                    "tag {}: {}-byte payload exceeds the {size}-byte buffer",
+                    p.tag, p.payload
+                )));
+            }
+            match self.tags.get(usize::from(p.tag)) {
+                Some(TagState::Ours { ops: 0 }) => {}
+                other => return Err(err(format!("tag {}: payload in state {other:?}", p.tag))),
+            }
+        }
+        // Checked: nothing fails from here on, so the tag counts stay right.
+        let area = &mut self.send;
+        area.headers.clear();
+        area.headers.extend_from_slice(headers);
+        area.iov.clear();
+        area.tags.clear();
+        let mut off = 0;
+        for p in parts {
+            let h = area.headers[off..off + p.header_len].as_ptr();
+            off += p.header_len;
+            area.iov.push(libc::iovec { iov_base: h as *mut libc::c_void, iov_len: p.header_len });
+            if p.payload > 0 {
+                let b = self.bufs.ptr.as_ptr().wrapping_add(usize::from(p.tag) * self.bufs.buf_size);
+                area.iov.push(libc::iovec { iov_base: b as *mut libc::c_void, iov_len: p.payload as usize });
+                area.tags.push(p.tag);
+                if let Some(TagState::Ours { ops }) = self.tags.get_mut(usize::from(p.tag)) {
+                    *ops += 1;
+                }
+            }
+        }
+        area.msg.msg_iov = area.iov.as_mut_ptr();
+        area.msg.msg_iovlen = area.iov.len() as _;
+        area.busy = true;
+        let e = opcode::SendMsg::new(types::Fixed(sock.0), &*area.msg as *const libc::msghdr)
+            .flags((libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32)
+            .build()
+            .user_data(OP_BIT | CONN_SEND | (u64::from(cookie) << 16) | NO_TAG);
+        self.push(e.into())
+    }
+
+    /// Receives into `range` of the ring's header area from the socket in
+    /// `sock` (`MSG_WAITALL`: all of it unless the connection ends).
+    /// Completes as [`Event::ConnOp`] with `cookie`; the bytes are then in
+    /// [`QueueRing::header`].
+    pub fn recv_header(
+        &mut self,
+        sock: FileSlot,
+        range: std::ops::Range<usize>,
+        cookie: u32,
+    ) -> io::Result<()> {
+        let (dev, q) = (self.cfg.dev_id, self.cfg.q_id);
+        if self.recv.busy || range.start >= range.end || range.end > RECV_HEADER_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "ublk device {dev} queue {q}: header receive into {range:?} (busy: {})",
+                    self.recv.busy
+                ),
+            ));
+        }
+        let p = self.recv.buf.as_mut_ptr().wrapping_add(range.start);
+        let len = (range.end - range.start) as u32;
+        self.recv.busy = true;
+        let e = opcode::Recv::new(types::Fixed(sock.0), p, len)
+            .flags(libc::MSG_WAITALL)
+            .build()
+            .user_data(OP_BIT | CONN_RECV | (u64::from(cookie) << 16) | NO_TAG);
+        self.push(e.into())
+    }
+
+    /// The header area, while no receive into it is in flight.
+    pub fn header(&self) -> Option<&[u8]> {
+        (!self.recv.busy).then_some(&self.recv.buf[..])
+    }
+
+    /// Receives `len` bytes from the socket in `sock` into `tag`'s buffer
+    /// at `buf_off` (`MSG_WAITALL`); completes as [`Event::Op`] for `tag`.
+    pub fn recv_into(
+        &mut self,
+        tag: u16,
+        sock: FileSlot,
+        buf_off: usize,
+        len: u32,
+        cookie: u32,
+    ) -> io::Result<()> {
+        self.start_op(tag, Some((buf_off, len as usize)))?;
+        let p = self.buf_ptr(tag).wrapping_add(buf_off);
+        let e = opcode::Recv::new(types::Fixed(sock.0), p, len).flags(libc::MSG_WAITALL).build();
+        self.push(e.user_data(Self::op_data(tag, cookie)).into())
+    }
+
     /// Submits what was queued and waits for at least `want` completions.
     pub fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {
         let want = want.min(self.inflight);
@@ -412,14 +615,29 @@ impl QueueRing {
             let (ud, res) = (cqe.user_data(), cqe.result());
             self.inflight = self.inflight.saturating_sub(1);
             let tag = (ud & 0xffff) as u16;
+            let result = || if res < 0 { Err(io::Error::from_raw_os_error(-res)) } else { Ok(res as u32) };
+            if ud & OP_BIT != 0 && ud & 0xffff == NO_TAG {
+                if ud & CONN_SEND != 0 {
+                    self.send.busy = false;
+                    for t in self.send.tags.drain(..) {
+                        if let Some(TagState::Ours { ops }) = self.tags.get_mut(usize::from(t)) {
+                            *ops = ops.saturating_sub(1);
+                        }
+                    }
+                } else if ud & CONN_RECV != 0 {
+                    self.recv.busy = false;
+                }
+                let cookie = ((ud >> 16) & 0xffff_ffff) as u32;
+                out.push(Event::ConnOp { cookie, result: result() });
+                continue;
+            }
             let Some(st) = self.tags.get_mut(usize::from(tag)) else { continue };
             if ud & OP_BIT != 0 {
                 if let TagState::Ours { ops } = st {
                     *ops = ops.saturating_sub(1);
                 }
                 let cookie = ((ud >> 16) & 0xffff_ffff) as u32;
-                let result = if res < 0 { Err(io::Error::from_raw_os_error(-res)) } else { Ok(res as u32) };
-                out.push(Event::Op { tag, cookie, result });
+                out.push(Event::Op { tag, cookie, result: result() });
             } else if res == 0 {
                 *st = TagState::Ours { ops: 0 };
                 let i = usize::from(tag);
@@ -443,6 +661,12 @@ impl QueueRing {
         }
     }
 
+    /// Whether every tag's command has ended (the device is going away),
+    /// whatever connection operations are still in flight.
+    pub fn tags_finished(&self) -> bool {
+        self.tags.iter().all(|t| matches!(t, TagState::Done | TagState::Idle))
+    }
+
     /// Ring operations still with the kernel.
     pub fn inflight(&self) -> usize {
         self.inflight
@@ -460,7 +684,17 @@ impl Drop for QueueRing {
         if self.inflight != 0 {
             // The kernel may still copy request data into the buffers (or
             // complete operations into them) after the ring is closed: keep
-            // the memory and the mapping for the life of the process.
+            // the memory and the mapping for the life of the process, and
+            // the send and receive areas with them.
+            let send = std::mem::take(&mut self.send.headers);
+            std::mem::forget(send);
+            let iov = std::mem::take(&mut self.send.iov);
+            std::mem::forget(iov);
+            // SAFETY: msghdr is plain old data; all-zero is a valid empty message.
+            let msg = std::mem::replace(&mut self.send.msg, Box::new(unsafe { std::mem::zeroed() }));
+            std::mem::forget(msg);
+            let recv = std::mem::replace(&mut self.recv.buf, Box::new([0; RECV_HEADER_MAX]));
+            std::mem::forget(recv);
             return;
         }
         // SAFETY: nothing is in flight, so the kernel holds no pointer into

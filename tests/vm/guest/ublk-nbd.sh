@@ -1,0 +1,164 @@
+#!/bin/sh
+# The ublk frontend's nbd target against `ringbd serve` in the same VM:
+# `ringbd attach nbd+unix:///disk?socket=...` on a memory: export, one
+# connection per queue; a pattern written with O_DIRECT reads back, also
+# through a second attach over TCP (`nbd://127.0.0.1:PORT/disk`, so it went
+# through the server, not a cache);
+# mkfs.ext4, mount, files, umount, e2fsck clean; flushes, discards and
+# write-zeroes reached ringbd as such. A read-only export gives a read-only
+# device. Then reconnect: a file: export's
+# server is killed with SIGKILL while a writer runs and started again on the
+# same socket; the writer finishes without an error and every block reads
+# back, through the device and in the file. The attach process itself
+# killed mid-write and restarted with --recover (new connections): the
+# writer finishes, its data reads back. Last, a server that does not come
+# back: the writer gets EIO after the bounded retries, nothing hangs.
+. /vmtest/lib.sh
+
+conns() { grep -c 'export "disk"' ringbd.err || true; }
+
+step "load ublk_drv"
+load_module ublk_drv
+wait_for 5 test -c /dev/ublk-control || fail "/dev/ublk-control did not appear"
+
+step "serve memory:256M on a unix socket and TCP; attach it with 2 queues"
+ringbd_start --export disk=memory:256M --unix "$PWD/mem.sock" --listen 127.0.0.1:10811 --verbose
+uri="nbd+unix:///disk?socket=$PWD/mem.sock"
+ublk_attach "$uri" --queues 2 --depth 32
+[ "$(blockdev --getsize64 "$UBLK_DEV")" = 268435456 ] || fail "$UBLK_DEV is not 256 MiB"
+b=${UBLK_DEV#/dev/}
+log "logical block size $(cat /sys/block/$b/queue/logical_block_size), max_sectors_kb $(cat /sys/block/$b/queue/max_sectors_kb), write cache: $(cat /sys/block/$b/queue/write_cache)"
+wait_for 10 sh -c '[ "$(grep -c "export \"disk\"" ringbd.err)" -ge 2 ]' \
+    || fail "ringbd saw $(conns) connection(s), expected one per queue: $(tail -n 5 ringbd.err)"
+log "ringbd saw $(conns) connections"
+
+step "pattern: O_DIRECT writes at 0, 100 MiB and the last MiB"
+dd if=/dev/urandom of=pat bs=1M count=8 2>/dev/null
+head -c 1048576 pat >pat1
+head -c 1048576 /dev/zero >zero1
+dd if=pat of="$UBLK_DEV" bs=1M oflag=direct 2>/dev/null || fail "write at 0 failed: $(tail -n 8 attach.err)"
+dd if=pat of="$UBLK_DEV" bs=64K seek=1600 oflag=direct 2>/dev/null || fail "write at 100 MiB failed"
+dd if=pat1 of="$UBLK_DEV" bs=1M seek=255 oflag=direct conv=fsync 2>/dev/null || fail "write in the last MiB failed"
+dd if="$UBLK_DEV" bs=1M count=8 iflag=direct 2>/dev/null | cmp -s - pat || fail "data at 0 differs"
+dd if="$UBLK_DEV" bs=256K skip=400 count=32 iflag=direct 2>/dev/null | cmp -s - pat || fail "data at 100 MiB differs"
+
+step "pattern: read back through a fresh attach, over TCP"
+ublk_detach
+ublk_attach "nbd://127.0.0.1:10811/disk" --queues 1
+dd if="$UBLK_DEV" bs=1M count=8 iflag=direct 2>/dev/null | cmp -s - pat || fail "data at 0 differs after re-attach"
+dd if="$UBLK_DEV" bs=1M skip=100 count=8 iflag=direct 2>/dev/null | cmp -s - pat || fail "data at 100 MiB differs after re-attach"
+dd if="$UBLK_DEV" bs=1M skip=255 iflag=direct 2>/dev/null | cmp -s - pat1 || fail "data in the last MiB differs after re-attach"
+dd if="$UBLK_DEV" bs=1M skip=32 count=1 iflag=direct 2>/dev/null | cmp -s - zero1 || fail "unwritten 32 MiB does not read as zeroes"
+log "pattern ok (0, 100 MiB, last MiB; zeroes at 32 MiB)"
+
+check_ext4 "$UBLK_DEV"
+
+step "detach; flushes, discards and write-zeroes reached ringbd"
+ublk_detach
+counts=$(grep 'requests (' attach.err | tail -n1)
+log "$counts"
+echo "$counts" | grep -q ' [1-9][0-9]* flushes' || fail "no flush reached ringbd"
+echo "$counts" | grep -q ' [1-9][0-9]* discards' || fail "mkfs sent no discard through ringbd"
+echo "$counts" | grep -q ' [1-9][0-9]* write-zeroes' || fail "mkfs sent no write-zeroes through ringbd"
+echo "$counts" | grep -q ', 0 failed' || fail "requests failed: $counts"
+ringbd_stop
+
+step "a read-only export makes a read-only device"
+ringbd_start --read-only --unix "$PWD/ro.sock" memory:16M
+ublk_attach "nbd+unix:///?socket=$PWD/ro.sock" --queues 1
+[ "$(cat /sys/block/${UBLK_DEV#/dev/}/ro)" = 1 ] || fail "$UBLK_DEV is not read-only in sysfs"
+! dd if=pat1 of="$UBLK_DEV" bs=1M count=1 oflag=direct 2>/dev/null || fail "a write to the read-only device succeeded"
+dd if="$UBLK_DEV" bs=1M count=1 iflag=direct 2>/dev/null | cmp -s - zero1 || fail "reading the read-only device failed"
+ublk_detach
+ringbd_stop
+log "read-only ok"
+
+step "reconnect: serve file:disk.img, attach, writer running, SIGKILL the server"
+truncate -s 64M disk.img
+ringbd_start --unix "$PWD/file.sock" "file:$PWD/disk.img"
+ublk_attach "nbd+unix:///?socket=$PWD/file.sock" --queues 2 --depth 16
+dd if=/dev/urandom of=pat2 bs=1M count=2 2>/dev/null
+# 12 x 2 MiB O_DIRECT writes at 8, 10, ... 30 MiB, one after the other.
+(
+    i=0
+    while [ $i -lt 12 ]; do
+        dd if=pat2 of="$UBLK_DEV" bs=64K seek=$((128 + i * 32)) oflag=direct 2>>writer.err || exit 1
+        i=$((i + 1))
+    done
+) &
+writer=$!
+on_exit "kill $writer"
+wait_for 30 test -s writer.err || true   # first dd done
+old=$RINGBD_PID
+kill -9 "$old"
+wait "$old" 2>/dev/null || true
+kill -0 "$writer" 2>/dev/null || fail "the writer finished before the kill; nothing was in flight"
+log "killed ringbd serve (pid $old) with the writer still running"
+sleep 1
+ringbd_start --unix "$PWD/file.sock" "file:$PWD/disk.img"
+rc=0; wait "$writer" || rc=$?
+[ "$rc" = 0 ] || fail "the writer failed across the server restart (status $rc): $(tail -n 3 writer.err); $(tail -n 3 attach.err)"
+log "writer finished without an error"
+grep -q 'connection lost' attach.err || fail "ringbd attach did not notice the lost connection"
+grep -q 'reconnected' attach.err || fail "ringbd attach did not reconnect: $(tail -n 3 attach.err)"
+grep -E 'connection lost|reconnected' attach.err | while read -r l; do log "$l"; done
+
+step "reconnect: every block reads back, through the device and in the file"
+i=0
+while [ $i -lt 12 ]; do
+    dd if="$UBLK_DEV" bs=64K skip=$((128 + i * 32)) count=32 iflag=direct 2>/dev/null | cmp -s - pat2 \
+        || fail "writer's block $i (at $((8 + i * 2)) MiB) differs after the reconnect"
+    i=$((i + 1))
+done
+ublk_detach
+i=0
+while [ $i -lt 12 ]; do
+    dd if=disk.img bs=64K skip=$((128 + i * 32)) count=32 2>/dev/null | cmp -s - pat2 \
+        || fail "writer's block $i is not in the backing file"
+    i=$((i + 1))
+done
+log "all 12 blocks intact"
+
+step "USER_RECOVERY with the nbd target: SIGKILL the attach process, --recover"
+ublk_attach "nbd+unix:///?socket=$PWD/file.sock" --queues 2 --depth 16
+: >writer.err
+(
+    i=0
+    while [ $i -lt 8 ]; do
+        dd if=pat2 of="$UBLK_DEV" bs=64K seek=$((640 + i * 32)) oflag=direct 2>>writer.err || exit 1
+        i=$((i + 1))
+    done
+) &
+writer=$!
+on_exit "kill $writer"
+wait_for 30 test -s writer.err || true
+old=$UBLK_PID
+kill -9 "$old"
+wait "$old" 2>/dev/null || true
+kill -0 "$writer" 2>/dev/null || fail "the writer finished before the kill; nothing was in flight"
+wait_for 10 sh -c "ringbd list | grep -q '^$UBLK_ID .*quiesced'" || fail "device not quiesced: $(ringbd list)"
+dev=$UBLK_DEV
+ublk_attach "nbd+unix:///?socket=$PWD/file.sock" --recover "$UBLK_ID"
+[ "$UBLK_DEV" = "$dev" ] || fail "recovered $UBLK_DEV, expected $dev"
+rc=0; wait "$writer" || rc=$?
+[ "$rc" = 0 ] || fail "the writer failed across the recovery (status $rc): $(tail -n 3 writer.err)"
+i=0
+while [ $i -lt 8 ]; do
+    dd if="$UBLK_DEV" bs=64K skip=$((640 + i * 32)) count=32 iflag=direct 2>/dev/null | cmp -s - pat2 \
+        || fail "writer's block $i (at $((40 + i * 2)) MiB) differs after the recovery"
+    i=$((i + 1))
+done
+log "recovered $UBLK_DEV over new connections; the writer finished and its 8 blocks read back"
+
+step "a server that does not come back: EIO after the bounded retries"
+kill -9 "$RINGBD_PID"
+wait "$RINGBD_PID" 2>/dev/null || true
+t0=$(cut -d' ' -f1 /proc/uptime)
+rc=0; dd if=pat2 of="$UBLK_DEV" bs=64K count=4 oflag=direct 2>dd.err || rc=$?
+t1=$(cut -d' ' -f1 /proc/uptime)
+[ "$rc" != 0 ] || fail "a write with no server succeeded"
+grep -qi 'i/o error\|input/output' dd.err || fail "the writer did not see EIO: $(cat dd.err)"
+grep -q 'giving up' attach.err || fail "ringbd attach did not give up: $(tail -n 3 attach.err)"
+log "writer failed after $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }') s: $(head -n1 dd.err)"
+log "$(grep -m1 'giving up' attach.err)"
+ublk_detach

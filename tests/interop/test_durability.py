@@ -197,15 +197,17 @@ def disk_file():
     os.rmdir(d)
 
 
-def test_flushed_and_fua_writes_survive_kill_9(ringbd, server_kind, disk_file):
+@pytest.mark.parametrize("mode", ["", ",direct"], ids=["page-cache", "o-direct"])
+def test_flushed_and_fua_writes_survive_kill_9(ringbd, server_kind, disk_file, mode):
     d, path = disk_file
     sock = os.path.join(d, "nbd.sock")
     seed = random.randrange(1 << 32)
     rng = random.Random(seed)
     model = Model()
     totals = dict(writes=0, fua=0, flushes=0, reads=0, acked=0, lost_in_flight=0, durable_checked=0)
-    for run in range(ITERATIONS):
-        srv = Server(ringbd, sock, path)
+    iterations = ITERATIONS if not mode else max(1, ITERATIONS // 2)
+    for run in range(iterations):
+        srv = Server(ringbd, sock, path + mode)
         h = connect(srv.uri)
         killer = threading.Timer(rng.uniform(0.05, 0.6), srv.p.send_signal, (signal.SIGKILL,))
         killer.start()
@@ -218,12 +220,12 @@ def test_flushed_and_fua_writes_survive_kill_9(ringbd, server_kind, disk_file):
             if k in totals:
                 totals[k] += n[k]
         totals["durable_checked"] += sum(1 for b in range(BLOCKS) if model.durable[b] > 0)
-        srv = Server(ringbd, sock, path)
+        srv = Server(ringbd, sock, path + mode)
         bad = verify(srv.uri, model, model.durable)
         rc, err = srv.stop(signal.SIGTERM)
         assert rc == 0, err
         assert not bad, "run %d (seed %d): %d blocks lost durable data, e.g. %r" % (run, seed, len(bad), bad[:8])
-    print("kill -9 x %d (seed %d): %r; bytes lost: 0" % (ITERATIONS, seed, totals))
+    print("kill -9 x %d%s (seed %d): %r; bytes lost: 0" % (iterations, mode, seed, totals))
     assert totals["acked"] > 0 and totals["flushes"] > 0 and totals["fua"] > 0
 
 

@@ -38,6 +38,7 @@ FD_SETTLE_S = 15            # deadline for the server to close dropped sockets
 ABANDONED = 1000
 STALLED = 50
 NON_READERS = 4
+BACKPRESSURE_RSS_LIMIT = 256 * MiB  # far below the 1 GiB of replies asked for
 ROUNDS = int(os.environ.get("RINGBD_HOSTILE_ROUNDS", "3"))
 # Round to round: glibc keeps freed memory in per-thread arenas (the threaded
 # engine runs each connection on its own thread), so RSS wanders by ~20 MiB
@@ -136,7 +137,7 @@ def eof_soon(c):
     c.close()
 
 
-def transmission(srv, extended=False):
+def transmission(srv, extended=False, export=b""):
     c = raw(srv)
     c.handshake_start()
     if extended:
@@ -145,7 +146,7 @@ def transmission(srv, extended=False):
     else:
         (rtype, _), = c.option_expect_final(nbdraw.OPT_STRUCTURED_REPLY)
         assert rtype == nbdraw.REP_ACK
-    c.go()
+    c.go(export)
     return c
 
 
@@ -375,7 +376,9 @@ def battery_round(srv, rng, tried):
         stalled.append(s)
     non_readers = []
     for _ in range(NON_READERS):
-        c = transmission(srv)
+        # A file export on tmpfs: its reads are copied into buffers, so
+        # without backpressure the queued replies would be real memory.
+        c = transmission(srv, export=b"copy")
         c.s.setblocking(False)
         hdrs = b"".join(struct.pack(">IHHQQI", nbdraw.REQUEST_MAGIC, 0, nbdraw.CMD_READ, i,
                                     (i % 8) * MiB, MiB) for i in range(256))
@@ -396,6 +399,12 @@ def battery_round(srv, rng, tried):
     count("disconnect mid write payload", case_disconnect_mid_write(srv))
     count("opened and abandoned", open_abandoned(srv, ABANDONED, rng))
     server_still_serves(srv)
+    # Backpressure: the non-readers asked for 4 x 256 MiB of replies; the
+    # server queues at most OUT_HIGH_WATER (8 MiB) per connection.
+    peak = rss(srv.proc.pid)
+    tried["peak RSS with non-readers (MiB)"] = max(tried.get("peak RSS with non-readers (MiB)", 0),
+                                                  peak // MiB)
+    assert peak < BACKPRESSURE_RSS_LIMIT, "RSS %d MiB with non-reading clients" % (peak // MiB)
     for s in stalled:
         s.close()
     for c in non_readers:
@@ -403,10 +412,13 @@ def battery_round(srv, rng, tried):
         c.close()
 
 
-def test_hostile_clients_do_not_hurt_the_server_or_a_good_client(start_server):
+def test_hostile_clients_do_not_hurt_the_server_or_a_good_client(start_server, shm_tmp):
     seed = random.randrange(1 << 32)
     rng = random.Random(seed)
-    srv = start_server({"": "memory:%d" % SIZE})
+    copy = os.path.join(shm_tmp, "copy.img")
+    with open(copy, "wb") as f:
+        f.write(os.urandom(8 * MiB))
+    srv = start_server({"": "memory:%d" % SIZE, "copy": "file:%s" % copy})
     pid = srv.proc.pid
     good = GoodClient(srv.uri(), seed)
     good.fill()
@@ -443,12 +455,13 @@ def test_hostile_clients_do_not_hurt_the_server_or_a_good_client(start_server):
     for off in range(0, GOOD_REGION, MiB):
         assert after.h.pread(MiB, off) == after.model[off:off + MiB]
     after.h.shutdown()
+    peak = tried.pop("peak RSS with non-readers (MiB)")
     total = sum(tried.values())
     print("hostile battery (seed %d, %d rounds): %d hostile connections/inputs %r; good client "
           "%d ops, %d bytes verified; fds %d at start and after each round; RSS %.1f MiB at "
-          "start, after each round %s MiB"
+          "start, after each round %s MiB, peak with the non-readers connected %d MiB"
           % (seed, ROUNDS, total, tried, good.ops, good.verified, fds0, rss0 / MiB,
-             ["%.1f" % (r / MiB) for r in rss_rounds]))
+             ["%.1f" % (r / MiB) for r in rss_rounds], peak))
     assert rss_rounds[0] <= rss0 + RSS_TOLERANCE, "RSS grew from %.1f to %.1f MiB" % (
         rss0 / MiB, rss_rounds[0] / MiB)
     # Flat from round to round: a per-connection leak would climb.

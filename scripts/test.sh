@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The whole test suite: static checks, unit tests, the interop suite against
-# real NBD clients (libnbd, qemu, fio) run against both of ringbd's engines and
-# against nbdkit as the reference server, then the kernel's own NBD client
-# against ringbd inside a VM.
+# The whole test suite: static checks, unit tests, bounded fuzzing, the interop
+# suite against real NBD clients (libnbd, qemu, fio) run against both of
+# ringbd's engines and against nbdkit as the reference server (with the
+# reliability batteries: faults, hostile clients, kill -9, soak), then the
+# kernel's own NBD client against ringbd inside a VM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,8 +20,15 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 step "unit tests"
 cargo test --workspace --locked --quiet
 
+step "fuzzing: every cargo-fuzz target, ${FUZZ_SECONDS:-30}s each (stable toolchain, RUSTC_BOOTSTRAP=1)"
+scripts/fuzz.sh
+
 cargo build --release --locked --quiet
 export RINGBD_BIN="$PWD/target/release/ringbd"
+# The reliability batteries in the interop suite (docs/reliability.md), sized
+# for CI; run longer by hand with larger values.
+export RINGBD_SOAK_SECONDS="${RINGBD_SOAK_SECONDS:-20}"
+export RINGBD_DURABILITY_ITERATIONS="${RINGBD_DURABILITY_ITERATIONS:-20}"
 
 step "interop suite: ringbd's threaded engine"
 RINGBD_ARGS="--engine threads" INTEROP_SERVERS=ringbd \

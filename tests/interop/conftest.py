@@ -110,8 +110,14 @@ def parse_size(text):
 
 def parse_spec(spec):
     kind, sep, arg = spec.partition(":")
-    if not sep or kind not in ("memory", "file", "null"):
+    if not sep or kind not in ("memory", "file", "null", "fault"):
         raise ValueError("bad export spec %r" % spec)
+    if kind == "fault":
+        # ringbd's fault-injecting wrapper (tests using it are ringbd_only).
+        _rules, sep, inner = arg.partition(":")
+        if not sep:
+            raise ValueError("bad fault spec %r" % spec)
+        parse_spec(inner)
     return kind, arg
 
 
@@ -131,6 +137,8 @@ def nbdkit_argv(exports, read_only, workdir):
     ]
     if list(exports) == [""]:
         kind, arg = parse_spec(exports[""])
+        if kind == "fault":
+            raise ValueError("fault: specs are ringbd's own (mark the test ringbd_only)")
         plugin = [kind, arg]  # memory SIZE | file PATH | null SIZE
         return argv + filters + plugin + params
 
@@ -294,7 +302,12 @@ class Server:
         return self.proc.poll() is None
 
     def stop(self, check=True):
-        """SIGTERM the server and wait for it; for ringbd check a clean exit."""
+        """SIGTERM the server and wait for it; for ringbd check a clean exit.
+
+        A second call (e.g. the fixture's teardown after a test stopped the
+        server itself and checked its exit) only returns the status."""
+        if self._final_stderr is not None:
+            return self.returncode
         if self.returncode is None:
             if self.proc.poll() is None:
                 self.proc.send_signal(signal.SIGTERM)

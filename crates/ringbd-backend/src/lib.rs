@@ -3,12 +3,15 @@
 //! - [`memory`]: sparse RAM, allocated in pages on first write.
 //! - [`file`](mod@file): a regular file or block device.
 //! - [`null`]: discards writes, reads zeroes.
-//! - [`spec`]: parses export specs (`memory:1G`, `file:PATH[,direct]`, `null:1G`).
+//! - [`fault`]: a wrapper that injects errors and delays into another backend.
+//! - [`spec`]: parses export specs (`memory:1G`, `file:PATH[,direct]`, `null:1G`,
+//!   `fault:RULES:SPEC`).
 //!
 //! A backend declares what it can do in [`Caps`]; the server advertises
 //! exactly that and never calls what is not declared.
 
 pub mod error;
+pub mod fault;
 pub mod file;
 pub mod memory;
 pub mod null;

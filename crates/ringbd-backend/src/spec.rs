@@ -1,9 +1,11 @@
-//! Export specs: `memory:SIZE`, `file:PATH[,direct]`, `null:SIZE`.
+//! Export specs: `memory:SIZE`, `file:PATH[,direct]`, `null:SIZE`, and the
+//! fault-injecting wrapper `fault:RULES:SPEC` ([`crate::fault`]).
 
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::fault::{FaultBackend, FaultPlan};
 use crate::file::FileBackend;
 use crate::memory::MemoryBackend;
 use crate::null::NullBackend;
@@ -19,6 +21,11 @@ pub enum Spec {
         direct: bool,
     },
     Null(u64),
+    /// `fault:RULES:SPEC`: another spec with injected errors and delays.
+    Fault {
+        plan: FaultPlan,
+        inner: Box<Spec>,
+    },
 }
 
 /// Why a spec could not be used.
@@ -80,8 +87,16 @@ impl std::str::FromStr for Spec {
             "memory" | "mem" => Ok(Spec::Memory(size(arg)?)),
             "null" => Ok(Spec::Null(size(arg)?)),
             "file" => parse_file(s, arg),
+            "fault" => {
+                let (rules, inner) = arg.split_once(':').ok_or_else(|| {
+                    SpecError::Syntax(format!("export spec {s:?} must look like fault:RULE[,RULE...]:SPEC"))
+                })?;
+                let plan = FaultPlan::parse(rules)
+                    .map_err(|e| SpecError::Syntax(format!("export spec {s:?}: {e}")))?;
+                Ok(Spec::Fault { plan, inner: Box::new(inner.parse()?) })
+            }
             _ => Err(SpecError::Syntax(format!(
-                "export spec {s:?}: unknown backend {kind:?} (memory, file or null)"
+                "export spec {s:?}: unknown backend {kind:?} (memory, file, null or fault)"
             ))),
         }
     }
@@ -108,6 +123,7 @@ pub fn open(spec: &Spec, read_only: bool) -> Result<Arc<dyn Backend>, SpecError>
         Spec::File { path, direct } => {
             Arc::new(FileBackend::open(path, read_only, *direct).map_err(SpecError::Open)?)
         }
+        Spec::Fault { plan, inner } => Arc::new(FaultBackend::new(open(inner, read_only)?, plan.clone())),
     })
 }
 
@@ -140,5 +156,21 @@ mod tests {
         assert!("disk:/x".parse::<Spec>().unwrap_err().to_string().contains("unknown backend"));
         assert!("memory".parse::<Spec>().is_err());
         assert!("file:".parse::<Spec>().is_err());
+    }
+
+    #[test]
+    fn fault_specs_wrap_any_spec() {
+        let s = "fault:read=0.1@EIO,delay-write=5ms:file:/a:b,direct".parse::<Spec>().unwrap();
+        let Spec::Fault { plan, inner } = s else { panic!("not a fault spec") };
+        assert_eq!(plan.rules[0].rate_ppb, 100_000_000);
+        assert_eq!(*inner, Spec::File { path: "/a:b".into(), direct: true });
+        let err = |s: &str| s.parse::<Spec>().unwrap_err().to_string();
+        assert!(err("fault:read=0.1").contains("fault:RULE[,RULE...]:SPEC"), "{}", err("fault:read=0.1"));
+        assert!(err("fault:read=2:memory:1G").contains("fraction"));
+        assert!(err("fault:read=0.5:disk:1G").contains("unknown backend"));
+        let b = open(&"fault:write=1@ENOSPC:memory:1M".parse().unwrap(), false).unwrap();
+        assert_eq!(b.size(), 1 << 20);
+        assert!(b.write(0, &[1], false).is_err());
+        assert!(b.describe().contains("write 100% ENOSPC"), "{}", b.describe());
     }
 }

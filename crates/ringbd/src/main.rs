@@ -49,6 +49,15 @@ SPEC is one of:
   file:PATH,direct
                 the same with O_DIRECT for aligned reads and writes (no page cache)
   null:SIZE     discards writes, reads zeroes
+  fault:RULE[,RULE...]:SPEC
+                SPEC with injected failures and delays (for testing clients), where RULE is
+                  OP=RATE[@ERRNO]    fail that fraction of OP calls (RATE 0.1 or 10%) with
+                                     ERRNO: EIO (default), ENOSPC, EDQUOT, EFBIG, ENOMEM, EPERM,
+                                     EACCES, EROFS, EINVAL or EOVERFLOW
+                  delay-OP=DURATION  sleep before each OP call (500us, 5ms, 1s)
+                  seed=N             repeat a run's sequence of failures
+                and OP is read, write, flush, trim, zero or all; a write whose payload arrives
+                in pieces is one call per piece. See docs/reliability.md.
 
 Each listener's URI is printed on stdout once it is ready.
 With LISTEN_PID/LISTEN_FDS set (socket activation), the passed sockets are used instead.
@@ -57,7 +66,8 @@ Examples:
   ringbd serve memory:1G
   ringbd serve --unix /tmp/nbd.sock file:/var/lib/disk.img
   ringbd serve --export a=memory:1G --export b=null:1T --listen [::1]:10809
-  ringbd serve memory:256M --run 'qemu-img info \"$uri\"'")]
+  ringbd serve memory:256M --run 'qemu-img info \"$uri\"'
+  ringbd serve fault:read=0.1@EIO,write=5%@ENOSPC,delay-flush=5ms:memory:1G")]
 struct ServeArgs {
     /// The default export (the one named "").
     spec: Option<Spec>,

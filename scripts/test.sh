@@ -20,7 +20,8 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 step "unit tests"
 cargo test --workspace --locked --quiet
 
-step "fuzzing: every cargo-fuzz target, ${FUZZ_SECONDS:-30}s each (stable toolchain, RUSTC_BOOTSTRAP=1)"
+export FUZZ_SECONDS="${FUZZ_SECONDS:-15}"
+step "fuzzing: every cargo-fuzz target, ${FUZZ_SECONDS}s each (stable toolchain, RUSTC_BOOTSTRAP=1)"
 scripts/fuzz.sh
 
 cargo build --release --locked --quiet

@@ -173,9 +173,21 @@ fn parse(uri: &str) -> Result<NbdUri, String> {
             None => (authority.to_owned(), None),
         }
     };
+    let bracketed = authority.starts_with('[');
     let host = decode(&host, "host")?;
     if host.is_empty() {
         return Err("no host (nbd://HOST[:PORT]/EXPORT)".into());
+    }
+    if bracketed {
+        if host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!("{host:?} in brackets is not an IPv6 address"));
+        }
+    } else if host.contains(':') {
+        return Err(format!("host {host:?} contains ':' (an IPv6 address goes in brackets: nbd://[::1]/)"));
+    } else if let Some(c) =
+        host.chars().find(|c| c.is_whitespace() || c.is_control() || "[]@/?#".contains(*c))
+    {
+        return Err(format!("host {host:?} contains {c:?}"));
     }
     let port = match port {
         None | Some("") => DEFAULT_PORT,
@@ -211,6 +223,18 @@ mod tests {
         assert_eq!(ok("nbd://example.com").export, "");
         assert_eq!(ok("nbd://example.com//disk").export, "/disk");
         assert_eq!(ok("nbd://example.com/hello%20world").export, "hello world");
+    }
+
+    #[test]
+    fn hosts_that_would_not_print_back_are_refused() {
+        // Found by the `uri` fuzz target: a host with ':' (and ']') parsed,
+        // then printed in brackets as a URI that did not parse.
+        assert!(err("nbd://ix:RRR&RR\u{11}RRRRRRR]RRRRRR:").contains("contains ':'"));
+        assert!(err("nbd://a:b:c/").contains("brackets"));
+        assert!(err("nbd://[not-v6]/").contains("not an IPv6 address"));
+        assert!(err("nbd://ho%20st/").contains("contains ' '"));
+        assert!(err("nbd://a]b/").contains("contains ']'"));
+        assert_eq!(ok("nbd://[fe80::1]:7/").address, tcp("fe80::1", 7));
     }
 
     #[test]

@@ -31,7 +31,92 @@ const FANOUT: u64 = 1 << FANOUT_BITS;
 
 /// A page; shared (reference counted) so zero-copy reads can hand it to the
 /// kernel while writers copy on write.
-pub type Page = Arc<Box<[u8]>>;
+pub type Page = Arc<PageBuf>;
+
+/// A page's bytes. Dropped pages go to a small process-wide pool that new
+/// pages and copy-on-write copies take from first: under a read/write mix
+/// a write to a page that a reply still holds frees a page a moment later,
+/// and recycling it keeps the allocator from fragmenting the heap with
+/// 32 KiB holes (measured: RSS crept up round after round without it).
+pub struct PageBuf(Box<[u8]>);
+
+/// Most free pages kept for reuse (32 MiB).
+const POOL_PAGES: usize = 1024;
+static POOL: std::sync::Mutex<Vec<Box<[u8]>>> = std::sync::Mutex::new(Vec::new());
+
+impl PageBuf {
+    /// A page of [`PAGE`] bytes with unspecified contents (from the pool),
+    /// or `None` when the pool is empty.
+    fn recycled() -> Option<Box<[u8]>> {
+        POOL.lock().ok()?.pop()
+    }
+
+    /// A zeroed page.
+    fn zeroed() -> PageBuf {
+        match PageBuf::recycled() {
+            Some(mut b) => {
+                b.fill(0);
+                PageBuf(b)
+            }
+            None => PageBuf(vec![0u8; PAGE as usize].into_boxed_slice()),
+        }
+    }
+
+    /// Pages currently pooled (for tests).
+    pub fn pooled() -> usize {
+        POOL.lock().map(|p| p.len()).unwrap_or(0)
+    }
+}
+
+impl std::fmt::Debug for PageBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PageBuf({} bytes)", self.0.len())
+    }
+}
+
+impl From<Vec<u8>> for PageBuf {
+    fn from(v: Vec<u8>) -> Self {
+        PageBuf(v.into_boxed_slice())
+    }
+}
+
+impl Clone for PageBuf {
+    fn clone(&self) -> Self {
+        match PageBuf::recycled().filter(|b| b.len() == self.0.len()) {
+            Some(mut b) => {
+                b.copy_from_slice(&self.0);
+                PageBuf(b)
+            }
+            None => PageBuf(self.0.clone()),
+        }
+    }
+}
+
+impl std::ops::Deref for PageBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for PageBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+}
+
+impl Drop for PageBuf {
+    fn drop(&mut self) {
+        if self.0.len() != PAGE as usize {
+            return;
+        }
+        if let Ok(mut pool) = POOL.lock() {
+            if pool.len() < POOL_PAGES {
+                pool.push(std::mem::take(&mut self.0));
+            }
+        }
+    }
+}
 type Slot = RwLock<Option<Page>>;
 
 struct Node {
@@ -274,7 +359,7 @@ fn new_page(offset: u64, len: u64) -> Result<Page> {
         Error::other(ErrorKind::NoSpace, Op::Write, offset, len, "out of memory for export pages")
     })?;
     drop(probe);
-    Ok(Arc::new(vec![0u8; PAGE as usize].into_boxed_slice()))
+    Ok(Arc::new(PageBuf::zeroed()))
 }
 
 impl Backend for MemoryBackend {
@@ -521,6 +606,25 @@ mod tests {
         assert_eq!(e[1], Extent { len: PAGE, hole: false, zero: false });
         m.trim(0, i64::MAX as u64 - 7, false).unwrap();
         assert_eq!(m.allocated_bytes(), 0);
+    }
+
+    #[test]
+    fn freed_and_copied_pages_are_recycled_zeroed() {
+        let m = MemoryBackend::new(8 * PAGE);
+        m.write(0, &vec![7u8; 4 * PAGE as usize], false).unwrap();
+        let mut pieces = Vec::new();
+        m.read_shared(0, PAGE as usize, &mut pieces).unwrap();
+        // Copy on write while a reply holds page 0, then free pages 1..4.
+        m.write(0, &[1], false).unwrap();
+        m.trim(PAGE, 3 * PAGE, false).unwrap();
+        // Dropping the reply's piece sends the old page 0 to the pool too.
+        drop(pieces);
+        // New pages come from the pool and read as zeroes where unwritten.
+        m.write(5 * PAGE + 10, &[9], false).unwrap();
+        let (b, _) = read(&m, 5 * PAGE, PAGE as usize);
+        assert!(b.iter().enumerate().all(|(i, &x)| x == if i == 10 { 9 } else { 0 }));
+        let (b, _) = read(&m, 0, 2);
+        assert_eq!(b, [1, 7]);
     }
 
     #[test]

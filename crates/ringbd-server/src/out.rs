@@ -164,7 +164,7 @@ mod tests {
     fn shared_pieces_and_zero_runs_become_iovecs() {
         let mut o = OutBuf::default();
         o.bytes().extend_from_slice(b"h");
-        let page = std::sync::Arc::new(b"0123456789".to_vec().into_boxed_slice());
+        let page = std::sync::Arc::new(ringbd_backend::memory::PageBuf::from(b"0123456789".to_vec()));
         o.push_piece(Piece::Shared { page, start: 2, len: 3 });
         o.push_piece(Piece::Zero(70_000));
         o.bytes().extend_from_slice(b"t");

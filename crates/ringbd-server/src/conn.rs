@@ -7,7 +7,15 @@
 //! write payload is handed to the backend piece by piece from where it
 //! landed, so it is copied once, into its destination. Commands run on the
 //! backend as soon as they are complete; replies go to the output queue.
+//!
+//! TLS sits between the engine and all of this: after STARTTLS the bytes the
+//! engine feeds in are ciphertext for a rustls session (sans-IO too), whose
+//! plaintext goes to the same NBD state machine; the replies a loop turn
+//! queued are encrypted together into the queue the engine sends
+//! ([`crate::tls`]). Zero-copy sends do not apply there: the queue holds
+//! ciphertext in one buffer, no read payload pages.
 
+use std::io::{IoSlice, Read, Write};
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
@@ -25,6 +33,7 @@ use ringbd_io::uring::FileOp;
 use crate::exports::{nbd_errno, Exports};
 use crate::log;
 use crate::out::OutBuf;
+use crate::tls::{TlsLayer, TlsServer};
 
 /// Read payloads up to this size are copied into the inline queue; larger
 /// ones travel as their own iovec.
@@ -54,6 +63,13 @@ pub struct Connection {
     async_file_io: bool,
     /// The engine's registered buffers, used first for file operations.
     arena: Option<Arc<Arena>>,
+    /// The server's TLS policy and credentials, if TLS is enabled.
+    tls_server: Option<Arc<TlsServer>>,
+    /// TLS on this connection, from the STARTTLS ACK on; `out` then holds
+    /// plaintext replies until they are encrypted into `TlsLayer::wire`.
+    tls: Option<Box<TlsLayer>>,
+    /// The handshake acknowledged STARTTLS: start TLS before the next byte.
+    start_tls: bool,
     pub stats: ConnStats,
 }
 
@@ -66,7 +82,9 @@ enum Phase {
 impl Connection {
     /// A new connection; the server greeting is already queued.
     pub fn new(exports: Arc<Exports>, peer: String) -> Self {
-        let mut hs = ServerHandshake::new(exports.clone());
+        let tls_server = exports.tls();
+        let mode = tls_server.as_ref().map(|t| t.mode).unwrap_or_default();
+        let mut hs = ServerHandshake::with_tls(exports.clone(), mode);
         let mut out = OutBuf::default();
         out.bytes().extend_from_slice(&hs.take_output());
         Connection {
@@ -79,6 +97,9 @@ impl Connection {
             reply_limit: u32::MAX,
             async_file_io: false,
             arena: None,
+            tls_server,
+            tls: None,
+            start_tls: false,
             stats: ConnStats::default(),
         }
     }
@@ -122,6 +143,7 @@ impl Connection {
         if let Phase::Transmission(tx) = &mut self.phase {
             tx.io_complete(token, result, buf, &mut self.out, &mut self.pool);
         }
+        self.seal();
     }
 
     /// Caps the replies queued per batch; `1` makes every reply its own
@@ -141,21 +163,36 @@ impl Connection {
             Phase::Transmission(tx) => tx.pending_count < MAX_PENDING && tx.pending_bytes < MAX_PENDING_BYTES,
             _ => true,
         };
+        let wire = self.out();
         !self.is_closed()
             && io_room
             && self.out.len() < OUT_HIGH_WATER
             && self.out.replies() < self.reply_limit
+            && wire.len() < OUT_HIGH_WATER
+            && wire.replies() < self.reply_limit
     }
 
-    /// Replies waiting to be sent.
+    /// Bytes waiting to be sent: the replies, or with TLS their records.
     pub fn out(&self) -> &OutBuf {
-        &self.out
+        match &self.tls {
+            Some(t) => &t.wire,
+            None => &self.out,
+        }
     }
 
-    /// Takes the queued replies, leaving an empty queue (for engines that
+    /// Takes the queued bytes, leaving an empty queue (for engines that
     /// keep the buffer alive while the kernel sends it).
     pub fn take_out(&mut self) -> OutBuf {
-        std::mem::replace(&mut self.out, std::mem::take(&mut self.spare))
+        let spare = std::mem::take(&mut self.spare);
+        match &mut self.tls {
+            Some(t) => std::mem::replace(&mut t.wire, spare),
+            None => std::mem::replace(&mut self.out, spare),
+        }
+    }
+
+    /// Whether TLS runs on this connection (STARTTLS was acknowledged).
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// Returns a sent queue's buffers for reuse.
@@ -166,7 +203,10 @@ impl Connection {
 
     /// Marks the queue as sent (engines that write synchronously).
     pub fn sent(&mut self) {
-        self.out.clear(&mut self.pool);
+        match &mut self.tls {
+            Some(t) => t.wire.clear(&mut self.pool),
+            None => self.out.clear(&mut self.pool),
+        }
     }
 
     /// The peer closed its side: nothing more will arrive.
@@ -181,10 +221,170 @@ impl Connection {
 
     /// Processes received bytes; returns how many were consumed. Fewer than
     /// `data.len()` means: stop reading until `out` drains (backpressure), or
-    /// the connection closed.
+    /// the connection closed. The engine hands the unconsumed bytes back
+    /// first when it calls again.
     pub fn receive(&mut self, data: &[u8]) -> usize {
         let mut used = 0;
-        while used < data.len() && self.wants_input() {
+        if self.tls.is_none() {
+            used = self.receive_plain(data);
+            if !self.start_tls {
+                return used;
+            }
+            self.start_tls = false;
+            if !self.begin_tls() {
+                return data.len();
+            }
+        }
+        let Some(mut t) = self.tls.take() else { return used };
+        used += self.receive_tls(&mut t, &data[used..]);
+        self.seal_into(&mut t);
+        self.tls = Some(t);
+        used
+    }
+
+    /// Switches to TLS after the plaintext STARTTLS ACK (queued in `out`,
+    /// which becomes the start of the wire queue). False if it cannot.
+    fn begin_tls(&mut self) -> bool {
+        let session = match self.tls_server.as_ref().map(|s| s.session()) {
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                log::warn(format_args!("{}: cannot start TLS: {e}", self.peer));
+                self.phase = Phase::Closed;
+                return false;
+            }
+            None => {
+                self.phase = Phase::Closed;
+                return false;
+            }
+        };
+        let wire = std::mem::take(&mut self.out);
+        self.tls = Some(Box::new(TlsLayer::new(session, wire)));
+        log::debug(format_args!("{}: STARTTLS", self.peer));
+        true
+    }
+
+    /// Ciphertext in: decrypt and feed the NBD state machine. Bytes whose
+    /// plaintext the state machine could not take yet (backpressure) are
+    /// reported unconsumed and remembered in `held`, so the engine offers
+    /// them again once there is room and only what follows is new.
+    fn receive_tls(&mut self, t: &mut TlsLayer, data: &[u8]) -> usize {
+        let mut used = 0;
+        if !t.plain.is_empty() {
+            self.feed_plain(t);
+            if !t.plain.is_empty() && !self.is_closed() {
+                return 0;
+            }
+            used = t.held.min(data.len());
+        }
+        t.held = 0;
+        while used < data.len() && !self.is_closed() && self.wants_input() && room(t, self.reply_limit) {
+            let mut rd = &data[used..];
+            let n = match t.session.read_tls(&mut rd) {
+                Ok(n) if n > 0 => n,
+                Ok(_) => {
+                    self.tls_failed("rustls took no bytes");
+                    return data.len();
+                }
+                Err(e) => {
+                    self.tls_failed(&e.to_string());
+                    return data.len();
+                }
+            };
+            if let Err(e) = t.session.process_new_packets() {
+                // rustls queued an alert; seal sends it.
+                self.tls_failed(&e.to_string());
+                return data.len();
+            }
+            if !t.established && !t.session.is_handshaking() {
+                t.established = true;
+                log::debug(format_args!("{}: TLS established: {}", self.peer, t.describe()));
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            loop {
+                match t.session.reader().read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => t.plain.extend_from_slice(&chunk[..k]),
+                }
+            }
+            self.feed_plain(t);
+            if !t.plain.is_empty() && !self.is_closed() {
+                t.held = n;
+                break;
+            }
+            used += n;
+        }
+        used
+    }
+
+    /// Hands decrypted bytes to the NBD state machine, then encrypts what it
+    /// queued.
+    fn feed_plain(&mut self, t: &mut TlsLayer) {
+        let n = self.receive_plain(&t.plain);
+        t.plain.drain(..n);
+        if self.start_tls {
+            // Only possible before TLS; the handshake refuses a second one.
+            self.start_tls = false;
+            self.phase = Phase::Closed;
+        }
+        self.seal_into(t);
+    }
+
+    fn tls_failed(&mut self, why: &str) {
+        log::warn(format_args!("{}: TLS: {why}", self.peer));
+        self.phase = Phase::Closed;
+    }
+
+    /// Encrypts the queued replies, if TLS runs.
+    fn seal(&mut self) {
+        if let Some(mut t) = self.tls.take() {
+            self.seal_into(&mut t);
+            self.tls = Some(t);
+        }
+    }
+
+    /// Writes every queued plaintext reply through the TLS session at once
+    /// (one vectored write: full records, not one or two per reply), then
+    /// moves the records and any handshake messages or alert to the wire.
+    fn seal_into(&mut self, t: &mut TlsLayer) {
+        if !self.out.is_empty() {
+            let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(8);
+            self.out.iovecs(0, &mut iov);
+            let total = self.out.len();
+            let mut done = 0;
+            while done < total {
+                match t.session.writer().write_vectored(&iov) {
+                    Ok(n) if n > 0 => {
+                        done += n;
+                        iov.clear();
+                        self.out.iovecs(done, &mut iov);
+                    }
+                    // Unreachable with no buffer limit; fail rather than spin.
+                    _ => {
+                        log::warn(format_args!("{}: TLS: rustls refused plaintext", self.peer));
+                        self.phase = Phase::Closed;
+                        break;
+                    }
+                }
+            }
+            drop(iov);
+            t.wire.add_replies(self.out.replies());
+            self.out.clear(&mut self.pool);
+        }
+        if self.is_closed() && !t.closing {
+            t.closing = true;
+            t.session.send_close_notify();
+        }
+        while t.session.wants_write() {
+            match t.session.write_tls(t.wire.bytes()) {
+                Ok(n) if n > 0 => {}
+                _ => break,
+            }
+        }
+    }
+
+    fn receive_plain(&mut self, data: &[u8]) -> usize {
+        let mut used = 0;
+        while used < data.len() && self.wants_input() && !self.start_tls {
             used += match &mut self.phase {
                 Phase::Closed => return used,
                 Phase::Handshake { .. } => self.handshake(&data[used..]),
@@ -215,6 +415,14 @@ impl Connection {
             }
         };
         staged.drain(..consumed);
+        if hs.starttls_pending() {
+            // What follows STARTTLS is the TLS handshake: hand it back to
+            // `receive`, which starts TLS first.
+            hs.tls_started();
+            self.start_tls = true;
+            let leftover = std::mem::take(staged);
+            return data.len() - leftover.len().min(data.len());
+        }
         if hs.outcome().is_none() {
             return data.len();
         }
@@ -258,6 +466,11 @@ impl Connection {
         // precedes it, so the caller hands the rest to the new phase.
         data.len() - leftover.len().min(data.len())
     }
+}
+
+/// Whether the wire queue has room for more records.
+fn room(t: &TlsLayer, reply_limit: u32) -> bool {
+    t.wire.len() < OUT_HIGH_WATER && t.wire.replies() < reply_limit
 }
 
 /// Keeps a payload buffer for reuse; an arena chunk goes back to its arena

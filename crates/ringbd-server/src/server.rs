@@ -42,6 +42,8 @@ pub struct Config {
     pub uring: UringOptions,
     /// Print the engine's counters this often (they are printed at exit too).
     pub stats_interval: Option<Duration>,
+    /// STARTTLS policy and credentials.
+    pub tls: crate::tls::TlsOptions,
 }
 
 /// Which engine serves connections.
@@ -126,6 +128,16 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
             ringbd_backend::open(spec, config.read_only).map_err(|e| err(format!("export {name:?}: {e}")))?;
         exports.add(Export::new(name.clone(), backend, config.read_only)).map_err(err)?;
     }
+    let tls = crate::tls::TlsServer::load(&config.tls).map_err(|e| err(format!("TLS: {e}")))?;
+    if let Some(t) = &tls {
+        log::debug(format_args!(
+            "TLS {:?} with the certificates in {:?}{}",
+            t.mode,
+            config.tls.certificates.as_deref().unwrap_or(std::path::Path::new("")),
+            if config.tls.verify_peer { ", client certificates required" } else { "" }
+        ));
+    }
+    exports.set_tls(tls);
     let exports = Arc::new(exports);
 
     let listeners = bind(&config)?;

@@ -7,6 +7,7 @@ qemu, nbdkit and libnbd look for in a certificate directory:
     DIR/server/  ca-cert.pem server-cert.pem server-key.pem
     DIR/client/  ca-cert.pem client-cert.pem client-key.pem
 
+(keyEncipherment is there because qemu refuses leaf certificates without it.)
 Nothing here is committed: keys live only in the test's temporary directory.
 """
 
@@ -52,11 +53,11 @@ def sign(work, ca, name, ext, out_cert, out_key):
 
 
 SERVER_EXT = ("basicConstraints=critical,CA:FALSE\n"
-              "keyUsage=critical,digitalSignature\n"
+              "keyUsage=critical,digitalSignature,keyEncipherment\n"
               "extendedKeyUsage=serverAuth\n"
               "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1\n")
 CLIENT_EXT = ("basicConstraints=critical,CA:FALSE\n"
-              "keyUsage=critical,digitalSignature\n"
+              "keyUsage=critical,digitalSignature,keyEncipherment\n"
               "extendedKeyUsage=clientAuth\n")
 
 

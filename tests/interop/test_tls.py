@@ -152,3 +152,15 @@ def test_garbage_after_starttls_closes_only_that_connection(start_server, pki):
         c.close()
     r = run(["nbdinfo", "--size", tls_uri(srv, pki["client"])])
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.ringbd_only
+def test_captive_uri_is_nbds_when_tls_is_required(server_kind, pki):
+    """`--run` gets $uri = nbds://... under --tls require, as with nbdkit."""
+    from conftest import ringbd_bin, ringbd_extra_args
+    cmd = 'echo "uri=$uri"; nbdinfo --size "$uri?tls-certificates=%s"' % pki["client"]
+    r = run([ringbd_bin(), "serve"] + ringbd_extra_args() +
+            ["--tls-certificates", pki["server"], "--listen", "127.0.0.1:0", "--run", cmd, "memory:1M"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "uri=nbds://127.0.0.1:" in r.stdout
+    assert r.stdout.strip().endswith(str(1 << 20))

@@ -278,10 +278,10 @@ fn starttls_then_writes_and_reads_over_tls_whatever_the_chunking() {
         assert_eq!(r.len(), 16 + 10 * 50_016, "chunk {chunk}, reply limit {reply_limit}");
         assert_eq!(&r[16 + 16..16 + 16 + 50_000], &payload[..]);
         assert_eq!(&r[r.len() - 50_000..], &payload[..]);
-        // A second STARTTLS after GO is a transmission-phase garbage
-        // request: the session ends, with close_notify.
+        // NBD_CMD_DISC ends the session; the server says close_notify.
         let _ = exchange(&mut srv, &mut cl, &request(2, 99, 0, 0, &[]), chunk);
         assert!(srv.is_closed());
+        assert!(cl.process_new_packets().unwrap().peer_has_closed());
     }
 }
 
@@ -344,4 +344,51 @@ fn verify_peer_refuses_a_client_without_a_certificate_and_takes_one_with() {
         }
     }
     panic!("a client without a certificate got through --tls-verify-peer");
+}
+
+#[test]
+fn random_bytes_after_starttls_never_panic_and_close_the_connection() {
+    let Some(dir) = pki("fuzz") else { return };
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for round in 0..200 {
+        let mut srv = server(&dir, TlsMode::Require, round % 2 == 0);
+        let len = (next() % 3000) as usize + 1;
+        let mut input = 3u32.to_be_bytes().to_vec();
+        input.extend(option(5, &[]));
+        // Half the rounds start like a TLS handshake record, to get past
+        // the first checks.
+        if round % 2 == 1 {
+            input.extend_from_slice(&[0x16, 3, 1]);
+        }
+        input.extend((0..len).map(|_| next() as u8));
+        let _ = feed(&mut srv, &input, (next() % 700) as usize + 1);
+        // Either closed already or waiting for more of a record that will
+        // never be valid; the peer's FIN ends it.
+        srv.peer_closed();
+        assert!(srv.is_closed());
+    }
+}
+
+#[test]
+fn a_corrupt_record_mid_session_closes_the_connection() {
+    let Some(dir) = pki("corrupt") else { return };
+    let mut srv = server(&dir, TlsMode::Require, false);
+    let mut cl = client(&dir, false);
+    starttls(&mut srv, &mut cl, usize::MAX);
+    go(&mut srv, &mut cl, usize::MAX);
+    cl.writer().write_all(&request(0, 1, 0, 4096, &[])).unwrap();
+    let mut rec = Vec::new();
+    while cl.wants_write() {
+        cl.write_tls(&mut rec).unwrap();
+    }
+    let last = rec.len() - 1;
+    rec[last] ^= 0x55; // the authentication tag no longer matches
+    let _ = feed(&mut srv, &rec, usize::MAX);
+    assert!(srv.is_closed());
 }

@@ -392,3 +392,41 @@ fn a_corrupt_record_mid_session_closes_the_connection() {
     let _ = feed(&mut srv, &rec, usize::MAX);
     assert!(srv.is_closed());
 }
+
+/// TLS records in a stream of whole records.
+fn records(mut wire: &[u8]) -> usize {
+    let mut n = 0;
+    while wire.len() >= 5 {
+        let len = u16::from_be_bytes([wire[3], wire[4]]) as usize;
+        wire = &wire[(5 + len).min(wire.len())..];
+        n += 1;
+    }
+    assert!(wire.is_empty(), "a partial record");
+    n
+}
+
+#[test]
+fn a_loop_turns_replies_share_records() {
+    let Some(dir) = pki("batch") else { return };
+    for (reply_limit, expect) in [(u32::MAX, 3), (1, 32)] {
+        let mut srv = server(&dir, TlsMode::Require, false);
+        srv.set_reply_limit(reply_limit);
+        let mut cl = client(&dir, false);
+        starttls(&mut srv, &mut cl, usize::MAX);
+        go(&mut srv, &mut cl, usize::MAX);
+        // 32 pipelined 1 KiB reads in one TLS record: 32 x (16 + 1024)
+        // bytes of replies, which fit in 3 records of 16 KiB when sealed
+        // together, and take 32 when each reply is sealed alone.
+        let mut reqs = Vec::new();
+        for cookie in 0..32 {
+            reqs.extend(request(0, cookie, cookie * 1024, 1024, &[]));
+        }
+        cl.writer().write_all(&reqs).unwrap();
+        let mut to_srv = Vec::new();
+        while cl.wants_write() {
+            cl.write_tls(&mut to_srv).unwrap();
+        }
+        let back = feed(&mut srv, &to_srv, usize::MAX);
+        assert_eq!(records(&back), expect, "reply limit {reply_limit}");
+    }
+}

@@ -12,6 +12,7 @@ have nbdcopy  || need+=(libnbd-bin)
 have fio      || need+=(fio)
 have qemu-img || need+=(qemu-utils)
 have nbd-server || need+=(nbd-server)
+have openssl  || need+=(openssl)   # makes the TLS tests' certificates
 /usr/bin/python3 -c 'import nbd' 2>/dev/null   || need+=(python3-libnbd)
 /usr/bin/python3 -c 'import pytest' 2>/dev/null || need+=(python3-pytest)
 /usr/bin/python3 -c 'import matplotlib' 2>/dev/null || need+=(python3-matplotlib)
@@ -26,7 +27,7 @@ if ((${#need[@]})); then
 fi
 
 # Fail loudly rather than let a test skip: every tool must be here now.
-for t in nbdkit nbdinfo nbdsh nbdcopy fio qemu-img qemu-io qemu-nbd nbd-server; do
+for t in nbdkit nbdinfo nbdsh nbdcopy fio qemu-img qemu-io qemu-nbd nbd-server openssl; do
     have "$t" || { echo "install-deps: $t is still missing" >&2; exit 1; }
 done
 /usr/bin/python3 -c 'import nbd, pytest, matplotlib' || { echo "install-deps: python3-libnbd/pytest/matplotlib missing" >&2; exit 1; }

@@ -121,6 +121,22 @@ def parse_spec(spec):
     return kind, arg
 
 
+def tls_args(kind, tls):
+    """Server arguments for `tls` = {"mode": off|on|require, "dir": DIR,
+    "verify_peer": bool}, in each server's syntax."""
+    if not tls:
+        return []
+    if kind == "nbdkit":
+        argv = ["--tls=%s" % tls["mode"], "--tls-certificates=%s" % tls["dir"]]
+        if tls.get("verify_peer"):
+            argv.append("--tls-verify-peer")
+        return argv
+    argv = ["--tls", tls["mode"], "--tls-certificates", tls["dir"]]
+    if tls.get("verify_peer"):
+        argv.append("--tls-verify-peer")
+    return argv
+
+
 def nbdkit_argv(exports, read_only, workdir):
     """Translate ringbd-syntax export specs into an nbdkit command line."""
     argv = ["nbdkit", "--exit-with-parent"]
@@ -201,8 +217,12 @@ def _socket_activation_child(listen_fd):
 class Server:
     """One NBD server process under test, reachable on a Unix socket."""
 
-    def __init__(self, kind, exports=None, read_only=False, workdir=None):
+    def __init__(self, kind, exports=None, read_only=False, workdir=None, tls=None):
         self.kind = kind
+        # With TLS the server listens on TCP loopback (as nbds:// clients
+        # connect and check the certificate's address), else on a Unix socket.
+        self.tls = tls
+        self.port = None
         self.exports = dict(exports or {"": "memory:256M"})
         self.read_only = read_only
         self.workdir = tempfile.mkdtemp(prefix="srv-%s-" % kind, dir=workdir or _shm_dir())
@@ -223,8 +243,9 @@ class Server:
         if kind == "nbdkit":
             argv = nbdkit_argv(self.exports, read_only, self.workdir)
             assert shutil.which("nbdkit"), "nbdkit is not installed (missing tool = failure)"
+            argv[2:2] = tls_args(kind, self.tls)
         elif kind == "ringbd":
-            argv = ringbd_argv(self.exports, read_only)
+            argv = ringbd_argv(self.exports, read_only) + tls_args(kind, self.tls)
             assert os.access(argv[0], os.X_OK), (
                 "ringbd binary %s not found/executable (set RINGBD_BIN or "
                 "run `cargo build --release`)" % argv[0])
@@ -232,9 +253,16 @@ class Server:
             raise ValueError(kind)
         self.argv = argv
 
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if self.tls:
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        else:
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            listener.bind(self.sock)
+            if self.tls:
+                listener.bind(("127.0.0.1", 0))
+                self.port = listener.getsockname()[1]
+            else:
+                listener.bind(self.sock)
             listener.listen(128)
             env = dict(os.environ, LISTEN_FDS="1")
             env.pop("LISTEN_PID", None)
@@ -259,10 +287,10 @@ class Server:
         One blocking read of the 18-byte NBD greeting (not a poll): catches
         a server that died on start-up or ignored the activated socket.
         """
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s = socket.socket(socket.AF_INET if self.port else socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(GREETING_TIMEOUT)
         try:
-            s.connect(self.sock)
+            s.connect(self.address())
             got = b""
             while len(got) < 18:
                 chunk = s.recv(18 - len(got))
@@ -283,7 +311,13 @@ class Server:
                 "(got %r, exit status %r)\nargv: %s\nstderr:\n%s"
                 % (self.kind, got, status, self.argv, self.stderr()))
 
+    def address(self):
+        """What to connect a socket to: the Unix path or (host, port)."""
+        return ("127.0.0.1", self.port) if self.port else self.sock
+
     def uri(self, export=""):
+        if self.port:
+            return "nbd://127.0.0.1:%d/%s" % (self.port, urllib.parse.quote(export, safe=""))
         return "nbd+unix:///%s?socket=%s" % (urllib.parse.quote(export, safe=""), self.sock)
 
     def stderr(self):
@@ -332,9 +366,10 @@ class Server:
         return self.returncode
 
 
-def start(kind, exports=None, read_only=False, workdir=None):
-    """Start a server; `exports` maps export name -> ringbd-syntax spec."""
-    return Server(kind, exports=exports, read_only=read_only, workdir=workdir)
+def start(kind, exports=None, read_only=False, workdir=None, tls=None):
+    """Start a server; `exports` maps export name -> ringbd-syntax spec;
+    `tls` (see tls_args) serves TLS on TCP loopback."""
+    return Server(kind, exports=exports, read_only=read_only, workdir=workdir, tls=tls)
 
 
 def _shm_dir():
@@ -362,8 +397,8 @@ def start_server(server_kind):
     """
     servers = []
 
-    def _start(exports=None, read_only=False):
-        srv = start(server_kind, exports=exports, read_only=read_only)
+    def _start(exports=None, read_only=False, tls=None):
+        srv = start(server_kind, exports=exports, read_only=read_only, tls=tls)
         servers.append(srv)
         return srv
 

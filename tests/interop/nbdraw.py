@@ -20,6 +20,8 @@ FLAG_NO_ZEROES = 1 << 1
 OPT_EXPORT_NAME = 1
 OPT_ABORT = 2
 OPT_LIST = 3
+OPT_STARTTLS = 5
+OPT_INFO = 6
 OPT_GO = 7
 OPT_STRUCTURED_REPLY = 8
 OPT_SET_META_CONTEXT = 10
@@ -32,6 +34,7 @@ REP_META_CONTEXT = 4
 REP_FLAG_ERROR = 1 << 31
 REP_ERR_UNSUP = REP_FLAG_ERROR | 1
 REP_ERR_INVALID = REP_FLAG_ERROR | 3
+REP_ERR_TLS_REQD = REP_FLAG_ERROR | 5
 
 INFO_EXPORT = 0
 INFO_BLOCK_SIZE = 3
@@ -79,7 +82,9 @@ class Closed(Exception):
 
 class RawClient:
     def __init__(self, sock_path, timeout=10.0):
-        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # A path is a Unix socket; a (host, port) tuple is TCP.
+        family = socket.AF_INET if isinstance(sock_path, tuple) else socket.AF_UNIX
+        self.s = socket.socket(family, socket.SOCK_STREAM)
         # A timeout is a safety net against a hung server, never a
         # synchronisation mechanism: every read below waits for bytes the
         # protocol says must arrive (or for EOF).

@@ -9,7 +9,7 @@ import pytest
 
 from helpers import run
 
-CLIENT_TOOLS = ("nbdinfo", "nbdsh", "nbdcopy", "qemu-img", "qemu-io", "fio", "cmp")
+CLIENT_TOOLS = ("nbdinfo", "nbdsh", "nbdcopy", "qemu-img", "qemu-io", "fio", "cmp", "openssl")
 
 
 @pytest.mark.parametrize("tool", CLIENT_TOOLS)

@@ -7,6 +7,16 @@
 //! (then close the connection after sending what output remains). Bytes left
 //! over after the outcome belong to the transmission phase.
 //!
+//! TLS: with [`TlsMode::On`] or [`TlsMode::Require`] an `NBD_OPT_STARTTLS`
+//! is acknowledged and `handle` stops right after it: the driver sends the
+//! output (the plaintext ACK), sees [`ServerHandshake::starttls_pending`],
+//! starts TLS on the connection and calls [`ServerHandshake::tls_started`];
+//! every later byte in both directions is TLS. Option haggling then starts
+//! again with nothing negotiated before STARTTLS kept (as the spec demands).
+//! In `Require` mode every option but STARTTLS and ABORT is refused with
+//! `NBD_REP_ERR_TLS_REQD` until then, so a plaintext client learns no export
+//! names; `NBD_OPT_EXPORT_NAME` cannot be refused and ends the session.
+//!
 //! Each step is an `Expect*` value that accepts only its own message and is
 //! consumed by the transition, in the manner of rustls.
 
@@ -43,6 +53,20 @@ pub enum HandshakeError {
     NotFixedNewstyle(OptCode),
     /// `NBD_OPT_EXPORT_NAME` after extended headers were negotiated.
     ExportNameWithExtendedHeaders,
+    /// `NBD_OPT_EXPORT_NAME` before TLS on a server that requires TLS.
+    ExportNameWithoutTls,
+}
+
+/// What the server does with `NBD_OPT_STARTTLS` (the `--tls` option).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsMode {
+    /// No TLS: STARTTLS gets `NBD_REP_ERR_UNSUP` (NOTLS in the spec).
+    #[default]
+    Off,
+    /// TLS when the client asks for it; plaintext clients are served too.
+    On,
+    /// TLS or nothing (FORCEDTLS in the spec).
+    Require,
 }
 
 impl fmt::Display for HandshakeError {
@@ -59,6 +83,9 @@ impl fmt::Display for HandshakeError {
             }
             HandshakeError::ExportNameWithExtendedHeaders => {
                 f.write_str("NBD_OPT_EXPORT_NAME after extended headers were negotiated")
+            }
+            HandshakeError::ExportNameWithoutTls => {
+                f.write_str("NBD_OPT_EXPORT_NAME without TLS, which this server requires")
             }
         }
     }
@@ -91,6 +118,9 @@ pub enum Outcome {
 
 #[derive(Debug, Default)]
 struct Options {
+    tls_mode: TlsMode,
+    /// TLS is running (STARTTLS was acknowledged).
+    tls: bool,
     fixed: bool,
     no_zeroes: bool,
     structured: bool,
@@ -110,6 +140,8 @@ struct Context<'a, C> {
 enum State {
     ClientFlags(ExpectClientFlags),
     Option(ExpectOption),
+    /// STARTTLS was acknowledged; waiting for the driver to start TLS.
+    StartTls(ExpectOption),
     Done(Outcome),
     /// Transient, only while a step runs.
     Poisoned,
@@ -124,8 +156,13 @@ pub struct ServerHandshake<C> {
 }
 
 impl<C: ExportCatalog> ServerHandshake<C> {
-    /// Starts a handshake; the greeting is queued as output.
+    /// Starts a handshake without TLS; the greeting is queued as output.
     pub fn new(catalog: C) -> Self {
+        Self::with_tls(catalog, TlsMode::Off)
+    }
+
+    /// Starts a handshake with the given TLS policy; the greeting is queued.
+    pub fn with_tls(catalog: C, tls_mode: TlsMode) -> Self {
         let mut out = Vec::with_capacity(18);
         out.put_u64(NBD_MAGIC);
         out.put_u64(IHAVEOPT);
@@ -134,8 +171,35 @@ impl<C: ExportCatalog> ServerHandshake<C> {
             catalog,
             state: State::ClientFlags(ExpectClientFlags),
             out,
-            opts: Options::default(),
+            opts: Options { tls_mode, ..Options::default() },
         }
+    }
+
+    /// STARTTLS was acknowledged: once the output is sent, start TLS and
+    /// call [`ServerHandshake::tls_started`]. `handle` consumes nothing
+    /// until then (what follows the option is the TLS handshake).
+    pub fn starttls_pending(&self) -> bool {
+        matches!(self.state, State::StartTls(_))
+    }
+
+    /// The driver switched the connection to TLS: option haggling goes on
+    /// over it, with everything negotiated before forgotten.
+    pub fn tls_started(&mut self) {
+        if let State::StartTls(step) = std::mem::replace(&mut self.state, State::Poisoned) {
+            self.opts = Options {
+                tls_mode: self.opts.tls_mode,
+                tls: true,
+                fixed: self.opts.fixed,
+                no_zeroes: self.opts.no_zeroes,
+                ..Options::default()
+            };
+            self.state = State::Option(step);
+        }
+    }
+
+    /// Whether TLS has been started on this connection.
+    pub fn tls_active(&self) -> bool {
+        self.opts.tls
     }
 
     /// Bytes to send to the client now.
@@ -173,7 +237,7 @@ impl<C: ExportCatalog> ServerHandshake<C> {
             let state = std::mem::replace(&mut self.state, State::Poisoned);
             let mut cx = Context { catalog: &self.catalog, out: &mut self.out, opts: &mut self.opts };
             let (next, n) = match state {
-                State::Done(_) | State::Poisoned => {
+                State::Done(_) | State::StartTls(_) | State::Poisoned => {
                     self.state = state;
                     return Ok(used);
                 }
@@ -241,6 +305,19 @@ impl ExpectOption {
         if !cx.opts.fixed && option != OptCode::EXPORT_NAME {
             return Err(HandshakeError::NotFixedNewstyle(option));
         }
+        let tls_missing = cx.opts.tls_mode == TlsMode::Require && !cx.opts.tls;
+        if tls_missing && option == OptCode::EXPORT_NAME {
+            return Err(HandshakeError::ExportNameWithoutTls);
+        }
+        if tls_missing && option != OptCode::STARTTLS && option != OptCode::ABORT {
+            error(
+                cx.out,
+                option,
+                RepType::ERR_TLS_REQD,
+                "this server requires TLS: send NBD_OPT_STARTTLS first",
+            );
+            return Ok(State::Option(self));
+        }
         match option {
             OptCode::EXPORT_NAME => export_name(data, cx),
             OptCode::ABORT => {
@@ -265,8 +342,13 @@ impl ExpectOption {
             OptCode::STARTTLS => {
                 if !data.is_empty() {
                     error(cx.out, option, RepType::ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+                } else if cx.opts.tls_mode == TlsMode::Off {
+                    error(cx.out, option, RepType::ERR_UNSUP, "TLS is not enabled on this server");
+                } else if cx.opts.tls {
+                    error(cx.out, option, RepType::ERR_INVALID, "TLS is already running");
                 } else {
-                    error(cx.out, option, RepType::ERR_UNSUP, "TLS is not supported by this server");
+                    reply(cx.out, option, RepType::ACK, &[]);
+                    return Ok(State::StartTls(self));
                 }
                 Ok(State::Option(self))
             }

@@ -268,3 +268,82 @@ fn bytes_after_go_are_left_for_transmission() {
     input.extend_from_slice(&hex("25609513"));
     assert_eq!(hs.handle(&input), Ok(n));
 }
+
+/// A handshake past the greeting and client flags with a TLS policy.
+fn started_tls(mode: TlsMode) -> ServerHandshake<Vec<ExportDescriptor>> {
+    let mut hs = ServerHandshake::with_tls(catalog(), mode);
+    assert_eq!(hs.take_output(), hex("4e42444d41474943 49484156454f5054 0003"));
+    assert_eq!(hs.handle(&hex("00000003")), Ok(4));
+    hs
+}
+
+#[test]
+fn starttls_is_acknowledged_and_stops_the_handshake_until_tls_runs() {
+    let mut hs = started_tls(TlsMode::On);
+    // STARTTLS, then bytes that are already the TLS ClientHello.
+    let mut input = option(5, &[]);
+    input.extend_from_slice(&hex("16030100"));
+    assert_eq!(hs.handle(&input), Ok(16));
+    assert_eq!(hs.take_output(), hex("0003e889045565a9 00000005 00000001 00000000"));
+    assert!(hs.starttls_pending());
+    // Nothing more is consumed until the driver starts TLS.
+    assert_eq!(hs.handle(&input[16..]), Ok(0));
+    hs.tls_started();
+    assert!(!hs.starttls_pending() && hs.tls_active());
+    // A second STARTTLS is invalid.
+    assert_eq!(feed(&mut hs, &option(5, &[])), rep(5, 0x8000_0003, b"TLS is already running"));
+}
+
+#[test]
+fn starttls_forgets_what_was_negotiated_before() {
+    let mut hs = started_tls(TlsMode::On);
+    assert_eq!(feed(&mut hs, &option(8, &[])), rep(8, 1, &[]));
+    feed(&mut hs, &option(5, &[]));
+    hs.tls_started();
+    // Structured replies are off again: meta contexts need them first.
+    let list = hex("00000000 00000000");
+    assert_eq!(feed(&mut hs, &option(9, &list)), rep(9, 0x8000_0003, b"negotiate structured replies first"));
+}
+
+#[test]
+fn plaintext_options_are_refused_when_tls_is_required() {
+    let mut hs = started_tls(TlsMode::Require);
+    let tls_reqd = |opt: u32| rep(opt, 0x8000_0005, b"this server requires TLS: send NBD_OPT_STARTTLS first");
+    // LIST, INFO "", GO "", STRUCTURED_REPLY, an unknown option: no names leak.
+    assert_eq!(feed(&mut hs, &option(3, &[])), tls_reqd(3));
+    assert_eq!(feed(&mut hs, &option(6, &hex("00000000 0000"))), tls_reqd(6));
+    assert_eq!(feed(&mut hs, &option(7, &hex("00000000 0000"))), tls_reqd(7));
+    assert_eq!(feed(&mut hs, &option(8, &[])), tls_reqd(8));
+    assert_eq!(feed(&mut hs, &option(0x77, &[])), tls_reqd(0x77));
+    // EXPORT_NAME cannot be refused: the session ends.
+    assert_eq!(hs.handle(&option(1, b"")), Err(HandshakeError::ExportNameWithoutTls));
+}
+
+#[test]
+fn abort_is_allowed_before_tls_when_tls_is_required() {
+    let mut hs = started_tls(TlsMode::Require);
+    assert_eq!(feed(&mut hs, &option(2, &[])), rep(2, 1, &[]));
+    assert_eq!(hs.outcome(), Some(&Outcome::Aborted));
+}
+
+#[test]
+fn after_starttls_a_required_tls_server_lists_and_goes() {
+    let mut hs = started_tls(TlsMode::Require);
+    feed(&mut hs, &option(5, &[]));
+    hs.tls_started();
+    let mut expected = rep(3, 2, &hex("00000000 6d656d"));
+    expected.extend(rep(3, 2, &hex("00000002 726f")));
+    expected.extend(rep(3, 1, &[]));
+    assert_eq!(feed(&mut hs, &option(3, &[])), expected);
+    feed(&mut hs, &option(7, &hex("00000002 726f 0000")));
+    assert!(matches!(hs.outcome(), Some(Outcome::Transmission(n)) if n.export.name == "ro"));
+}
+
+#[test]
+fn starttls_with_data_is_invalid_and_tls_off_is_unsupported() {
+    let mut hs = started_tls(TlsMode::Require);
+    assert_eq!(&feed(&mut hs, &option(5, b"x"))[12..16], &hex("80000003")[..]);
+    assert!(!hs.starttls_pending());
+    let mut hs = started_tls(TlsMode::Off);
+    assert_eq!(feed(&mut hs, &option(5, &[])), rep(5, 0x8000_0001, b"TLS is not enabled on this server"));
+}

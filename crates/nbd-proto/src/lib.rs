@@ -24,6 +24,6 @@ pub use client::{
     ReplyChunk, ReplyError,
 };
 pub use export::{BlockSizes, ExportCaps, ExportCatalog, ExportDescriptor, ExportListing};
-pub use handshake::{HandshakeError, Negotiated, Outcome, ServerHandshake};
+pub use handshake::{HandshakeError, Negotiated, Outcome, ServerHandshake, TlsMode};
 pub use transmission::{clip_extents, Command, Extent, FramingError, Rejection, Request, Session};
 pub use wire::{CmdType, Errno};

@@ -7,6 +7,13 @@
 //! write payload is handed to the backend piece by piece from where it
 //! landed, so it is copied once, into its destination. Commands run on the
 //! backend as soon as they are complete; replies go to the output queue.
+//!
+//! TLS sits between the engine and all of this: after STARTTLS the bytes the
+//! engine feeds in are ciphertext for a rustls session (sans-IO too), whose
+//! plaintext goes to the same NBD state machine; the replies a loop turn
+//! queued are encrypted together into the queue the engine sends
+//! ([`crate::tls`]). Zero-copy sends do not apply there: the queue holds
+//! ciphertext in one buffer, no read payload pages.
 
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
@@ -25,6 +32,10 @@ use ringbd_io::uring::FileOp;
 use crate::exports::{nbd_errno, Exports};
 use crate::log;
 use crate::out::OutBuf;
+use crate::tls::{TlsLayer, TlsServer};
+
+#[path = "conn_tls.rs"]
+mod tls_io;
 
 /// Read payloads up to this size are copied into the inline queue; larger
 /// ones travel as their own iovec.
@@ -54,6 +65,13 @@ pub struct Connection {
     async_file_io: bool,
     /// The engine's registered buffers, used first for file operations.
     arena: Option<Arc<Arena>>,
+    /// The server's TLS policy and credentials, if TLS is enabled.
+    tls_server: Option<Arc<TlsServer>>,
+    /// TLS on this connection, from the STARTTLS ACK on; `out` then holds
+    /// plaintext replies until they are encrypted into `TlsLayer::wire`.
+    tls: Option<Box<TlsLayer>>,
+    /// The handshake acknowledged STARTTLS: start TLS before the next byte.
+    start_tls: bool,
     pub stats: ConnStats,
 }
 
@@ -66,7 +84,9 @@ enum Phase {
 impl Connection {
     /// A new connection; the server greeting is already queued.
     pub fn new(exports: Arc<Exports>, peer: String) -> Self {
-        let mut hs = ServerHandshake::new(exports.clone());
+        let tls_server = exports.tls();
+        let mode = tls_server.as_ref().map(|t| t.mode).unwrap_or_default();
+        let mut hs = ServerHandshake::with_tls(exports.clone(), mode);
         let mut out = OutBuf::default();
         out.bytes().extend_from_slice(&hs.take_output());
         Connection {
@@ -79,6 +99,9 @@ impl Connection {
             reply_limit: u32::MAX,
             async_file_io: false,
             arena: None,
+            tls_server,
+            tls: None,
+            start_tls: false,
             stats: ConnStats::default(),
         }
     }
@@ -122,6 +145,7 @@ impl Connection {
         if let Phase::Transmission(tx) = &mut self.phase {
             tx.io_complete(token, result, buf, &mut self.out, &mut self.pool);
         }
+        self.seal();
     }
 
     /// Caps the replies queued per batch; `1` makes every reply its own
@@ -141,21 +165,36 @@ impl Connection {
             Phase::Transmission(tx) => tx.pending_count < MAX_PENDING && tx.pending_bytes < MAX_PENDING_BYTES,
             _ => true,
         };
+        let wire = self.out();
         !self.is_closed()
             && io_room
             && self.out.len() < OUT_HIGH_WATER
             && self.out.replies() < self.reply_limit
+            && wire.len() < OUT_HIGH_WATER
+            && wire.replies() < self.reply_limit
     }
 
-    /// Replies waiting to be sent.
+    /// Bytes waiting to be sent: the replies, or with TLS their records.
     pub fn out(&self) -> &OutBuf {
-        &self.out
+        match &self.tls {
+            Some(t) => &t.wire,
+            None => &self.out,
+        }
     }
 
-    /// Takes the queued replies, leaving an empty queue (for engines that
+    /// Takes the queued bytes, leaving an empty queue (for engines that
     /// keep the buffer alive while the kernel sends it).
     pub fn take_out(&mut self) -> OutBuf {
-        std::mem::replace(&mut self.out, std::mem::take(&mut self.spare))
+        let spare = std::mem::take(&mut self.spare);
+        match &mut self.tls {
+            Some(t) => std::mem::replace(&mut t.wire, spare),
+            None => std::mem::replace(&mut self.out, spare),
+        }
+    }
+
+    /// Whether TLS runs on this connection (STARTTLS was acknowledged).
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// Returns a sent queue's buffers for reuse.
@@ -166,7 +205,10 @@ impl Connection {
 
     /// Marks the queue as sent (engines that write synchronously).
     pub fn sent(&mut self) {
-        self.out.clear(&mut self.pool);
+        match &mut self.tls {
+            Some(t) => t.wire.clear(&mut self.pool),
+            None => self.out.clear(&mut self.pool),
+        }
     }
 
     /// The peer closed its side: nothing more will arrive.
@@ -181,10 +223,30 @@ impl Connection {
 
     /// Processes received bytes; returns how many were consumed. Fewer than
     /// `data.len()` means: stop reading until `out` drains (backpressure), or
-    /// the connection closed.
+    /// the connection closed. The engine hands the unconsumed bytes back
+    /// first when it calls again.
     pub fn receive(&mut self, data: &[u8]) -> usize {
         let mut used = 0;
-        while used < data.len() && self.wants_input() {
+        if self.tls.is_none() {
+            used = self.receive_plain(data);
+            if !self.start_tls {
+                return used;
+            }
+            self.start_tls = false;
+            if !self.begin_tls() {
+                return data.len();
+            }
+        }
+        let Some(mut t) = self.tls.take() else { return used };
+        used += self.receive_tls(&mut t, &data[used..]);
+        self.seal_into(&mut t);
+        self.tls = Some(t);
+        used
+    }
+
+    fn receive_plain(&mut self, data: &[u8]) -> usize {
+        let mut used = 0;
+        while used < data.len() && self.wants_input() && !self.start_tls {
             used += match &mut self.phase {
                 Phase::Closed => return used,
                 Phase::Handshake { .. } => self.handshake(&data[used..]),
@@ -215,6 +277,14 @@ impl Connection {
             }
         };
         staged.drain(..consumed);
+        if hs.starttls_pending() {
+            // What follows STARTTLS is the TLS handshake: hand it back to
+            // `receive`, which starts TLS first.
+            hs.tls_started();
+            self.start_tls = true;
+            let leftover = std::mem::take(staged);
+            return data.len() - leftover.len().min(data.len());
+        }
         if hs.outcome().is_none() {
             return data.len();
         }

@@ -5,6 +5,8 @@ use std::sync::Arc;
 use nbd_proto::{BlockSizes, Errno, ExportCaps, ExportCatalog, ExportDescriptor, ExportListing};
 use ringbd_backend::{Backend, ErrorKind, Op};
 
+use crate::tls::TlsServer;
+
 /// One named export.
 pub struct Export {
     pub name: String,
@@ -46,6 +48,8 @@ impl Export {
 #[derive(Default)]
 pub struct Exports {
     list: Vec<Export>,
+    /// TLS policy and credentials every connection uses (`None`: no TLS).
+    tls: Option<Arc<TlsServer>>,
 }
 
 impl Exports {
@@ -59,6 +63,15 @@ impl Exports {
         }
         self.list.push(export);
         Ok(())
+    }
+
+    /// Serves these exports with this TLS policy.
+    pub fn set_tls(&mut self, tls: Option<TlsServer>) {
+        self.tls = tls.map(Arc::new);
+    }
+
+    pub fn tls(&self) -> Option<Arc<TlsServer>> {
+        self.tls.clone()
     }
 
     pub fn get(&self, name: &str) -> Option<&Export> {

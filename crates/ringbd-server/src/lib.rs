@@ -6,6 +6,7 @@
 //! - [`out`]: the reply queue, sent as one vectored write.
 //! - [`engine_uring`]: the io_uring engine (a ring per worker thread).
 //! - [`engine_threads`]: the portable blocking engine (a thread per connection).
+//! - [`tls`]: STARTTLS credentials and the per-connection rustls layer.
 //! - [`server`]: start-up, the accept loop, captive `--run`, clean shutdown.
 
 pub mod conn;
@@ -16,5 +17,6 @@ pub mod listener;
 pub mod log;
 pub mod out;
 pub mod server;
+pub mod tls;
 
 pub use server::{run, Config, ServeError, DEFAULT_LISTEN};

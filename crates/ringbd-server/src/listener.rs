@@ -103,10 +103,17 @@ impl Listener {
 
     /// The URI of the default export on this listener.
     pub fn uri(&self) -> String {
+        self.uri_with(false)
+    }
+
+    /// The URI of the default export, `nbds` when TLS is required (as
+    /// nbdkit's `$uri` under `--tls=require`).
+    pub fn uri_with(&self, tls: bool) -> String {
+        let s = if tls { "s" } else { "" };
         match (self.tcp_addr(), self.unix_path()) {
-            (Some(a), _) => format!("nbd://{a}"),
-            (None, Some(p)) => format!("nbd+unix:///?socket={}", p.display()),
-            (None, None) => "nbd+unix:///?socket=(unnamed)".to_owned(),
+            (Some(a), _) => format!("nbd{s}://{a}"),
+            (None, Some(p)) => format!("nbd{s}+unix:///?socket={}", p.display()),
+            (None, None) => format!("nbd{s}+unix:///?socket=(unnamed)"),
         }
     }
 }

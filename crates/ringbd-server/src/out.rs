@@ -59,6 +59,11 @@ impl OutBuf {
         self.replies
     }
 
+    /// Counts replies that were encrypted into this queue.
+    pub(crate) fn add_replies(&mut self, n: u32) {
+        self.replies = self.replies.saturating_add(n);
+    }
+
     pub(crate) fn reply_done(&mut self) {
         self.replies += 1;
         self.largest_payload = self.largest_payload.max(self.current_payload);

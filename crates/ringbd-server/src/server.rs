@@ -42,6 +42,8 @@ pub struct Config {
     pub uring: UringOptions,
     /// Print the engine's counters this often (they are printed at exit too).
     pub stats_interval: Option<Duration>,
+    /// STARTTLS policy and credentials.
+    pub tls: crate::tls::TlsOptions,
 }
 
 /// Which engine serves connections.
@@ -126,6 +128,17 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
             ringbd_backend::open(spec, config.read_only).map_err(|e| err(format!("export {name:?}: {e}")))?;
         exports.add(Export::new(name.clone(), backend, config.read_only)).map_err(err)?;
     }
+    let tls = crate::tls::TlsServer::load(&config.tls).map_err(|e| err(format!("TLS: {e}")))?;
+    if let Some(t) = &tls {
+        log::debug(format_args!(
+            "TLS {:?} with the certificates in {:?}{}",
+            t.mode,
+            config.tls.certificates.as_deref().unwrap_or(std::path::Path::new("")),
+            if config.tls.verify_peer { ", client certificates required" } else { "" }
+        ));
+    }
+    let tls_required = tls.as_ref().is_some_and(|t| t.mode == nbd_proto::TlsMode::Require);
+    exports.set_tls(tls);
     let exports = Arc::new(exports);
 
     let listeners = bind(&config)?;
@@ -135,7 +148,7 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
     {
         let mut stdout = io::stdout().lock();
         for l in &listeners {
-            writeln!(stdout, "{}", l.uri()).ok();
+            writeln!(stdout, "{}", l.uri_with(tls_required)).ok();
         }
         stdout.flush().ok();
     }
@@ -143,7 +156,7 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
     let (wake_rx, wake_tx) = io::pipe().map_err(|e| err(format!("pipe: {e}")))?;
     let child_status: Arc<Mutex<Option<ExitStatus>>> = Arc::default();
     if let Some(cmd) = &config.run {
-        let mut child = captive_command(cmd, &listeners)
+        let mut child = captive_command(cmd, &listeners, tls_required)
             .spawn()
             .map_err(|e| err(format!("--run: cannot start sh: {e}")))?;
         let status = child_status.clone();
@@ -367,7 +380,7 @@ fn bind(config: &Config) -> Result<Vec<Listener>, ServeError> {
 }
 
 /// `sh -c CMD` with `$uri`, `$unixsocket`, `$port` (as nbdkit's `--run`).
-fn captive_command(cmd: &str, listeners: &[Listener]) -> Command {
+fn captive_command(cmd: &str, listeners: &[Listener], tls: bool) -> Command {
     let mut c = Command::new("/bin/sh");
     c.arg("-c").arg(cmd);
     let unix = listeners.iter().find_map(Listener::unix_path);
@@ -376,7 +389,7 @@ fn captive_command(cmd: &str, listeners: &[Listener]) -> Command {
         .iter()
         .find(|l| l.unix_path().is_some())
         .or_else(|| listeners.first())
-        .map(Listener::uri)
+        .map(|l| l.uri_with(tls))
         .unwrap_or_default();
     c.env("uri", uri);
     match unix {

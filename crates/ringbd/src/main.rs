@@ -12,6 +12,7 @@ use std::time::Duration;
 mod cmd_ublk;
 
 use clap::{Args, Parser, Subcommand};
+use nbd_proto::TlsMode;
 use ringbd_backend::Spec;
 use ringbd_server::engine_uring::UringOptions;
 use ringbd_server::server::EngineKind;
@@ -119,6 +120,22 @@ struct ServeArgs {
     /// Print the engine's counters (requests per receive, replies per send...) this often, e.g. 1s or 500ms; they are always printed at exit.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     stats_interval: Option<Duration>,
+    /// STARTTLS: off (refused), on (offered), require (nothing without TLS) [default: require with --tls-certificates, else off].
+    #[arg(long, value_enum)]
+    tls: Option<TlsArg>,
+    /// Directory with ca-cert.pem, server-cert.pem and server-key.pem (the qemu and nbdkit names).
+    #[arg(long, value_name = "DIR")]
+    tls_certificates: Option<PathBuf>,
+    /// Require a client certificate signed by the directory's ca-cert.pem.
+    #[arg(long)]
+    tls_verify_peer: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TlsArg {
+    Off,
+    On,
+    Require,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -198,6 +215,15 @@ fn serve(a: ServeArgs) -> ExitCode {
             u
         },
         stats_interval: a.stats_interval,
+        tls: ringbd_server::tls::TlsOptions {
+            mode: match (a.tls, &a.tls_certificates) {
+                (Some(TlsArg::Off), _) | (None, None) => TlsMode::Off,
+                (Some(TlsArg::On), _) => TlsMode::On,
+                (Some(TlsArg::Require), _) | (None, Some(_)) => TlsMode::Require,
+            },
+            certificates: a.tls_certificates,
+            verify_peer: a.tls_verify_peer,
+        },
     };
     match ringbd_server::run(config) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

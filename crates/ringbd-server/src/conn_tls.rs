@@ -1,0 +1,157 @@
+//! The TLS half of [`Connection`]: starting TLS after the STARTTLS ACK,
+//! ciphertext in (with the `held` rule for backpressure), and sealing a loop
+//! turn's plaintext replies into records. A child module of `conn`, so it
+//! works on the connection's own fields.
+
+use std::io::{IoSlice, Read, Write};
+
+use super::{Connection, Phase, OUT_HIGH_WATER};
+use crate::log;
+use crate::tls::TlsLayer;
+
+impl Connection {
+    /// Switches to TLS after the plaintext STARTTLS ACK (queued in `out`,
+    /// which becomes the start of the wire queue). False if it cannot.
+    pub(super) fn begin_tls(&mut self) -> bool {
+        let session = match self.tls_server.as_ref().map(|s| s.session()) {
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                log::warn(format_args!("{}: cannot start TLS: {e}", self.peer));
+                self.phase = Phase::Closed;
+                return false;
+            }
+            None => {
+                self.phase = Phase::Closed;
+                return false;
+            }
+        };
+        let wire = std::mem::take(&mut self.out);
+        self.tls = Some(Box::new(TlsLayer::new(session, wire)));
+        log::debug(format_args!("{}: STARTTLS", self.peer));
+        true
+    }
+
+    /// Ciphertext in: decrypt and feed the NBD state machine. Bytes whose
+    /// plaintext the state machine could not take yet (backpressure) are
+    /// reported unconsumed and remembered in `held`, so the engine offers
+    /// them again once there is room and only what follows is new.
+    pub(super) fn receive_tls(&mut self, t: &mut TlsLayer, data: &[u8]) -> usize {
+        let mut used = 0;
+        if !t.plain.is_empty() {
+            self.feed_plain(t);
+            if !t.plain.is_empty() && !self.is_closed() {
+                return 0;
+            }
+            used = t.held.min(data.len());
+        }
+        t.held = 0;
+        while used < data.len() && !self.is_closed() && self.wants_input() && room(t, self.reply_limit) {
+            let mut rd = &data[used..];
+            let n = match t.session.read_tls(&mut rd) {
+                Ok(n) if n > 0 => n,
+                Ok(_) => {
+                    self.tls_failed("rustls took no bytes");
+                    return data.len();
+                }
+                Err(e) => {
+                    self.tls_failed(&e.to_string());
+                    return data.len();
+                }
+            };
+            if let Err(e) = t.session.process_new_packets() {
+                // rustls queued an alert; seal sends it.
+                self.tls_failed(&e.to_string());
+                return data.len();
+            }
+            if !t.established && !t.session.is_handshaking() {
+                t.established = true;
+                log::debug(format_args!("{}: TLS established: {}", self.peer, t.describe()));
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            loop {
+                match t.session.reader().read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => t.plain.extend_from_slice(&chunk[..k]),
+                }
+            }
+            self.feed_plain(t);
+            if !t.plain.is_empty() && !self.is_closed() {
+                t.held = n;
+                break;
+            }
+            used += n;
+        }
+        used
+    }
+
+    /// Hands decrypted bytes to the NBD state machine, then encrypts what it
+    /// queued.
+    fn feed_plain(&mut self, t: &mut TlsLayer) {
+        let n = self.receive_plain(&t.plain);
+        t.plain.drain(..n);
+        if self.start_tls {
+            // Only possible before TLS; the handshake refuses a second one.
+            self.start_tls = false;
+            self.phase = Phase::Closed;
+        }
+        self.seal_into(t);
+    }
+
+    fn tls_failed(&mut self, why: &str) {
+        log::warn(format_args!("{}: TLS: {why}", self.peer));
+        self.phase = Phase::Closed;
+    }
+
+    /// Encrypts the queued replies, if TLS runs.
+    pub(super) fn seal(&mut self) {
+        if let Some(mut t) = self.tls.take() {
+            self.seal_into(&mut t);
+            self.tls = Some(t);
+        }
+    }
+
+    /// Writes every queued plaintext reply through the TLS session at once
+    /// (one vectored write: full records, not one or two per reply), then
+    /// moves the records and any handshake messages or alert to the wire.
+    pub(super) fn seal_into(&mut self, t: &mut TlsLayer) {
+        if !self.out.is_empty() {
+            let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(8);
+            self.out.iovecs(0, &mut iov);
+            let total = self.out.len();
+            let mut done = 0;
+            while done < total {
+                match t.session.writer().write_vectored(&iov) {
+                    Ok(n) if n > 0 => {
+                        done += n;
+                        iov.clear();
+                        self.out.iovecs(done, &mut iov);
+                    }
+                    // Unreachable with no buffer limit; fail rather than spin.
+                    _ => {
+                        log::warn(format_args!("{}: TLS: rustls refused plaintext", self.peer));
+                        self.phase = Phase::Closed;
+                        break;
+                    }
+                }
+            }
+            drop(iov);
+            t.wire.add_replies(self.out.replies());
+            self.out.clear(&mut self.pool);
+        }
+        if self.is_closed() && !t.closing {
+            t.closing = true;
+            t.session.send_close_notify();
+        }
+        while t.session.wants_write() {
+            match t.session.write_tls(t.wire.bytes()) {
+                Ok(n) if n > 0 => {}
+                _ => break,
+            }
+        }
+    }
+}
+
+/// Whether the wire queue has room for more records.
+fn room(t: &TlsLayer, reply_limit: u32) -> bool {
+    t.wire.len() < OUT_HIGH_WATER && t.wire.replies() < reply_limit
+}

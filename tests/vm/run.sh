@@ -179,7 +179,9 @@ chmod 755 "$STAGE/init" "$STAGE"/vmtest/guest/*.sh
 INITRD=$WORK/initramfs.cpio
 (cd "$STAGE" && find . | LC_ALL=C sort | "$BUSYBOX" cpio -o -H newc >"$INITRD" 2>/dev/null)
 T_BUILT=$(now)
-say "initramfs: $(du -m "$INITRD" | cut -f1) MiB, modules: ${!MODDONE[*]} ($(elapsed "$T_START" "$T_BUILT") s)"
+HAVE_MODULES=()
+for m in "${!MODDONE[@]}"; do [[ ${MODDONE[$m]} == absent ]] || HAVE_MODULES+=("$m"); done
+say "initramfs: $(du -m "$INITRD" | cut -f1) MiB, modules: ${HAVE_MODULES[*]} ($(elapsed "$T_START" "$T_BUILT") s)"
 
 # --- boot --------------------------------------------------------------------------------
 QEMU=$ROOT/usr/bin/qemu-system-x86_64

@@ -22,6 +22,9 @@
 #   VM_KEEP=1         keep the initramfs staging dir (path printed)
 #   VM_VERBOSE=1      show the kernel's log on the console too
 #   VM_ACCEL          tcg (default) or kvm
+#   VM_KERNEL         6.12 (default: Debian 12's, the one the suite is written
+#                     for) or new (the 6.16+ kernel from trixie-backports that
+#                     setup.sh fetches, for ublk zero-copy)
 set -euo pipefail
 shopt -s extglob
 
@@ -55,13 +58,26 @@ fi
 ((${#TESTS[@]})) || die "no tests in $HERE/guest"
 
 # --- inputs -------------------------------------------------------------------------
-"$HERE/setup.sh"
-KVER=$(sed -n 's/^kernel=//p' "$CACHE/setup.stamp")
-KERNEL=$ROOT/boot/vmlinuz-$KVER
-MODDIR=$ROOT/lib/modules/$KVER
+VM_KERNEL=${VM_KERNEL:-6.12}
+case $VM_KERNEL in
+    6.12)
+        VM_SETUP_KERNELS=6.12 "$HERE/setup.sh"
+        KVER=$(sed -n 's/^kernel=//p' "$CACHE/setup.stamp")
+        KERNEL=$ROOT/boot/vmlinuz-$KVER
+        MODDIR=$ROOT/lib/modules/$KVER
+        ;;
+    new)
+        VM_SETUP_KERNELS="6.12 new" "$HERE/setup.sh"
+        KROOT=$CACHE/kernel-new/root
+        KVER=$(sed -n 's/^kernel=//p' "$CACHE/kernel-new/setup.stamp")
+        KERNEL=$KROOT/boot/vmlinuz-$KVER
+        MODDIR=$KROOT/$(sed -n 's/^moddir=//p' "$CACHE/kernel-new/setup.stamp")
+        ;;
+    *) die "VM_KERNEL must be 6.12 or new" ;;
+esac
 BUSYBOX=$ROOT/bin/busybox
 LIBPATH=$ROOT/lib/x86_64-linux-gnu:$ROOT/usr/lib/x86_64-linux-gnu
-[[ -f $KERNEL && -d $MODDIR ]] || die "kernel $KVER not in $ROOT (rerun with VM_SETUP_FORCE=1 tests/vm/setup.sh)"
+[[ -f $KERNEL && -d $MODDIR ]] || die "kernel $KVER ($KERNEL, $MODDIR) missing (rerun with VM_SETUP_FORCE=1 tests/vm/setup.sh)"
 
 RINGBD=${RINGBD:-$REPO/target/release/ringbd}
 if [[ ! -x $RINGBD ]]; then
@@ -121,6 +137,9 @@ printf 'root:x:0:\n' >"$STAGE/etc/group"
 # module's .modinfo), uncompressed (busybox insmod does not read .ko.xz);
 # busybox depmod then writes modules.dep and modules.alias for modprobe.
 WANT_MODULES=(nbd ublk_drv ext4 crc32c_generic)
+# Loaded by the tests where the kernel has them as modules; newer kernels
+# have crc32c as a library (ext4 then depends on nothing of this name).
+OPTIONAL_MODULES=(crc32c_generic)
 declare -A MODPATH=() MODDONE=()
 while read -r f; do
     n=${f##*/}; n=${n%%.ko*}; MODPATH[${n//-/_}]=$f
@@ -131,6 +150,7 @@ add_module() {
     MODDONE[$name]=1
     if [[ -z ${MODPATH[$name]:-} ]]; then
         grep -q "/${name//_/[-_]}\.ko" "$MODDIR/modules.builtin" && return 0   # built in
+        [[ " ${OPTIONAL_MODULES[*]} " == *" $name "* ]] && { MODDONE[$name]=absent; return 0; }
         die "module $name not found in kernel $KVER"
     fi
     rel=${MODPATH[$name]}
@@ -159,7 +179,9 @@ chmod 755 "$STAGE/init" "$STAGE"/vmtest/guest/*.sh
 INITRD=$WORK/initramfs.cpio
 (cd "$STAGE" && find . | LC_ALL=C sort | "$BUSYBOX" cpio -o -H newc >"$INITRD" 2>/dev/null)
 T_BUILT=$(now)
-say "initramfs: $(du -m "$INITRD" | cut -f1) MiB, modules: ${!MODDONE[*]} ($(elapsed "$T_START" "$T_BUILT") s)"
+HAVE_MODULES=()
+for m in "${!MODDONE[@]}"; do [[ ${MODDONE[$m]} == absent ]] || HAVE_MODULES+=("$m"); done
+say "initramfs: $(du -m "$INITRD" | cut -f1) MiB, modules: ${HAVE_MODULES[*]} ($(elapsed "$T_START" "$T_BUILT") s)"
 
 # --- boot --------------------------------------------------------------------------------
 QEMU=$ROOT/usr/bin/qemu-system-x86_64
@@ -175,7 +197,7 @@ LOGLEVEL="quiet loglevel=1"
 TESTLIST=$(IFS=,; echo "${TESTS[*]}")
 APPEND="console=ttyS0 panic=-1 $LOGLEVEL rdinit=/init vmtests=$TESTLIST vmtest_timeout=$VM_TEST_TIMEOUT"
 LOG=$CACHE/last-run.log
-say "booting $KVER (${ACCEL[*]}, ${VM_MEM} MiB, ${VM_SMP} CPUs), tests: ${TESTS[*]}; console log: $LOG"
+say "booting $KVER [VM_KERNEL=$VM_KERNEL] (${ACCEL[*]}, ${VM_MEM} MiB, ${VM_SMP} CPUs), tests: ${TESTS[*]}; console log: $LOG"
 
 declare -A RESULT=() REASON=()
 T_BOOTED="" GUEST_DONE=0

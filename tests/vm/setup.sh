@@ -12,11 +12,27 @@
 # fetched and a second run does nothing. Remove target/vm-cache/ (or set
 # VM_SETUP_FORCE=1) to fetch again.
 #
+# A second, newer kernel (6.16+, for ublk zero-copy: UBLK_F_AUTO_BUF_REG)
+# comes from Debian trixie-backports, which the host's apt need not know:
+# its Packages.xz is fetched with curl from deb.debian.org, the newest
+# linux-image-6.1[6-9].*+deb13-amd64 picked, its .deb downloaded, checked
+# against the SHA256 of its Packages entry and unpacked with `dpkg -x` into
+# target/vm-cache/kernel-new/root/ (its own stamp: kernel-new/setup.stamp).
+# Everything else (qemu, busybox, e2fsprogs) is shared with the 6.12 setup.
+#
 # Environment:
 #   VM_CACHE        cache dir (default: <repo>/target/vm-cache)
 #   VM_KERNEL_PKG   kernel package (default: the newest
 #                   linux-image-6.12.*+deb12-amd64-unsigned apt knows of)
 #   VM_SETUP_FORCE  1: ignore the stamp and check/fetch everything again
+#   VM_SETUP_KERNELS  guest kernels to set up: "6.12 new" (default) or
+#                   "6.12" (run.sh passes its VM_KERNEL, so a 6.12 run does
+#                   not need trixie-backports); qemu and the guest tools are
+#                   always set up
+#   VM_NEW_KERNEL_PKG  the new kernel's package (default: the newest
+#                   linux-image-6.1[6-9].*+deb13-amd64 that has its modules)
+#   VM_NEW_KERNEL_MIRROR  Debian mirror for the new kernel
+#                   (default http://deb.debian.org/debian)
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -32,8 +48,85 @@ LAYOUT=2
 say() { printf 'vm-setup: %s\n' "$*"; }
 die() { printf 'vm-setup: ERROR: %s\n' "$*" >&2; exit 1; }
 
+# --- the new kernel (trixie-backports) ------------------------------------------
+NEW=$CACHE/kernel-new
+NEW_STAMP=$NEW/setup.stamp
+NEW_LAYOUT=1
+MIRROR=${VM_NEW_KERNEL_MIRROR:-http://deb.debian.org/debian}
+setup_new_kernel() {
+    if [[ ${VM_SETUP_FORCE:-0} != 1 && -f $NEW_STAMP ]] && grep -qx "layout=$NEW_LAYOUT" "$NEW_STAMP"; then
+        say "new kernel up to date ($(sed -n 's/^kernel=//p' "$NEW_STAMP")); nothing to do"
+        return 0
+    fi
+    for tool in curl xz sha256sum dpkg; do
+        command -v "$tool" >/dev/null || die "$tool not found (needed for the new kernel)"
+    done
+    mkdir -p "$NEW"
+    local idx=$NEW/Packages.xz
+    say "fetching $MIRROR/dists/trixie-backports/main/binary-amd64/Packages.xz"
+    curl -fsSL --retry 3 -o "$idx.part" "$MIRROR/dists/trixie-backports/main/binary-amd64/Packages.xz" \
+        || die "cannot fetch trixie-backports' Packages.xz from $MIRROR"
+    mv "$idx.part" "$idx"
+    # "package version filename sha256" of every generic amd64 6.16-6.19
+    # kernel image (not -cloud, -rt, -dbg, -unsigned) that carries its
+    # kernel and modules itself: from 6.19 on Debian splits them into
+    # linux-binary-* and linux-modules-* packages (the image then only
+    # depends on them), which this does not follow.
+    local entries
+    entries=$(xz -dc "$idx" | awk -v want="${VM_NEW_KERNEL_PKG:-}" '
+        function emit() {
+            if (p == "" || f == "" || h == "" || d ~ /linux-(binary|modules)-/) return
+            if (want != "" ? p == want : p ~ /^linux-image-6\.1[6-9]\.[0-9]+\+deb13-amd64$/) print p, v, f, h
+        }
+        /^Package: / { p = $2; v = f = h = d = "" }
+        /^Version: / { v = $2 }
+        /^Depends: / { d = $0 }
+        /^Filename: / { f = $2 }
+        /^SHA256: / { h = $2 }
+        /^$/ { emit(); p = "" }
+        END { emit() }')
+    [[ -n $entries ]] || die "no ${VM_NEW_KERNEL_PKG:-linux-image-6.1[6-9].*+deb13-amd64} with its modules in trixie-backports"
+    local pkg ver file sum
+    read -r pkg ver file sum < <(sort -V -k1,1 -k2,2 <<<"$entries" | tail -n1)
+    local deb=$NEW/${file##*/}
+    if [[ -f $deb ]] && echo "$sum  $deb" | sha256sum -c --quiet - >/dev/null 2>&1; then
+        say "have $pkg $ver"
+    else
+        rm -f "$NEW"/linux-image-*.deb
+        say "downloading $pkg $ver ($file)"
+        curl -fsSL --retry 3 -o "$deb.part" "$MIRROR/$file" || die "cannot download $MIRROR/$file"
+        echo "$sum  $deb.part" | sha256sum -c --quiet - >/dev/null 2>&1 \
+            || die "$file: SHA256 does not match its Packages entry ($sum)"
+        mv "$deb.part" "$deb"
+    fi
+    say "unpacking ${deb##*/}"
+    rm -rf "$NEW/root"
+    mkdir -p "$NEW/root"
+    dpkg -x "$deb" "$NEW/root"
+    # trixie's packages put modules under usr/lib/modules (merged /usr).
+    local kver moddir
+    moddir=$(ls -d "$NEW"/root/usr/lib/modules/*/ "$NEW"/root/lib/modules/*/ 2>/dev/null | sort -V | tail -n1 || true)
+    [[ -n $moddir ]] || die "no lib/modules in $deb"
+    moddir=${moddir%/}
+    kver=${moddir##*/}
+    [[ -f $NEW/root/boot/vmlinuz-$kver ]] || die "no kernel image vmlinuz-$kver in $deb"
+    for m in drivers/block/ublk_drv fs/ext4/ext4; do
+        ls "$moddir/kernel/$m.ko"* >/dev/null 2>&1 || die "kernel $kver lacks $m module"
+    done
+    {
+        echo "layout=$NEW_LAYOUT"
+        echo "kernel=$kver"
+        echo "moddir=${moddir#"$NEW/root/"}"
+        echo "$pkg $ver sha256=$sum"
+    } >"$NEW_STAMP"
+    say "done: new kernel $kver ($pkg $ver) in $NEW/root"
+}
+WANT_NEW=0
+[[ " ${VM_SETUP_KERNELS:-6.12 new} " == *" new "* ]] && WANT_NEW=1
+
 if [[ ${VM_SETUP_FORCE:-0} != 1 && -f $STAMP ]] && grep -qx "layout=$LAYOUT" "$STAMP"; then
     say "cache up to date ($CACHE); nothing to do"
+    ((WANT_NEW)) && setup_new_kernel
     exit 0
 fi
 
@@ -162,3 +255,5 @@ fi
     cat "$MANIFEST"
 } >"$STAMP"
 say "done: kernel $KVER, $(wc -l <"$MANIFEST") packages unpacked into $ROOT (list: $MANIFEST)"
+((WANT_NEW)) && setup_new_kernel
+exit 0

@@ -16,7 +16,7 @@ use ringbd_io::ublk::{sys, Control, DevInfo, Params, QueueConfig};
 
 use crate::error::{Context, Error, Result};
 use crate::queue::{self, QueueStats};
-use crate::target::Target;
+use crate::target::{Target, TargetInfo};
 
 /// Options of `ringbd attach`.
 #[derive(Debug, Clone)]
@@ -34,6 +34,9 @@ pub struct AttachOptions {
     pub dev_id: Option<u32>,
     /// Create the device with USER_RECOVERY(+REISSUE) when the driver has it.
     pub recovery: bool,
+    /// Create the device with `UBLK_F_AUTO_BUF_REG` (zero-copy) when the
+    /// driver reports it and the target can use it; false forces the copy path.
+    pub zero_copy: bool,
 }
 
 impl Default for AttachOptions {
@@ -47,13 +50,33 @@ impl Default for AttachOptions {
             read_only: false,
             dev_id: None,
             recovery: true,
+            zero_copy: true,
         }
     }
 }
 
-/// Feature bits that would let requests skip the copy into ringbd's
-/// buffers (6.15+); reported, not used yet.
+/// Feature bits that let requests skip the copy into ringbd's buffers
+/// (6.15+). Only `UBLK_F_AUTO_BUF_REG` (6.16) is used, for targets that can
+/// (see [`TargetInfo::zero_copy`]); `UBLK_F_SUPPORT_ZERO_COPY` alone would
+/// need a REGISTER_IO_BUF command per request.
 pub const ZERO_COPY_FEATURES: u64 = sys::UBLK_F_SUPPORT_ZERO_COPY | sys::UBLK_F_AUTO_BUF_REG;
+
+/// How a device's request data moves, and why: for `ringbd attach`'s
+/// message. `flags` are the device's, `features` the driver's.
+pub fn data_path(flags: u64, features: u64, target: &TargetInfo, asked: bool) -> String {
+    if flags & sys::UBLK_F_AUTO_BUF_REG != 0 {
+        "zero-copy (AUTO_BUF_REG: the target reads and writes the request's pages as fixed buffers)"
+            .to_owned()
+    } else if features & sys::UBLK_F_AUTO_BUF_REG == 0 {
+        "copy (the driver does not offer AUTO_BUF_REG, Linux 6.16+)".to_owned()
+    } else if !asked {
+        "copy (--no-zero-copy)".to_owned()
+    } else if !target.zero_copy {
+        "copy (this target cannot use the driver's AUTO_BUF_REG)".to_owned()
+    } else {
+        "copy".to_owned()
+    }
+}
 
 /// The block device path of device `id`.
 pub fn block_path(id: u32) -> String {
@@ -246,6 +269,7 @@ fn start_queues(
             q_id: q,
             depth: info.queue_depth,
             buf_size: info.max_io_buf_bytes as usize,
+            auto_buf_reg: info.flags & sys::UBLK_F_AUTO_BUF_REG != 0,
         };
         let (cdev, target, tx) = (cdev.clone(), target.clone(), tx.clone());
         let pin = cpus.get(usize::from(q)).cloned().unwrap_or_default();
@@ -282,6 +306,9 @@ impl Device {
         let mut flags = sys::UBLK_F_CMD_IOCTL_ENCODE;
         if o.recovery {
             flags |= features & (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE);
+        }
+        if o.zero_copy && target.info().zero_copy {
+            flags |= features & sys::UBLK_F_AUTO_BUF_REG;
         }
         let want = DevInfo {
             nr_hw_queues: o.queues,
@@ -320,6 +347,15 @@ impl Device {
         if info.flags & sys::UBLK_F_USER_RECOVERY == 0 {
             return Err(Error::msg(
                 format!("ublk device {id} was created without USER_RECOVERY; it cannot be re-attached"),
+                libc::EINVAL,
+            ));
+        }
+        if info.flags & sys::UBLK_F_AUTO_BUF_REG != 0 && !target.info().zero_copy {
+            return Err(Error::msg(
+                format!(
+                    "ublk device {id} was created zero-copy (AUTO_BUF_REG), which {} cannot serve",
+                    target.describe()
+                ),
                 libc::EINVAL,
             ));
         }
@@ -574,6 +610,17 @@ mod tests {
 
     fn opts() -> AttachOptions {
         AttachOptions::default()
+    }
+
+    #[test]
+    fn data_path_names_the_mode_and_why() {
+        let zc = TargetInfo { zero_copy: true, ..Default::default() };
+        let no = TargetInfo::default();
+        let abr = sys::UBLK_F_AUTO_BUF_REG;
+        assert!(data_path(abr, abr, &zc, true).starts_with("zero-copy"));
+        assert_eq!(data_path(0, 0, &zc, true), "copy (the driver does not offer AUTO_BUF_REG, Linux 6.16+)");
+        assert_eq!(data_path(0, abr, &zc, false), "copy (--no-zero-copy)");
+        assert_eq!(data_path(0, abr, &no, true), "copy (this target cannot use the driver's AUTO_BUF_REG)");
     }
 
     #[test]

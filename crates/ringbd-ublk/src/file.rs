@@ -78,6 +78,8 @@ impl Target for FileTarget {
             write_zeroes: !self.read_only,
             min_block_size: if self.direct { 4096 } else { 512 },
             any_size: false,
+            // Reads and writes go through read_data/write_data only.
+            zero_copy: true,
             ..Default::default()
         }
     }
@@ -116,7 +118,7 @@ impl FileQueue {
             len: f.req.len - f.done,
             cookie: if f.req.op == Op::Read { C_READ } else { C_WRITE },
         };
-        let r = if f.req.op == Op::Read { ring.read(&io) } else { ring.write(&io, f.req.fua) };
+        let r = if f.req.op == Op::Read { ring.read_data(&io) } else { ring.write_data(&io, f.req.fua) };
         match r {
             Ok(()) => {
                 self.reqs[usize::from(tag)] = Some(f);

@@ -107,6 +107,12 @@ impl Target for NbdTarget {
             opt_io: bs.map_or(0, |b| b.preferred),
             max_queues: if self.has(tx_flags::CAN_MULTI_CONN) { 0 } else { 1 },
             any_size: false,
+            // Copy path: a read's payload is received from the socket and a
+            // write's is sent from the tag's buffer (one batched sendmsg with
+            // the headers); with the request's pages only registered as a
+            // fixed buffer these would need RECV/SEND with fixed buffers
+            // (send zero-copy), which this target does not do yet.
+            zero_copy: false,
         }
     }
 

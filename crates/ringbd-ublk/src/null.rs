@@ -30,6 +30,10 @@ impl Target for NullTarget {
             write_zeroes: true,
             min_block_size: 512,
             any_size: true,
+            // Copy path: a read zeroes the tag's buffer in place; with the
+            // request's pages only reachable as a fixed buffer that would
+            // need a ring operation per read (READ_FIXED from /dev/zero).
+            zero_copy: false,
             ..Default::default()
         }
     }

@@ -27,6 +27,9 @@ pub struct QueueStats {
     pub errors: u64,
     /// Loop turns (one submission each).
     pub turns: u64,
+    /// Reads and writes done as READ_FIXED/WRITE_FIXED on the request's
+    /// own pages (zero-copy devices).
+    pub zero_copy_ops: u64,
 }
 
 impl QueueStats {
@@ -51,6 +54,7 @@ impl QueueStats {
         self.write_zeroes += o.write_zeroes;
         self.errors += o.errors;
         self.turns += o.turns;
+        self.zero_copy_ops += o.zero_copy_ops;
     }
 }
 
@@ -58,7 +62,7 @@ impl std::fmt::Display for QueueStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} requests ({} reads, {} writes, {} flushes, {} discards, {} write-zeroes), {} failed, {} loop turns",
+            "{} requests ({} reads, {} writes, {} flushes, {} discards, {} write-zeroes), {} failed, {} loop turns, {} zero-copy ops",
             self.requests,
             self.reads,
             self.writes,
@@ -66,7 +70,8 @@ impl std::fmt::Display for QueueStats {
             self.discards,
             self.write_zeroes,
             self.errors,
-            self.turns
+            self.turns,
+            self.zero_copy_ops
         )
     }
 }
@@ -167,6 +172,7 @@ fn serve(ring: &mut QueueRing, handler: &mut dyn QueueHandler, where_: &str) -> 
             ring.commit(tag, result).context(|| format!("{where_} tag {tag}: commit"))?;
         }
     }
+    stats.zero_copy_ops = ring.fixed_ops();
     match failure {
         Some(e) => Err(e),
         None => Ok(stats),

@@ -44,6 +44,10 @@ pub struct TargetInfo {
     pub min_block_size: u32,
     /// `--size` may exceed `size` (null has no end).
     pub any_size: bool,
+    /// The handler moves read and write data with [`QueueRing::read_data`]
+    /// / [`QueueRing::write_data`] only (never through `ring.buf(tag)`), so
+    /// the device may be created zero-copy (`UBLK_F_AUTO_BUF_REG`).
+    pub zero_copy: bool,
 }
 
 /// The request operations a handler sees.

@@ -59,6 +59,10 @@ pub struct AttachArgs {
     /// Create the device without USER_RECOVERY: if ringbd dies, the device goes away.
     #[arg(long, conflicts_with = "recover")]
     no_recovery: bool,
+    /// Copy request data through ringbd's buffers even where the driver offers
+    /// zero-copy (UBLK_F_AUTO_BUF_REG, Linux 6.16+) and the target can use it.
+    #[arg(long, conflicts_with = "recover")]
+    no_zero_copy: bool,
     /// Re-attach device N (ID or /dev/ublkbN), whose previous server died.
     #[arg(long, value_name = "ID", value_parser = device::parse_device)]
     recover: Option<u32>,
@@ -126,6 +130,7 @@ pub fn attach(a: AttachArgs) -> ExitCode {
                 read_only: a.read_only,
                 dev_id: a.id,
                 recovery: !a.no_recovery,
+                zero_copy: !a.no_zero_copy,
             };
             Device::attach(target.clone(), &o)
         }
@@ -147,9 +152,11 @@ pub fn attach(a: AttachArgs) -> ExitCode {
         ringbd_io_names(i.flags),
         ringbd_io_names(dev.features),
     );
-    if dev.features & ringbd_ublk::device::ZERO_COPY_FEATURES != 0 {
-        eprintln!("ringbd: the driver offers zero-copy buffers; this build still copies (docs/ublk.md)");
-    }
+    eprintln!(
+        "ringbd: ublk device {} data path: {}",
+        i.dev_id,
+        ringbd_ublk::device::data_path(i.flags, dev.features, &info, !a.no_zero_copy)
+    );
     eprintln!("ringbd: serving {} on {}", target.describe(), block_path(i.dev_id));
     let mut out = std::io::stdout();
     if let Err(e) = writeln!(out, "{}", block_path(i.dev_id)).and_then(|()| out.flush()) {

@@ -9,7 +9,7 @@
 
 step "load modules, attach file:disk.img (128 MiB)"
 load_module ublk_drv
-load_module crc32c_generic
+load_crc32c
 load_module ext4
 wait_for 5 test -c /dev/ublk-control || fail "/dev/ublk-control did not appear"
 truncate -s 128M disk.img

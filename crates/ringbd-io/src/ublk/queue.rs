@@ -8,6 +8,16 @@
 //! completion gives it back. The buffer of a tag is readable and writable
 //! here only while we own the tag and no ring operation of ours uses it,
 //! which the methods check, so none of this needs `unsafe` from callers.
+//!
+//! Zero-copy (`QueueConfig::auto_buf_reg`, a device created with
+//! `UBLK_F_AUTO_BUF_REG`, Linux 6.16+): the ring gets a sparse fixed-buffer
+//! table of `depth` entries, and every FETCH_REQ / COMMIT_AND_FETCH_REQ asks
+//! the driver to register the request's own pages as fixed buffer `tag`
+//! before handing the request over (and to unregister them at the commit).
+//! [`QueueRing::read_data`] and [`QueueRing::write_data`] then move the
+//! request's data with READ_FIXED / WRITE_FIXED on that buffer, addressed by
+//! byte offset; nothing is copied through the tag's buffer, which stays for
+//! the other uses (a target's write of zeroes, the copy path).
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::io;
@@ -124,6 +134,10 @@ pub struct QueueConfig {
     pub depth: u16,
     /// Bytes of each tag's buffer (the device's `max_io_buf_bytes`).
     pub buf_size: usize,
+    /// The device was created with `UBLK_F_AUTO_BUF_REG`: register a
+    /// sparse buffer table and have the driver put each request's pages at
+    /// index `tag` (see the module docs).
+    pub auto_buf_reg: bool,
 }
 
 /// The descriptor area mapped read-only from /dev/ublkcN.
@@ -151,6 +165,8 @@ pub struct QueueRing {
     inflight: usize,
     send: SendArea,
     recv: RecvArea,
+    /// READ_FIXED / WRITE_FIXED operations on request buffers (zero-copy).
+    fixed_ops: u64,
 }
 
 // SAFETY: the raw pointers are to memory owned by this value (the mapping
@@ -247,6 +263,13 @@ impl QueueRing {
         let mut fds = vec![cdev.as_raw_fd()];
         fds.extend(files.iter().map(|f| f.as_raw_fd()));
         ring.submitter().register_files(&fds).map_err(|e| ctx("registering files", e))?;
+        if cfg.auto_buf_reg {
+            // One empty slot per tag: the driver fills slot `tag` with the
+            // request's pages when it hands the request over.
+            ring.submitter()
+                .register_buffers_sparse(u32::from(cfg.depth))
+                .map_err(|e| ctx("registering a sparse buffer table (zero-copy)", e))?;
+        }
         // SAFETY: msghdr is plain old data; all-zero is a valid empty message.
         let msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
         let send = SendArea {
@@ -265,6 +288,7 @@ impl QueueRing {
             inflight: 0,
             send,
             recv: RecvArea { buf: Box::new([0; RECV_HEADER_MAX]), busy: false },
+            fixed_ops: 0,
         })
     }
 
@@ -282,7 +306,11 @@ impl QueueRing {
         // by self (tag buffers, which stay allocated while any operation on
         // them is in flight, see Drop; the send area's headers, iovecs and
         // msghdr and the receive area, which are heap memory that is neither
-        // freed nor resized while their operation is in flight) or at nothing.
+        // freed nor resized while their operation is in flight), at a
+        // request buffer the driver registered in the ring's buffer table
+        // (READ_FIXED/WRITE_FIXED: `addr` is then a byte offset into that
+        // kernel buffer, which the kernel bounds-checks, not a pointer into
+        // our memory), or at nothing.
         if unsafe { self.ring.submission().push(&e) }.is_err() {
             self.submit()?;
             // SAFETY: as above.
@@ -311,12 +339,63 @@ impl QueueRing {
     }
 
     fn io_cmd(&mut self, op: u32, tag: u16, result: i32) -> io::Result<()> {
-        let cmd = IoCmd { q_id: self.cfg.q_id, tag, result, addr: self.buf_ptr(tag) as u64 };
-        let sqe = opcode::UringCmd80::new(types::Fixed(CDEV_SLOT), op)
-            .cmd(io_cmd_bytes(&cmd))
-            .build()
-            .user_data(u64::from(tag));
-        self.push(sqe)
+        let e = if self.cfg.auto_buf_reg {
+            // No buffer address: the driver registers the request's pages
+            // as fixed buffer `tag` instead (index in the SQE's addr).
+            let cmd = IoCmd { q_id: self.cfg.q_id, tag, result, addr: 0 };
+            opcode::UringCmd80::new(types::Fixed(CDEV_SLOT), op)
+                .cmd(io_cmd_bytes(&cmd))
+                .addr(Some(sys::auto_buf_reg_sqe_addr(tag, 0)))
+        } else {
+            let cmd = IoCmd { q_id: self.cfg.q_id, tag, result, addr: self.buf_ptr(tag) as u64 };
+            opcode::UringCmd80::new(types::Fixed(CDEV_SLOT), op).cmd(io_cmd_bytes(&cmd))
+        };
+        self.push(e.build().user_data(u64::from(tag)))
+    }
+
+    /// Whether requests' data lives in registered request buffers
+    /// (`UBLK_F_AUTO_BUF_REG`) rather than in the tags' buffers.
+    pub fn zero_copy(&self) -> bool {
+        self.cfg.auto_buf_reg
+    }
+
+    /// READ_FIXED / WRITE_FIXED operations queued on request buffers so far.
+    pub fn fixed_ops(&self) -> u64 {
+        self.fixed_ops
+    }
+
+    /// Reads `io.len` bytes at `io.offset` of `io.file` into the request's
+    /// data at byte `io.buf_off`: straight into the request's pages
+    /// (READ_FIXED on buffer `tag`) with zero-copy, else into the tag's
+    /// buffer (which the driver copies to the request at the commit).
+    pub fn read_data(&mut self, io: &FileIo) -> io::Result<()> {
+        if !self.cfg.auto_buf_reg {
+            return self.read(io);
+        }
+        self.start_op(io.tag, Some((io.buf_off, io.len as usize)))?;
+        self.fixed_ops += 1;
+        let e = opcode::ReadFixed::new(types::Fixed(io.file.0), io.buf_off as *mut u8, io.len, io.tag)
+            .offset(io.offset)
+            .build();
+        self.push(e.user_data(Self::op_data(io.tag, io.cookie)).into())
+    }
+
+    /// Writes `io.len` bytes of the request's data from byte `io.buf_off`
+    /// to `io.offset` of `io.file` (WRITE_FIXED from the request's pages
+    /// with zero-copy, else from the tag's buffer); `dsync` as in
+    /// [`QueueRing::write`].
+    pub fn write_data(&mut self, io: &FileIo, dsync: bool) -> io::Result<()> {
+        if !self.cfg.auto_buf_reg {
+            return self.write(io, dsync);
+        }
+        self.start_op(io.tag, Some((io.buf_off, io.len as usize)))?;
+        self.fixed_ops += 1;
+        let flags = if dsync { libc::RWF_DSYNC } else { 0 };
+        let e = opcode::WriteFixed::new(types::Fixed(io.file.0), io.buf_off as *const u8, io.len, io.tag)
+            .offset(io.offset)
+            .rw_flags(flags)
+            .build();
+        self.push(e.user_data(Self::op_data(io.tag, io.cookie)).into())
     }
 
     /// Queues FETCH_REQ for every tag (once, when the queue starts).

@@ -60,6 +60,23 @@ pub const UBLK_F_QUIESCE: u64 = 1 << 12; // 6.16
 pub const UBLK_F_PER_IO_DAEMON: u64 = 1 << 13; // 6.16
 pub const UBLK_F_BUF_REG_OFF_DAEMON: u64 = 1 << 14; // 6.16
 
+/// `struct ublk_auto_buf_reg` flag: when the driver cannot register a
+/// request's buffer, hand the request over with `UBLK_IO_F_NEED_REG_BUF`
+/// instead of failing it (not used: ringbd registers a table big enough
+/// for every tag, so a failure is a bug and the request fails with EIO).
+pub const UBLK_AUTO_BUF_REG_FALLBACK: u8 = 1 << 0;
+
+/// With `UBLK_F_AUTO_BUF_REG`, what FETCH_REQ and COMMIT_AND_FETCH_REQ
+/// carry in the SQE's own `addr` field (not `ublksrv_io_cmd.addr`, which
+/// must then be 0): `struct ublk_auto_buf_reg` packed into a u64 as
+/// `ublk_auto_buf_reg_to_sqe_addr()` does (index in bits 0-15, flags in
+/// 16-23, the reserved bits zero). The driver registers the request's
+/// pages as fixed buffer `index` of the ring the command was issued on
+/// before completing the command, and unregisters it at the commit.
+pub fn auto_buf_reg_sqe_addr(index: u16, flags: u8) -> u64 {
+    u64::from(index) | (u64::from(flags) << 16)
+}
+
 /// Names of the feature bits, for messages and `ringbd list`.
 pub const FEATURE_NAMES: &[(u64, &str)] = &[
     (UBLK_F_SUPPORT_ZERO_COPY, "ZERO_COPY"),
@@ -314,5 +331,12 @@ mod tests {
         assert_eq!(feature_names(UBLK_F_USER_RECOVERY | UBLK_F_USER_COPY), "USER_RECOVERY|USER_COPY");
         assert_eq!(feature_names(1 << 40), "0x10000000000");
         assert_eq!(feature_names(0), "none");
+    }
+
+    #[test]
+    fn auto_buf_reg_packs_like_the_uapi_helper() {
+        assert_eq!(auto_buf_reg_sqe_addr(0, 0), 0);
+        assert_eq!(auto_buf_reg_sqe_addr(0x1234, UBLK_AUTO_BUF_REG_FALLBACK), 0x1_1234);
+        assert_eq!(auto_buf_reg_sqe_addr(u16::MAX, 0), 0xffff);
     }
 }

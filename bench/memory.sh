@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Memory bound under write pressure: 64 connections x qd 32 x 1 MiB writes
-# (2 GiB in flight from the client) against a null export, for each engine;
+# Memory bound under write pressure: 64 connections x qd 128 x 1 MiB writes
+# (8 GiB in flight: fio needs that much memory; pass a smaller QD on a small
+# machine) against a null export, for each engine;
 # prints the server's peak RSS (VmHWM). Usage: bench/memory.sh [JOBS] [QD]
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 RINGBD_BIN=${RINGBD_BIN:-$HERE/../target/release/ringbd}
 JOBS=${1:-64}
-QD=${2:-32}
+QD=${2:-128}
 WORK=$(mktemp -d /tmp/ringbd-memory.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 cat >"$WORK/load.sh" <<LOAD

@@ -141,6 +141,28 @@ def test_copy_between_two_servers(start_server, shm_tmp):
     qemu_img_compare(src, b.uri())
 
 
+def test_copy_to_and_from_a_block_device(start_server, shm_tmp):
+    """A loop device as either side of `ringbd copy`: the server's contents
+    land on the block device (the ranges that are holes on the server are
+    zeroed there, not left as they were) and come back identical."""
+    srv = start_server({"": "memory:32M"})
+    src = sparse_image(os.path.join(shm_tmp, "src.img"), 32 * MiB, seed=11)
+    ringbd("copy", src, srv.uri())
+    backing = os.path.join(shm_tmp, "loop.img")
+    with open(backing, "wb") as f:
+        f.write(b"\xee" * (32 * MiB))  # stale data the copy must overwrite
+    dev = run(["losetup", "--find", "--show", backing]).stdout.strip()
+    try:
+        assert dev.startswith("/dev/loop"), dev
+        ringbd("copy", "--flush", srv.uri(), dev)
+        qemu_img_compare(src, dev)
+        out = os.path.join(shm_tmp, "back.img")
+        ringbd("copy", dev, out)
+        qemu_img_compare(src, out)
+    finally:
+        run(["losetup", "--detach", dev], check=False)
+
+
 def test_copy_stdin_and_stdout(server, shm_tmp):
     src = os.path.join(shm_tmp, "src.img")
     random_file(src, 8 * MiB + 12345, seed=3)

@@ -988,14 +988,8 @@ mod tests {
             // buffers, and conn 1's pieces are held back (a backlog) while
             // conn 2's are released at once.
             let (mut got1, mut got2, mut held) = (Vec::new(), Vec::new(), Vec::new());
-            let mut want = (Vec::new(), Vec::new());
-            for i in 0..300u32 {
-                let m1 = [(i % 251) as u8; 28];
-                let m2 = [(i % 13) as u8 + 100; 100];
-                a1.write_all(&m1).unwrap();
-                a2.write_all(&m2).unwrap();
-                want.0.extend_from_slice(&m1);
-                want.1.extend_from_slice(&m2);
+            // One wait: conn 1's pieces are held, conn 2's consumed at once.
+            let step = |r: &mut Ring<Bytes>, held: &mut Vec<(u16, u32, u32)>, got2: &mut Vec<u8>| {
                 r.submit_and_wait(1).unwrap();
                 r.completions(|r, c| {
                     if let Completion::Recv { conn, result: Ok(bufs), .. } = c {
@@ -1009,6 +1003,16 @@ mod tests {
                         }
                     }
                 });
+            };
+            let mut want = (Vec::new(), Vec::new());
+            for i in 0..300u32 {
+                let m1 = [(i % 251) as u8; 28];
+                let m2 = [(i % 13) as u8 + 100; 100];
+                a1.write_all(&m1).unwrap();
+                a2.write_all(&m2).unwrap();
+                want.0.extend_from_slice(&m1);
+                want.1.extend_from_slice(&m2);
+                step(&mut r, &mut held, &mut got2);
                 if held.len() > 40 {
                     for (bid, start, end) in held.drain(..) {
                         got1.extend_from_slice(r.buffer(bid, start, end));
@@ -1020,19 +1024,7 @@ mod tests {
             while got1.len() + held.iter().map(|p| (p.2 - p.1) as usize).sum::<usize>() < want.0.len()
                 || got2.len() < want.1.len()
             {
-                r.submit_and_wait(1).unwrap();
-                r.completions(|r, c| {
-                    if let Completion::Recv { conn, result: Ok(bufs), .. } = c {
-                        for (bid, start, end) in bufs.bufs {
-                            if conn == 1 {
-                                held.push((bid, start, end));
-                            } else {
-                                got2.extend_from_slice(r.buffer(bid, start, end));
-                                r.recycle(bid);
-                            }
-                        }
-                    }
-                });
+                step(&mut r, &mut held, &mut got2);
             }
             for (bid, start, end) in held.drain(..) {
                 got1.extend_from_slice(r.buffer(bid, start, end));

@@ -3,39 +3,8 @@
 
 use super::*;
 use crate::codec::hex;
-use crate::export::{ExportCaps, ExportDescriptor};
+use crate::handshake::tests::catalog;
 use crate::handshake::{Outcome, ServerHandshake};
-
-fn catalog() -> Vec<ExportDescriptor> {
-    let caps = ExportCaps {
-        read_only: false,
-        flush: true,
-        fua: true,
-        trim: true,
-        write_zeroes: true,
-        fast_zero: true,
-        cache: true,
-        multi_conn: true,
-        rotational: false,
-        base_allocation: true,
-    };
-    vec![
-        ExportDescriptor {
-            name: String::new(),
-            description: "mem".into(),
-            size: 0x10_0000,
-            caps,
-            block_sizes: BlockSizes::default(),
-        },
-        ExportDescriptor {
-            name: "ro".into(),
-            description: String::new(),
-            size: 4096,
-            caps: ExportCaps { read_only: true, ..caps },
-            block_sizes: BlockSizes::default(),
-        },
-    ]
-}
 
 /// Drives client and server handshakes against each other, byte by byte
 /// where `trickle`, until the client has an outcome (bounded).

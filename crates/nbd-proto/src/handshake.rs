@@ -566,4 +566,4 @@ fn error(out: &mut Vec<u8>, option: OptCode, typ: RepType, msg: &str) {
 
 #[cfg(test)]
 #[path = "handshake_tests.rs"]
-mod tests;
+pub(crate) mod tests;

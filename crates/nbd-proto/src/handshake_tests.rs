@@ -5,7 +5,9 @@ use crate::codec::hex;
 use crate::export::{BlockSizes, ExportCaps};
 use crate::wire::tx_flags;
 
-fn catalog() -> Vec<ExportDescriptor> {
+/// Two exports: a writable 1 MiB `""` and a read-only 4 KiB `"ro"` (also
+/// the client tests' server catalog).
+pub(crate) fn catalog() -> Vec<ExportDescriptor> {
     let caps = ExportCaps {
         read_only: false,
         flush: true,

@@ -8,30 +8,14 @@ use ringbd_backend::Backend;
 use ringbd_server::conn::Connection;
 use ringbd_server::exports::{Export, Exports};
 
+mod wire;
+use wire::{option, request, request_with_flags};
+
 fn exports() -> (Arc<Exports>, Arc<MemoryBackend>) {
     let mem = Arc::new(MemoryBackend::new(1 << 20));
     let mut e = Exports::default();
     e.add(Export::new("", mem.clone(), false)).unwrap();
     (Arc::new(e), mem)
-}
-
-fn option(opt: u32, data: &[u8]) -> Vec<u8> {
-    let mut m = b"IHAVEOPT".to_vec();
-    m.extend_from_slice(&opt.to_be_bytes());
-    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    m.extend_from_slice(data);
-    m
-}
-
-fn request(typ: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) -> Vec<u8> {
-    let mut m = 0x2560_9513u32.to_be_bytes().to_vec();
-    m.extend_from_slice(&0u16.to_be_bytes());
-    m.extend_from_slice(&typ.to_be_bytes());
-    m.extend_from_slice(&cookie.to_be_bytes());
-    m.extend_from_slice(&offset.to_be_bytes());
-    m.extend_from_slice(&len.to_be_bytes());
-    m.extend_from_slice(payload);
-    m
 }
 
 /// A whole client session: handshake with structured replies, writes,
@@ -242,9 +226,7 @@ fn trims_and_zeroing_on_file_exports_run_as_ring_fallocates_with_fua_and_fallbac
     let mut s = 3u32.to_be_bytes().to_vec();
     s.extend(option(7, &[0, 0, 0, 0, 0, 0]));
     s.extend(request(4, 1, 0, 8192, &[])); // trim
-    let mut fua_trim = request(4, 2, 65536, 4096, &[]);
-    fua_trim[4..6].copy_from_slice(&1u16.to_be_bytes()); // NBD_CMD_FLAG_FUA
-    s.extend(fua_trim);
+    s.extend(request_with_flags(1, 4, 2, 65536, 4096, &[])); // NBD_CMD_FLAG_FUA
     s.extend(request(6, 3, 8192, 4096, &[])); // write zeroes
     assert_eq!(c.receive(&s), s.len());
     c.sent();

@@ -18,6 +18,9 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore};
 
+mod wire;
+use wire::{option, request};
+
 fn openssl(dir: &Path, args: &[&str]) -> bool {
     Command::new("openssl").args(args).current_dir(dir).output().is_ok_and(|o| o.status.success())
 }
@@ -173,25 +176,6 @@ fn feed(c: &mut Connection, input: &[u8], chunk: usize) -> Vec<u8> {
     }
     wire.extend(drain(c));
     wire
-}
-
-fn option(opt: u32, data: &[u8]) -> Vec<u8> {
-    let mut m = b"IHAVEOPT".to_vec();
-    m.extend_from_slice(&opt.to_be_bytes());
-    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    m.extend_from_slice(data);
-    m
-}
-
-fn request(typ: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) -> Vec<u8> {
-    let mut m = 0x2560_9513u32.to_be_bytes().to_vec();
-    m.extend_from_slice(&0u16.to_be_bytes());
-    m.extend_from_slice(&typ.to_be_bytes());
-    m.extend_from_slice(&cookie.to_be_bytes());
-    m.extend_from_slice(&offset.to_be_bytes());
-    m.extend_from_slice(&len.to_be_bytes());
-    m.extend_from_slice(payload);
-    m
 }
 
 /// Runs the TLS handshake between `cl` and the server to completion.

@@ -702,8 +702,15 @@ impl Tx {
             this.pending_bytes = this.pending_bytes.saturating_sub(pend.bytes());
             this.free_tokens.push(token);
         };
-        if matches!(pend, Pend::Trim { .. } | Pend::Zero { .. } | Pend::SyncAfter { .. }) {
-            if self.fallocate_complete(token, &req, pend, result, out) {
+        use ringbd_backend::Op;
+        let fallocate = match pend {
+            Pend::Trim { offset, len, fua } => Some((Op::Trim, offset, len, fua)),
+            Pend::Zero { offset, len, flags, .. } => Some((Op::WriteZeroes, offset, len, flags.fua)),
+            Pend::SyncAfter { op, offset, len } => Some((op, offset, len, false)),
+            Pend::Read { .. } | Pend::Write { .. } | Pend::Flush => None,
+        };
+        if let Some(what) = fallocate {
+            if self.fallocate_complete(token, &req, pend, what, result, out) {
                 finish(self);
                 out.reply_done();
             }
@@ -789,18 +796,10 @@ impl Tx {
         token: u32,
         req: &Request,
         pend: Pend,
+        (op, offset, len, fua): (ringbd_backend::Op, u64, u64, bool),
         result: std::io::Result<usize>,
         out: &mut OutBuf,
     ) -> bool {
-        use ringbd_backend::Op;
-        let (op, offset, len, fua) = match pend {
-            Pend::Trim { offset, len, fua } => (Op::Trim, offset, len, fua),
-            Pend::Zero { offset, len, flags, .. } => (Op::WriteZeroes, offset, len, flags.fua),
-            Pend::SyncAfter { op, offset, len } => (op, offset, len, false),
-            Pend::Flush => (Op::Flush, 0, 0, false),
-            Pend::Read { offset, len, .. } => (Op::Read, offset, len, false),
-            Pend::Write { offset, len, .. } => (Op::Write, offset, len, false),
-        };
         let outcome = match (pend, result) {
             (_, Ok(_)) => Ok(()),
             // Trim is a hint: where holes cannot be punched, nothing is lost.

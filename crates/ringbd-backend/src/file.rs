@@ -2,11 +2,14 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
 use ringbd_io::buf::{IoBuf, ALIGN};
-use ringbd_io::fs::{block_device_size, fadvise_willneed, fallocate, seek_data, seek_hole, Fallocate};
+use ringbd_io::fs::{
+    block_device_size, fadvise_willneed, fallocate, fallocate_unsupported, seek_data, seek_hole, Fallocate,
+};
 
 use crate::{Backend, Caps, Error, ErrorKind, Extent, Holes, Op, Result, ZeroFlags, MAX_EXTENTS};
 
@@ -83,7 +86,6 @@ impl FileBackend {
 
     /// The `O_DIRECT` descriptor and its alignment, for `file:PATH,direct`.
     pub fn direct_io(&self) -> Option<DirectIo<'_>> {
-        use std::os::fd::AsFd;
         self.direct.as_ref().map(|d| DirectIo { fd: d.file.as_fd(), align: d.align })
     }
 
@@ -125,8 +127,7 @@ impl FileBackend {
 
 impl Direct {
     fn fits(&self, offset: u64, len: usize) -> bool {
-        let a = u64::from(self.align);
-        len > 0 && offset.is_multiple_of(a) && (len as u64).is_multiple_of(a)
+        DirectIo { fd: self.file.as_fd(), align: self.align }.fits(offset, len as u64)
     }
 
     fn open(path: &Path, read_only: bool) -> io::Result<Direct> {
@@ -158,11 +159,6 @@ impl Direct {
         }
         Ok(Direct { file, align })
     }
-}
-
-/// Whether an fallocate failure means "this filesystem cannot do that".
-fn unsupported(e: &io::Error) -> bool {
-    ringbd_io::fs::fallocate_unsupported(e)
 }
 
 impl Backend for FileBackend {
@@ -207,7 +203,6 @@ impl Backend for FileBackend {
     }
 
     fn file_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        use std::os::fd::AsFd;
         // On a memory filesystem a plain pread/pwrite never blocks, and the
         // ring would only punt it to a worker thread: run it inline.
         (!self.memory_fs || self.direct.is_some()).then(|| self.file.as_fd())
@@ -244,7 +239,7 @@ impl Backend for FileBackend {
         match fallocate(&self.file, Fallocate::PunchHole, offset, len) {
             Ok(()) => {}
             // Trim is a hint: where holes cannot be punched, nothing is lost.
-            Err(e) if unsupported(&e) => return Ok(()),
+            Err(e) if fallocate_unsupported(&e) => return Ok(()),
             Err(e) => return Err(Error::new(Op::Trim, offset, len, e)),
         }
         if fua {
@@ -266,7 +261,7 @@ impl Backend for FileBackend {
                     done = true;
                     break;
                 }
-                Err(e) if unsupported(&e) => continue,
+                Err(e) if fallocate_unsupported(&e) => continue,
                 Err(e) => return Err(Error::new(Op::WriteZeroes, offset, len, e)),
             }
         }

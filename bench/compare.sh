@@ -4,7 +4,7 @@
 #
 #   bench/compare.sh [--time SECONDS] [--servers LIST] [--transports unix,tcp]
 #                    [--workloads LIST] [--baseline SERVER] [--out FILE]
-#                    [--plot | --no-plot] [--keep]
+#                    [--plot | --no-plot] [--keep] [--tls]
 #
 # Each server is started once per transport on a fresh 256 MiB export,
 # prefilled, run through every workload, and stopped before the next server
@@ -12,6 +12,12 @@
 # Readiness is a line on the server's stdout, never a sleep: ringbd prints its
 # URI per listener; nbdkit and qemu-nbd are socket-activated by sockact.py,
 # which listens first, prints the URI, then execs the server in its own PID.
+#
+# --tls serves every row with X.509 STARTTLS required (certificates made by
+# tests/interop/tls_certs.py in the work dir) and connects with nbds://,
+# the client certificates in $HOME/.pki/libnbd (fio refuses tls-certificates=
+# in a URI), so fio/libnbd (GnuTLS) is the one TLS client
+# for every server; the results go to the `bench:tls` block of --out.
 #
 # Environment: RINGBD_BIN (default target/release/ringbd), RINGBD_ARGS,
 # NBDKIT_ARGS, QEMU_NBD_ARGS (extra arguments for every row of that kind),
@@ -67,6 +73,7 @@ BASELINE=nbdkit
 OUT=$ROOT/docs/benchmarks.md
 PLOT=auto
 KEEP=
+TLS=
 while (($#)); do
     case $1 in
         --time) RUNTIME=${2:?}; shift ;;
@@ -78,6 +85,7 @@ while (($#)); do
         --plot) PLOT=yes ;;
         --no-plot) PLOT=no ;;
         --keep) KEEP=1 ;;
+        --tls) TLS=1 ;;
         -h|--help) usage 0 ;;
         *) echo "compare.sh: unknown argument: $1" >&2; usage 2 ;;
     esac
@@ -167,6 +175,16 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 CLK_TCK=$(getconf CLK_TCK)
+PKI=
+if [[ -n $TLS ]]; then
+    need openssl "apt-get install openssl"
+    PKI=$WORK/pki
+    "$PY" -c 'import sys; sys.path.insert(0, sys.argv[1]); import tls_certs; tls_certs.make_pki(sys.argv[2])' \
+        "$ROOT/tests/interop" "$PKI" || die "could not make test certificates in $PKI"
+    # fio's nbd engine refuses `tls-certificates=` in URIs (libnbd's local file
+    # access guard); libnbd's default directory $HOME/.pki/libnbd is allowed.
+    mkdir -p "$WORK/home/.pki" && ln -s "$PKI/client" "$WORK/home/.pki/libnbd"
+fi
 QEMU_CACHE=${QEMU_NBD_CACHE:-}
 if [[ -z $QEMU_CACHE && " ${SERVERS[*]} " == *qemu* ]]; then
     # --cache=none opens the image O_DIRECT; tmpfs supports that only since Linux 6.6.
@@ -203,6 +221,7 @@ start_server() {
         ringbd)
             read -ra kind_args <<<"${RINGBD_ARGS:-}"
             cmd=("$RINGBD_BIN" serve "memory:$EXPORT_SIZE" "${kind_args[@]}" "${extra[@]}")
+            [[ -z $PKI ]] || cmd+=(--tls require --tls-certificates "$PKI/server")
             if [[ ${RINGBD_LAUNCH:-native} == native ]]; then
                 activate=
                 if [[ $transport == unix ]]; then cmd+=(--unix "$sock")
@@ -210,12 +229,14 @@ start_server() {
             fi ;;
         nbdkit)
             read -ra kind_args <<<"${NBDKIT_ARGS:-}"
+            [[ -z $PKI ]] || kind_args+=(--tls=require "--tls-certificates=$PKI/server")
             cmd=(nbdkit -f --exit-with-parent "${kind_args[@]}" "${extra[@]}" memory "$EXPORT_SIZE") ;;
         qemu-nbd)
             read -ra kind_args <<<"${QEMU_NBD_ARGS:-}"
             local img=/dev/shm/ringbd-bench.$$.$tag.img
             SHM_FILES+=("$img")
             rm -f "$img" && truncate -s "$EXPORT_SIZE" "$img"
+            [[ -z $PKI ]] || kind_args+=(--object "tls-creds-x509,id=tls0,endpoint=server,verify-peer=off,dir=$PKI/server" --tls-creds tls0)
             cmd=(qemu-nbd -f raw -e 16 -t "--cache=$QEMU_CACHE" --aio=io_uring "${kind_args[@]}" "${extra[@]}" "$img") ;;
     esac
     if [[ -n $activate ]]; then
@@ -239,8 +260,13 @@ start_server() {
     SRV_DRAIN=$!
     LIVE_PIDS+=("$SRV_DRAIN")
     exec {out}<&-
-    [[ $line =~ (nbd(\+unix)?://[^[:space:]]+) ]] || die "$label printed no NBD URI but: $line"
+    [[ $line =~ (nbds?(\+unix)?://[^[:space:]]+) ]] || die "$label printed no NBD URI but: $line"
     SRV_URI=${BASH_REMATCH[1]}
+    if [[ -n $PKI ]]; then
+        # The same TLS URI for every server, whatever scheme it printed.
+        SRV_URI=${SRV_URI/#nbds:/nbd:}; SRV_URI=${SRV_URI/#nbds+unix:/nbd+unix:}
+        SRV_URI=nbds${SRV_URI#nbd}
+    fi
     log "$label ($transport) ready at $SRV_URI, pid $SRV_PID"
 }
 
@@ -258,7 +284,9 @@ stop_server() {
 run_fio() {
     local name=$1 json=$2
     shift 2
-    if ! fio --name="$name" --ioengine=nbd --uri="$SRV_URI" --output-format=json --output="$json" "$@" \
+    local env=()
+    [[ -z $PKI ]] || env=(HOME="$WORK/home")
+    if ! env "${env[@]}" fio --name="$name" --ioengine=nbd --uri="$SRV_URI" --output-format=json --output="$json" "$@" \
             2>"$json.stderr"; then
         cat "$json.stderr" >&2
         if [[ -s $SRV_STDERR ]]; then echo "--- server stderr:" >&2; tail -n 20 "$SRV_STDERR" >&2; fi
@@ -287,6 +315,7 @@ server_version() {
     printf 'clk_tck\t%s\n' "$CLK_TCK"
     printf 'export_size\t%s\n' "$EXPORT_SIZE"
     printf 'baseline\t%s\n' "$BASELINE"
+    [[ -z $PKI ]] || printf 'tls\t%s\n' "X.509 STARTTLS required by every server, client nbds:// with libnbd (GnuTLS)"
     for s in "${SERVERS[@]}"; do printf 'version\t%s\t%s\n' "$s" "$(server_version "$s")"; done
 } >"$WORK/meta.tsv"
 : >"$WORK/results.tsv"
@@ -317,6 +346,8 @@ for transport in "${TRANSPORTS[@]}"; do
 done
 
 plot_args=()
-if [[ $PLOT == yes ]]; then plot_args=(--plot "${OUT%.md}.png"); fi
+if [[ $PLOT == yes ]]; then plot_args=(--plot "${OUT%.md}${TLS:+-tls}.png"); fi
 mkdir -p "$(dirname "$OUT")"
-"$PY" "$HERE/report.py" report --work "$WORK" --out "$OUT" "${plot_args[@]}"
+block_args=()
+[[ -z $TLS ]] || block_args=(--block tls)
+"$PY" "$HERE/report.py" report --work "$WORK" --out "$OUT" "${plot_args[@]}" "${block_args[@]}"

@@ -217,8 +217,12 @@ def _socket_activation_child(listen_fd):
 class Server:
     """One NBD server process under test, reachable on a Unix socket."""
 
-    def __init__(self, kind, exports=None, read_only=False, workdir=None, tls=None):
+    def __init__(self, kind, exports=None, read_only=False, workdir=None, tls=None, args=(), params=()):
         self.kind = kind
+        # Extra options in this server's own syntax; `params` (nbdkit's
+        # key=value plugin/filter parameters) go after the plugin name.
+        self.args = list(args)
+        self.params = list(params)
         # With TLS the server listens on TCP loopback (as nbds:// clients
         # connect and check the certificate's address), else on a Unix socket.
         self.tls = tls
@@ -243,9 +247,10 @@ class Server:
         if kind == "nbdkit":
             argv = nbdkit_argv(self.exports, read_only, self.workdir)
             assert shutil.which("nbdkit"), "nbdkit is not installed (missing tool = failure)"
-            argv[2:2] = tls_args(kind, self.tls)
+            argv[2:2] = tls_args(kind, self.tls) + self.args
+            argv += self.params
         elif kind == "ringbd":
-            argv = ringbd_argv(self.exports, read_only) + tls_args(kind, self.tls)
+            argv = ringbd_argv(self.exports, read_only) + tls_args(kind, self.tls) + self.args
             assert os.access(argv[0], os.X_OK), (
                 "ringbd binary %s not found/executable (set RINGBD_BIN or "
                 "run `cargo build --release`)" % argv[0])
@@ -366,10 +371,12 @@ class Server:
         return self.returncode
 
 
-def start(kind, exports=None, read_only=False, workdir=None, tls=None):
+def start(kind, exports=None, read_only=False, workdir=None, tls=None, args=(), params=()):
     """Start a server; `exports` maps export name -> ringbd-syntax spec;
-    `tls` (see tls_args) serves TLS on TCP loopback."""
-    return Server(kind, exports=exports, read_only=read_only, workdir=workdir, tls=tls)
+    `tls` (see tls_args) serves TLS on TCP loopback; `args` are extra
+    options and `params` extra nbdkit parameters, in the server's syntax."""
+    return Server(kind, exports=exports, read_only=read_only, workdir=workdir, tls=tls,
+                  args=args, params=params)
 
 
 def _shm_dir():
@@ -397,8 +404,9 @@ def start_server(server_kind):
     """
     servers = []
 
-    def _start(exports=None, read_only=False, tls=None):
-        srv = start(server_kind, exports=exports, read_only=read_only, tls=tls)
+    def _start(exports=None, read_only=False, tls=None, args=(), params=()):
+        srv = start(server_kind, exports=exports, read_only=read_only, tls=tls,
+                    args=args, params=params)
         servers.append(srv)
         return srv
 

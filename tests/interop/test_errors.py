@@ -89,8 +89,12 @@ def test_request_over_max_block_size(server, nbd_handle, op):
     server_still_serves(server)
 
 
-@pytest.mark.parametrize("op", ["write", "write_fua", "trim", "zero"])
+@pytest.mark.parametrize("op", ["write", "write_fua", "trim", "trim_fua", "zero", "zero_fua",
+                                "zero_no_hole", "zero_fast", "write_empty", "zero_empty"])
 def test_read_only_export_refuses_writes(start_server, nbd_handle, op):
+    """Every write-type command (proto.md: WRITE, TRIM, WRITE_ZEROES; the
+    experimental RESIZE is advertised by neither server) with every flag
+    gets EPERM; zero-length ones too."""
     srv = start_server({"": "memory:16M"}, read_only=True)
     h = nbd_handle(srv.uri(), strict=False)
     assert h.is_read_only()
@@ -98,7 +102,13 @@ def test_read_only_export_refuses_writes(start_server, nbd_handle, op):
         "write": lambda: h.pwrite(b"w" * 4096, 0),
         "write_fua": lambda: h.pwrite(b"w" * 4096, 0, nbd.CMD_FLAG_FUA),
         "trim": lambda: h.trim(4096, 0),
+        "trim_fua": lambda: h.trim(4096, 0, nbd.CMD_FLAG_FUA),
         "zero": lambda: h.zero(4096, 0),
+        "zero_fua": lambda: h.zero(4096, 0, nbd.CMD_FLAG_FUA),
+        "zero_no_hole": lambda: h.zero(4096, 0, nbd.CMD_FLAG_NO_HOLE),
+        "zero_fast": lambda: h.zero(4096, 0, nbd.CMD_FLAG_FAST_ZERO),
+        "write_empty": lambda: h.pwrite(b"", 0),
+        "zero_empty": lambda: h.zero(0, 0),
     }
     expect_errno(calls[op], errno.EPERM)
     # connection still in sync, data untouched

@@ -61,8 +61,11 @@ CLIENT_EXT = ("basicConstraints=critical,CA:FALSE\n"
               "extendedKeyUsage=clientAuth\n")
 
 
-def make_pki(work, ca_name="ringbd-test-ca"):
-    """Makes DIR/server and DIR/client under `work`; returns (server_dir, client_dir)."""
+def make_pki(work, ca_name="ringbd-test-ca", more_clients=()):
+    """Makes DIR/server and DIR/client under `work`; returns (server_dir, client_dir).
+
+    Each name in `more_clients` gets DIR/<name>/ too: another client
+    certificate from the same CA, with the subject /O=ringbd tests/CN=<name>."""
     os.makedirs(work, exist_ok=True)
     ca = make_ca(work, ca_name)
     sdir = os.path.join(work, "server")
@@ -73,6 +76,20 @@ def make_pki(work, ca_name="ringbd-test-ca"):
             dst.write(src.read())
     sign(work, ca, "localhost", SERVER_EXT,
          os.path.join(sdir, "server-cert.pem"), os.path.join(sdir, "server-key.pem"))
-    sign(work, ca, "client", CLIENT_EXT,
-         os.path.join(cdir, "client-cert.pem"), os.path.join(cdir, "client-key.pem"))
+    for name in ("client",) + tuple(more_clients):
+        d = os.path.join(work, name)
+        os.makedirs(d, exist_ok=True)
+        if d != cdir:
+            with open(ca[0], "rb") as src, open(os.path.join(d, "ca-cert.pem"), "wb") as dst:
+                dst.write(src.read())
+        sign(work, ca, name, CLIENT_EXT,
+             os.path.join(d, "client-cert.pem"), os.path.join(d, "client-key.pem"))
     return sdir, cdir
+
+
+def subject(cert):
+    """A certificate's subject as RFC 4514/2253 prints it (most specific
+    first), as openssl shows it: e.g. "CN=client,O=ringbd tests"."""
+    out = subprocess.run(["openssl", "x509", "-noout", "-subject", "-nameopt", "RFC2253", "-in", cert],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    return out.split("=", 1)[1] if out.startswith("subject=") else out

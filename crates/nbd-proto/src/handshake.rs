@@ -29,9 +29,15 @@ use crate::wire::{
     NBD_MAGIC, OPTION_REPLY_MAGIC,
 };
 
-/// Options with more data than this end the session (a denial-of-service
-/// guard; no defined option needs more than a few KiB).
+/// Options with more data than this are not processed: their data is
+/// skipped as it arrives (never buffered) and the option gets
+/// `NBD_REP_ERR_TOO_BIG`. No defined option needs more than a few KiB
+/// (export names are at most 4096 bytes).
 pub const MAX_OPTION_DATA: u32 = 64 * 1024;
+/// Options with more data than this end the session: skipping megabytes
+/// of option data is a denial of service, which the spec lets a server
+/// answer with a hard disconnect (nbdkit disconnects too).
+pub const MAX_OPTION_SKIP: u32 = 1024 * 1024;
 /// Most queries one LIST/SET_META_CONTEXT may carry before `ERR_TOO_BIG`.
 pub const MAX_META_QUERIES: u32 = 128;
 /// The context id ringbd gives `base:allocation`.
@@ -44,7 +50,7 @@ pub enum HandshakeError {
     UnknownClientFlags(u32),
     /// An option header did not start with `IHAVEOPT`.
     BadOptionMagic(u64),
-    /// An option carried more data than [`MAX_OPTION_DATA`].
+    /// An option carried more data than [`MAX_OPTION_SKIP`].
     OptionTooLarge { option: OptCode, len: u32 },
     /// `NBD_OPT_EXPORT_NAME` named an export that does not exist.
     UnknownExport(String),
@@ -75,7 +81,7 @@ impl fmt::Display for HandshakeError {
             HandshakeError::UnknownClientFlags(v) => write!(f, "unknown client flags 0x{v:08x}"),
             HandshakeError::BadOptionMagic(m) => write!(f, "bad option magic 0x{m:016x}"),
             HandshakeError::OptionTooLarge { option, len } => {
-                write!(f, "option {option} carries {len} bytes (limit {MAX_OPTION_DATA})")
+                write!(f, "option {option} carries {len} bytes (limit {MAX_OPTION_SKIP})")
             }
             HandshakeError::UnknownExport(n) => write!(f, "client asked for unknown export {n:?}"),
             HandshakeError::NotFixedNewstyle(o) => {
@@ -142,6 +148,9 @@ enum State {
     Option(ExpectOption),
     /// STARTTLS was acknowledged; waiting for the driver to start TLS.
     StartTls(ExpectOption),
+    /// Dropping the data of an option over [`MAX_OPTION_DATA`]; `left`
+    /// bytes to go, then `NBD_REP_ERR_TOO_BIG`.
+    Skip(SkipOption),
     Done(Outcome),
     /// Transient, only while a step runs.
     Poisoned,
@@ -261,20 +270,62 @@ impl<C: ExportCatalog> ServerHandshake<C> {
                     if magic != IHAVEOPT {
                         return Err(HandshakeError::BadOptionMagic(magic));
                     }
-                    if len > MAX_OPTION_DATA {
+                    if len > MAX_OPTION_SKIP
+                        || (len > MAX_OPTION_DATA && (!cx.opts.fixed || option == OptCode::EXPORT_NAME))
+                    {
+                        // (EXPORT_NAME and clients without fixed newstyle
+                        // cannot be sent an error reply.)
                         return Err(HandshakeError::OptionTooLarge { option, len });
                     }
-                    let total = 16 + len as usize;
-                    if rest.len() < total {
-                        self.state = State::Option(step);
+                    if len > MAX_OPTION_DATA {
+                        (State::Skip(SkipOption { option, left: len }), 16)
+                    } else {
+                        let total = 16 + len as usize;
+                        if rest.len() < total {
+                            self.state = State::Option(step);
+                            return Ok(used);
+                        }
+                        (step.handle(option, &rest[16..total], &mut cx)?, total)
+                    }
+                }
+                State::Skip(skip) => {
+                    if rest.is_empty() {
+                        self.state = State::Skip(skip);
                         return Ok(used);
                     }
-                    (step.handle(option, &rest[16..total], &mut cx)?, total)
+                    skip.handle(rest, &mut cx)
                 }
             };
             self.state = next;
             used += n;
         }
+    }
+}
+
+/// Drops the data of an option over [`MAX_OPTION_DATA`] as it arrives.
+struct SkipOption {
+    option: OptCode,
+    left: u32,
+}
+
+impl SkipOption {
+    /// Consumes up to `left` bytes of `input`; returns the next state and
+    /// how many bytes it took.
+    fn handle<C>(self, input: &[u8], cx: &mut Context<'_, C>) -> (State, usize) {
+        let n = input.len().min(self.left as usize);
+        // n <= left, a u32.
+        let left = self.left - n as u32;
+        if left > 0 {
+            return (State::Skip(SkipOption { left, ..self }), n);
+        }
+        if cx.opts.tls_mode == TlsMode::Require && !cx.opts.tls {
+            // FORCEDTLS: every option before STARTTLS gets TLS_REQD.
+            error(cx.out, self.option, RepType::ERR_TLS_REQD, "this server requires TLS");
+        } else {
+            let msg = format!("option {} carries more than {MAX_OPTION_DATA} bytes of data", self.option);
+            error(cx.out, self.option, RepType::ERR_TOO_BIG, &msg);
+        }
+        (State::Option(ExpectOption), n)
     }
 }
 

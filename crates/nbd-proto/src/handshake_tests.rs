@@ -94,10 +94,96 @@ fn bad_option_magic_is_fatal() {
 }
 
 #[test]
-fn oversized_option_is_fatal() {
+fn option_over_the_skip_limit_is_fatal() {
     let mut hs = started();
-    let err = hs.handle(&hex("49484156454f5054 00000003 00010001")).unwrap_err();
+    // 1 MiB + 1 bytes of LIST data: not worth reading.
+    let err = hs.handle(&hex("49484156454f5054 00000003 00100001")).unwrap_err();
+    assert!(matches!(err, HandshakeError::OptionTooLarge { len: 0x10_0001, .. }));
+}
+
+#[test]
+fn option_over_the_data_limit_is_skipped_and_too_big() {
+    let mut hs = started();
+    // An unknown option with 64 KiB + 1 bytes: the header is consumed, the
+    // data is dropped as it arrives (never staged), then ERR_TOO_BIG.
+    assert_eq!(hs.handle(&hex("49484156454f5054 00000099 00010001")), Ok(16));
+    assert_eq!(hs.handle(&[0xaa; 0x8000]), Ok(0x8000));
+    assert!(!hs.has_output());
+    assert_eq!(hs.handle(&[0xaa; 0x8000]), Ok(0x8000));
+    assert!(!hs.has_output());
+    // The last data byte, then a LIST in the same buffer.
+    let mut tail = vec![0xaa];
+    tail.extend(option(3, &[]));
+    let out = feed(&mut hs, &tail);
+    let msg = b"option OptCode(0x99) carries more than 65536 bytes of data";
+    assert_eq!(&out[..20], &hex("0003e889045565a9 00000099 80000009 0000003a")[..]);
+    assert_eq!(&out[20..78], msg);
+    assert!(out[78..].starts_with(&rep(3, 2, &hex("00000000 6d656d"))));
+    assert!(out.ends_with(&rep(3, 1, &[])));
+}
+
+#[test]
+fn option_at_the_data_limit_is_processed() {
+    let mut hs = started();
+    let out = feed(&mut hs, &option(3, &vec![0; 0x1_0000]));
+    // LIST with data: INVALID, not TOO_BIG.
+    assert_eq!(&out[12..16], &hex("80000003")[..]);
+}
+
+#[test]
+fn oversized_export_name_and_non_fixed_options_are_fatal() {
+    let mut hs = started();
+    let err = hs.handle(&hex("49484156454f5054 00000001 00010001")).unwrap_err();
     assert!(matches!(err, HandshakeError::OptionTooLarge { len: 0x10001, .. }));
+    let mut hs = ServerHandshake::new(catalog());
+    hs.take_output();
+    assert_eq!(hs.handle(&hex("00000002")), Ok(4));
+    let err = hs.handle(&hex("49484156454f5054 00000007 00010001")).unwrap_err();
+    assert!(matches!(err, HandshakeError::OptionTooLarge { len: 0x10001, .. }));
+}
+
+#[test]
+fn oversized_option_before_required_tls_is_tls_reqd() {
+    let mut hs = ServerHandshake::with_tls(catalog(), TlsMode::Require);
+    hs.take_output();
+    assert_eq!(hs.handle(&hex("00000003")), Ok(4));
+    let mut msg = hex("49484156454f5054 00000003 00010001");
+    msg.extend(vec![0; 0x1_0001]);
+    let out = feed(&mut hs, &msg);
+    assert_eq!(&out[..16], &hex("0003e889045565a9 00000003 80000005")[..]);
+}
+
+#[test]
+fn too_many_meta_context_queries_is_too_big() {
+    let mut hs = started();
+    feed(&mut hs, &option(8, &[]));
+    // 129 queries of "base:" (the limit is 128).
+    let mut data = hex("00000000 00000081");
+    for _ in 0..129 {
+        data.extend(hex("00000005 626173653a"));
+    }
+    for opt in [9, 10] {
+        let out = feed(&mut hs, &option(opt, &data));
+        assert_eq!(&out[12..16], &hex("80000009")[..], "option {opt}");
+    }
+    // 128 are fine.
+    let mut data = hex("00000000 00000080");
+    for _ in 0..128 {
+        data.extend(hex("00000005 626173653a"));
+    }
+    let out = feed(&mut hs, &option(9, &data));
+    assert!(out.ends_with(&rep(9, 1, &[])));
+}
+
+#[test]
+fn export_name_over_4096_bytes_is_invalid() {
+    let mut hs = started();
+    let mut data = hex("00001001");
+    data.extend(vec![b'a'; 0x1001]);
+    data.extend(hex("0000"));
+    let out = feed(&mut hs, &option(6, &data));
+    assert_eq!(&out[12..16], &hex("80000003")[..]);
+    assert!(hs.outcome().is_none());
 }
 
 #[test]

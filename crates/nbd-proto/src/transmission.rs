@@ -209,6 +209,13 @@ impl Session {
             other => return Err(reject(Errno::EINVAL, format!("unknown command {other}"))),
         };
         let f = self.neg.flags;
+        // Before the flags: a read-only export's write-type commands get
+        // EPERM whatever flags they carry (FAST_ZERO, unadvertised there,
+        // would otherwise be EINVAL), as nbdkit answers.
+        let writes = matches!(req.typ, CmdType::WRITE | CmdType::TRIM | CmdType::WRITE_ZEROES);
+        if writes && f & tx_flags::READ_ONLY != 0 {
+            return Err(reject(Errno::EPERM, format!("{} on a read-only export", req.typ)));
+        }
         let mut allowed = known;
         let payload_form = req.typ != CmdType::BLOCK_STATUS || f & tx_flags::BLOCK_STATUS_PAYLOAD != 0;
         if !self.neg.extended || !payload_form {
@@ -229,10 +236,6 @@ impl Session {
 
         let fua = req.flags & cmd_flags::FUA != 0;
         let (offset, len) = (req.offset, req.length);
-        let writes = matches!(req.typ, CmdType::WRITE | CmdType::TRIM | CmdType::WRITE_ZEROES);
-        if writes && f & tx_flags::READ_ONLY != 0 {
-            return Err(reject(Errno::EPERM, format!("{} on a read-only export", req.typ)));
-        }
         let feature = |bit: u16, name: &str| {
             if f & bit == 0 {
                 Err(reject(Errno::EINVAL, format!("{name} is not supported by this export")))

@@ -143,8 +143,26 @@ fn read_only_refuses_every_write_type_with_eperm() {
     for typ in [1u16, 4, 6] {
         let r = check(&s, &compact(0, typ, 0, 512)).unwrap_err();
         assert_eq!(r.errno, Errno::EPERM, "command {typ}");
+        // Zero length, and past the end, are EPERM too.
+        for (offset, len) in [(0, 0), (0x10_0000, 512)] {
+            let r = check(&s, &compact(0, typ, offset, len)).unwrap_err();
+            assert_eq!(r.errno, Errno::EPERM, "command {typ} at {offset:#x}+{len}");
+        }
     }
+    // WRITE_ZEROES with FUA, NO_HOLE and FAST_ZERO (not advertised on a
+    // read-only export): EPERM, not EINVAL for the flag.
+    for flags in ["0001", "0002", "0010", "0013"] {
+        let mut req = hex("25609513");
+        req.extend(hex(flags));
+        req.extend(hex("0006 0000000000000001 0000000000000000 00000200"));
+        let r = check(&s, &req).unwrap_err();
+        assert_eq!(r.errno, Errno::EPERM, "flags {flags}");
+    }
+    // A write's payload is still discarded.
+    let r = check(&s, &compact(1, 1, 0, 512)).unwrap_err();
+    assert_eq!((r.errno, r.discard), (Errno::EPERM, 512));
     assert!(check(&s, &compact(0, 0, 0, 512)).is_ok());
+    assert!(check(&s, &compact(0, 5, 0, 512)).is_ok()); // CACHE reads
 }
 
 #[test]

@@ -9,6 +9,7 @@
 //! - [`net`]: socket activation (LISTEN_FDS) and readiness polling.
 //! - [`signal`]: SIGINT/SIGTERM delivered as a readable fd.
 //! - [`ublk`]: the ublk driver's control and queue commands.
+//! - [`user`]: user and group lookups, dropping privileges, the umask.
 
 pub mod buf;
 pub mod client_ring;
@@ -17,6 +18,7 @@ pub mod net;
 pub mod signal;
 pub mod ublk;
 pub mod uring;
+pub mod user;
 
 use std::io;
 

@@ -121,6 +121,8 @@ pub enum Completion<S> {
     /// A file read, write or fsync finished: `result` is the bytes moved
     /// (0 for fsync); `buf` is returned.
     File { conn: u32, token: u32, result: io::Result<usize>, buf: IoBuf },
+    /// The timer set with [`Ring::timer`] went off.
+    Timer { token: u32 },
     /// A cancellation request finished.
     Cancelled,
 }
@@ -182,6 +184,7 @@ const KIND_SEND: u64 = 3;
 const KIND_CANCEL: u64 = 4;
 const KIND_POLL: u64 = 5;
 const KIND_FILE: u64 = 6;
+const KIND_TIMER: u64 = 7;
 
 fn user_data(kind: u64, id: u32, slot: u32) -> u64 {
     (kind << KIND_SHIFT) | (u64::from(slot) << 32) | u64::from(id)
@@ -238,6 +241,8 @@ pub struct Ring<S> {
     /// Registered sockets: `fixed[slot]` is in use.
     fixed: Vec<bool>,
     free_fixed: Vec<u32>,
+    /// The armed timer's timespec, kept until its completion.
+    timer: Option<Box<types::Timespec>>,
     /// Operations queued or in flight (for a safe drop).
     inflight: usize,
     pub stats: RingStats,
@@ -298,6 +303,7 @@ impl<S: SendSource> Ring<S> {
             arena: None,
             fixed: Vec::new(),
             free_fixed: Vec::new(),
+            timer: None,
             inflight: 0,
             stats: RingStats::default(),
         })
@@ -307,7 +313,8 @@ impl<S: SendSource> Ring<S> {
         // SAFETY: every entry pushed here references memory the ring keeps
         // alive until the operation's final completion: the buffer ring
         // (owned by self.bufs), send iovecs and msghdr (owned by
-        // self.sends[slot]), or nothing at all (accept, recv, cancel).
+        // self.sends[slot]), a timer's timespec (self.timer), or nothing
+        // at all (accept, recv, cancel).
         if unsafe { self.ring.submission().push(&e) }.is_err() {
             self.ring.submit()?;
             self.stats.enters += 1;
@@ -401,6 +408,26 @@ impl<S: SendSource> Ring<S> {
             .build()
             .user_data(user_data(KIND_POLL, token, 0));
         self.push(e)
+    }
+
+    /// Reports [`Completion::Timer`] once, `after` from now (an
+    /// `IORING_OP_TIMEOUT` with no completion count: only time ends it).
+    /// One timer at a time: `false` (and nothing armed) while one is set.
+    pub fn timer(&mut self, after: std::time::Duration, token: u32) -> io::Result<bool> {
+        if self.timer.is_some() {
+            return Ok(false);
+        }
+        let ts = Box::new(types::Timespec::from(after));
+        let e = opcode::Timeout::new(&*ts as *const types::Timespec)
+            .build()
+            .user_data(user_data(KIND_TIMER, token, 0));
+        // The box's heap address does not change when it moves into self.
+        self.timer = Some(ts);
+        if let Err(e) = self.push(e) {
+            self.timer = None;
+            return Err(e);
+        }
+        Ok(true)
     }
 
     /// Asks the kernel to stop connection `conn`'s receive; its final
@@ -630,6 +657,12 @@ impl<S: SendSource> Ring<S> {
                 Some(Completion::File { conn: f.conn, token: f.token, result, buf: f.buf })
             }
             KIND_CANCEL => Some(Completion::Cancelled),
+            KIND_TIMER => {
+                // -ETIME is the timer expiring; any other result (e.g.
+                // -ECANCELED at teardown) is reported the same way.
+                self.timer = None;
+                Some(Completion::Timer { token: id })
+            }
             KIND_POLL => Some(Completion::Readable { token: id }),
             _ => None,
         }
@@ -675,6 +708,9 @@ impl<S> Drop for Ring<S> {
             }
             for f in self.files.drain(..).flatten() {
                 std::mem::forget(f);
+            }
+            if let Some(t) = self.timer.take() {
+                std::mem::forget(t);
             }
             if let Some(a) = self.arena.take() {
                 std::mem::forget(a);

@@ -154,6 +154,12 @@ impl Connection {
         self.reply_limit = limit.max(1);
     }
 
+    /// Whether option haggling (and any TLS handshake) is still going on:
+    /// the time the handshake deadline applies to.
+    pub fn in_handshake(&self) -> bool {
+        matches!(self.phase, Phase::Handshake { .. })
+    }
+
     /// Whether the connection should be closed once `out` is sent.
     pub fn is_closed(&self) -> bool {
         matches!(self.phase, Phase::Closed)

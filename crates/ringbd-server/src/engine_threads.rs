@@ -8,6 +8,7 @@
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::conn::Connection;
 use crate::exports::Exports;
@@ -24,6 +25,20 @@ const IN_BUF: usize = 256 * 1024;
 /// Serves one connection to completion. Errors are the connection's own
 /// (I/O on the socket); they end this connection and nothing else.
 pub fn serve(stream: Stream, exports: Arc<Exports>) -> io::Result<()> {
+    serve_limited(stream, exports, None)
+}
+
+/// [`serve`], dropping a client that has not finished option haggling (TLS
+/// handshake included) within `handshake_timeout` of the call: reads and
+/// writes time out at the deadline, and the timeouts are lifted once the
+/// transmission phase starts.
+pub fn serve_limited(
+    stream: Stream,
+    exports: Arc<Exports>,
+    handshake_timeout: Option<Duration>,
+) -> io::Result<()> {
+    let deadline = handshake_timeout.map(|t| Instant::now() + t);
+    let mut timed = false;
     let mut rd = stream.try_clone()?;
     let mut wr = stream;
     let mut conn = Connection::new(exports, wr.peer());
@@ -40,6 +55,9 @@ pub fn serve(stream: Stream, exports: Arc<Exports>) -> io::Result<()> {
         // send the batch.
         if !conn.out().is_empty() {
             if let Err(e) = send(&mut wr, &conn) {
+                if timed && is_timeout(&e) {
+                    break Err(handshake_expired(&wr, handshake_timeout));
+                }
                 break if is_disconnect(&e) { Ok(()) } else { Err(e) };
             }
             conn.sent();
@@ -49,6 +67,20 @@ pub fn serve(stream: Stream, exports: Arc<Exports>) -> io::Result<()> {
         }
         if start < end {
             continue;
+        }
+        if let Some(deadline) = deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if conn.in_handshake() && left.is_zero() {
+                break Err(handshake_expired(&wr, handshake_timeout));
+            }
+            if conn.in_handshake() {
+                // The write side is the same socket (a dup): one setting.
+                rd.set_timeouts(Some(left))?;
+                timed = true;
+            } else if timed {
+                rd.set_timeouts(None)?;
+                timed = false;
+            }
         }
         match rd.read(&mut buf) {
             Ok(0) => {
@@ -62,6 +94,7 @@ pub fn serve(stream: Stream, exports: Arc<Exports>) -> io::Result<()> {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if timed && is_timeout(&e) => break Err(handshake_expired(&wr, handshake_timeout)),
             Err(e) if is_disconnect(&e) => {
                 conn.peer_closed();
                 break Ok(());
@@ -89,6 +122,21 @@ fn send(w: &mut Stream, conn: &Connection) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+}
+
+fn handshake_expired(s: &Stream, timeout: Option<Duration>) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!(
+            "handshake not finished within {:?} (--handshake-timeout); closing {}",
+            timeout.unwrap_or_default(),
+            s.peer()
+        ),
+    )
 }
 
 fn is_disconnect(e: &io::Error) -> bool {

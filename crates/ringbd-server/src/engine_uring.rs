@@ -32,6 +32,7 @@ use ringbd_io::uring::{
     SendSource, Sock,
 };
 
+use crate::access::{Limits, Ticket};
 use crate::conn::Connection;
 use crate::exports::Exports;
 use crate::listener::{Listener, Stream};
@@ -146,7 +147,7 @@ pub struct Engine {
 /// A message to a worker.
 enum Ctl {
     /// A connection accepted by another worker, handed over to spread load.
-    Conn(OwnedFd, u32),
+    Conn(OwnedFd, u32, Ticket),
     Stop,
 }
 
@@ -173,6 +174,7 @@ impl Engine {
         exports: Arc<Exports>,
         opts: UringOptions,
         features: Features,
+        limits: Limits,
     ) -> io::Result<Engine> {
         let stats = Arc::new(EngineStats::default());
         let n = opts.threads.max(1);
@@ -215,6 +217,10 @@ impl Engine {
                     None
                 },
                 stats: stats.clone(),
+                limits: limits.clone(),
+                handshakes: VecDeque::new(),
+                timer_armed: false,
+                next_serial: 0,
                 local: Local::default(),
                 seen: RingStats::default(),
                 io_scratch: Vec::new(),
@@ -318,6 +324,8 @@ fn register(ring: &mut Ring<OutBuf>, index: usize, fixed_files: bool, buffers: u
 
 /// Token of the wake-up pipe's poll.
 const WAKE_TOKEN: u32 = u32::MAX;
+/// Token of the handshake-deadline timer.
+const DEADLINE_TOKEN: u32 = u32::MAX - 1;
 /// How long connections get to finish once a stop is requested.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -349,6 +357,15 @@ struct State {
     /// Zero-copy threshold, when zero-copy sends are on.
     zerocopy: Option<usize>,
     stats: Arc<EngineStats>,
+    /// `--max-connections` and the handshake deadline.
+    limits: Limits,
+    /// Connections in accept order with their handshake deadlines (all
+    /// connections get the same timeout, so the front expires first):
+    /// (deadline, slot, serial).
+    handshakes: VecDeque<(Instant, u32, u64)>,
+    /// A ring timer is set for the front of `handshakes`.
+    timer_armed: bool,
+    next_serial: u64,
     local: Local,
     /// Ring counters already published.
     seen: RingStats,
@@ -358,6 +375,10 @@ struct State {
 
 struct Conn {
     stream: Stream,
+    /// Its place under `--max-connections`, freed when the slot is.
+    _ticket: Ticket,
+    /// Tells apart connections that reuse a slot (for `handshakes`).
+    serial: u64,
     /// How ring operations name the socket (registered slot or descriptor).
     sock: Sock,
     conn: Connection,
@@ -405,6 +426,7 @@ impl Worker {
                 self.ring.completions(|ring, c| state.complete(ring, c));
             }
             self.state.flush(&mut self.ring);
+            self.state.arm_deadline_timer(&mut self.ring);
             self.state.fold_stats(&self.ring);
             if let Some(since) = self.state.stopping {
                 if self.state.live == 0 {
@@ -424,25 +446,24 @@ impl State {
             Completion::Accept { listener, result, more } => {
                 match result {
                     Ok(fd) => {
+                        // Over --max-connections: closed before any byte.
+                        let Some(ticket) = self.limits.gate.admit() else {
+                            drop(fd);
+                            return self.rearm_accept(ring, listener, more);
+                        };
                         // Spread connections over the rings round robin; the
                         // kernel tends to hand every accept to one ring.
                         let n = self.peers.ctl.len();
                         let target = self.peers.next.fetch_add(1, Ordering::Relaxed) % n;
                         if target == self.index {
-                            self.accepted(ring, listener, fd);
-                        } else if let Err(e) = self.peers.send(target, Ctl::Conn(fd, listener)) {
+                            self.accepted(ring, listener, fd, ticket);
+                        } else if let Err(e) = self.peers.send(target, Ctl::Conn(fd, listener, ticket)) {
                             log::warn(format_args!("handing a connection to ring {target}: {e}"));
                         }
                     }
                     Err(e) => log::warn(format_args!("accept: {e}")),
                 }
-                if !more && self.stopping.is_none() {
-                    if let Some(l) = self.listeners.get(listener as usize) {
-                        if let Err(e) = ring.accept_multi(l.as_fd(), listener) {
-                            log::warn(format_args!("re-arming accept: {e}"));
-                        }
-                    }
-                }
+                self.rearm_accept(ring, listener, more);
             }
             Completion::Recv { conn, result, more } => self.received(ring, conn, result, more),
             Completion::Send { conn, result, source, skip, copied } => {
@@ -452,6 +473,10 @@ impl State {
                 self.sent(ring, conn, result, source, skip)
             }
             Completion::Readable { token: WAKE_TOKEN } => self.woken(ring),
+            Completion::Timer { .. } => {
+                self.timer_armed = false;
+                self.expire_handshakes();
+            }
             Completion::File { conn, token, result, buf } => {
                 if let Some(Some(c)) = self.conns.get_mut(conn as usize) {
                     c.conn.io_complete(token, result, buf);
@@ -462,7 +487,67 @@ impl State {
         }
     }
 
-    fn accepted(&mut self, ring: &mut Ring<OutBuf>, listener: u32, fd: OwnedFd) {
+    /// A multishot accept that ended (`more` false) is armed again.
+    fn rearm_accept(&mut self, ring: &mut Ring<OutBuf>, listener: u32, more: bool) {
+        if !more && self.stopping.is_none() {
+            if let Some(l) = self.listeners.get(listener as usize) {
+                if let Err(e) = ring.accept_multi(l.as_fd(), listener) {
+                    log::warn(format_args!("re-arming accept: {e}"));
+                }
+            }
+        }
+    }
+
+    /// Drops the connections whose handshake deadline has passed while
+    /// they are still haggling.
+    fn expire_handshakes(&mut self) {
+        let now = Instant::now();
+        while let Some(&(deadline, id, serial)) = self.handshakes.front() {
+            if deadline > now {
+                break;
+            }
+            self.handshakes.pop_front();
+            let Some(Some(c)) = self.conns.get_mut(id as usize) else { continue };
+            if c.serial != serial || !c.conn.in_handshake() || c.broken {
+                continue;
+            }
+            log::warn(format_args!(
+                "{}: handshake not finished within {:?} (--handshake-timeout); closing",
+                c.stream.peer(),
+                self.limits.handshake_timeout.unwrap_or_default()
+            ));
+            c.broken = true;
+            c.stream.shutdown(Shutdown::Both).ok();
+            c.dirty = true;
+        }
+    }
+
+    /// Sets the ring timer for the oldest connection still haggling, a
+    /// little after its deadline so that one wake-up covers a batch.
+    fn arm_deadline_timer(&mut self, ring: &mut Ring<OutBuf>) {
+        if self.timer_armed || self.stopping.is_some() {
+            return;
+        }
+        let Some(timeout) = self.limits.handshake_timeout else { return };
+        // Connections that finished haggling (or left) need no wake-up.
+        while let Some(&(_, id, serial)) = self.handshakes.front() {
+            match self.conns.get(id as usize) {
+                Some(Some(c)) if c.serial == serial && c.conn.in_handshake() && !c.broken => break,
+                _ => {
+                    self.handshakes.pop_front();
+                }
+            }
+        }
+        let Some(&(deadline, _, _)) = self.handshakes.front() else { return };
+        let slack = (timeout / 10).min(Duration::from_millis(100));
+        let after = deadline.saturating_duration_since(Instant::now()) + slack;
+        match ring.timer(after, DEADLINE_TOKEN) {
+            Ok(armed) => self.timer_armed = armed,
+            Err(e) => log::warn(format_args!("arming the handshake deadline timer: {e}")),
+        }
+    }
+
+    fn accepted(&mut self, ring: &mut Ring<OutBuf>, listener: u32, fd: OwnedFd, ticket: Ticket) {
         if self.stopping.is_some() {
             return; // dropping the fd closes it
         }
@@ -498,8 +583,15 @@ impl State {
                 Sock::raw(stream.as_fd())
             }
         };
+        let serial = self.next_serial;
+        self.next_serial += 1;
+        if let Some(t) = self.limits.handshake_timeout {
+            self.handshakes.push_back((Instant::now() + t, id, serial));
+        }
         let mut c = Conn {
             stream,
+            _ticket: ticket,
+            serial,
             sock,
             conn,
             recv_armed: false,
@@ -706,7 +798,7 @@ impl State {
         }
         while let Ok(msg) = self.ctl_rx.try_recv() {
             match msg {
-                Ctl::Conn(fd, listener) => self.accepted(ring, listener, fd),
+                Ctl::Conn(fd, listener, ticket) => self.accepted(ring, listener, fd, ticket),
                 Ctl::Stop => self.stop(),
             }
         }

@@ -1,14 +1,17 @@
 //! The ringbd NBD server.
 //!
+//! - [`access`]: `--max-connections`, the handshake deadline, socket mode, `--user`/`--group`.
 //! - [`exports`]: export names bound to backends; the handshake's catalog.
 //! - [`listener`]: TCP/Unix listeners, socket activation, URIs.
 //! - [`conn`]: one connection as a state machine over bytes, shared by the engines.
 //! - [`out`]: the reply queue, sent as one vectored write.
 //! - [`engine_uring`]: the io_uring engine (a ring per worker thread).
 //! - [`engine_threads`]: the portable blocking engine (a thread per connection).
-//! - [`tls`]: STARTTLS credentials and the per-connection rustls layer.
+//! - [`tls`]: STARTTLS credentials and the per-connection rustls layer;
+//!   `tls_authz`: the `--tls-authz` allow list of client certificate subjects.
 //! - [`server`]: start-up, the accept loop, captive `--run`, clean shutdown.
 
+pub mod access;
 pub mod conn;
 pub mod engine_threads;
 pub mod engine_uring;
@@ -18,5 +21,6 @@ pub mod log;
 pub mod out;
 pub mod server;
 pub mod tls;
+mod tls_authz;
 
 pub use server::{run, Config, ServeError, DEFAULT_LISTEN};

@@ -157,6 +157,15 @@ impl Stream {
         }
     }
 
+    /// Read and write timeouts (`SO_RCVTIMEO`/`SO_SNDTIMEO`, shared by
+    /// every handle on this socket); `None` blocks for ever.
+    pub fn set_timeouts(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(t).and_then(|()| s.set_write_timeout(t)),
+            Stream::Unix(s) => s.set_read_timeout(t).and_then(|()| s.set_write_timeout(t)),
+        }
+    }
+
     /// A short description of the peer for logs.
     pub fn peer(&self) -> String {
         match self {

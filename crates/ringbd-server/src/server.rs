@@ -16,6 +16,7 @@ use ringbd_io::net::{poll_readable, take_activated_listeners};
 use ringbd_io::signal::TermSignals;
 use ringbd_io::uring::Features;
 
+use crate::access::{AccessOptions, Limits};
 use crate::engine_threads;
 use crate::engine_uring::{Engine, EngineStats, UringOptions};
 use crate::exports::{Export, Exports};
@@ -44,6 +45,8 @@ pub struct Config {
     pub stats_interval: Option<Duration>,
     /// STARTTLS policy and credentials.
     pub tls: crate::tls::TlsOptions,
+    /// Connection limits, the handshake deadline, socket mode, privileges.
+    pub access: AccessOptions,
 }
 
 /// Which engine serves connections.
@@ -145,6 +148,10 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
     for l in &listeners {
         l.set_nonblocking().map_err(|e| err(format!("listener: {e}")))?;
     }
+    // Sockets bound, exports and credentials open: root is no longer needed
+    // (before the readiness lines, so a client never meets the old ids).
+    crate::access::drop_privileges(&config.access).map_err(err)?;
+    let limits = Limits::new(&config.access);
     {
         let mut stdout = io::stdout().lock();
         for l in &listeners {
@@ -223,7 +230,7 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
             },
         ));
         let listeners = Arc::new(listeners);
-        let eng = Engine::start(listeners, exports.clone(), config.uring, features)
+        let eng = Engine::start(listeners, exports.clone(), config.uring, features, limits.clone())
             .map_err(|e| err(format!("io_uring engine: {e}")))?;
         wait_for_stop(&signals, &wake_rx, config.stats_interval, &eng.stats)?;
         let stats = eng.stats.clone();
@@ -232,7 +239,14 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
         stopped.map_err(|e| err(format!("io_uring engine: {e}")))?;
     } else {
         log::debug(format_args!("engine threads: one thread per connection"));
-        serve_threads(listeners, &exports, &signals, &wake_rx)?;
+        serve_threads(listeners, &exports, &signals, &wake_rx, &limits)?;
+    }
+    if limits.gate.refused() > 0 {
+        log::warn(format_args!(
+            "{} connection(s) refused over --max-connections {}",
+            limits.gate.refused(),
+            config.access.max_connections.unwrap_or_default()
+        ));
     }
 
     let mut flush_failed = false;
@@ -261,6 +275,7 @@ fn serve_threads(
     exports: &Arc<Exports>,
     signals: &TermSignals,
     wake_rx: &io::PipeReader,
+    limits: &Limits,
 ) -> Result<(), ServeError> {
     let registry = Arc::new(Registry::default());
     let mut next_id = 0u64;
@@ -295,6 +310,11 @@ fn serve_threads(
                         break;
                     }
                 };
+                // Over --max-connections: closed before any byte.
+                let Some(ticket) = limits.gate.admit() else {
+                    drop(stream);
+                    continue;
+                };
                 let id = next_id;
                 next_id += 1;
                 match stream.try_clone() {
@@ -307,12 +327,14 @@ fn serve_threads(
                     }
                 }
                 let (exports, registry2) = (exports.clone(), registry.clone());
+                let timeout = limits.handshake_timeout;
                 let spawned = thread::Builder::new().name(format!("conn-{id}")).spawn(move || {
                     let peer = stream.peer();
-                    if let Err(e) = engine_threads::serve(stream, exports) {
+                    if let Err(e) = engine_threads::serve_limited(stream, exports, timeout) {
                         log::warn(format_args!("{peer}: connection ended with error: {e}"));
                     }
                     registry2.remove(id);
+                    drop(ticket);
                 });
                 match spawned {
                     Ok(h) => workers.push(h),
@@ -367,7 +389,13 @@ fn bind(config: &Config) -> Result<Vec<Listener>, ServeError> {
     }
     let mut out = Vec::new();
     if let Some(path) = &config.unix {
-        out.push(Listener::bind_unix(path).map_err(|e| err(e.to_string()))?);
+        // bind creates the socket file with 0777 less the umask: with the
+        // umask set to the complement, it has exactly the mode asked for,
+        // with no window of wider permissions (a chmod after would leave one).
+        let mode = config.access.unix_mode & 0o777;
+        let l = ringbd_io::user::with_umask(!mode & 0o777, || Listener::bind_unix(path))
+            .map_err(|e| err(e.to_string()))?;
+        out.push(l);
     }
     let mut addrs = config.listen.clone();
     if addrs.is_empty() && config.unix.is_none() {

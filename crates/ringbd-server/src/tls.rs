@@ -34,6 +34,10 @@ pub struct TlsOptions {
     pub certificates: Option<PathBuf>,
     /// Require a client certificate signed by [`CA_CERT`].
     pub verify_peer: bool,
+    /// Allowed client certificate subjects (RFC 4514); empty: any.
+    pub authz: Vec<String>,
+    /// A file of more allowed subjects, one per line.
+    pub authz_file: Option<PathBuf>,
 }
 
 /// The server's TLS policy and credentials, shared by its connections.
@@ -58,6 +62,20 @@ impl TlsServer {
             .certificates
             .as_deref()
             .ok_or("--tls on/require needs --tls-certificates DIR (PSK is not supported yet)")?;
+        let mut authz = opts.authz.clone();
+        if let Some(f) = &opts.authz_file {
+            let text =
+                std::fs::read_to_string(f).map_err(|e| format!("--tls-authz-file {}: {e}", f.display()))?;
+            authz.extend(crate::tls_authz::parse_list(&text));
+            if authz.is_empty() {
+                return Err(format!("--tls-authz-file {}: no distinguished name in it", f.display()));
+            }
+        }
+        if !authz.is_empty() && !opts.verify_peer {
+            return Err(
+                "--tls-authz needs --tls-verify-peer (the subject comes from the client certificate)".into(),
+            );
+        }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -70,7 +88,11 @@ impl TlsServer {
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
                 .map_err(|e| format!("client certificate verifier: {e}"))?;
-            builder.with_client_cert_verifier(verifier)
+            if authz.is_empty() {
+                builder.with_client_cert_verifier(verifier)
+            } else {
+                builder.with_client_cert_verifier(Arc::new(crate::tls_authz::AllowList::new(verifier, authz)))
+            }
         } else {
             builder.with_no_client_auth()
         };

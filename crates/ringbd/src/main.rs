@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve exports over NBD (fixed newstyle, structured replies, extended headers).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Serve a target as a local block device /dev/ublkbN (ublk; Linux 6.0+, root).
     Attach(cmd_ublk::AttachArgs),
     /// Stop and remove a ublk device (ID or /dev/ublkbN).
@@ -129,6 +129,27 @@ struct ServeArgs {
     /// Require a client certificate signed by the directory's ca-cert.pem.
     #[arg(long)]
     tls_verify_peer: bool,
+    /// Only serve clients whose certificate subject is this distinguished name, RFC 4514 as qemu prints it (e.g. "CN=backup-host,O=Example"); repeatable; needs --tls-verify-peer.
+    #[arg(long, value_name = "DN")]
+    tls_authz: Vec<String>,
+    /// Like --tls-authz, with one distinguished name per line of FILE (blank lines and #comments ignored).
+    #[arg(long, value_name = "FILE")]
+    tls_authz_file: Option<PathBuf>,
+    /// Serve at most N connections at once; more are closed right after accept.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: Option<u64>,
+    /// Drop a client that has not finished option haggling (TLS handshake included) within this time; 0 = never.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_timeout)]
+    handshake_timeout: Duration,
+    /// Permissions of the --unix socket, in octal.
+    #[arg(long, value_name = "OCTAL", default_value = "600", value_parser = parse_mode)]
+    unix_mode: u32,
+    /// After binding and opening the exports, run as this user (name or number).
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
+    /// After binding and opening the exports, run as this group (name or number) [default: the user's group].
+    #[arg(long, value_name = "GROUP")]
+    group: Option<String>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -161,6 +182,23 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// A duration, or 0 (zero: none).
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    if s.trim().trim_end_matches(['s', 'm']) == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(s)
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(s.trim().trim_start_matches("0o"), 8)
+        .map_err(|_| format!("{s:?} is not an octal mode like 600 or 0660"))?;
+    if mode > 0o777 {
+        return Err(format!("{s:?}: only permission bits (at most 777)"));
+    }
+    Ok(mode)
+}
+
 fn parse_named_export(s: &str) -> Result<(String, Spec), String> {
     let (name, spec) = s.split_once('=').ok_or_else(|| format!("{s:?} is not NAME=SPEC"))?;
     let spec = spec.parse::<Spec>().map_err(|e| e.to_string())?;
@@ -170,7 +208,7 @@ fn parse_named_export(s: &str) -> Result<(String, Spec), String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Serve(a) => serve(a),
+        Cmd::Serve(a) => serve(*a),
         Cmd::Attach(a) => cmd_ublk::attach(a),
         Cmd::Detach(a) => cmd_ublk::detach(a),
         Cmd::List(a) => cmd_ublk::list(a),
@@ -223,6 +261,15 @@ fn serve(a: ServeArgs) -> ExitCode {
             },
             certificates: a.tls_certificates,
             verify_peer: a.tls_verify_peer,
+            authz: a.tls_authz,
+            authz_file: a.tls_authz_file,
+        },
+        access: ringbd_server::access::AccessOptions {
+            max_connections: a.max_connections.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+            handshake_timeout: Some(a.handshake_timeout).filter(|t| !t.is_zero()),
+            unix_mode: a.unix_mode,
+            user: a.user,
+            group: a.group,
         },
     };
     match ringbd_server::run(config) {

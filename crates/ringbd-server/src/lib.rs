@@ -6,7 +6,8 @@
 //! - [`out`]: the reply queue, sent as one vectored write.
 //! - [`engine_uring`]: the io_uring engine (a ring per worker thread).
 //! - [`engine_threads`]: the portable blocking engine (a thread per connection).
-//! - [`tls`]: STARTTLS credentials and the per-connection rustls layer.
+//! - [`tls`]: STARTTLS credentials and the per-connection TLS layer (rustls
+//!   with certificates, OpenSSL with pre-shared keys).
 //! - [`server`]: start-up, the accept loop, captive `--run`, clean shutdown.
 
 pub mod conn;

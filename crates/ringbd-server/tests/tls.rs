@@ -120,7 +120,7 @@ fn pki(tag: &str) -> Option<Pki> {
 fn server(dir: &Path, mode: TlsMode, verify_peer: bool) -> Connection {
     let mut e = Exports::default();
     e.add(Export::new("", Arc::new(MemoryBackend::new(1 << 20)), false)).unwrap();
-    let opts = TlsOptions { mode, certificates: Some(dir.to_owned()), verify_peer };
+    let opts = TlsOptions { mode, certificates: Some(dir.to_owned()), verify_peer, psk: None };
     e.set_tls(TlsServer::load(&opts).unwrap());
     Connection::new(Arc::new(e), "test".into())
 }

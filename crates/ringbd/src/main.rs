@@ -120,7 +120,7 @@ struct ServeArgs {
     /// Print the engine's counters (requests per receive, replies per send...) this often, e.g. 1s or 500ms; they are always printed at exit.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     stats_interval: Option<Duration>,
-    /// STARTTLS: off (refused), on (offered), require (nothing without TLS) [default: require with --tls-certificates, else off].
+    /// STARTTLS: off (refused), on (offered), require (nothing without TLS) [default: require with --tls-certificates or --tls-psk, else off].
     #[arg(long, value_enum)]
     tls: Option<TlsArg>,
     /// Directory with ca-cert.pem, server-cert.pem and server-key.pem (the qemu and nbdkit names).
@@ -129,6 +129,9 @@ struct ServeArgs {
     /// Require a client certificate signed by the directory's ca-cert.pem.
     #[arg(long)]
     tls_verify_peer: bool,
+    /// TLS with pre-shared keys instead of certificates: a psktool file of username:hexkey lines (as nbdkit --tls-psk and qemu's keys.psk).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["tls_certificates", "tls_verify_peer"])]
+    tls_psk: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -216,13 +219,14 @@ fn serve(a: ServeArgs) -> ExitCode {
         },
         stats_interval: a.stats_interval,
         tls: ringbd_server::tls::TlsOptions {
-            mode: match (a.tls, &a.tls_certificates) {
-                (Some(TlsArg::Off), _) | (None, None) => TlsMode::Off,
+            mode: match (a.tls, a.tls_certificates.is_some() || a.tls_psk.is_some()) {
+                (Some(TlsArg::Off), _) | (None, false) => TlsMode::Off,
                 (Some(TlsArg::On), _) => TlsMode::On,
-                (Some(TlsArg::Require), _) | (None, Some(_)) => TlsMode::Require,
+                (Some(TlsArg::Require), _) | (None, true) => TlsMode::Require,
             },
             certificates: a.tls_certificates,
             verify_peer: a.tls_verify_peer,
+            psk: a.tls_psk,
         },
     };
     match ringbd_server::run(config) {

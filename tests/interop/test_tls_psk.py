@@ -22,6 +22,7 @@ import urllib.parse
 import pytest
 
 import nbdraw
+import tls_certs
 
 TIMEOUT = 60
 
@@ -113,7 +114,7 @@ def test_qemu_io_and_qemu_img_over_tls_psk(start_server, psk):
     assert json.loads(r.stdout)["virtual-size"] == 64 << 20
 
 
-def test_a_wrong_key_and_an_unknown_username_are_refused(start_server, psk, server_kind):
+def test_a_wrong_key_an_unknown_username_and_a_certificate_client_are_refused(start_server, psk, server_kind):
     srv = psk_server(start_server, psk)
     r = run(["nbdinfo", "--size", psk_uri(srv, "alice", psk["wrong"])])
     assert r.returncode != 0, r.stdout
@@ -126,6 +127,10 @@ def test_a_wrong_key_and_an_unknown_username_are_refused(start_server, psk, serv
     r = run(["qemu-img", "info", "--object",
              "tls-creds-psk,id=tls0,endpoint=client,dir=%s,username=alice" % qdir,
              "--image-opts", "driver=nbd,host=127.0.0.1,port=%d,export=,tls-creds=tls0" % srv.port])
+    assert r.returncode != 0, r.stdout
+    # A client with certificates only (no PSK) does not get in either.
+    certs = tls_certs.make_pki(os.path.join(os.path.dirname(psk["wrong"]), "pki-%s" % server_kind))[1]
+    r = run(["nbdinfo", "--size", "nbds://127.0.0.1:%d/?tls-certificates=%s" % (srv.port, certs)])
     assert r.returncode != 0, r.stdout
     # The server is still there for the right key.
     assert srv.alive()

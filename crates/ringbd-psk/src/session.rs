@@ -267,7 +267,7 @@ impl PskSession {
             (Some((name, true)), true) => {
                 format!("TLS-PSK handshake with username {name:?} failed (wrong key?)")
             }
-            (None, true) => "TLS-PSK handshake failed".to_string(),
+            (None, true) => "TLS-PSK handshake failed before a PSK username came".to_string(),
             (_, false) => "TLS-PSK session failed".to_string(),
         };
         PskError(format!("{what}: {e}"))

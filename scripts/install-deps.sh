@@ -13,6 +13,9 @@ have fio      || need+=(fio)
 have qemu-img || need+=(qemu-utils)
 have nbd-server || need+=(nbd-server)
 have openssl  || need+=(openssl)   # makes the TLS tests' certificates
+# The build links the system's libssl for TLS-PSK (crates/ringbd-psk), found with pkg-config.
+have pkg-config || need+=(pkg-config)
+pkg-config --exists openssl 2>/dev/null || need+=(libssl-dev)
 /usr/bin/python3 -c 'import nbd' 2>/dev/null   || need+=(python3-libnbd)
 /usr/bin/python3 -c 'import pytest' 2>/dev/null || need+=(python3-pytest)
 /usr/bin/python3 -c 'import matplotlib' 2>/dev/null || need+=(python3-matplotlib)
@@ -22,12 +25,15 @@ if ((${#need[@]})); then
     echo "install-deps: installing ${need[*]}"
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    # Wait for a concurrent apt or dpkg instead of failing on its lock.
+    lock=(-o DPkg::Lock::Timeout=600)
+    $sudo apt-get "${lock[@]}" update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get "${lock[@]}" install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
 # Fail loudly rather than let a test skip: every tool must be here now.
-for t in nbdkit nbdinfo nbdsh nbdcopy fio qemu-img qemu-io qemu-nbd nbd-server openssl; do
+for t in nbdkit nbdinfo nbdsh nbdcopy fio qemu-img qemu-io qemu-nbd nbd-server openssl pkg-config; do
     have "$t" || { echo "install-deps: $t is still missing" >&2; exit 1; }
 done
+pkg-config --exists openssl || { echo "install-deps: libssl-dev is still missing (pkg-config openssl)" >&2; exit 1; }
 /usr/bin/python3 -c 'import nbd, pytest, matplotlib' || { echo "install-deps: python3-libnbd/pytest/matplotlib missing" >&2; exit 1; }

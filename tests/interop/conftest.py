@@ -123,9 +123,14 @@ def parse_spec(spec):
 
 def tls_args(kind, tls):
     """Server arguments for `tls` = {"mode": off|on|require, "dir": DIR,
-    "verify_peer": bool}, in each server's syntax."""
+    "verify_peer": bool} or {"mode": ..., "psk": FILE}, in each server's
+    syntax."""
     if not tls:
         return []
+    if tls.get("psk"):
+        if kind == "nbdkit":
+            return ["--tls=%s" % tls["mode"], "--tls-psk=%s" % tls["psk"]]
+        return ["--tls", tls["mode"], "--tls-psk", tls["psk"]]
     if kind == "nbdkit":
         argv = ["--tls=%s" % tls["mode"], "--tls-certificates=%s" % tls["dir"]]
         if tls.get("verify_peer"):

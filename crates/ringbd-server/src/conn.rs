@@ -9,8 +9,8 @@
 //! backend as soon as they are complete; replies go to the output queue.
 //!
 //! TLS sits between the engine and all of this: after STARTTLS the bytes the
-//! engine feeds in are ciphertext for a rustls session (sans-IO too), whose
-//! plaintext goes to the same NBD state machine; the replies a loop turn
+//! engine feeds in are ciphertext for a TLS session (rustls, or OpenSSL for
+//! PSK; sans-IO too), whose plaintext goes to the same NBD state machine; the replies a loop turn
 //! queued are encrypted together into the queue the engine sends
 //! ([`crate::tls`]). Zero-copy sends do not apply there: the queue holds
 //! ciphertext in one buffer, no read payload pages.

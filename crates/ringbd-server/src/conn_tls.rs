@@ -3,8 +3,6 @@
 //! turn's plaintext replies into records. A child module of `conn`, so it
 //! works on the connection's own fields.
 
-use std::io::{IoSlice, Read, Write};
-
 use super::{Connection, Phase, OUT_HIGH_WATER};
 use crate::log;
 use crate::tls::TlsLayer;
@@ -46,33 +44,17 @@ impl Connection {
         }
         t.held = 0;
         while used < data.len() && !self.is_closed() && self.wants_input() && room(t, self.reply_limit) {
-            let mut rd = &data[used..];
-            let n = match t.session.read_tls(&mut rd) {
-                Ok(n) if n > 0 => n,
-                Ok(_) => {
-                    self.tls_failed("rustls took no bytes");
-                    return data.len();
-                }
+            let n = match t.session.read_tls(&data[used..], &mut t.plain) {
+                Ok(n) => n,
                 Err(e) => {
-                    self.tls_failed(&e.to_string());
+                    // An alert may be queued; seal sends it.
+                    self.tls_failed(&e);
                     return data.len();
                 }
             };
-            if let Err(e) = t.session.process_new_packets() {
-                // rustls queued an alert; seal sends it.
-                self.tls_failed(&e.to_string());
-                return data.len();
-            }
             if !t.established && !t.session.is_handshaking() {
                 t.established = true;
-                log::debug(format_args!("{}: TLS established: {}", self.peer, t.describe()));
-            }
-            let mut chunk = [0u8; 16 * 1024];
-            loop {
-                match t.session.reader().read(&mut chunk) {
-                    Ok(0) | Err(_) => break,
-                    Ok(k) => t.plain.extend_from_slice(&chunk[..k]),
-                }
+                log::debug(format_args!("{}: TLS established: {}", self.peer, t.session.describe()));
             }
             self.feed_plain(t);
             if !t.plain.is_empty() && !self.is_closed() {
@@ -111,30 +93,14 @@ impl Connection {
     }
 
     /// Writes every queued plaintext reply through the TLS session at once
-    /// (one vectored write: full records, not one or two per reply), then
-    /// moves the records and any handshake messages or alert to the wire.
+    /// (full records, not one or two per reply), then moves the records and
+    /// any handshake messages or alert to the wire.
     pub(super) fn seal_into(&mut self, t: &mut TlsLayer) {
         if !self.out.is_empty() {
-            let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(8);
-            self.out.iovecs(0, &mut iov);
-            let total = self.out.len();
-            let mut done = 0;
-            while done < total {
-                match t.session.writer().write_vectored(&iov) {
-                    Ok(n) if n > 0 => {
-                        done += n;
-                        iov.clear();
-                        self.out.iovecs(done, &mut iov);
-                    }
-                    // Unreachable with no buffer limit; fail rather than spin.
-                    _ => {
-                        log::warn(format_args!("{}: TLS: rustls refused plaintext", self.peer));
-                        self.phase = Phase::Closed;
-                        break;
-                    }
-                }
+            if let Err(e) = t.session.write_plain(&self.out) {
+                log::warn(format_args!("{}: TLS: {e}", self.peer));
+                self.phase = Phase::Closed;
             }
-            drop(iov);
             t.wire.add_replies(self.out.replies());
             self.out.clear(&mut self.pool);
         }
@@ -142,12 +108,7 @@ impl Connection {
             t.closing = true;
             t.session.send_close_notify();
         }
-        while t.session.wants_write() {
-            match t.session.write_tls(t.wire.bytes()) {
-                Ok(n) if n > 0 => {}
-                _ => break,
-            }
-        }
+        t.session.write_tls(t.wire.bytes());
     }
 }
 

@@ -7,8 +7,9 @@
 //! - [`out`]: the reply queue, sent as one vectored write.
 //! - [`engine_uring`]: the io_uring engine (a ring per worker thread).
 //! - [`engine_threads`]: the portable blocking engine (a thread per connection).
-//! - [`tls`]: STARTTLS credentials and the per-connection rustls layer;
-//!   `tls_authz`: the `--tls-authz` allow list of client certificate subjects.
+//! - [`tls`]: STARTTLS credentials and the per-connection TLS layer (rustls
+//!   with certificates, OpenSSL with pre-shared keys); `tls_authz`: the
+//!   `--tls-authz` allow list of client certificate subjects.
 //! - [`server`]: start-up, the accept loop, captive `--run`, clean shutdown.
 
 pub mod access;

@@ -133,10 +133,12 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
     }
     let tls = crate::tls::TlsServer::load(&config.tls).map_err(|e| err(format!("TLS: {e}")))?;
     if let Some(t) = &tls {
+        let from = config.tls.psk.as_deref().or(config.tls.certificates.as_deref());
         log::debug(format_args!(
-            "TLS {:?} with the certificates in {:?}{}",
+            "TLS {:?} with the {} in {:?}{}",
             t.mode,
-            config.tls.certificates.as_deref().unwrap_or(std::path::Path::new("")),
+            t.kind(),
+            from.unwrap_or(std::path::Path::new("")),
             if config.tls.verify_peer { ", client certificates required" } else { "" }
         ));
     }

@@ -1,17 +1,21 @@
-//! TLS for STARTTLS: credentials from a certificate directory with the
-//! qemu/nbdkit file names, and the per-connection TLS layer.
+//! TLS for STARTTLS: credentials (a certificate directory with the
+//! qemu/nbdkit file names, or a PSK file), and the per-connection TLS layer.
 //!
-//! rustls is sans-IO like the rest of the connection: [`crate::conn`] feeds
-//! it the ciphertext the engine received and writes the plaintext replies
-//! through it, so both engines get TLS without knowing about it. Replies
-//! queued in one loop turn are written with one vectored write, which rustls
-//! packs into as few 16 KiB records as the bytes allow (the equivalent of
+//! Both kinds of session are sans-IO like the rest of the connection:
+//! [`crate::conn`] feeds them the ciphertext the engine received and writes
+//! the plaintext replies through them, so both engines get TLS without
+//! knowing about it. X.509 runs on rustls; PSK, which rustls lacks, on
+//! OpenSSL over memory buffers ([`ringbd_psk`]). `ServerSession` hides
+//! which. Replies queued in one loop turn are written in one go and packed
+//! into as few 16 KiB records as the bytes allow (the equivalent of
 //! `gnutls_record_cork`); the records then leave in one send.
 
+use std::io::{IoSlice, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nbd_proto::TlsMode;
+use ringbd_psk::{PskKeys, PskServerConfig, PskSession};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
@@ -38,12 +42,20 @@ pub struct TlsOptions {
     pub authz: Vec<String>,
     /// A file of more allowed subjects, one per line.
     pub authz_file: Option<PathBuf>,
+    /// A psktool file (`username:hexkey` lines): TLS-PSK instead of
+    /// certificates.
+    pub psk: Option<PathBuf>,
 }
 
 /// The server's TLS policy and credentials, shared by its connections.
 pub struct TlsServer {
     pub mode: TlsMode,
-    config: Arc<ServerConfig>,
+    credentials: Credentials,
+}
+
+enum Credentials {
+    X509(Arc<ServerConfig>),
+    Psk(PskServerConfig),
 }
 
 impl std::fmt::Debug for TlsServer {
@@ -58,10 +70,22 @@ impl TlsServer {
         if opts.mode == TlsMode::Off {
             return Ok(None);
         }
+        if let Some(path) = &opts.psk {
+            if opts.certificates.is_some() || opts.verify_peer {
+                return Err("--tls-psk excludes --tls-certificates and --tls-verify-peer".into());
+            }
+            if !opts.authz.is_empty() || opts.authz_file.is_some() {
+                // The key file is the allow list: every user in it may connect.
+                return Err("--tls-authz applies to client certificates, not to --tls-psk (list only the allowed users in the key file)".into());
+            }
+            let keys = PskKeys::load(path).map_err(|e| e.to_string())?;
+            let config = PskServerConfig::new(Arc::new(keys)).map_err(|e| e.to_string())?;
+            return Ok(Some(TlsServer { mode: opts.mode, credentials: Credentials::Psk(config) }));
+        }
         let dir = opts
             .certificates
             .as_deref()
-            .ok_or("--tls on/require needs --tls-certificates DIR (PSK is not supported yet)")?;
+            .ok_or("--tls on/require needs --tls-certificates DIR or --tls-psk FILE")?;
         let mut authz = opts.authz.clone();
         if let Some(f) = &opts.authz_file {
             let text =
@@ -103,15 +127,145 @@ impl TlsServer {
         let config = builder
             .with_single_cert(certs, key)
             .map_err(|e| format!("{} with {}: {e}", dir.join(SERVER_CERT).display(), key_path.display()))?;
-        Ok(Some(TlsServer { mode: opts.mode, config: Arc::new(config) }))
+        Ok(Some(TlsServer { mode: opts.mode, credentials: Credentials::X509(Arc::new(config)) }))
+    }
+
+    /// What authenticates: "certificates" or "PSK".
+    pub fn kind(&self) -> &'static str {
+        match self.credentials {
+            Credentials::X509(_) => "certificates",
+            Credentials::Psk(_) => "PSK",
+        }
     }
 
     /// A fresh TLS session for one connection that sent STARTTLS.
-    pub(crate) fn session(&self) -> Result<ServerConnection, rustls::Error> {
-        let mut conn = ServerConnection::new(self.config.clone())?;
-        // The connection's own high-water mark bounds what is queued.
-        conn.set_buffer_limit(None);
-        Ok(conn)
+    pub(crate) fn session(&self) -> Result<ServerSession, String> {
+        match &self.credentials {
+            Credentials::X509(config) => {
+                let mut conn = ServerConnection::new(config.clone()).map_err(|e| e.to_string())?;
+                // The connection's own high-water mark bounds what is queued.
+                conn.set_buffer_limit(None);
+                Ok(ServerSession::X509(Box::new(conn)))
+            }
+            Credentials::Psk(config) => config.session().map(ServerSession::Psk).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// One connection's TLS session: rustls with X.509 certificates, or
+/// OpenSSL with a pre-shared key. Both run on memory buffers.
+pub(crate) enum ServerSession {
+    X509(Box<ServerConnection>),
+    Psk(PskSession),
+}
+
+impl ServerSession {
+    /// Takes ciphertext from the front of `data` (maybe not all of it),
+    /// runs the protocol on it and appends what it decrypted to `plain`.
+    /// Returns how many bytes it took. An error is final; an alert may be
+    /// queued for [`ServerSession::write_tls`].
+    pub(crate) fn read_tls(&mut self, data: &[u8], plain: &mut Vec<u8>) -> Result<usize, String> {
+        match self {
+            ServerSession::X509(s) => {
+                let mut rd = data;
+                let n = s.read_tls(&mut rd).map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return Err("rustls took no bytes".into());
+                }
+                s.process_new_packets().map_err(|e| e.to_string())?;
+                let mut chunk = [0u8; 16 * 1024];
+                loop {
+                    match s.reader().read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => plain.extend_from_slice(&chunk[..k]),
+                    }
+                }
+                Ok(n)
+            }
+            ServerSession::Psk(s) => {
+                let n = s.read_tls(data);
+                s.process(plain).map_err(|e| e.to_string())?;
+                Ok(n)
+            }
+        }
+    }
+
+    pub(crate) fn is_handshaking(&self) -> bool {
+        match self {
+            ServerSession::X509(s) => s.is_handshaking(),
+            ServerSession::Psk(s) => s.is_handshaking(),
+        }
+    }
+
+    /// Encrypts every byte of `out` at once: full records across reply
+    /// boundaries, not one or two records per reply.
+    pub(crate) fn write_plain(&mut self, out: &OutBuf) -> Result<(), String> {
+        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(8);
+        out.iovecs(0, &mut iov);
+        match self {
+            ServerSession::X509(s) => {
+                let (total, mut done) = (out.len(), 0);
+                while done < total {
+                    match s.writer().write_vectored(&iov) {
+                        Ok(n) if n > 0 => {
+                            done += n;
+                            iov.clear();
+                            out.iovecs(done, &mut iov);
+                        }
+                        // Unreachable with no buffer limit; fail rather than spin.
+                        _ => return Err("rustls refused plaintext".into()),
+                    }
+                }
+                Ok(())
+            }
+            ServerSession::Psk(s) => {
+                for piece in &iov {
+                    s.write(piece).map_err(|e| e.to_string())?;
+                }
+                s.flush().map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    pub(crate) fn send_close_notify(&mut self) {
+        match self {
+            ServerSession::X509(s) => s.send_close_notify(),
+            ServerSession::Psk(s) => s.send_close_notify(),
+        }
+    }
+
+    /// Moves the records (and handshake messages, alerts) ready to send to
+    /// the end of `wire`.
+    pub(crate) fn write_tls(&mut self, wire: &mut Vec<u8>) {
+        match self {
+            ServerSession::X509(s) => {
+                while s.wants_write() {
+                    match s.write_tls(wire) {
+                        Ok(n) if n > 0 => {}
+                        _ => break,
+                    }
+                }
+            }
+            ServerSession::Psk(s) => s.write_tls(wire),
+        }
+    }
+
+    /// A line for the log once the TLS handshake is done.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            ServerSession::X509(s) => {
+                let version = s.protocol_version().map_or_else(|| "?".into(), |v| format!("{v:?}"));
+                let suite =
+                    s.negotiated_cipher_suite().map_or_else(|| "?".into(), |c| format!("{:?}", c.suite()));
+                let peer = if s.peer_certificates().is_some_and(|c| !c.is_empty()) {
+                    "with a client certificate"
+                } else {
+                    "without a client certificate"
+                };
+                format!("{version} {suite} {peer}")
+            }
+            ServerSession::Psk(s) => s.describe(),
+        }
     }
 }
 
@@ -127,14 +281,14 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 
 /// One connection's TLS state, once STARTTLS was acknowledged.
 pub(crate) struct TlsLayer {
-    pub(crate) session: ServerConnection,
+    pub(crate) session: ServerSession,
     /// Ciphertext (and the plaintext STARTTLS ACK before it) for the engine.
     pub(crate) wire: OutBuf,
     /// Decrypted bytes the NBD state machine has not taken yet.
     pub(crate) plain: Vec<u8>,
-    /// Bytes at the front of the engine's next input that rustls already
-    /// has: reported unconsumed while `plain` is not empty, so the engine
-    /// keeps calling back once there is room (see `Connection::receive`).
+    /// Bytes at the front of the engine's next input that the session
+    /// already has: reported unconsumed while `plain` is not empty, so the
+    /// engine keeps calling back once there is room (see `Connection::receive`).
     pub(crate) held: usize,
     /// close_notify was queued.
     pub(crate) closing: bool,
@@ -143,20 +297,7 @@ pub(crate) struct TlsLayer {
 }
 
 impl TlsLayer {
-    pub(crate) fn new(session: ServerConnection, wire: OutBuf) -> Self {
+    pub(crate) fn new(session: ServerSession, wire: OutBuf) -> Self {
         TlsLayer { session, wire, plain: Vec::new(), held: 0, closing: false, established: false }
-    }
-
-    /// A line for the log once the TLS handshake is done.
-    pub(crate) fn describe(&self) -> String {
-        let version = self.session.protocol_version().map_or_else(|| "?".into(), |v| format!("{v:?}"));
-        let suite =
-            self.session.negotiated_cipher_suite().map_or_else(|| "?".into(), |s| format!("{:?}", s.suite()));
-        let peer = if self.session.peer_certificates().is_some_and(|c| !c.is_empty()) {
-            "with a client certificate"
-        } else {
-            "without a client certificate"
-        };
-        format!("{version} {suite} {peer}")
     }
 }

@@ -120,7 +120,7 @@ struct ServeArgs {
     /// Print the engine's counters (requests per receive, replies per send...) this often, e.g. 1s or 500ms; they are always printed at exit.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     stats_interval: Option<Duration>,
-    /// STARTTLS: off (refused), on (offered), require (nothing without TLS) [default: require with --tls-certificates, else off].
+    /// STARTTLS: off (refused), on (offered), require (nothing without TLS) [default: require with --tls-certificates or --tls-psk, else off].
     #[arg(long, value_enum)]
     tls: Option<TlsArg>,
     /// Directory with ca-cert.pem, server-cert.pem and server-key.pem (the qemu and nbdkit names).
@@ -150,6 +150,9 @@ struct ServeArgs {
     /// After binding and opening the exports, run as this group (name or number) [default: the user's group].
     #[arg(long, value_name = "GROUP")]
     group: Option<String>,
+    /// TLS with pre-shared keys instead of certificates: a psktool file of username:hexkey lines (as nbdkit --tls-psk and qemu's keys.psk).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["tls_certificates", "tls_verify_peer"])]
+    tls_psk: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -254,15 +257,16 @@ fn serve(a: ServeArgs) -> ExitCode {
         },
         stats_interval: a.stats_interval,
         tls: ringbd_server::tls::TlsOptions {
-            mode: match (a.tls, &a.tls_certificates) {
-                (Some(TlsArg::Off), _) | (None, None) => TlsMode::Off,
+            mode: match (a.tls, a.tls_certificates.is_some() || a.tls_psk.is_some()) {
+                (Some(TlsArg::Off), _) | (None, false) => TlsMode::Off,
                 (Some(TlsArg::On), _) => TlsMode::On,
-                (Some(TlsArg::Require), _) | (None, Some(_)) => TlsMode::Require,
+                (Some(TlsArg::Require), _) | (None, true) => TlsMode::Require,
             },
             certificates: a.tls_certificates,
             verify_peer: a.tls_verify_peer,
             authz: a.tls_authz,
             authz_file: a.tls_authz_file,
+            psk: a.tls_psk,
         },
         access: ringbd_server::access::AccessOptions {
             max_connections: a.max_connections.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),

@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve exports over NBD (fixed newstyle, structured replies, extended headers).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Serve a target as a local block device /dev/ublkbN (ublk; Linux 6.0+, root).
     Attach(cmd_ublk::AttachArgs),
     /// Stop and remove a ublk device (ID or /dev/ublkbN).
@@ -50,6 +50,9 @@ SPEC is one of:
   file:PATH,direct
                 the same with O_DIRECT for aligned reads and writes (no page cache)
   null:SIZE     discards writes, reads zeroes
+  rbd:POOL/IMAGE[@SNAPSHOT]
+                a Ceph RBD image through librbd (a snapshot is read-only); see --ceph-conf,
+                --ceph-id, --ceph-timeout and docs/rbd.md
   fault:RULE[,RULE...]:SPEC
                 SPEC with injected failures and delays (for testing clients), where RULE is
                   OP=RATE[@ERRNO]    fail that fraction of OP calls (RATE 0.1 or 10%) with
@@ -68,6 +71,7 @@ Examples:
   ringbd serve --unix /tmp/nbd.sock file:/var/lib/disk.img
   ringbd serve --export a=memory:1G --export b=null:1T --listen [::1]:10809
   ringbd serve memory:256M --run 'qemu-img info \"$uri\"'
+  ringbd serve --ceph-conf /etc/ceph/ceph.conf --ceph-id admin rbd:rbd/disk
   ringbd serve fault:read=0.1@EIO,write=5%@ENOSPC,delay-flush=5ms:memory:1G")]
 struct ServeArgs {
     /// The default export (the one named "").
@@ -129,6 +133,22 @@ struct ServeArgs {
     /// Require a client certificate signed by the directory's ca-cert.pem.
     #[arg(long)]
     tls_verify_peer: bool,
+    /// rbd: exports: the ceph.conf to read [default: librados' search: $CEPH_CONF, /etc/ceph/ceph.conf, ...].
+    #[arg(long, value_name = "PATH")]
+    ceph_conf: Option<PathBuf>,
+    /// rbd: exports: the Ceph client id (client.ID); its keyring is found as librados finds it [default: admin].
+    #[arg(long, value_name = "NAME")]
+    ceph_id: Option<String>,
+    /// rbd: exports: bound on connecting, monitor commands and each OSD operation (0 = librados' defaults: OSD operations wait forever).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_timeout)]
+    ceph_timeout: Duration,
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(s)
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -170,7 +190,7 @@ fn parse_named_export(s: &str) -> Result<(String, Spec), String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Serve(a) => serve(a),
+        Cmd::Serve(a) => serve(*a),
         Cmd::Attach(a) => cmd_ublk::attach(a),
         Cmd::Detach(a) => cmd_ublk::detach(a),
         Cmd::List(a) => cmd_ublk::list(a),
@@ -223,6 +243,11 @@ fn serve(a: ServeArgs) -> ExitCode {
             },
             certificates: a.tls_certificates,
             verify_peer: a.tls_verify_peer,
+        },
+        ceph: ringbd_backend::CephConfig {
+            conf: a.ceph_conf,
+            id: a.ceph_id,
+            timeout: (!a.ceph_timeout.is_zero()).then_some(a.ceph_timeout),
         },
     };
     match ringbd_server::run(config) {

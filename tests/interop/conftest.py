@@ -110,7 +110,7 @@ def parse_size(text):
 
 def parse_spec(spec):
     kind, sep, arg = spec.partition(":")
-    if not sep or kind not in ("memory", "file", "null", "fault"):
+    if not sep or kind not in ("memory", "file", "null", "fault", "rbd"):
         raise ValueError("bad export spec %r" % spec)
     if kind == "fault":
         # ringbd's fault-injecting wrapper (tests using it are ringbd_only).
@@ -217,8 +217,12 @@ def _socket_activation_child(listen_fd):
 class Server:
     """One NBD server process under test, reachable on a Unix socket."""
 
-    def __init__(self, kind, exports=None, read_only=False, workdir=None, tls=None):
+    def __init__(self, kind, exports=None, read_only=False, workdir=None, tls=None,
+                 extra_args=(), env=None):
         self.kind = kind
+        # More server arguments (e.g. ringbd's --ceph-conf), and environment.
+        self.extra_args = list(extra_args)
+        self.extra_env = dict(env or {})
         # With TLS the server listens on TCP loopback (as nbds:// clients
         # connect and check the certificate's address), else on a Unix socket.
         self.tls = tls
@@ -244,8 +248,16 @@ class Server:
             argv = nbdkit_argv(self.exports, read_only, self.workdir)
             assert shutil.which("nbdkit"), "nbdkit is not installed (missing tool = failure)"
             argv[2:2] = tls_args(kind, self.tls)
+        elif kind == "qemu-nbd":
+            # The reference for rbd: exports (test_rbd.py): the export spec
+            # is qemu's filename (rbd:POOL/IMAGE:conf=...), served with
+            # socket activation, several clients, until stopped.
+            argv = ["qemu-nbd", "-f", "raw", "-t", "-e", "16", "--cache=writeback"]
+            if read_only:
+                argv.append("-r")
+            argv += self.extra_args + [self.exports[""]]
         elif kind == "ringbd":
-            argv = ringbd_argv(self.exports, read_only) + tls_args(kind, self.tls)
+            argv = ringbd_argv(self.exports, read_only) + tls_args(kind, self.tls) + self.extra_args
             assert os.access(argv[0], os.X_OK), (
                 "ringbd binary %s not found/executable (set RINGBD_BIN or "
                 "run `cargo build --release`)" % argv[0])
@@ -264,7 +276,7 @@ class Server:
             else:
                 listener.bind(self.sock)
             listener.listen(128)
-            env = dict(os.environ, LISTEN_FDS="1")
+            env = dict(os.environ, LISTEN_FDS="1", **self.extra_env)
             env.pop("LISTEN_PID", None)
             env.pop("LISTEN_FDNAMES", None)
             with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
@@ -366,10 +378,12 @@ class Server:
         return self.returncode
 
 
-def start(kind, exports=None, read_only=False, workdir=None, tls=None):
+def start(kind, exports=None, read_only=False, workdir=None, tls=None, extra_args=(), env=None):
     """Start a server; `exports` maps export name -> ringbd-syntax spec;
-    `tls` (see tls_args) serves TLS on TCP loopback."""
-    return Server(kind, exports=exports, read_only=read_only, workdir=workdir, tls=tls)
+    `tls` (see tls_args) serves TLS on TCP loopback; `extra_args` and `env`
+    go to the server as they are."""
+    return Server(kind, exports=exports, read_only=read_only, workdir=workdir, tls=tls,
+                  extra_args=extra_args, env=env)
 
 
 def _shm_dir():

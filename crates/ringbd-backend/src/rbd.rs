@@ -172,9 +172,10 @@ mod imp {
                         "; no monitor answered{bound}: is the cluster up, and is `mon host` in {} right?",
                         ceph.conf.as_ref().map_or("ceph.conf".into(), |p| p.display().to_string())
                     ),
-                    libc::ENOENT if e.call == "rados_conf_read_file" => {
-                        "; no ceph.conf found (give --ceph-conf PATH)".into()
-                    }
+                    libc::ENOENT if e.call == "rados_conf_read_file" => match &ceph.conf {
+                        Some(p) => format!("; cannot read {}", p.display()),
+                        None => "; no ceph.conf found (give --ceph-conf PATH)".into(),
+                    },
                     libc::EACCES | libc::EPERM | libc::ENOENT => {
                         "; check --ceph-id and the keyring (librados looks where the conf's `keyring` says, \
                          then /etc/ceph/ceph.client.ID.keyring)"

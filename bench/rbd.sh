@@ -7,7 +7,7 @@
 #   qemu-nbd  qemu-nbd -f raw rbd:POOL/IMAGE (qemu's rbd driver), fio's nbd engine
 #
 # and prints IOPS side by side with the ratios ringbd/fio-rbd and
-# ringbd/qemu-nbd, plus each server's CPU time per I/O.
+# ringbd/qemu-nbd, plus the CPU time per I/O of fio, the NBD server and the OSD.
 #
 #   bench/rbd.sh [--time SECONDS] [--cluster DIR] [--keep]
 #
@@ -71,33 +71,46 @@ fio --name=prefill --ioengine=rbd --clientname=admin --pool="$POOL" --rbdname="$
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
-# run_fio ROW RW ENGINE-ARGS...: prints "IOPS CPU_US_PER_IO" (CPU of $SERVER_PID, if any).
+OSD_PID=$(cat "$CLUSTER_DIR/run/osd.0.pid")
+
+# run_fio ROW RW ENGINE-ARGS...: prints "IOPS CLIENT_US SERVER_US OSD_US", the
+# last three CPU time per I/O of fio (librbd included for fio-rbd), of the
+# NBD server ($SERVER_PID, if any) and of the OSD.
 run_fio() {
     local row=$1 rw=$2; shift 2
-    local json="$WORK/$row.$rw.json" t0=0 t1=0
-    [[ -z $SERVER_PID ]] || t0=$(cpu_ticks "$SERVER_PID")
-    fio --name="$row" "$@" --rw="$rw" --bs=4k --iodepth=32 --numjobs=2 --group_reporting \
-        --time_based --runtime="$TIME" --ramp_time=1 --size="$SIZE" \
-        --output-format=json --output="$json" || die "fio $row $rw failed"
-    [[ -z $SERVER_PID ]] || t1=$(cpu_ticks "$SERVER_PID")
-    python3 - "$json" "$((t1 - t0))" "$(getconf CLK_TCK)" "$rw" <<'EOF'
+    local json="$WORK/$row.$rw.json" s0=0 s1=0 o0 o1 client
+    [[ -z $SERVER_PID ]] || s0=$(cpu_ticks "$SERVER_PID")
+    o0=$(cpu_ticks "$OSD_PID")
+    client=$(python3 -c '
+import resource, subprocess, sys
+r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL)
+u = resource.getrusage(resource.RUSAGE_CHILDREN)
+print("%.3f" % (u.ru_utime + u.ru_stime) if r.returncode == 0 else "fail")' \
+        fio --name="$row" "$@" --rw="$rw" --bs=4k --iodepth=32 --numjobs=2 --group_reporting \
+        --time_based --runtime="$TIME" --size="$SIZE" --output-format=json --output="$json")
+    [[ $client != fail ]] || die "fio $row $rw failed"
+    [[ -z $SERVER_PID ]] || s1=$(cpu_ticks "$SERVER_PID")
+    o1=$(cpu_ticks "$OSD_PID")
+    python3 - "$json" "$client" "$((s1 - s0))" "$((o1 - o0))" "$(getconf CLK_TCK)" "$rw" <<'EOF'
 import json, sys
 j = json.load(open(sys.argv[1]))["jobs"][0]
-side = "read" if "read" in sys.argv[4] else "write"
-iops = j[side]["iops"]
+side = "read" if "read" in sys.argv[6] else "write"
 ios = j[side]["total_ios"] or 1
-ticks, hz = int(sys.argv[2]), int(sys.argv[3])
-cpu = ticks / hz * 1e6 / ios if ticks else 0.0
-print("%.0f %.1f" % (iops, cpu))
+hz = int(sys.argv[5])
+us = lambda secs: secs * 1e6 / ios
+print("%.0f %.1f %.1f %.1f" % (j[side]["iops"], us(float(sys.argv[2])), us(int(sys.argv[3]) / hz),
+                               us(int(sys.argv[4]) / hz)))
 EOF
 }
 
 declare -A IOPS=() CPU=()
 measure() { # ROW ENGINE-ARGS...
-    local row=$1; shift
+    local row=$1 rw i c s o; shift
     for rw in randread randwrite; do
-        read -r IOPS[$row.$rw] CPU[$row.$rw] < <(run_fio "$row" "$rw" "$@")
-        log "$row $rw: ${IOPS[$row.$rw]} IOPS"
+        read -r i c s o < <(run_fio "$row" "$rw" "$@")
+        IOPS[$row.$rw]=$i
+        CPU[$row.$rw]="$c/$s/$o"
+        log "$row $rw: $i IOPS; CPU per I/O (us): fio $c, server $s, OSD $o"
     done
 }
 
@@ -139,11 +152,13 @@ kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
 SERVER_PID=""
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
-printf '\n%-12s %12s %12s %14s %14s\n' "4k qd32 x2" "fio-rbd" "ringbd" "qemu-nbd" "ringbd/fio-rbd"
+printf '\n%-10s %9s %9s %9s %15s %16s\n' "4k qd32x2" "fio-rbd" "ringbd" "qemu-nbd" "ringbd/fio-rbd" "ringbd/qemu-nbd"
 for rw in randread randwrite; do
     f=${IOPS[fio-rbd.$rw]} r=${IOPS[ringbd.$rw]} q=${IOPS[qemu-nbd.$rw]}
-    printf '%-12s %12s %12s %14s %13.2fx   ringbd/qemu-nbd %.2fx   server CPU/IO: ringbd %sus, qemu-nbd %sus\n' \
-        "$rw" "$f" "$r" "$q" "$(ratio "$r" "$f")" "$(ratio "$r" "$q")" \
-        "${CPU[ringbd.$rw]}" "${CPU[qemu-nbd.$rw]}"
+    printf '%-10s %9s %9s %9s %14sx %15sx\n' "$rw" "$f" "$r" "$q" "$(ratio "$r" "$f")" "$(ratio "$r" "$q")"
+done
+printf '\nCPU per I/O in us, fio / NBD server / OSD:\n'
+for rw in randread randwrite; do
+    printf '%-10s %20s %20s %20s\n' "$rw" "${CPU[fio-rbd.$rw]}" "${CPU[ringbd.$rw]}" "${CPU[qemu-nbd.$rw]}"
 done
 echo "(IOPS; targets: ringbd >= 0.8x fio-rbd, >= 4x qemu-nbd; $TIME s per run, image $SIZE, $(nproc) CPUs)"

@@ -3,10 +3,10 @@
 //! One image handle per export, shared by every connection (librbd is
 //! thread-safe, and a flush on the handle covers every write completed on
 //! it: multi-conn is safe). The io_uring engine runs reads, writes, flushes,
-//! trims and zeroing through [`AsyncIo`]: librbd's asynchronous calls,
+//! trims and zeroing through [`AsyncIo`](crate::AsyncIo): librbd's asynchronous calls,
 //! whose completions come back to the ring worker through its eventfd
 //! queue. Everything else (the threaded engine, block status) calls the
-//! [`Backend`] methods, which start the same asynchronous calls and wait.
+//! [`Backend`](crate::Backend) methods, which start the same asynchronous calls and wait.
 //!
 //! The pure parts (spec parsing, diff to extents) are always built; opening
 //! an image needs the `rbd` feature (librbd).

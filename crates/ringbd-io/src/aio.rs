@@ -2,7 +2,7 @@
 //! (librbd's callbacks), delivered to a ring worker through an `eventfd`.
 //!
 //! A [`CompletionQueue`] belongs to one ring worker, which polls its
-//! [`CompletionQueue::fd`] on the ring like any other descriptor. Foreign
+//! descriptor (`AsFd`) on the ring like any other. Foreign
 //! threads [`push`](CompletionQueue::push) finished operations; the worker
 //! wakes, [`drain`](CompletionQueue::drain)s them and completes each on its
 //! connection. No thread ever blocks per request.

@@ -9,7 +9,7 @@
 //!   buffer to a [`Sink`]: a ring worker's eventfd-signalled queue, or a
 //!   waiting thread. FUA is the write, then a flush, before the sink hears.
 //!
-//! The declarations are in [`ffi`]; every call into them is here, each
+//! The declarations are in `ffi.rs`; every call into them is here, each
 //! with its `SAFETY` reasoning.
 
 mod ffi;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs, from Debian's packages. Idempotent:
 # does nothing when everything is present. Never replaces qemu-utils 10
-# (it is the qemu that speaks NBD extended headers).
+# (it is the qemu that speaks NBD extended headers). apt waits up to 10
+# minutes for a lock another apt run holds.
 set -euo pipefail
 
 need=()
@@ -16,6 +17,14 @@ have openssl  || need+=(openssl)   # makes the TLS tests' certificates
 # The build links the system's libssl for TLS-PSK (crates/ringbd-psk), found with pkg-config.
 have pkg-config || need+=(pkg-config)
 pkg-config --exists openssl 2>/dev/null || need+=(libssl-dev)
+# Ceph RBD (docs/rbd.md): librbd/librados to build the rbd feature; the
+# daemons and CLI for the single-node test cluster (tests/ceph/cluster.sh).
+[ -e /usr/include/rbd/librbd.h ]      || need+=(librbd-dev)
+[ -e /usr/include/rados/librados.h ]  || need+=(librados-dev)
+have ceph-mon || need+=(ceph-mon)
+have ceph-osd || need+=(ceph-osd)
+have ceph-mgr || need+=(ceph-mgr)
+have rbd      || need+=(ceph-common)
 /usr/bin/python3 -c 'import nbd' 2>/dev/null   || need+=(python3-libnbd)
 /usr/bin/python3 -c 'import pytest' 2>/dev/null || need+=(python3-pytest)
 /usr/bin/python3 -c 'import matplotlib' 2>/dev/null || need+=(python3-matplotlib)
@@ -32,8 +41,13 @@ if ((${#need[@]})); then
 fi
 
 # Fail loudly rather than let a test skip: every tool must be here now.
-for t in nbdkit nbdinfo nbdsh nbdcopy fio qemu-img qemu-io qemu-nbd nbd-server openssl pkg-config; do
+for t in nbdkit nbdinfo nbdsh nbdcopy fio qemu-img qemu-io qemu-nbd nbd-server openssl pkg-config \
+         ceph-mon ceph-osd ceph-mgr ceph rbd monmaptool; do
     have "$t" || { echo "install-deps: $t is still missing" >&2; exit 1; }
 done
 pkg-config --exists openssl || { echo "install-deps: libssl-dev is still missing (pkg-config openssl)" >&2; exit 1; }
+[ -e /usr/include/rbd/librbd.h ] && [ -e /usr/include/rados/librados.h ] \
+    || { echo "install-deps: librbd-dev/librados-dev missing" >&2; exit 1; }
+# The Ceph benchmark (bench/rbd.sh) compares with fio's own rbd engine.
+fio --enghelp 2>/dev/null | grep -qw rbd || { echo "install-deps: this fio has no rbd engine" >&2; exit 1; }
 /usr/bin/python3 -c 'import nbd, pytest, matplotlib' || { echo "install-deps: python3-libnbd/pytest/matplotlib missing" >&2; exit 1; }

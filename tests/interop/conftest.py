@@ -110,7 +110,7 @@ def parse_size(text):
 
 def parse_spec(spec):
     kind, sep, arg = spec.partition(":")
-    if not sep or kind not in ("memory", "file", "null", "fault"):
+    if not sep or kind not in ("memory", "file", "null", "fault", "rbd"):
         raise ValueError("bad export spec %r" % spec)
     if kind == "fault":
         # ringbd's fault-injecting wrapper (tests using it are ringbd_only).
@@ -222,12 +222,15 @@ def _socket_activation_child(listen_fd):
 class Server:
     """One NBD server process under test, reachable on a Unix socket."""
 
-    def __init__(self, kind, exports=None, read_only=False, workdir=None, tls=None, args=(), params=()):
+    def __init__(self, kind, exports=None, read_only=False, workdir=None, tls=None, args=(), params=(),
+                 env=None):
         self.kind = kind
         # Extra options in this server's own syntax; `params` (nbdkit's
-        # key=value plugin/filter parameters) go after the plugin name.
+        # key=value plugin/filter parameters) go after the plugin name;
+        # `env`: more environment for the server.
         self.args = list(args)
         self.params = list(params)
+        self.extra_env = dict(env or {})
         # With TLS the server listens on TCP loopback (as nbds:// clients
         # connect and check the certificate's address), else on a Unix socket.
         self.tls = tls
@@ -254,6 +257,14 @@ class Server:
             assert shutil.which("nbdkit"), "nbdkit is not installed (missing tool = failure)"
             argv[2:2] = tls_args(kind, self.tls) + self.args
             argv += self.params
+        elif kind == "qemu-nbd":
+            # The reference for rbd: exports (test_rbd.py): the export spec
+            # is qemu's filename (rbd:POOL/IMAGE:conf=...), served with
+            # socket activation, several clients, until stopped.
+            argv = ["qemu-nbd", "-f", "raw", "-t", "-e", "16", "--cache=writeback"]
+            if read_only:
+                argv.append("-r")
+            argv += self.args + [self.exports[""]]
         elif kind == "ringbd":
             argv = ringbd_argv(self.exports, read_only) + tls_args(kind, self.tls) + self.args
             assert os.access(argv[0], os.X_OK), (
@@ -274,7 +285,7 @@ class Server:
             else:
                 listener.bind(self.sock)
             listener.listen(128)
-            env = dict(os.environ, LISTEN_FDS="1")
+            env = dict(os.environ, LISTEN_FDS="1", **self.extra_env)
             env.pop("LISTEN_PID", None)
             env.pop("LISTEN_FDNAMES", None)
             with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
@@ -376,12 +387,13 @@ class Server:
         return self.returncode
 
 
-def start(kind, exports=None, read_only=False, workdir=None, tls=None, args=(), params=()):
+def start(kind, exports=None, read_only=False, workdir=None, tls=None, args=(), params=(), env=None):
     """Start a server; `exports` maps export name -> ringbd-syntax spec;
     `tls` (see tls_args) serves TLS on TCP loopback; `args` are extra
-    options and `params` extra nbdkit parameters, in the server's syntax."""
+    options and `params` extra nbdkit parameters, in the server's syntax;
+    `env` more environment for the server."""
     return Server(kind, exports=exports, read_only=read_only, workdir=workdir, tls=tls,
-                  args=args, params=params)
+                  args=args, params=params, env=env)
 
 
 def _shm_dir():

@@ -4,8 +4,9 @@
 //! - [`file`](mod@file): a regular file or block device.
 //! - [`null`]: discards writes, reads zeroes.
 //! - [`fault`]: a wrapper that injects errors and delays into another backend.
+//! - [`rbd`]: Ceph RBD images through librbd (feature `rbd`; spec parsing always).
 //! - [`spec`]: parses export specs (`memory:1G`, `file:PATH[,direct]`, `null:1G`,
-//!   `fault:RULES:SPEC`).
+//!   `rbd:POOL/IMAGE[@SNAP]`, `fault:RULES:SPEC`).
 //!
 //! A backend declares what it can do in [`Caps`]; the server advertises
 //! exactly that and never calls what is not declared.
@@ -15,13 +16,15 @@ pub mod fault;
 pub mod file;
 pub mod memory;
 pub mod null;
+pub mod rbd;
 pub mod spec;
 
 use std::ops::Range;
 
 pub use error::{Error, ErrorKind, Op, Result};
 pub use file::DirectIo;
-pub use spec::{open, parse_size, Spec, SpecError};
+pub use rbd::CephConfig;
+pub use spec::{open, open_with, parse_size, Spec, SpecError};
 
 /// What a backend supports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -158,6 +161,19 @@ pub trait Backend: Send + Sync {
         None
     }
 
+    /// For backends whose I/O runs asynchronously in a library of their own
+    /// (RBD): engines start reads, writes, flushes, trims and zeroing there
+    /// ([`AsyncIo::submit`]) instead of calling the blocking methods.
+    fn aio(&self) -> Option<&dyn AsyncIo> {
+        None
+    }
+
+    /// The `NBD_INFO_BLOCK_SIZE` preferred size, when the backend has a
+    /// natural one (an RBD object); `None`: 4096.
+    fn preferred_block_size(&self) -> Option<u32> {
+        None
+    }
+
     /// Writes `data` at `offset`; with `fua`, durable before returning.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()>;
     /// Makes every completed write durable.
@@ -171,6 +187,16 @@ pub trait Backend: Send + Sync {
     /// Allocation status from `offset`, covering at least one byte and at
     /// most about `len` bytes (the last extent may run past `offset + len`).
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>>;
+}
+
+/// Asynchronous operations of a backend ([`Backend::aio`]).
+pub trait AsyncIo: Send + Sync {
+    /// Starts `op` on `buf`, as a ring would run it on a file: `Read` fills
+    /// `buf[at..]`, `Write` (FUA with `dsync`) writes it, `Fsync` flushes,
+    /// `Fallocate` `PunchHole` trims and `ZeroRange` zeroes. The result (bytes
+    /// of `buf[at..]` moved, or 0) and `buf` go to `sink`, from any thread,
+    /// or at once from this one if the operation cannot start.
+    fn submit(&self, op: ringbd_io::uring::FileOp, buf: ringbd_io::buf::IoBuf, sink: ringbd_io::aio::Sink);
 }
 
 /// Most extents any backend returns from one `extents` call.

@@ -1,5 +1,6 @@
-//! Export specs: `memory:SIZE`, `file:PATH[,direct]`, `null:SIZE`, and the
-//! fault-injecting wrapper `fault:RULES:SPEC` ([`crate::fault`]).
+//! Export specs: `memory:SIZE`, `file:PATH[,direct]`, `null:SIZE`,
+//! `rbd:POOL/IMAGE[@SNAPSHOT]` ([`crate::rbd`]), and the fault-injecting
+//! wrapper `fault:RULES:SPEC` ([`crate::fault`]).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -9,6 +10,7 @@ use crate::fault::{FaultBackend, FaultPlan};
 use crate::file::FileBackend;
 use crate::memory::MemoryBackend;
 use crate::null::NullBackend;
+use crate::rbd::{CephConfig, RbdSpec};
 use crate::{Backend, Error};
 
 /// A parsed export spec.
@@ -21,6 +23,8 @@ pub enum Spec {
         direct: bool,
     },
     Null(u64),
+    /// `rbd:POOL/IMAGE[@SNAPSHOT]`: a Ceph RBD image (a snapshot is read-only).
+    Rbd(RbdSpec),
     /// `fault:RULES:SPEC`: another spec with injected errors and delays.
     Fault {
         plan: FaultPlan,
@@ -79,7 +83,7 @@ impl std::str::FromStr for Spec {
     fn from_str(s: &str) -> Result<Self, SpecError> {
         let (kind, arg) = s.split_once(':').ok_or_else(|| {
             SpecError::Syntax(format!(
-                "export spec {s:?} must look like memory:SIZE, file:PATH[,direct] or null:SIZE"
+                "export spec {s:?} must look like memory:SIZE, file:PATH[,direct], null:SIZE or rbd:POOL/IMAGE"
             ))
         })?;
         let size = |a: &str| parse_size(a).map_err(|e| SpecError::Syntax(format!("export spec {s:?}: {e}")));
@@ -87,6 +91,9 @@ impl std::str::FromStr for Spec {
             "memory" | "mem" => Ok(Spec::Memory(size(arg)?)),
             "null" => Ok(Spec::Null(size(arg)?)),
             "file" => parse_file(s, arg),
+            "rbd" => Ok(Spec::Rbd(
+                RbdSpec::parse(arg).map_err(|e| SpecError::Syntax(format!("export spec {s:?}: {e}")))?,
+            )),
             "fault" => {
                 let (rules, inner) = arg.split_once(':').ok_or_else(|| {
                     SpecError::Syntax(format!("export spec {s:?} must look like fault:RULE[,RULE...]:SPEC"))
@@ -96,7 +103,7 @@ impl std::str::FromStr for Spec {
                 Ok(Spec::Fault { plan, inner: Box::new(inner.parse()?) })
             }
             _ => Err(SpecError::Syntax(format!(
-                "export spec {s:?}: unknown backend {kind:?} (memory, file, null or fault)"
+                "export spec {s:?}: unknown backend {kind:?} (memory, file, null, rbd or fault)"
             ))),
         }
     }
@@ -115,16 +122,34 @@ fn parse_file(spec: &str, arg: &str) -> Result<Spec, SpecError> {
     Ok(Spec::File { path: PathBuf::from(path), direct })
 }
 
-/// Opens the backend a spec names.
+/// Opens the backend a spec names (RBD with the default [`CephConfig`]).
 pub fn open(spec: &Spec, read_only: bool) -> Result<Arc<dyn Backend>, SpecError> {
+    open_with(spec, read_only, &CephConfig::default())
+}
+
+/// Opens the backend a spec names; `ceph` says how to reach an RBD image's cluster.
+pub fn open_with(spec: &Spec, read_only: bool, ceph: &CephConfig) -> Result<Arc<dyn Backend>, SpecError> {
     Ok(match spec {
         Spec::Memory(size) => Arc::new(MemoryBackend::new(*size)),
         Spec::Null(size) => Arc::new(NullBackend::new(*size)),
         Spec::File { path, direct } => {
             Arc::new(FileBackend::open(path, read_only, *direct).map_err(SpecError::Open)?)
         }
-        Spec::Fault { plan, inner } => Arc::new(FaultBackend::new(open(inner, read_only)?, plan.clone())),
+        Spec::Fault { plan, inner } => {
+            Arc::new(FaultBackend::new(open_with(inner, read_only, ceph)?, plan.clone()))
+        }
+        Spec::Rbd(r) => open_rbd(r, read_only, ceph)?,
     })
+}
+
+#[cfg(feature = "rbd")]
+fn open_rbd(spec: &RbdSpec, read_only: bool, ceph: &CephConfig) -> Result<Arc<dyn Backend>, SpecError> {
+    Ok(Arc::new(crate::rbd::RbdBackend::open(spec, read_only, ceph).map_err(SpecError::Open)?))
+}
+
+#[cfg(not(feature = "rbd"))]
+fn open_rbd(spec: &RbdSpec, _read_only: bool, _ceph: &CephConfig) -> Result<Arc<dyn Backend>, SpecError> {
+    Err(SpecError::Syntax(format!("{spec}: this ringbd was built without RBD support (cargo feature `rbd`)")))
 }
 
 #[cfg(test)]
@@ -156,6 +181,9 @@ mod tests {
         assert!("disk:/x".parse::<Spec>().unwrap_err().to_string().contains("unknown backend"));
         assert!("memory".parse::<Spec>().is_err());
         assert!("file:".parse::<Spec>().is_err());
+        let Spec::Rbd(r) = "rbd:pool/img@s".parse::<Spec>().unwrap() else { panic!("not rbd") };
+        assert_eq!((r.pool.as_str(), r.image.as_str(), r.snap.as_deref()), ("pool", "img", Some("s")));
+        assert!("rbd:img".parse::<Spec>().unwrap_err().to_string().contains("POOL/IMAGE"));
     }
 
     #[test]

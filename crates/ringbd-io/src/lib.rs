@@ -2,19 +2,25 @@
 //! crate, each with the reasoning that makes it sound; callers get safe
 //! functions that return `io::Result` and never drop a syscall's result.
 //!
+//! - [`aio`]: completions from other libraries' threads, delivered to a ring
+//!   worker through an eventfd (librbd's callbacks).
 //! - [`buf`]: page-aligned I/O buffers and registered-buffer arenas.
 //! - [`client_ring`]: the NBD client's ring (vectored sends, receives).
 //! - [`fs`]: file and block-device calls (fallocate, SEEK_DATA/SEEK_HOLE,
 //!   BLKGETSIZE64, fadvise).
 //! - [`net`]: socket activation (LISTEN_FDS) and readiness polling.
+//! - `rbd` (feature `rbd`): Ceph RBD images through librbd's asynchronous C API.
 //! - [`signal`]: SIGINT/SIGTERM delivered as a readable fd.
 //! - [`ublk`]: the ublk driver's control and queue commands.
 //! - [`user`]: user and group lookups, dropping privileges, the umask.
 
+pub mod aio;
 pub mod buf;
 pub mod client_ring;
 pub mod fs;
 pub mod net;
+#[cfg(feature = "rbd")]
+pub mod rbd;
 pub mod signal;
 pub mod ublk;
 pub mod uring;

@@ -132,6 +132,15 @@ impl Connection {
         }
     }
 
+    /// The export's asynchronous backend (RBD), which runs the operations
+    /// of [`Connection::take_io`] itself instead of the ring.
+    pub fn aio(&self) -> Option<&dyn ringbd_backend::AsyncIo> {
+        match &self.phase {
+            Phase::Transmission(tx) => tx.backend.aio(),
+            _ => None,
+        }
+    }
+
     /// File operations started and not completed.
     pub fn io_pending(&self) -> usize {
         match &self.phase {
@@ -322,7 +331,8 @@ impl Connection {
             rx: Rx::Header,
             closed: false,
             pieces: Vec::new(),
-            async_io: self.async_file_io && export.backend.file_fd().is_some(),
+            async_io: self.async_file_io
+                && (export.backend.file_fd().is_some() || export.backend.aio().is_some()),
             arena: self.arena.clone(),
             io_out: Vec::new(),
             pending: Vec::new(),

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use ringbd_io::aio::{AioDone, CompletionQueue, Sink};
 use ringbd_io::buf::{Arena, IoBuf};
 use ringbd_io::uring::{
     is_cancelled, is_out_of_buffers, is_unsupported, Completion, Features, Ring, RingConfig, RingStats,
@@ -104,6 +105,8 @@ pub struct EngineStats {
     pub file_ops: AtomicU64,
     pub file_fixed: AtomicU64,
     pub file_direct: AtomicU64,
+    /// Operations run by an asynchronous backend (librbd) for this engine.
+    pub aio_ops: AtomicU64,
 }
 
 impl EngineStats {
@@ -122,7 +125,8 @@ impl EngineStats {
         format!(
             "connections {}, requests {req}, requests/recv completion {:.2}, buffers/recv completion {:.2}, \
              replies/send {:.2}, ring enters/request {:.3}, zero-copy sends {}, zero-copy sends the kernel copied {}, \
-             file ops on the ring {}, file ops with registered buffers {}, file ops with O_DIRECT {}",
+             file ops on the ring {}, file ops with registered buffers {}, file ops with O_DIRECT {}, \
+             async backend ops {}",
             g(&self.connections),
             ratio(req, rc),
             ratio(rb, rc),
@@ -133,6 +137,7 @@ impl EngineStats {
             g(&self.file_ops),
             g(&self.file_fixed),
             g(&self.file_direct),
+            g(&self.aio_ops),
         )
     }
 }
@@ -187,6 +192,9 @@ impl Engine {
             inboxes.push((rx, wake_rx));
         }
         let peers = Arc::new(Peers { ctl, next: AtomicUsize::new(0) });
+        // Exports whose backend runs its own asynchronous I/O (RBD) complete
+        // onto an eventfd-signalled queue per ring.
+        let aio = exports.iter().any(|e| e.backend.aio().is_some());
         // Registered buffers only serve file exports' ring operations.
         let buffers =
             if exports.iter().any(|e| e.backend.file_fd().is_some()) { opts.registered_buffers } else { 0 };
@@ -224,6 +232,8 @@ impl Engine {
                 local: Local::default(),
                 seen: RingStats::default(),
                 io_scratch: Vec::new(),
+                aio: if aio { Some(Arc::new(CompletionQueue::new()?)) } else { None },
+                aio_done: Vec::new(),
             };
             // The ring is created on its own thread: a SINGLE_ISSUER ring
             // accepts submissions only from the thread that made it.
@@ -326,6 +336,8 @@ fn register(ring: &mut Ring<OutBuf>, index: usize, fixed_files: bool, buffers: u
 const WAKE_TOKEN: u32 = u32::MAX;
 /// Token of the handshake-deadline timer.
 const DEADLINE_TOKEN: u32 = u32::MAX - 1;
+/// Token of the asynchronous-backend completion queue's poll.
+const AIO_TOKEN: u32 = u32::MAX - 2;
 /// How long connections get to finish once a stop is requested.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -340,6 +352,7 @@ struct Local {
     requests: u64,
     replies: u64,
     direct: u64,
+    aio: u64,
 }
 
 struct State {
@@ -371,6 +384,10 @@ struct State {
     seen: RingStats,
     /// File operations being started (reused).
     io_scratch: Vec<crate::conn::IoRequest>,
+    /// Where asynchronous backends (RBD) deliver this ring's completions.
+    aio: Option<Arc<CompletionQueue>>,
+    /// Completions taken from `aio` (reused).
+    aio_done: Vec<AioDone>,
 }
 
 struct Conn {
@@ -413,6 +430,9 @@ impl Worker {
             self.ring.accept_multi(l.as_fd(), i as u32)?;
         }
         self.ring.poll_readable(s.wake_rx.as_fd(), WAKE_TOKEN)?;
+        if let Some(q) = &s.aio {
+            self.ring.poll_readable(q.as_fd(), AIO_TOKEN)?;
+        }
         loop {
             self.ring.submit_and_wait(1)?;
             let state = &mut self.state;
@@ -477,6 +497,7 @@ impl State {
                 self.timer_armed = false;
                 self.expire_handshakes();
             }
+            Completion::Readable { token: AIO_TOKEN } => self.aio_completed(ring),
             Completion::File { conn, token, result, buf } => {
                 if let Some(Some(c)) = self.conns.get_mut(conn as usize) {
                     c.conn.io_complete(token, result, buf);
@@ -711,6 +732,16 @@ impl State {
                 c.consume_backlog(ring, &mut self.local);
             }
             c.conn.take_io(&mut self.io_scratch);
+            if let (Some(aio), Some(q)) = (c.conn.aio(), &self.aio) {
+                // The backend runs them (librbd); completions come back
+                // through the queue's eventfd.
+                for io in self.io_scratch.drain(..) {
+                    let tag = (id as u64) << 32 | u64::from(io.token);
+                    aio.submit(io.op, io.buf, Sink::Queue { queue: q.clone(), tag });
+                    self.local.aio += 1;
+                }
+                continue;
+            }
             for io in self.io_scratch.drain(..) {
                 let r = match c.conn.file_fd(io.direct) {
                     Some(fd) => ring.file_op(fd, id as u32, io.token, io.op, io.buf),
@@ -807,6 +838,27 @@ impl State {
         }
     }
 
+    /// The asynchronous backends' queue is readable: hand each finished
+    /// operation to its connection, then poll again.
+    fn aio_completed(&mut self, ring: &mut Ring<OutBuf>) {
+        let Some(q) = self.aio.clone() else { return };
+        if let Err(e) = q.drain(&mut self.aio_done) {
+            log::warn(format_args!("reading the completion eventfd: {e}"));
+        }
+        for d in self.aio_done.drain(..) {
+            let (conn, token) = ((d.tag >> 32) as usize, d.tag as u32);
+            // A connection is only freed once none of its operations is in
+            // flight, so the slot is still the one that started it.
+            if let Some(Some(c)) = self.conns.get_mut(conn) {
+                c.conn.io_complete(token, d.result, d.buf);
+                c.dirty = true;
+            }
+        }
+        if let Err(e) = ring.poll_readable(q.as_fd(), AIO_TOKEN) {
+            log::warn(format_args!("re-arming the completion poll: {e}"));
+        }
+    }
+
     fn stop(&mut self) {
         if self.stopping.is_some() {
             return;
@@ -832,6 +884,7 @@ impl State {
         s.requests.fetch_add(std::mem::take(&mut self.local.requests), Ordering::Relaxed);
         s.replies.fetch_add(std::mem::take(&mut self.local.replies), Ordering::Relaxed);
         s.file_direct.fetch_add(std::mem::take(&mut self.local.direct), Ordering::Relaxed);
+        s.aio_ops.fetch_add(std::mem::take(&mut self.local.aio), Ordering::Relaxed);
         // Ring counters are cumulative per ring: publish the deltas.
         let rs = ring.stats;
         s.recv_completions

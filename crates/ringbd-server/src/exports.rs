@@ -39,7 +39,13 @@ impl Export {
                 rotational: false,
                 base_allocation: true,
             },
-            block_sizes: BlockSizes::default(),
+            block_sizes: {
+                let mut b = BlockSizes::default();
+                if let Some(p) = self.backend.preferred_block_size() {
+                    b.preferred = p.clamp(b.minimum.max(512), b.maximum);
+                }
+                b
+            },
         }
     }
 }

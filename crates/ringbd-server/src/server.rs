@@ -47,6 +47,8 @@ pub struct Config {
     pub tls: crate::tls::TlsOptions,
     /// Connection limits, the handshake deadline, socket mode, privileges.
     pub access: AccessOptions,
+    /// How `rbd:` exports reach their Ceph cluster.
+    pub ceph: ringbd_backend::CephConfig,
 }
 
 /// Which engine serves connections.
@@ -127,8 +129,8 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
 
     let mut exports = Exports::default();
     for (name, spec) in &config.exports {
-        let backend =
-            ringbd_backend::open(spec, config.read_only).map_err(|e| err(format!("export {name:?}: {e}")))?;
+        let backend = ringbd_backend::open_with(spec, config.read_only, &config.ceph)
+            .map_err(|e| err(format!("export {name:?}: {e}")))?;
         exports.add(Export::new(name.clone(), backend, config.read_only)).map_err(err)?;
     }
     let tls = crate::tls::TlsServer::load(&config.tls).map_err(|e| err(format!("TLS: {e}")))?;

@@ -50,6 +50,9 @@ SPEC is one of:
   file:PATH,direct
                 the same with O_DIRECT for aligned reads and writes (no page cache)
   null:SIZE     discards writes, reads zeroes
+  rbd:POOL/IMAGE[@SNAPSHOT]
+                a Ceph RBD image through librbd (a snapshot is read-only); see --ceph-conf,
+                --ceph-id, --ceph-timeout and docs/rbd.md
   fault:RULE[,RULE...]:SPEC
                 SPEC with injected failures and delays (for testing clients), where RULE is
                   OP=RATE[@ERRNO]    fail that fraction of OP calls (RATE 0.1 or 10%) with
@@ -68,6 +71,7 @@ Examples:
   ringbd serve --unix /tmp/nbd.sock file:/var/lib/disk.img
   ringbd serve --export a=memory:1G --export b=null:1T --listen [::1]:10809
   ringbd serve memory:256M --run 'qemu-img info \"$uri\"'
+  ringbd serve --ceph-conf /etc/ceph/ceph.conf --ceph-id admin rbd:rbd/disk
   ringbd serve fault:read=0.1@EIO,write=5%@ENOSPC,delay-flush=5ms:memory:1G")]
 struct ServeArgs {
     /// The default export (the one named "").
@@ -153,6 +157,15 @@ struct ServeArgs {
     /// TLS with pre-shared keys instead of certificates: a psktool file of username:hexkey lines (as nbdkit --tls-psk and qemu's keys.psk).
     #[arg(long, value_name = "FILE", conflicts_with_all = ["tls_certificates", "tls_verify_peer"])]
     tls_psk: Option<PathBuf>,
+    /// rbd: exports: the ceph.conf to read [default: librados' search: $CEPH_CONF, /etc/ceph/ceph.conf, ...].
+    #[arg(long, value_name = "PATH")]
+    ceph_conf: Option<PathBuf>,
+    /// rbd: exports: the Ceph client id (client.ID); its keyring is found as librados finds it [default: admin].
+    #[arg(long, value_name = "NAME")]
+    ceph_id: Option<String>,
+    /// rbd: exports: bound on connecting, monitor commands and each OSD operation (0 = librados' defaults: OSD operations wait forever).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_timeout)]
+    ceph_timeout: Duration,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -274,6 +287,11 @@ fn serve(a: ServeArgs) -> ExitCode {
             unix_mode: a.unix_mode,
             user: a.user,
             group: a.group,
+        },
+        ceph: ringbd_backend::CephConfig {
+            conf: a.ceph_conf,
+            id: a.ceph_id,
+            timeout: (!a.ceph_timeout.is_zero()).then_some(a.ceph_timeout),
         },
     };
     match ringbd_server::run(config) {

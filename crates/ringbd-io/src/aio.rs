@@ -1,0 +1,201 @@
+//! Completions of operations that finish on another library's threads
+//! (librbd's callbacks), delivered to a ring worker through an `eventfd`.
+//!
+//! A [`CompletionQueue`] belongs to one ring worker, which polls its
+//! descriptor (`AsFd`) on the ring like any other. Foreign
+//! threads [`push`](CompletionQueue::push) finished operations; the worker
+//! wakes, [`drain`](CompletionQueue::drain)s them and completes each on its
+//! connection. No thread ever blocks per request.
+//!
+//! The eventfd is written only when the list goes from empty to non-empty,
+//! and the worker reads (clears) it before taking the list, so a push is
+//! never missed: a push after the take finds the list empty and signals.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use crate::buf::IoBuf;
+use crate::cvt;
+
+/// A finished asynchronous operation.
+#[derive(Debug)]
+pub struct AioDone {
+    /// What the submitter attached (the engine encodes connection and token).
+    pub tag: u64,
+    /// Bytes moved (reads and writes), or 0; the errno on failure.
+    pub result: io::Result<usize>,
+    /// The operation's buffer, handed back.
+    pub buf: IoBuf,
+}
+
+/// Finished operations of one ring worker, signalled through an eventfd.
+#[derive(Debug)]
+pub struct CompletionQueue {
+    fd: OwnedFd,
+    done: Mutex<Vec<AioDone>>,
+}
+
+impl CompletionQueue {
+    pub fn new() -> io::Result<CompletionQueue> {
+        // SAFETY: eventfd takes no pointers; it returns a new descriptor or -1.
+        let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
+        // SAFETY: eventfd returned a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(CompletionQueue { fd, done: Mutex::new(Vec::new()) })
+    }
+
+    fn list(&self) -> MutexGuard<'_, Vec<AioDone>> {
+        // A panic elsewhere cannot leave the Vec inconsistent: take it anyway.
+        self.done.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a finished operation and wakes the worker (called from any
+    /// thread). An error means the eventfd could not be written; the
+    /// operation is queued regardless and is found at the next wake-up.
+    pub fn push(&self, done: AioDone) -> io::Result<()> {
+        let was_empty = {
+            let mut l = self.list();
+            let e = l.is_empty();
+            l.push(done);
+            e
+        };
+        if !was_empty {
+            return Ok(());
+        }
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: `one` is a live 8-byte buffer, the size eventfd requires.
+        let n = unsafe { libc::write(self.fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        match n {
+            8 => Ok(()),
+            -1 => {
+                let e = io::Error::last_os_error();
+                // EAGAIN: the counter is saturated, i.e. already signalled.
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+            _ => Err(io::Error::other("short write to an eventfd")),
+        }
+    }
+
+    /// Clears the eventfd and moves every finished operation into `out`.
+    pub fn drain(&self, out: &mut Vec<AioDone>) -> io::Result<()> {
+        let mut b = [0u8; 8];
+        // SAFETY: `b` is a live 8-byte buffer, the size eventfd requires.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), b.as_mut_ptr().cast(), b.len()) };
+        let r = if n == -1 {
+            let e = io::Error::last_os_error();
+            // EAGAIN: nothing was signalled (a spurious wake-up).
+            if e.kind() == io::ErrorKind::WouldBlock {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        } else {
+            Ok(())
+        };
+        out.append(&mut self.list());
+        r
+    }
+}
+
+impl AsFd for CompletionQueue {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// Where one asynchronous operation reports its end: a worker's queue, or a
+/// thread waiting for it (the threaded engine and synchronous callers).
+#[derive(Debug, Clone)]
+pub enum Sink {
+    Queue { queue: std::sync::Arc<CompletionQueue>, tag: u64 },
+    Wait(std::sync::Arc<Waiter>),
+}
+
+impl Sink {
+    /// Delivers the result.
+    pub fn deliver(self, result: io::Result<usize>, buf: IoBuf) -> io::Result<()> {
+        match self {
+            Sink::Queue { queue, tag } => queue.push(AioDone { tag, result, buf }),
+            Sink::Wait(w) => {
+                *w.slot() = Some((result, buf));
+                w.cv.notify_all();
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A one-shot rendezvous for a synchronous wait on an asynchronous operation.
+#[derive(Debug, Default)]
+pub struct Waiter {
+    done: Mutex<Option<(io::Result<usize>, IoBuf)>>,
+    cv: Condvar,
+}
+
+impl Waiter {
+    fn slot(&self) -> MutexGuard<'_, Option<(io::Result<usize>, IoBuf)>> {
+        self.done.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Blocks until the operation delivered its result.
+    pub fn wait(&self) -> (io::Result<usize>, IoBuf) {
+        let mut g = self.slot();
+        loop {
+            if let Some(r) = g.take() {
+                return r;
+            }
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn pushes_from_other_threads_are_drained_once() {
+        let q = Arc::new(CompletionQueue::new().unwrap());
+        let hs: Vec<_> = (0..4u64)
+            .map(|i| {
+                let q = q.clone();
+                std::thread::spawn(move || {
+                    q.push(AioDone { tag: i, result: Ok(1), buf: IoBuf::new() }).unwrap()
+                })
+            })
+            .collect();
+        hs.into_iter().for_each(|h| h.join().unwrap());
+        assert_eq!(
+            crate::net::poll_readable(&[q.as_fd()], Some(std::time::Duration::from_secs(1))).unwrap(),
+            [true]
+        );
+        let mut out = Vec::new();
+        q.drain(&mut out).unwrap();
+        let mut tags: Vec<u64> = out.iter().map(|d| d.tag).collect();
+        tags.sort();
+        assert_eq!(tags, [0, 1, 2, 3]);
+        // Cleared: nothing readable, nothing left.
+        assert_eq!(
+            crate::net::poll_readable(&[q.as_fd()], Some(std::time::Duration::ZERO)).unwrap(),
+            [false]
+        );
+        out.clear();
+        q.drain(&mut out).unwrap();
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_waiter_gets_the_result() {
+        let w = Arc::new(Waiter::default());
+        let s = Sink::Wait(w.clone());
+        std::thread::spawn(move || s.deliver(Err(io::Error::from_raw_os_error(libc::EIO)), IoBuf::new()));
+        let (r, _) = w.wait();
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EIO));
+    }
+}

@@ -1,0 +1,336 @@
+"""Ceph RBD exports (`rbd:POOL/IMAGE[@SNAPSHOT]`, docs/rbd.md) against a real
+single-node cluster that this module starts (tests/ceph/cluster.sh: one mon,
+one mgr, one memstore OSD on loopback, auth none) and stops at the end.
+
+The data-path tests run against ringbd and, in the reference run (when
+nbdkit is selected: nbdkit has no rbd plugin), against qemu-nbd 10 serving
+the same image through qemu's own rbd driver (qemu-block-extra of the same
+version, unpacked privately by tests/ceph/qemu-rbd.sh: qemu-utils stays as
+it is). Start-up errors, the exclusive lock and the OSD failure are ringbd's
+own behaviour (ringbd_only).
+
+The OSD test stops and restarts the OSD: it runs last in this module.
+"""
+
+import itertools
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from conftest import REPO_ROOT, ringbd_bin, ringbd_extra_args, selected_kinds, start
+from helpers import MiB, STATE_HOLE, files_equal, nbdinfo_json, pattern, run
+
+CLUSTER = os.path.join(REPO_ROOT, "tests", "ceph", "cluster.sh")
+QEMU_RBD = os.path.join(REPO_ROOT, "tests", "ceph", "qemu-rbd.sh")
+POOL = "rbd"
+# Bound on every cluster operation of the servers under test; the failure
+# tests check that requests end within it (plus slack).
+OP_TIMEOUT_S = 5
+
+_names = itertools.count()
+
+
+def pytest_generate_tests(metafunc):
+    if "rbd_kind" in metafunc.fixturenames:
+        kinds = ["ringbd"]
+        # qemu-nbd is the reference where nbdkit (which cannot serve rbd) is.
+        if "nbdkit" in selected_kinds(metafunc.config):
+            kinds.append("qemu-nbd")
+        metafunc.parametrize("rbd_kind", kinds)
+
+
+class Ceph:
+    """The running test cluster."""
+
+    def __init__(self, workdir):
+        self.dir = workdir
+        self.conf = os.path.join(workdir, "ceph.conf")
+
+    def rbd(self, *args, check=True, timeout=60):
+        return run(["rbd", "-c", self.conf, *args], check=check, timeout=timeout)
+
+    def image(self, size):
+        """A fresh image of `size` (e.g. "64M"); returns POOL/NAME."""
+        name = "%s/t%d-%d" % (POOL, os.getpid(), next(_names))
+        self.rbd("create", "--size", size, name)
+        return name
+
+    def stop_osd(self):
+        run([CLUSTER, "stop-osd", self.dir], timeout=60)
+
+    def start_osd(self):
+        run([CLUSTER, "start-osd", self.dir], timeout=200)
+
+
+@pytest.fixture(scope="module")
+def ceph():
+    d = tempfile.mkdtemp(prefix="ringbd-ceph-")
+    try:
+        run([CLUSTER, "start", d], timeout=240)
+        yield Ceph(d)
+    finally:
+        run([CLUSTER, "stop", d], check=False, timeout=60)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def qemu_modules():
+    """QEMU_MODULE_DIR holding block-rbd.so for the installed qemu (lazy)."""
+    got = []
+
+    def _get():
+        if not got:
+            cache = os.path.join(REPO_ROOT, "target", "rbd-cache", "qemu")
+            got.append(run([QEMU_RBD, cache], timeout=600).stdout.strip())
+        return got[0]
+    return _get
+
+
+@pytest.fixture
+def serve_rbd(ceph, qemu_modules):
+    """Factory: serve_rbd(kind, "POOL/IMAGE[@SNAP]", read_only=False) -> Server."""
+    servers = []
+
+    def _serve(kind, image, read_only=False):
+        if kind == "ringbd":
+            srv = start("ringbd", {"": "rbd:" + image}, read_only=read_only,
+                        args=["--ceph-conf", ceph.conf, "--ceph-timeout", "%ds" % OP_TIMEOUT_S])
+        else:
+            fname = "rbd:%s:conf=%s" % (image, ceph.conf)
+            srv = start("qemu-nbd", {"": fname}, read_only=read_only,
+                        env={"QEMU_MODULE_DIR": qemu_modules()})
+        servers.append(srv)
+        return srv
+
+    yield _serve
+    errors = []
+    for srv in reversed(servers):
+        try:
+            srv.stop()
+        except AssertionError as e:
+            errors.append(str(e))
+    assert not errors, "\n".join(errors)
+
+
+@pytest.fixture
+def rbd_handle(serve_rbd):
+    """Factory for libnbd handles, shut down before the servers stop
+    (like conftest's nbd_handle, without its per-server_kind parametrization)."""
+    import nbd
+    handles = []
+
+    def _connect(uri, strict=True):
+        h = nbd.NBD()
+        if not strict:
+            h.set_strict_mode(0)
+        h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+        h.connect_uri(uri)
+        handles.append(h)
+        return h
+
+    yield _connect
+    for h in handles:
+        try:
+            h.shutdown()
+        except Exception:
+            pass
+
+
+def test_rbd_qemu_img_round_trip(rbd_kind, serve_rbd, ceph, random_image_64m, shm_tmp):
+    image = ceph.image("64M")
+    srv = serve_rbd(rbd_kind, image)
+    uri = srv.uri()
+    run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", random_image_64m, uri], timeout=120)
+    run(["qemu-img", "compare", "-f", "raw", "-F", "raw", random_image_64m, uri], timeout=120)
+    # The bytes really are in the cluster: read them back with the rbd CLI.
+    back = os.path.join(shm_tmp, "exported.img")
+    ceph.rbd("export", image, back, timeout=120)
+    assert files_equal(random_image_64m, back)
+
+
+def test_rbd_nbdcopy_multi_conn(rbd_kind, serve_rbd, ceph, random_image_64m, shm_tmp):
+    srv = serve_rbd(rbd_kind, ceph.image("64M"))
+    info = nbdinfo_json(srv.uri())
+    [exp] = info["exports"]
+    if rbd_kind == "ringbd":
+        # One shared image handle: a flush on any connection covers all.
+        assert exp["can_multi_conn"] is True
+        assert exp["block_size_preferred"] == 4 * MiB  # the object size
+        assert "Ceph RBD image rbd:" in exp.get("description", "")
+    # nbdcopy uses several connections when multi-conn is advertised.
+    run(["nbdcopy", "--flush", random_image_64m, srv.uri()], timeout=120)
+    out = os.path.join(shm_tmp, "copy.img")
+    run(["nbdcopy", srv.uri(), out], timeout=120)
+    assert files_equal(random_image_64m, out)
+
+
+def test_rbd_fio_randwrite_verify(rbd_kind, serve_rbd, ceph, shm_tmp):
+    job = 16 * MiB
+    srv = serve_rbd(rbd_kind, ceph.image("32M"))
+    run([
+        "fio", "--name=rbd", "--ioengine=nbd", "--uri=" + srv.uri(),
+        "--rw=randwrite", "--bs=4k", "--iodepth=32", "--numjobs=2",
+        "--size=%d" % job, "--offset_increment=%d" % job,
+        "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_backlog=1024",
+        "--verify_state_save=0", "--group_reporting",
+    ], timeout=180, cwd=shm_tmp)
+
+
+def test_rbd_block_status_of_a_sparse_image(rbd_kind, serve_rbd, ceph, rbd_handle):
+    import nbd
+    srv = serve_rbd(rbd_kind, ceph.image("64M"))
+    h = rbd_handle(srv.uri())
+    h.pwrite(pattern("rbd", MiB), 20 * MiB)
+    h.flush()
+    entries = []
+
+    def cb(metacontext, offset, e, err):
+        if metacontext == nbd.CONTEXT_BASE_ALLOCATION:
+            entries.extend(e)
+        return 0
+
+    ext, off = [], 0
+    while off < 64 * MiB:
+        entries.clear()
+        h.block_status(64 * MiB - off, off, cb)
+        for i in range(0, len(entries), 2):
+            ext.append((off, entries[i], entries[i + 1]))
+            off += entries[i]
+    flags = {o: f for o, _, f in ext}
+    at = lambda x: next(f for o, n, f in ext if o <= x < o + n)  # noqa: E731
+    assert at(0) & STATE_HOLE, ext
+    assert at(40 * MiB) & STATE_HOLE, ext
+    assert not at(20 * MiB) & STATE_HOLE, ext
+    assert flags, ext
+    # nbdinfo --map agrees (whole 4 MiB objects: data from 20 MiB to 24 MiB).
+    text = run(["nbdinfo", "--map", srv.uri()]).stdout
+    rows = [line.split() for line in text.splitlines() if line.strip()]
+    data = [(int(r[0]), int(r[1])) for r in rows if "data" in r[3:]]
+    assert any(o <= 20 * MiB < o + n for o, n in data), text
+    assert sum(n for _, n in data) <= 8 * MiB, text
+
+
+def test_rbd_snapshot_is_read_only(rbd_kind, serve_rbd, ceph, rbd_handle):
+    import nbd
+    image = ceph.image("16M")
+    data = pattern("snap", MiB)
+    srv = serve_rbd(rbd_kind, image)
+    h = rbd_handle(srv.uri())
+    h.pwrite(data, 0)
+    h.flush()
+    h.shutdown()
+    srv.stop()
+    ceph.rbd("snap", "create", image + "@s1")
+    # ringbd: the snapshot alone makes the export read-only; qemu-nbd: -r.
+    snap = serve_rbd(rbd_kind, image + "@s1", read_only=(rbd_kind == "qemu-nbd"))
+    [exp] = nbdinfo_json(snap.uri())["exports"]
+    assert exp["is_read_only"] is True
+    h = rbd_handle(snap.uri(), strict=False)
+    assert h.pread(MiB, 0) == data
+    with pytest.raises(nbd.Error) as ei:
+        h.pwrite(b"x" * 4096, 0)
+    # (qemu-nbd answers writes to a read-only export with EINVAL.)
+    assert ei.value.errno == ("EPERM" if rbd_kind == "ringbd" else "EINVAL"), ei.value
+    assert h.pread(4096, 0) == data[:4096]
+
+
+@pytest.mark.ringbd_only
+def test_rbd_start_up_errors_are_clear_and_bounded(server_kind, ceph, shm_tmp):
+    image = ceph.image("4M")
+
+    def serve(spec, conf=ceph.conf, timeout="3s"):
+        t0 = time.monotonic()
+        p = run([ringbd_bin(), "serve", *ringbd_extra_args(), "--unix", os.path.join(shm_tmp, "x.sock"),
+                 "--ceph-conf", conf, "--ceph-timeout", timeout, spec], check=False, timeout=60)
+        assert p.returncode != 0, p
+        assert "panicked" not in p.stderr
+        return p.stderr, time.monotonic() - t0
+
+    err, _ = serve("rbd:nopool/x")
+    assert 'opening pool "nopool"' in err and "No such file" in err, err
+    err, _ = serve("rbd:%s/missing" % POOL)
+    assert "no such image" in err, err
+    err, _ = serve("rbd:%s@nosnap" % image)
+    assert "no such image or snapshot" in err, err
+    # A cluster that is not there: a monitor address nothing listens on.
+    down = os.path.join(shm_tmp, "down.conf")
+    with open(ceph.conf) as f, open(down, "w") as g:
+        g.write("".join("mon host = [v2:127.0.0.1:9]\n" if line.startswith("mon host") else line
+                        for line in f))
+    err, took = serve("rbd:" + image, conf=down)
+    assert "no monitor answered (within 3s)" in err, err
+    assert took < 30, took
+
+
+@pytest.mark.ringbd_only
+def test_rbd_exclusive_lock_keeps_a_second_writer_out(server_kind, serve_rbd, ceph, rbd_handle, shm_tmp):
+    image = ceph.image("16M")
+    srv = serve_rbd("ringbd", image)
+    assert "exclusive lock held" in nbdinfo_json(srv.uri())["exports"][0]["description"]
+    # A second ringbd serving it writable refuses to start ...
+    p = run([ringbd_bin(), "serve", *ringbd_extra_args(), "--unix", os.path.join(shm_tmp, "y.sock"),
+             "--ceph-conf", ceph.conf, "--ceph-timeout", "5s", "rbd:" + image], check=False, timeout=60)
+    assert p.returncode != 0 and "exclusive lock" in p.stderr, p
+    # ... another librbd writer gets EROFS instead of interleaving writes ...
+    p = ceph.rbd("bench", "--io-type", "write", "--io-total", "1M", image, check=False)
+    assert p.returncode != 0 and "Read-only file system" in (p.stdout + p.stderr), p
+    # ... and ours keep working.
+    h = rbd_handle(srv.uri())
+    h.pwrite(b"a" * 4096, 0)
+    h.flush()
+    assert h.pread(4096, 0) == b"a" * 4096
+    # Read-only access (a snapshot, or --read-only) needs no lock.
+    ro = serve_rbd("ringbd", image, read_only=True)
+    assert nbdinfo_json(ro.uri())["exports"][0]["is_read_only"] is True
+
+
+@pytest.mark.ringbd_only
+def test_rbd_osd_down_fails_requests_in_bounded_time_then_recovers(server_kind, serve_rbd, ceph, rbd_handle):
+    import nbd
+    image = ceph.image("16M")
+    srv = serve_rbd("ringbd", image)
+    h = rbd_handle(srv.uri())
+    before = pattern("before", 4 * MiB)
+    h.pwrite(before, 0)
+    h.flush()
+    ceph.stop_osd()
+    try:
+        # With the only OSD down, a write and its flush cannot be durable:
+        # the flush must fail within the operation timeout, not hang.
+        t0 = time.monotonic()
+        with pytest.raises(nbd.Error) as ei:
+            h.pwrite(b"w" * 65536, 8 * MiB)
+            h.flush()
+        took = time.monotonic() - t0
+        assert ei.value.errno == "EIO", ei.value
+        assert took < 6 * OP_TIMEOUT_S, took
+        # Reads end in bounded time too: an error, or (from librbd's cache)
+        # the right bytes, never garbage.
+        t0 = time.monotonic()
+        try:
+            assert h.pread(4096, 4 * MiB - 4096) == before[-4096:]
+        except nbd.Error as e:
+            assert e.errno == "EIO", e
+        assert time.monotonic() - t0 < 6 * OP_TIMEOUT_S
+        assert srv.alive()
+    finally:
+        ceph.start_osd()
+    # Back: the same connection works again, old data intact, new data lands.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            h.pwrite(b"n" * 4096, 12 * MiB)
+            h.flush()
+            break
+        except nbd.Error:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    assert h.pread(4 * MiB, 0) == before
+    assert h.pread(4096, 12 * MiB) == b"n" * 4096
+    p = subprocess.run(["nbdinfo", "--size", srv.uri()], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr

@@ -79,7 +79,21 @@ impl Link {
     /// Reads what arrives and appends the plaintext to `buf`.
     fn receive(&mut self, buf: &mut Vec<u8>, ctx: &dyn Fn() -> String) -> Result<()> {
         let mut chunk = [0u8; 16 * 1024];
-        let n = self.stream.io().read(&mut chunk).map_err(|e| Error::io(ctx(), e))?;
+        let n = match self.stream.io().read(&mut chunk) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && self.tls.is_some() => 0,
+            r => r.map_err(|e| Error::io(ctx(), e))?,
+        };
+        if n == 0 && self.tls.is_some() {
+            // GnuTLS servers (nbdkit, qemu-nbd) hang up without an alert
+            // when they refuse a client certificate after the handshake.
+            return Err(Error::Tls {
+                context: ctx(),
+                what: "the server closed (or reset) the connection right after the TLS handshake (a server that \
+                       checks client certificates does this when it refuses ours: client-cert.pem and \
+                       client-key.pem in tls-certificates=DIR, signed by a CA it trusts)"
+                    .into(),
+            });
+        }
         if n == 0 {
             return Err(Error::Protocol { context: ctx(), what: "server closed the connection".into() });
         }

@@ -222,7 +222,7 @@ fn parse(uri: &str) -> Result<NbdUri, String> {
     // Userinfo is the TLS username (PSK identity), as in libnbd.
     let authority = match authority.rsplit_once('@') {
         Some((user, a)) => {
-            if t.username.is_none() && !user.is_empty() {
+            if tls && t.username.is_none() && !user.is_empty() {
                 t.username = Some(decode(user, "user name")?);
             }
             a
@@ -368,6 +368,8 @@ mod tests {
         assert!(err("nbds+unix://h/?socket=s").contains("no host"));
         assert!(err("nbds://h/?socket=s").contains("only for nbd+unix"));
         assert!(err("nbds+vsock://2/").contains("AF_VSOCK"));
+        assert!(err("nbds://%zz@h/").contains("percent"), "the user name is decoded with TLS");
+        assert_eq!(ok("nbd://%zz@h/").tls, None, "and ignored without");
     }
 
     #[test]

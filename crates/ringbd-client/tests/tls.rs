@@ -249,3 +249,103 @@ fn a_server_that_wants_a_client_certificate() {
     );
     assert!(r.is_err(), "a client certificate from another CA is refused");
 }
+
+/// The client's TLS layer against a rustls server in memory: the handshake,
+/// then one loop turn's worth of requests (32 request headers with 1 KiB
+/// payloads, 33,664 bytes in 64 pieces) given to `ClientTls::send` at once
+/// become 3 records (16 KiB each at most), not 64, and decrypt to the same
+/// bytes; replies come back through `receive`, fed whole and byte by byte.
+#[test]
+fn a_batch_becomes_few_records_in_memory() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use std::io::{IoSlice, Read, Write};
+
+    let Some((_g, a, _b)) = pkis("records") else { return };
+    let u = uri(Path::new("/nonexistent.sock"), &format!("tls-certificates={}", a.display()));
+    let setup = ringbd_client::TlsSetup::new(&u).unwrap().unwrap();
+    let mut client = setup.session().unwrap();
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(a.join("server-cert.pem")).unwrap().map(|c| c.unwrap()).collect();
+    let key = PrivateKeyDer::from_pem_file(a.join("server-key.pem")).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let mut server = rustls::ServerConnection::new(Arc::new(config)).unwrap();
+    let mut plain = Vec::new();
+    for _ in 0..20 {
+        let mut c2s = Vec::new();
+        client.flush(&mut c2s).unwrap();
+        let mut rd = &c2s[..];
+        while !rd.is_empty() {
+            server.read_tls(&mut rd).unwrap();
+        }
+        server.process_new_packets().unwrap();
+        let mut s2c = Vec::new();
+        while server.wants_write() {
+            server.write_tls(&mut s2c).unwrap();
+        }
+        client.receive(&s2c, &mut plain).unwrap();
+        if !client.is_handshaking() && !server.is_handshaking() && !client.wants_write() {
+            break;
+        }
+    }
+    assert!(!client.is_handshaking() && !server.is_handshaking(), "handshake done");
+    assert!(plain.is_empty());
+
+    let headers: Vec<Vec<u8>> = (0..32u8).map(|i| vec![i; 28]).collect();
+    let payloads: Vec<Vec<u8>> = (0..32u8).map(|i| vec![i ^ 0xff; 1024]).collect();
+    let mut pieces = Vec::new();
+    for (h, p) in headers.iter().zip(&payloads) {
+        pieces.push(IoSlice::new(h));
+        pieces.push(IoSlice::new(p));
+    }
+    let expect: Vec<u8> = pieces.iter().flat_map(|s| s.iter().copied()).collect();
+    let mut wire = Vec::new();
+    client.send(&pieces, &mut wire).unwrap();
+    // Count the TLS records: 5-byte headers with their lengths.
+    let (mut records, mut at) = (0, 0);
+    while at + 5 <= wire.len() {
+        assert_eq!(wire[at], 23, "application data records");
+        at += 5 + usize::from(u16::from_be_bytes([wire[at + 3], wire[at + 4]]));
+        records += 1;
+    }
+    assert_eq!(at, wire.len());
+    assert_eq!(records, 3, "{} bytes in {records} records", expect.len());
+    let mut rd = &wire[..];
+    while !rd.is_empty() {
+        server.read_tls(&mut rd).unwrap();
+        server.process_new_packets().unwrap();
+    }
+    let mut got = Vec::new();
+    server.reader().read_to_end(&mut got).ok();
+    assert_eq!(got, expect);
+
+    // Replies, whole and one byte at a time.
+    let reply: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+    server.writer().write_all(&reply).unwrap();
+    let mut s2c = Vec::new();
+    while server.wants_write() {
+        server.write_tls(&mut s2c).unwrap();
+    }
+    let (half, rest) = s2c.split_at(s2c.len() / 2);
+    for b in half {
+        client.receive(std::slice::from_ref(b), &mut plain).unwrap();
+    }
+    let r = client.receive(rest, &mut plain).unwrap();
+    assert!(!r.closed);
+    assert_eq!(plain, reply);
+    // close_notify is seen as the end.
+    server.send_close_notify();
+    let mut s2c = Vec::new();
+    while server.wants_write() {
+        server.write_tls(&mut s2c).unwrap();
+    }
+    assert!(client.receive(&s2c, &mut plain).unwrap().closed);
+    // Garbage instead of a record is an error, not a panic.
+    assert!(client.receive(&[0x17, 3, 3, 0, 5, 1, 2, 3, 4, 5], &mut plain).is_err());
+}

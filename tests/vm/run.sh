@@ -174,6 +174,33 @@ cp "$MODDIR"/modules.builtin* "$MODDIR/modules.order" "$STAGE/lib/modules/$KVER/
 cp "$HERE/init" "$STAGE/init"
 cp "$HERE/lib.sh" "$STAGE/vmtest/lib.sh"
 cp "$HERE"/guest/*.sh "$STAGE/vmtest/guest/"
+# Test certificates for the TLS guests (the guest has no openssl): a CA, a
+# server certificate for localhost/127.0.0.1 and a client certificate, made
+# fresh for this run in /vmtest/pki/{server,client}, as tls_certs.py does.
+make_pki() {
+    local d=$1
+    mkdir -p "$d/server" "$d/client"
+    ( cd "$d" &&
+      key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; } &&
+      key ca-key.pem &&
+      openssl req -x509 -new -key ca-key.pem -out ca-cert.pem -days 2 -subj /CN=ringbd-vm-ca \
+          -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign &&
+      printf '%s\n' basicConstraints=critical,CA:FALSE keyUsage=critical,digitalSignature \
+          extendedKeyUsage=serverAuth subjectAltName=DNS:localhost,IP:127.0.0.1 >server.ext &&
+      printf '%s\n' basicConstraints=critical,CA:FALSE keyUsage=critical,digitalSignature \
+          extendedKeyUsage=clientAuth >client.ext &&
+      for who in server client; do
+          key "$who/$who-key.pem" &&
+          openssl req -new -key "$who/$who-key.pem" -out "$who.csr" -subj "/CN=$who" &&
+          openssl x509 -req -in "$who.csr" -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
+              -out "$who/$who-cert.pem" -days 2 -extfile "$who.ext" 2>/dev/null &&
+          cp ca-cert.pem "$who/" || return 1
+      done &&
+      rm -f ca-key.pem ./*.csr ./*.ext ./*.srl ) >/dev/null 2>&1
+}
+if command -v openssl >/dev/null; then
+    make_pki "$STAGE/vmtest/pki" || die "openssl could not make the test certificates"
+fi
 chmod 755 "$STAGE/init" "$STAGE"/vmtest/guest/*.sh
 
 INITRD=$WORK/initramfs.cpio

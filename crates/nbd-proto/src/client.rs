@@ -10,6 +10,14 @@
 //! structured replies -> simple replies; no `NBD_OPT_GO` -> `NBD_OPT_EXPORT_NAME`;
 //! no meta context -> no block status.
 //!
+//! TLS ([`ClientConfig::starttls`]): the first option is `NBD_OPT_STARTTLS`.
+//! After its ACK, [`ClientHandshake::tls_pending`] is true and `handle`
+//! consumes nothing more: the driver runs the TLS handshake on the
+//! connection and calls [`ClientHandshake::tls_started`], which starts the
+//! option haggling again inside TLS (nothing negotiated before counts, as
+//! the spec says). A server that refuses STARTTLS, or has no fixed
+//! newstyle, is an error: there is no fallback to plaintext.
+//!
 //! Transmission: [`ClientSession::encode_request`] writes request headers
 //! (the caller appends write payloads); [`ClientSession::decode_reply`] parses
 //! one reply message or chunk from the front of a receive buffer, given a
@@ -50,6 +58,8 @@ pub struct ClientConfig {
     pub list_meta: bool,
     /// Only list the exports (`NBD_OPT_LIST`), then abort.
     pub list_exports: bool,
+    /// Send `NBD_OPT_STARTTLS` first and require the server to accept it.
+    pub starttls: bool,
 }
 
 impl ClientConfig {
@@ -62,6 +72,7 @@ impl ClientConfig {
             base_allocation: true,
             list_meta: false,
             list_exports: false,
+            starttls: false,
         }
     }
 }
@@ -121,6 +132,8 @@ pub enum ClientHandshakeError {
     /// The server does not support what was asked (e.g. `NBD_OPT_LIST`
     /// from a server without fixed newstyle).
     Unsupported(&'static str),
+    /// TLS was required and the server refused `NBD_OPT_STARTTLS`.
+    TlsRefused { reply: RepType, message: String },
 }
 
 impl fmt::Display for ClientHandshakeError {
@@ -142,6 +155,13 @@ impl fmt::Display for ClientHandshakeError {
                 Ok(())
             }
             E::Unsupported(what) => write!(f, "server does not support {what}"),
+            E::TlsRefused { reply, message } => {
+                write!(f, "TLS is required, but the server refused NBD_OPT_STARTTLS: {reply}")?;
+                if !message.is_empty() {
+                    write!(f, " ({message})")?;
+                }
+                f.write_str("; not falling back to plaintext")
+            }
         }
     }
 }
@@ -158,6 +178,9 @@ enum Expect {
     Option(OptCode),
     /// The reply to `NBD_OPT_EXPORT_NAME`: size, flags, maybe 124 zeroes.
     ExportName,
+    /// STARTTLS was acknowledged: the TLS handshake runs outside, until
+    /// [`ClientHandshake::tls_started`].
+    Tls,
     Done,
 }
 
@@ -172,6 +195,8 @@ pub struct ClientHandshake {
     have_export_info: bool,
     listing: Vec<ExportListing>,
     outcome: Option<ClientOutcome>,
+    /// TLS was established (STARTTLS acknowledged and `tls_started` called).
+    tls: bool,
 }
 
 impl ClientHandshake {
@@ -199,7 +224,37 @@ impl ClientHandshake {
             have_export_info: false,
             listing: Vec::new(),
             outcome: None,
+            tls: false,
         }
+    }
+
+    /// STARTTLS was acknowledged: run the TLS handshake on the connection
+    /// (bytes after the ACK already belong to it), then call
+    /// [`ClientHandshake::tls_started`]. `handle` consumes nothing meanwhile.
+    pub fn tls_pending(&self) -> bool {
+        matches!(self.expect, Expect::Tls)
+    }
+
+    /// The TLS handshake is done: option haggling starts again, inside
+    /// TLS, from the first option (what was negotiated before STARTTLS
+    /// does not count). Queues output; does nothing unless
+    /// [`ClientHandshake::tls_pending`].
+    pub fn tls_started(&mut self) -> HsResult<()> {
+        if !self.tls_pending() {
+            return Ok(());
+        }
+        self.tls = true;
+        let refused = std::mem::take(&mut self.neg.refused);
+        self.neg = ClientHandshake::new(self.cfg.clone()).neg;
+        self.neg.refused = refused;
+        self.have_export_info = false;
+        self.listing.clear();
+        self.first_option()
+    }
+
+    /// Whether the session runs inside TLS.
+    pub fn tls(&self) -> bool {
+        self.tls
     }
 
     /// Bytes to send now.
@@ -234,7 +289,7 @@ impl ClientHandshake {
             Expect::Greeting => self.greeting(input),
             Expect::Option(opt) => self.option_reply(opt, input),
             Expect::ExportName => self.export_name_reply(input),
-            Expect::Done => Ok(0),
+            Expect::Tls | Expect::Done => Ok(0),
         }
     }
 
@@ -273,6 +328,21 @@ impl ClientHandshake {
             cflags |= client_flags::NO_ZEROES;
         }
         self.out.put_u32(cflags);
+        if self.cfg.starttls {
+            if !self.fixed {
+                return Err(ClientHandshakeError::Unsupported(
+                    "NBD_OPT_STARTTLS (no fixed newstyle), which TLS needs",
+                ));
+            }
+            self.send_option(OptCode::STARTTLS, &[]);
+            return Ok(18);
+        }
+        self.first_option()?;
+        Ok(18)
+    }
+
+    /// The first option after the greeting, or after TLS started.
+    fn first_option(&mut self) -> HsResult<()> {
         if self.cfg.list_exports {
             if !self.fixed {
                 return Err(ClientHandshakeError::Unsupported("NBD_OPT_LIST (no fixed newstyle)"));
@@ -284,7 +354,7 @@ impl ClientHandshake {
         } else {
             self.after(None);
         }
-        Ok(18)
+        Ok(())
     }
 
     /// Sends the next option of the sequence after `done` finished:
@@ -381,6 +451,7 @@ impl ClientHandshake {
         let message = String::from_utf8_lossy(data).into_owned();
         self.neg.refused.push((sent, typ));
         match sent {
+            OptCode::STARTTLS => return Err(ClientHandshakeError::TlsRefused { reply: typ, message }),
             OptCode::EXTENDED_HEADERS | OptCode::STRUCTURED_REPLY | OptCode::LIST_META_CONTEXT => {
                 self.after(Some(sent));
             }
@@ -398,6 +469,12 @@ impl ClientHandshake {
 
     fn accepted(&mut self, sent: OptCode, typ: RepType, data: &[u8]) -> HsResult<()> {
         match (sent, typ) {
+            (OptCode::STARTTLS, RepType::ACK) => {
+                if !data.is_empty() {
+                    return Err(Self::malformed(sent, format!("ACK with {} bytes of data", data.len())));
+                }
+                self.expect = Expect::Tls;
+            }
             (OptCode::EXTENDED_HEADERS, RepType::ACK) => {
                 self.neg.extended = true;
                 self.neg.structured = true;

@@ -9,7 +9,16 @@ use crate::handshake::{Outcome, ServerHandshake};
 /// Drives client and server handshakes against each other, byte by byte
 /// where `trickle`, until the client has an outcome (bounded).
 fn pair(cfg: ClientConfig, trickle: bool) -> (ClientOutcome, Option<Outcome>) {
-    let mut server = ServerHandshake::new(catalog());
+    pair_with(ServerHandshake::new(catalog()), cfg, trickle)
+}
+
+/// [`pair`] against a given server; when both sides wait for TLS the
+/// (simulated, transparent) TLS layer starts on both.
+fn pair_with(
+    mut server: ServerHandshake<Vec<crate::ExportDescriptor>>,
+    cfg: ClientConfig,
+    trickle: bool,
+) -> (ClientOutcome, Option<Outcome>) {
     let mut client = ClientHandshake::new(cfg);
     let (mut to_client, mut to_server) = (Vec::new(), Vec::new());
     for _ in 0..10_000 {
@@ -34,8 +43,98 @@ fn pair(cfg: ClientConfig, trickle: bool) -> (ClientOutcome, Option<Outcome>) {
         }
         let used = server.handle(&to_server).expect("server handshake");
         to_server.drain(..used);
+        to_client.extend(server.take_output());
+        if client.tls_pending() && server.starttls_pending() && to_server.is_empty() {
+            assert!(!client.tls(), "TLS starts once");
+            server.tls_started();
+            client.tls_started().expect("options after TLS");
+            assert!(client.tls());
+        }
     }
     panic!("handshake did not finish");
+}
+
+#[test]
+fn starttls_then_negotiation_starts_again() {
+    use crate::handshake::TlsMode;
+    let mut cfg = ClientConfig::new("");
+    cfg.starttls = true;
+    for trickle in [false, true] {
+        let server = ServerHandshake::with_tls(catalog(), TlsMode::Require);
+        let (out, server) = pair_with(server, cfg.clone(), trickle);
+        let ClientOutcome::Connected(neg) = out else { panic!("{out:?}") };
+        assert!(neg.extended && neg.structured, "negotiated inside TLS");
+        assert_eq!(neg.base_allocation, Some(crate::handshake::BASE_ALLOCATION_ID));
+        assert!(neg.refused.is_empty(), "{:?}", neg.refused);
+        assert!(matches!(server, Some(Outcome::Transmission(_))));
+    }
+    let mut list = cfg.clone();
+    list.list_exports = true;
+    let (out, _) = pair_with(ServerHandshake::with_tls(catalog(), TlsMode::On), list, false);
+    assert!(matches!(out, ClientOutcome::Listed(ref l) if l.len() == 2), "{out:?}");
+}
+
+/// STARTTLS in wire literals: the option, its ACK, nothing consumed after
+/// it until `tls_started`, then the first option again.
+#[test]
+fn starttls_on_the_wire() {
+    let mut cfg = ClientConfig::new("");
+    cfg.starttls = true;
+    let mut c = ClientHandshake::new(cfg);
+    assert_eq!(c.handle(&hex("4e42444d41474943 49484156454f5054 0003")), Ok(18));
+    assert_eq!(c.take_output(), hex("00000003 49484156454f5054 00000005 00000000"));
+    // The ACK, followed by what would be the TLS ServerHello.
+    let mut ack = hex("0003e889045565a9 00000005 00000001 00000000");
+    ack.extend(hex("16030300"));
+    assert_eq!(c.handle(&ack), Ok(20));
+    assert!(c.tls_pending() && !c.tls());
+    assert_eq!(c.handle(&ack[20..]), Ok(0), "TLS bytes are not NBD's");
+    assert!(c.take_output().is_empty());
+    c.tls_started().unwrap();
+    assert!(c.tls() && !c.tls_pending());
+    assert_eq!(c.take_output(), hex("49484156454f5054 0000000b 00000000"));
+}
+
+#[test]
+fn refused_starttls_is_an_error_never_plaintext() {
+    for (reply, name) in [("80000001", RepType::ERR_UNSUP), ("80000002", RepType::ERR_POLICY)] {
+        let mut cfg = ClientConfig::new("");
+        cfg.starttls = true;
+        let mut c = ClientHandshake::new(cfg);
+        c.handle(&hex("4e42444d41474943 49484156454f5054 0003")).unwrap();
+        c.take_output();
+        let e = c.handle(&hex(&format!("0003e889045565a9 00000005 {reply} 00000002 6e6f"))).unwrap_err();
+        assert_eq!(e, ClientHandshakeError::TlsRefused { reply: name, message: "no".into() });
+        assert!(e.to_string().contains("not falling back to plaintext"), "{e}");
+        assert!(c.take_output().is_empty(), "no option goes out in plaintext");
+    }
+    // Against our server with TLS off.
+    let mut cfg = ClientConfig::new("");
+    cfg.starttls = true;
+    let mut server = ServerHandshake::new(catalog());
+    let mut c = ClientHandshake::new(cfg.clone());
+    let e = loop {
+        match c.handle(&server.take_output()) {
+            Ok(_) => {}
+            Err(e) => break e,
+        }
+        let o = c.take_output();
+        assert_eq!(server.handle(&o), Ok(o.len()));
+    };
+    assert!(matches!(e, ClientHandshakeError::TlsRefused { reply: RepType::ERR_UNSUP, .. }), "{e}");
+    // No fixed newstyle: STARTTLS cannot be sent.
+    let mut c = ClientHandshake::new(cfg.clone());
+    assert!(matches!(
+        c.handle(&hex("4e42444d41474943 49484156454f5054 0002")),
+        Err(ClientHandshakeError::Unsupported(_))
+    ));
+    // An ACK with data is malformed.
+    let mut c = ClientHandshake::new(cfg);
+    c.handle(&hex("4e42444d41474943 49484156454f5054 0003")).unwrap();
+    assert!(matches!(
+        c.handle(&hex("0003e889045565a9 00000005 00000001 00000001 00")),
+        Err(ClientHandshakeError::Malformed { .. })
+    ));
 }
 
 #[test]

@@ -1,5 +1,10 @@
 //! Connecting and the handshake, on a blocking socket (a few round trips);
 //! the transmission phase then moves to the ring.
+//!
+//! `nbds://`: the NBD handshake sends `NBD_OPT_STARTTLS` first; after the
+//! ACK the TLS handshake runs on the same blocking socket through the
+//! sans-IO [`ClientTls`], and the negotiation starts again inside TLS. The
+//! session then travels with the socket ([`Connected::tls`]) to the ring.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -10,6 +15,7 @@ use nbd_proto::client::{ClientConfig, ClientHandshake, ClientOutcome};
 use nbd_proto::ExportListing;
 
 use crate::error::{Error, Result};
+use crate::tls::{ClientTls, TlsSetup};
 use crate::uri::{Address, NbdUri};
 
 /// A stream in either address family.
@@ -51,27 +57,129 @@ impl Stream {
 trait ReadWrite: Read + Write {}
 impl<T: Read + Write> ReadWrite for T {}
 
-fn handshake(uri: &NbdUri, cfg: ClientConfig) -> Result<(Stream, ClientOutcome)> {
-    let mut stream = Stream::connect(uri)?;
+/// The socket, with TLS once STARTTLS went through.
+struct Link {
+    stream: Stream,
+    tls: Option<ClientTls>,
+    /// Ciphertext to send (TLS) or scratch.
+    wire: Vec<u8>,
+}
+
+impl Link {
+    fn send(&mut self, plain: &[u8], ctx: &dyn Fn() -> String) -> Result<()> {
+        let Some(tls) = self.tls.as_mut() else {
+            return self.stream.io().write_all(plain).map_err(|e| Error::io(ctx(), e));
+        };
+        self.wire.clear();
+        tls.send(&[std::io::IoSlice::new(plain)], &mut self.wire)
+            .map_err(|what| Error::Tls { context: ctx(), what })?;
+        self.stream.io().write_all(&self.wire).map_err(|e| Error::io(ctx(), e))
+    }
+
+    /// Reads what arrives and appends the plaintext to `buf`.
+    fn receive(&mut self, buf: &mut Vec<u8>, ctx: &dyn Fn() -> String) -> Result<()> {
+        let mut chunk = [0u8; 16 * 1024];
+        let n = match self.stream.io().read(&mut chunk) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && self.tls.is_some() => 0,
+            r => r.map_err(|e| Error::io(ctx(), e))?,
+        };
+        if n == 0 && self.tls.is_some() {
+            // GnuTLS servers (nbdkit, qemu-nbd) hang up without an alert
+            // when they refuse a client certificate after the handshake.
+            return Err(Error::Tls {
+                context: ctx(),
+                what: "the server closed (or reset) the connection right after the TLS handshake (a server that \
+                       checks client certificates does this when it refuses ours: client-cert.pem and \
+                       client-key.pem in tls-certificates=DIR, signed by a CA it trusts)"
+                    .into(),
+            });
+        }
+        if n == 0 {
+            return Err(Error::Protocol { context: ctx(), what: "server closed the connection".into() });
+        }
+        match self.tls.as_mut() {
+            None => buf.extend_from_slice(&chunk[..n]),
+            Some(tls) => {
+                let r = tls.receive(&chunk[..n], buf).map_err(|what| Error::Tls { context: ctx(), what })?;
+                if r.closed {
+                    return Err(Error::Tls { context: ctx(), what: "server closed the TLS session".into() });
+                }
+                // Anything rustls answers on its own (alerts, key updates).
+                self.wire.clear();
+                tls.flush(&mut self.wire).map_err(|what| Error::Tls { context: ctx(), what })?;
+                if !self.wire.is_empty() {
+                    self.stream.io().write_all(&self.wire).map_err(|e| Error::io(ctx(), e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the TLS handshake on the blocking socket.
+    fn start_tls(&mut self, setup: &TlsSetup, ctx: &dyn Fn() -> String) -> Result<()> {
+        let mut tls = setup.session()?;
+        let tls_err = |what: String| Error::Tls { context: format!("{} (TLS handshake)", ctx()), what };
+        let mut plain = Vec::new();
+        let mut chunk = [0u8; 16 * 1024];
+        while tls.is_handshaking() {
+            self.wire.clear();
+            tls.flush(&mut self.wire).map_err(tls_err)?;
+            if !self.wire.is_empty() {
+                self.stream.io().write_all(&self.wire).map_err(|e| Error::io(ctx(), e))?;
+            }
+            if !tls.is_handshaking() {
+                break;
+            }
+            let n = self.stream.io().read(&mut chunk).map_err(|e| Error::io(ctx(), e))?;
+            if n == 0 {
+                return Err(tls_err("server closed the connection during the TLS handshake".into()));
+            }
+            tls.receive(&chunk[..n], &mut plain).map_err(tls_err)?;
+        }
+        // The client's Finished (and a certificate) may still be queued.
+        self.wire.clear();
+        tls.flush(&mut self.wire).map_err(tls_err)?;
+        self.stream.io().write_all(&self.wire).map_err(|e| Error::io(ctx(), e))?;
+        if !plain.is_empty() {
+            return Err(tls_err(format!("{} bytes of data before the handshake ended", plain.len())));
+        }
+        self.tls = Some(tls);
+        Ok(())
+    }
+}
+
+fn handshake(uri: &NbdUri, mut cfg: ClientConfig) -> Result<(Link, ClientOutcome)> {
+    let setup = TlsSetup::new(uri)?;
+    cfg.starttls = setup.is_some();
+    let mut link = Link { stream: Stream::connect(uri)?, tls: None, wire: Vec::new() };
     let mut hs = ClientHandshake::new(cfg);
     let mut buf = Vec::with_capacity(4096);
-    let mut chunk = [0u8; 4096];
     let ctx = || format!("handshake with {uri}");
     loop {
         let used = hs.handle(&buf).map_err(|source| Error::Handshake { context: ctx(), source })?;
         buf.drain(..used);
         let out = hs.take_output();
         if !out.is_empty() {
-            stream.io().write_all(&out).map_err(|e| Error::io(ctx(), e))?;
+            link.send(&out, &ctx)?;
         }
         if hs.outcome().is_some() {
             break;
         }
-        let n = stream.io().read(&mut chunk).map_err(|e| Error::io(ctx(), e))?;
-        if n == 0 {
-            return Err(Error::Protocol { context: ctx(), what: "server closed the connection".into() });
+        if hs.tls_pending() {
+            let Some(setup) = setup.as_ref() else {
+                return Err(Error::Protocol { context: ctx(), what: "STARTTLS without TLS settings".into() });
+            };
+            if !buf.is_empty() {
+                return Err(Error::Protocol {
+                    context: ctx(),
+                    what: format!("{} bytes after the STARTTLS ACK, before the TLS handshake", buf.len()),
+                });
+            }
+            link.start_tls(setup, &ctx)?;
+            hs.tls_started().map_err(|source| Error::Handshake { context: ctx(), source })?;
+            continue;
         }
-        buf.extend_from_slice(&chunk[..n]);
+        link.receive(&mut buf, &ctx)?;
     }
     if !buf.is_empty() {
         return Err(Error::Protocol {
@@ -80,7 +188,7 @@ fn handshake(uri: &NbdUri, cfg: ClientConfig) -> Result<(Stream, ClientOutcome)>
         });
     }
     match hs.into_outcome() {
-        Some(o) => Ok((stream, o)),
+        Some(o) => Ok((link, o)),
         None => Err(Error::Protocol { context: ctx(), what: "handshake ended without an outcome".into() }),
     }
 }
@@ -89,6 +197,8 @@ fn handshake(uri: &NbdUri, cfg: ClientConfig) -> Result<(Stream, ClientOutcome)>
 pub struct Connected {
     pub fd: OwnedFd,
     pub negotiated: nbd_proto::ClientNegotiated,
+    /// The TLS session (`nbds://`): everything on `fd` goes through it.
+    pub tls: Option<ClientTls>,
 }
 
 /// Connects and negotiates `cfg` (its export name comes from the URI).
@@ -96,7 +206,9 @@ pub fn connect(uri: &NbdUri, mut cfg: ClientConfig) -> Result<Connected> {
     cfg.export = uri.export.clone();
     cfg.list_exports = false;
     match handshake(uri, cfg)? {
-        (stream, ClientOutcome::Connected(negotiated)) => Ok(Connected { fd: stream.into_fd(), negotiated }),
+        (link, ClientOutcome::Connected(negotiated)) => {
+            Ok(Connected { fd: link.stream.into_fd(), negotiated, tls: link.tls })
+        }
         (_, ClientOutcome::Listed(_)) => Err(Error::Invalid("unexpected export list".into())),
     }
 }

@@ -9,6 +9,14 @@
 //! order the server answered. Buffers travel with requests: a read's buffer
 //! comes back filled, a write's payload comes back once it was sent and
 //! acknowledged, so steady-state I/O allocates nothing.
+//!
+//! TLS (`nbds://`): a connection's session sits between the batch and the
+//! ring. At send time the whole batch (headers and write payloads) goes
+//! through rustls in one vectored write, which packs it into as few 16 KiB
+//! records as its bytes allow, and the records leave as one send (write
+//! payloads are given back right away: they were copied into the records).
+//! Received ciphertext is decrypted into the same receive buffer the
+//! plaintext path parses; there is no direct receive into read buffers.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -16,10 +24,11 @@ use std::ops::Range;
 use nbd_proto::client::{ClientRequest, ClientSession, ReplyChunk};
 use nbd_proto::wire::{cmd_flags, tx_flags, CmdType};
 use nbd_proto::{ClientConfig, ClientNegotiated, Extent};
-use ringbd_io::client_ring::{ClientRing, RingEvent, SendBatch};
+use ringbd_io::client_ring::{ClientRing, Piece, RingEvent, SendBatch};
 
 use crate::connect::connect;
 use crate::error::{Error, Result};
+use crate::tls::ClientTls;
 use crate::uri::NbdUri;
 
 /// Smallest receive buffer per connection.
@@ -110,7 +119,23 @@ struct Conn {
     direct: Option<Direct>,
     /// Payloads received that way.
     directs: u64,
+    /// The TLS session, for `nbds://`.
+    tls: Option<TlsConn>,
 }
+
+/// A connection's TLS session and its ciphertext receive buffer.
+struct TlsConn {
+    session: ClientTls,
+    /// The ciphertext buffer when it is not in the ring.
+    cipher: Option<Vec<u8>>,
+    /// Send close_notify after the next batch (`NBD_CMD_DISC`).
+    closing: bool,
+    /// Recycled ciphertext batch.
+    wire_spare: Option<SendBatch>,
+}
+
+/// Ciphertext received per receive on a TLS connection.
+const TLS_RECV_BUF: usize = 256 * 1024;
 
 /// The rest of one data payload, received into the read's own buffer
 /// instead of the receive buffer (saves a copy of every large read).
@@ -197,6 +222,12 @@ impl Engine {
                 rpos: 0,
                 direct: None,
                 directs: 0,
+                tls: c.tls.map(|session| TlsConn {
+                    session,
+                    cipher: Some(Vec::with_capacity(TLS_RECV_BUF)),
+                    closing: false,
+                    wire_spare: None,
+                }),
             });
         }
         Ok(first..self.conns.len())
@@ -422,14 +453,31 @@ impl Engine {
     }
 
     fn arm(&mut self) -> Result<()> {
-        for c in &mut self.conns {
-            if !c.next.is_empty() && !self.ring.sending(c.sock) {
-                let batch = std::mem::replace(&mut c.next, c.spare.take().unwrap_or_default());
-                std::mem::swap(&mut c.sent_cookies, &mut c.next_cookies);
+        for (ci, c) in self.conns.iter_mut().enumerate() {
+            let tls_wants = c.tls.as_ref().is_some_and(|t| t.session.wants_write());
+            if (!c.next.is_empty() || tls_wants) && !self.ring.sending(c.sock) {
+                let mut batch = std::mem::replace(&mut c.next, c.spare.take().unwrap_or_default());
+                if c.tls.is_some() {
+                    batch = encrypt(c, batch).map_err(|what| Error::Tls {
+                        context: format!("{} (connection {ci})", self.uri),
+                        what,
+                    })?;
+                } else {
+                    std::mem::swap(&mut c.sent_cookies, &mut c.next_cookies);
+                }
                 c.next_cookies.clear();
                 self.ring.send(c.sock, batch).map_err(|e| Error::io(format!("send to {}", self.uri), e))?;
             }
-            if let Some(d) = c.direct.as_mut() {
+            if let Some(t) = c.tls.as_mut() {
+                if !c.pending.is_empty() {
+                    if let Some(mut buf) = t.cipher.take() {
+                        buf.clear();
+                        self.ring
+                            .recv(c.sock, buf)
+                            .map_err(|e| Error::io(format!("receive from {}", self.uri), e))?;
+                    }
+                }
+            } else if let Some(d) = c.direct.as_mut() {
                 if let Some(buf) = d.buf.take() {
                     self.ring
                         .recv_into(c.sock, buf, d.next..d.end)
@@ -464,21 +512,39 @@ impl Engine {
                 }
                 c.sent_cookies = cookies;
                 batch.clear();
-                c.spare = Some(batch);
+                match c.tls.as_mut() {
+                    Some(t) => t.wire_spare = Some(batch),
+                    None => c.spare = Some(batch),
+                }
             }
             RingEvent::Received { sock, buf, result } => {
                 let Some(ci) = self.conns.iter().position(|c| c.sock == sock) else { return Ok(()) };
                 let n = result.map_err(|e| Error::io(format!("receive from {uri} (connection {ci})"), e))?;
+                let closed = |c: &Conn, how: &str| Error::Protocol {
+                    context: format!("{uri} (connection {ci})"),
+                    what: format!("server closed the {how} with {} requests in flight", c.pending.len()),
+                };
                 if n == 0 {
-                    return Err(Error::Protocol {
-                        context: format!("{uri} (connection {ci})"),
-                        what: format!(
-                            "server closed the connection with {} requests in flight",
-                            self.conns[ci].pending.len()
-                        ),
-                    });
+                    return Err(closed(&self.conns[ci], "connection"));
                 }
                 let c = &mut self.conns[ci];
+                if let Some(t) = c.tls.as_mut() {
+                    let mut cipher = buf;
+                    let plain = c.rbuf.get_or_insert_with(Vec::new);
+                    let r = t.session.receive(&cipher, plain);
+                    cipher.clear();
+                    t.cipher = Some(cipher);
+                    let r =
+                        r.map_err(|what| Error::Tls { context: format!("{uri} (connection {ci})"), what })?;
+                    parse(c, ci, out).map_err(|what| Error::Protocol {
+                        context: format!("{uri} (connection {ci})"),
+                        what,
+                    })?;
+                    if r.closed && !c.pending.is_empty() {
+                        return Err(closed(c, "TLS session"));
+                    }
+                    return Ok(());
+                }
                 c.rbuf = Some(buf);
                 parse(c, ci, out)
                     .map_err(|what| Error::Protocol { context: format!("{uri} (connection {ci})"), what })?;
@@ -523,6 +589,10 @@ impl Engine {
             let mut v = Vec::new();
             c.session.encode_request(&mut v, &req).map_err(|e| Error::Invalid(e.to_string()))?;
             c.next.push_head(&v);
+            if let Some(t) = c.tls.as_mut() {
+                // close_notify goes out in the same send, after the DISC.
+                t.closing = true;
+            }
         }
         for _ in 0..1000 {
             self.arm()?;
@@ -545,6 +615,44 @@ impl Engine {
     }
 }
 
+/// Encrypts `batch` (headers and write payloads, in order) into one batch
+/// of TLS records. The write payloads go back to their requests at once:
+/// the records hold copies of them.
+fn encrypt(c: &mut Conn, mut batch: SendBatch) -> std::result::Result<SendBatch, String> {
+    let Some(t) = c.tls.as_mut() else { return Ok(batch) };
+    let mut wire = t.wire_spare.take().unwrap_or_default();
+    wire.clear();
+    {
+        let slices: Vec<std::io::IoSlice<'_>> = batch
+            .pieces
+            .iter()
+            .filter_map(|p| {
+                let buf: &[u8] =
+                    if p.buf == SendBatch::HEAD { &batch.head } else { batch.bufs.get(p.buf as usize)? };
+                buf.get(p.start..p.start.checked_add(p.len)?).map(std::io::IoSlice::new)
+            })
+            .collect();
+        t.session.send(&slices, &mut wire.head)?;
+    }
+    if t.closing {
+        t.closing = false;
+        t.session.close();
+        t.session.flush(&mut wire.head)?;
+    }
+    let len = wire.head.len();
+    if len > 0 {
+        wire.pieces.push(Piece { buf: SendBatch::HEAD, start: 0, len });
+    }
+    for (cookie, buf) in c.next_cookies.drain(..).zip(batch.bufs.drain(..)) {
+        if let Some(p) = c.pending.get_mut(&cookie) {
+            p.buf = Some(buf);
+        }
+    }
+    batch.clear();
+    c.spare = Some(batch);
+    Ok(wire)
+}
+
 /// Parses every complete reply in the connection's receive buffer.
 fn parse(c: &mut Conn, ci: usize, out: &mut Vec<Completion>) -> std::result::Result<(), String> {
     let Some(mut buf) = c.rbuf.take() else { return Ok(()) };
@@ -563,7 +671,9 @@ fn parse(c: &mut Conn, ci: usize, out: &mut Vec<Completion>) -> std::result::Res
         let (reply, used) = match c.session.decode_reply(&buf[pos..], lookup) {
             Ok(Some(r)) => r,
             Ok(None) => {
-                start_direct(c, &buf[pos..]);
+                if c.tls.is_none() {
+                    start_direct(c, &buf[pos..]);
+                }
                 if c.direct.is_some() {
                     pos = buf.len();
                 }

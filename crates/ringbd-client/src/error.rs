@@ -16,6 +16,8 @@ pub enum Error {
     Handshake { context: String, source: nbd_proto::client::ClientHandshakeError },
     /// The server broke the protocol; the connection is unusable.
     Protocol { context: String, what: String },
+    /// TLS failed: credentials, the TLS handshake, a certificate, a record.
+    Tls { context: String, what: String },
     /// The server answered a request with an error.
     Request { cmd: CmdType, offset: u64, len: u64, errno: u32, message: String },
     /// A request the client refuses to send (bad range, missing feature).
@@ -43,6 +45,7 @@ impl fmt::Display for Error {
             Error::Io { context, source } => write!(f, "{context}: {source}"),
             Error::Handshake { context, source } => write!(f, "{context}: {source}"),
             Error::Protocol { context, what } => write!(f, "{context}: {what}"),
+            Error::Tls { context, what } => write!(f, "{context}: TLS: {what}"),
             Error::Request { cmd, offset, len, errno, message } => {
                 write!(f, "{cmd} of {len} bytes at {offset:#x}: {}", errno_name(*errno))?;
                 if !message.is_empty() {

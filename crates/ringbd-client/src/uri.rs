@@ -1,6 +1,10 @@
-//! NBD URIs as doc/uri.md defines them: `nbd://host[:port]/export` and
-//! `nbd+unix:///export?socket=PATH`. The TLS schemes are recognized and
-//! refused until TLS lands.
+//! NBD URIs as doc/uri.md defines them: `nbd://host[:port]/export`,
+//! `nbd+unix:///export?socket=PATH`, and their TLS forms `nbds://` and
+//! `nbds+unix://` with libnbd's query parameters: `tls-certificates=DIR`,
+//! `tls-verify-peer=false`, `tls-hostname=NAME`, `tls-username=NAME`
+//! (PSK only, ignored with X.509) and `tls-psk-file=FILE` (kept, refused
+//! when connecting: PSK is not supported yet). As in libnbd, `tls-*`
+//! parameters on `nbd://` URIs are ignored: only the scheme turns TLS on.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -21,6 +25,42 @@ pub struct NbdUri {
     pub address: Address,
     /// The export name (the path without its leading `/`, percent-decoded).
     pub export: String,
+    /// `nbds://` or `nbds+unix://`: TLS is required (libnbd's
+    /// `LIBNBD_TLS_REQUIRE`), with these settings.
+    pub tls: Option<TlsParams>,
+}
+
+/// The TLS settings of an `nbds://` URI (libnbd's query parameters).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsParams {
+    /// `tls-certificates=DIR`: `ca-cert.pem`, and `client-cert.pem` with
+    /// `client-key.pem` if present. Without it, libnbd's default
+    /// directories, then the system's CA bundle.
+    pub certificates: Option<PathBuf>,
+    /// `tls-verify-peer` (default true): check the server's certificate.
+    pub verify_peer: bool,
+    /// `tls-hostname=NAME`: the name to send (SNI) and check, instead of
+    /// the URI's host (Unix sockets have none).
+    pub hostname: Option<String>,
+    /// `tls-username=NAME` or the URI's userinfo: the PSK identity.
+    pub username: Option<String>,
+    /// `tls-psk-file=FILE`: PSK instead of X.509 (not supported yet).
+    pub psk_file: Option<PathBuf>,
+}
+
+impl Default for TlsParams {
+    fn default() -> Self {
+        TlsParams { certificates: None, verify_peer: true, hostname: None, username: None, psk_file: None }
+    }
+}
+
+/// libnbd's booleans in URI parameters.
+fn parse_bool(k: &str, v: &str) -> Result<bool, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "1" | "true" | "on" | "yes" => Ok(true),
+        "0" | "false" | "off" | "no" => Ok(false),
+        _ => Err(format!("{k}={v:?} is not a boolean (true/false, on/off, yes/no, 1/0)")),
+    }
 }
 
 /// What is wrong with a URI.
@@ -41,13 +81,39 @@ impl std::error::Error for UriError {}
 impl fmt::Display for NbdUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let export = encode(&self.export, false);
+        let s = if self.tls.is_some() { "s" } else { "" };
+        let mut query = Vec::new();
         match &self.address {
-            Address::Tcp { host, port } if host.contains(':') => write!(f, "nbd://[{host}]:{port}/{export}"),
-            Address::Tcp { host, port } => write!(f, "nbd://{host}:{port}/{export}"),
+            Address::Tcp { host, port } if host.contains(':') => {
+                write!(f, "nbd{s}://[{host}]:{port}/{export}")?
+            }
+            Address::Tcp { host, port } => write!(f, "nbd{s}://{host}:{port}/{export}")?,
             Address::Unix(p) => {
-                write!(f, "nbd+unix:///{export}?socket={}", encode(&p.to_string_lossy(), true))
+                write!(f, "nbd{s}+unix:///{export}")?;
+                query.push(format!("socket={}", encode(&p.to_string_lossy(), true)));
             }
         }
+        if let Some(t) = &self.tls {
+            if let Some(d) = &t.certificates {
+                query.push(format!("tls-certificates={}", encode(&d.to_string_lossy(), true)));
+            }
+            if !t.verify_peer {
+                query.push("tls-verify-peer=false".into());
+            }
+            if let Some(h) = &t.hostname {
+                query.push(format!("tls-hostname={}", encode(h, true)));
+            }
+            if let Some(u) = &t.username {
+                query.push(format!("tls-username={}", encode(u, true)));
+            }
+            if let Some(p) = &t.psk_file {
+                query.push(format!("tls-psk-file={}", encode(&p.to_string_lossy(), true)));
+            }
+        }
+        if !query.is_empty() {
+            write!(f, "?{}", query.join("&"))?;
+        }
+        Ok(())
     }
 }
 
@@ -105,14 +171,17 @@ impl std::str::FromStr for NbdUri {
 fn parse(uri: &str) -> Result<NbdUri, String> {
     let (scheme, rest) = uri.split_once("://").ok_or("no scheme (expected nbd:// or nbd+unix://)")?;
     let scheme = scheme.to_ascii_lowercase();
-    match scheme.as_str() {
-        "nbd" | "nbd+unix" => {}
-        "nbds" | "nbds+unix" => {
-            return Err(format!("{scheme}:// needs TLS, which ringbd does not support yet"))
-        }
+    let tls = match scheme.as_str() {
+        "nbd" | "nbd+unix" => false,
+        "nbds" | "nbds+unix" => true,
         "nbd+vsock" | "nbds+vsock" => return Err(format!("{scheme}:// (AF_VSOCK) is not supported")),
-        other => return Err(format!("unknown scheme {other:?} (expected nbd:// or nbd+unix://)")),
-    }
+        other => {
+            return Err(format!(
+                "unknown scheme {other:?} (expected nbd://, nbds://, nbd+unix:// or nbds+unix://)"
+            ))
+        }
+    };
+    let unix = scheme.ends_with("+unix");
     if rest.contains('#') {
         return Err("fragments (#...) are not allowed".into());
     }
@@ -129,36 +198,52 @@ fn parse(uri: &str) -> Result<NbdUri, String> {
         return Err("the export name contains NUL".into());
     }
     let mut socket = None;
+    let mut t = TlsParams::default();
     for param in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = param.split_once('=').unwrap_or((param, ""));
-        match k {
-            "socket" => socket = Some(decode(v, "socket parameter")?),
-            k if k.starts_with("tls-") => {
-                return Err(format!("query parameter {k:?} needs TLS, which ringbd does not support yet"))
+        let value = |what: &str| decode(v, &format!("{what} parameter"));
+        let path = |what: &str| -> Result<PathBuf, String> {
+            match value(what)? {
+                p if p.is_empty() => Err(format!("the {what} parameter is empty")),
+                p => Ok(PathBuf::from(p)),
             }
+        };
+        match k {
+            "socket" => socket = Some(value("socket")?),
+            "tls-certificates" => t.certificates = Some(path("tls-certificates")?),
+            "tls-verify-peer" => t.verify_peer = parse_bool(k, &value(k)?)?,
+            "tls-hostname" => t.hostname = Some(value(k)?).filter(|h| !h.is_empty()),
+            "tls-username" => t.username = Some(value(k)?),
+            "tls-psk-file" => t.psk_file = Some(path("tls-psk-file")?),
             // Unknown parameters are ignored, as doc/uri.md allows.
             _ => {}
         }
     }
-    // Userinfo is only for TLS authentication.
+    // Userinfo is the TLS username (PSK identity), as in libnbd.
     let authority = match authority.rsplit_once('@') {
-        Some((_, a)) => a,
+        Some((user, a)) => {
+            if tls && t.username.is_none() && !user.is_empty() {
+                t.username = Some(decode(user, "user name")?);
+            }
+            a
+        }
         None => authority,
     };
-    if scheme == "nbd+unix" {
+    let tls = tls.then_some(t);
+    if unix {
         if !authority.is_empty() {
             return Err(format!(
-                "nbd+unix:// takes no host (got {authority:?}); write nbd+unix:///export?socket=PATH"
+                "{scheme}:// takes no host (got {authority:?}); write {scheme}:///export?socket=PATH"
             ));
         }
-        let path = socket.ok_or("nbd+unix:// needs ?socket=PATH")?;
+        let path = socket.ok_or(format!("{scheme}:// needs ?socket=PATH"))?;
         if path.is_empty() {
             return Err("the socket parameter is empty".into());
         }
-        return Ok(NbdUri { address: Address::Unix(PathBuf::from(path)), export });
+        return Ok(NbdUri { address: Address::Unix(PathBuf::from(path)), export, tls });
     }
     if socket.is_some() {
-        return Err("?socket= is only for nbd+unix://".into());
+        return Err("?socket= is only for nbd+unix:// and nbds+unix://".into());
     }
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
         let (h, after) = v6.split_once(']').ok_or("unterminated [IPv6] host")?;
@@ -196,7 +281,7 @@ fn parse(uri: &str) -> Result<NbdUri, String> {
             Ok(n) => n,
         },
     };
-    Ok(NbdUri { address: Address::Tcp { host, port }, export })
+    Ok(NbdUri { address: Address::Tcp { host, port }, export, tls })
 }
 
 #[cfg(test)]
@@ -249,8 +334,54 @@ mod tests {
     }
 
     #[test]
+    fn tls_schemes_and_parameters() {
+        let u = ok("nbds://127.0.0.1/disk");
+        assert_eq!((u.address, u.export.as_str()), (tcp("127.0.0.1", 10809), "disk"));
+        assert_eq!(u.tls, Some(TlsParams::default()));
+        assert!(u.tls.is_some_and(|t| t.verify_peer), "verification is on by default");
+        let u = ok("NBDS+UNIX://alice@/e?socket=/run/s&tls-certificates=/etc/pki/a%20b&tls-verify-peer=false&tls-hostname=nbd.example.com");
+        assert_eq!(u.address, Address::Unix("/run/s".into()));
+        assert_eq!(
+            u.tls,
+            Some(TlsParams {
+                certificates: Some("/etc/pki/a b".into()),
+                verify_peer: false,
+                hostname: Some("nbd.example.com".into()),
+                username: Some("alice".into()),
+                psk_file: None,
+            })
+        );
+        let t = ok("nbds://u@h/?tls-username=bob&tls-psk-file=keys.psk&tls-verify-peer=ON").tls.unwrap();
+        assert_eq!((t.username.as_deref(), t.verify_peer), (Some("bob"), true));
+        assert_eq!(t.psk_file, Some("keys.psk".into()), "kept; refused when connecting");
+        for v in ["1", "true", "yes", "on"] {
+            assert!(ok(&format!("nbds://h/?tls-verify-peer={v}")).tls.unwrap().verify_peer);
+        }
+        for v in ["0", "False", "no", "off"] {
+            assert!(!ok(&format!("nbds://h/?tls-verify-peer={v}")).tls.unwrap().verify_peer);
+        }
+        // As in libnbd, only the scheme turns TLS on.
+        assert_eq!(ok("nbd://h/?tls-certificates=/x").tls, None);
+        assert!(err("nbds://h/?tls-verify-peer=maybe").contains("not a boolean"));
+        assert!(err("nbds://h/?tls-certificates=").contains("empty"));
+        assert!(err("nbds+unix:///").contains("nbds+unix:// needs ?socket="));
+        assert!(err("nbds+unix://h/?socket=s").contains("no host"));
+        assert!(err("nbds://h/?socket=s").contains("only for nbd+unix"));
+        assert!(err("nbds+vsock://2/").contains("AF_VSOCK"));
+        assert!(err("nbds://%zz@h/").contains("percent"), "the user name is decoded with TLS");
+        assert_eq!(ok("nbd://%zz@h/").tls, None, "and ignored without");
+    }
+
+    #[test]
     fn display_round_trips() {
-        for s in ["nbd://h:1/a%20b", "nbd://[::1]:10809/", "nbd+unix:///x?socket=/tmp/s%20s"] {
+        for s in [
+            "nbd://h:1/a%20b",
+            "nbd://[::1]:10809/",
+            "nbd+unix:///x?socket=/tmp/s%20s",
+            "nbds://[::1]:10809/",
+            "nbds://h:2/d?tls-certificates=/a%20b&tls-verify-peer=false&tls-hostname=n&tls-username=u&tls-psk-file=/k",
+            "nbds+unix:///x?socket=/s&tls-hostname=localhost",
+        ] {
             let u = ok(s);
             assert_eq!(ok(&u.to_string()), u, "{s}");
         }
@@ -258,9 +389,6 @@ mod tests {
 
     #[test]
     fn bad_uris_say_what_is_wrong() {
-        assert!(err("nbds://host/").contains("TLS"));
-        assert!(err("nbds+unix:///?socket=x").contains("TLS"));
-        assert!(err("nbd://host/?tls-type=psk").contains("TLS"));
         assert!(err("http://host/").contains("unknown scheme"));
         assert!(err("/dev/sda").contains("no scheme"));
         assert!(err("nbd://host:0/").contains("bad port"));

@@ -1,6 +1,6 @@
-//! `nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`: an NBD
-//! export, one connection per queue (multi-conn), driven from the queue's
-//! own ring.
+//! `nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH` (and with
+//! TLS, `nbds://`, `nbds+unix://`): an NBD export, one connection per queue
+//! (multi-conn), driven from the queue's own ring.
 //!
 //! Each connection is opened and negotiated with the client library's
 //! blocking handshake (`ringbd_client::connect`, simple replies), then its
@@ -10,6 +10,14 @@
 //! from its tag's buffer). One reply header at a time is received into the
 //! ring's header area and decoded by `nbd_proto`'s client session; a read's
 //! payload is received straight into its tag's buffer.
+//!
+//! `nbds://` (TLS): the connection's rustls session lives in the queue's
+//! handler and runs on the queue's ring. The requests queued in a loop turn
+//! (headers, and write payloads read from the tags' buffers) go through
+//! rustls in one vectored write and leave as one send of records; whatever
+//! ciphertext arrives (into the ring's stream area) is decrypted, and the
+//! complete replies in the plaintext are parsed, read data copied into the
+//! tags' buffers. A reconnect does STARTTLS and the TLS handshake again.
 //!
 //! A dropped connection (end of file, a send or receive error, a reply the
 //! decoder refuses, `ESHUTDOWN`) is shut down; once its operations have
@@ -26,7 +34,7 @@ use std::time::Duration;
 
 use nbd_proto::client::{ClientConfig, ClientNegotiated, ClientRequest, ClientSession, ReplyChunk};
 use nbd_proto::wire::{cmd_flags, tx_flags, CmdType};
-use ringbd_client::{Connected, NbdUri};
+use ringbd_client::{ClientTls, Connected, NbdUri};
 use ringbd_io::ublk::{FileSlot, QueueRing, SendPart, SEND_BATCH_MAX};
 
 use crate::error::{Error, Result};
@@ -49,6 +57,7 @@ pub const RECONNECT_DELAYS: [Duration; 5] = [
 const K_SEND: u32 = 1;
 const K_HEADER: u32 = 2;
 const K_PAYLOAD: u32 = 3;
+const K_STREAM: u32 = 4;
 
 /// Simple replies: a read's payload then follows its 16-byte header
 /// directly, so it can be received into the request's own buffer.
@@ -144,6 +153,7 @@ impl Target for NbdTarget {
             parts: Vec::with_capacity(SEND_BATCH_MAX),
             last_loss: String::new(),
             unanswered: 0,
+            tls: c.tls.map(QueueTls::new),
         };
         Ok(QueueSetup { handler: Box::new(handler), files: vec![fd] })
     }
@@ -200,6 +210,23 @@ enum Recv {
     Header { got: usize },
     /// A read's payload is being received into its tag's buffer.
     Payload { tag: u16, off: u32, len: u32, got: u32 },
+    /// TLS: ciphertext is being received into the ring's stream area.
+    Stream,
+}
+
+/// The TLS session of a queue's connection (`nbds://`).
+struct QueueTls {
+    session: ClientTls,
+    /// Decrypted reply bytes not parsed yet.
+    plain: Vec<u8>,
+    /// The records of the next send (swapped with the ring's send area).
+    wire: Vec<u8>,
+}
+
+impl QueueTls {
+    fn new(session: ClientTls) -> Self {
+        QueueTls { session, plain: Vec::with_capacity(64 * 1024), wire: Vec::new() }
+    }
 }
 
 struct NbdQueue {
@@ -225,6 +252,8 @@ struct NbdQueue {
     last_loss: String,
     /// Requests on the wire when it was lost (sent again after reconnecting).
     unanswered: usize,
+    /// The TLS session, for `nbds://`.
+    tls: Option<QueueTls>,
 }
 
 /// The NBD command for a request, with the tag as its cookie.
@@ -397,8 +426,149 @@ impl NbdQueue {
             return;
         }
         self.send_len = total;
+        if self.tls.is_some() {
+            return self.send_tls(ring);
+        }
         if let Err(e) = ring.send_requests(SLOT, &self.headers, &self.parts, K_SEND) {
             self.lost(format!("queueing a send of {} requests: {e}", self.parts.len()));
+        }
+    }
+
+    /// TLS: encrypts the batch in `headers`/`parts` (payloads from the
+    /// tags' buffers; copied into the records, so the tags are free again
+    /// at once) and sends the records, with anything else the session has
+    /// to send, as one send.
+    fn send_tls(&mut self, ring: &mut QueueRing) {
+        let Some(t) = self.tls.as_mut() else { return };
+        let mut slices = Vec::with_capacity(self.parts.len() * 2);
+        let mut off = 0;
+        let mut bad = None;
+        for p in &self.parts {
+            slices.push(io::IoSlice::new(&self.headers[off..off + p.header_len]));
+            off += p.header_len;
+            if p.payload > 0 {
+                match ring.buf(p.tag).and_then(|b| b.get(..p.payload as usize)) {
+                    Some(b) => slices.push(io::IoSlice::new(b)),
+                    None => bad = Some(p.tag),
+                }
+            }
+        }
+        let r = match bad {
+            Some(tag) => Err(format!("tag {tag}: its buffer is not ours to send")),
+            None => t.session.send(&slices, &mut t.wire),
+        };
+        drop(slices);
+        if let Err(e) = r {
+            return self.lost(format!("TLS: encrypting {} requests: {e}", self.parts.len()));
+        }
+        self.flush_tls(ring);
+    }
+
+    /// TLS: sends the records built so far (and whatever else the session
+    /// wants to send), if no send is in flight.
+    fn flush_tls(&mut self, ring: &mut QueueRing) {
+        let Some(t) = self.tls.as_mut() else { return };
+        if ring.sending() {
+            return;
+        }
+        if let Err(e) = t.session.flush(&mut t.wire) {
+            return self.lost(format!("TLS: {e}"));
+        }
+        if t.wire.is_empty() {
+            return;
+        }
+        self.send_len = t.wire.len() as u64;
+        if let Err(e) = ring.send_owned(SLOT, &mut t.wire, K_SEND) {
+            self.lost(format!("queueing a send of {} bytes of TLS records: {e}", self.send_len));
+        }
+    }
+
+    fn post_stream(&mut self, ring: &mut QueueRing) {
+        match ring.recv_stream(SLOT, K_STREAM) {
+            Ok(()) => self.recv = Recv::Stream,
+            Err(e) => self.lost(format!("queueing a receive: {e}")),
+        }
+    }
+
+    /// TLS: `n` bytes of ciphertext arrived in the ring's stream area:
+    /// decrypt them and complete every reply that is whole.
+    fn on_stream(&mut self, ring: &mut QueueRing, n: usize) {
+        let Some(t) = self.tls.as_mut() else { return self.lost("stream receive without TLS".into()) };
+        let r = match ring.stream().and_then(|s| s.get(..n)) {
+            Some(data) => t.session.receive(data, &mut t.plain),
+            None => return self.lost(format!("{n} bytes received but the stream area is busy")),
+        };
+        let closed = match r {
+            Ok(r) => r.closed,
+            Err(e) => return self.lost(format!("TLS: {e}")),
+        };
+        let plain = std::mem::take(&mut t.plain);
+        let (res, pos) = self.replies(ring, &plain);
+        let mut plain = plain;
+        plain.drain(..pos);
+        if let Some(t) = self.tls.as_mut() {
+            t.plain = plain;
+        }
+        match res {
+            Err(e) => self.lost(e),
+            Ok(()) if closed => self.lost("the server closed the TLS session".into()),
+            Ok(()) => {
+                // rustls may have something to answer (a key update).
+                self.flush_tls(ring);
+                if self.state == State::Up {
+                    self.post_stream(ring);
+                }
+            }
+        }
+    }
+
+    /// Completes every whole reply at the front of `plain`; returns the
+    /// bytes used, and why the connection is unusable if it is.
+    fn replies(&mut self, ring: &mut QueueRing, plain: &[u8]) -> (std::result::Result<(), String>, usize) {
+        let mut pos = 0;
+        loop {
+            let (cookie, chunk, used) = match self.session.decode_reply(&plain[pos..], |c| self.lookup(c)) {
+                Ok(Some((r, used))) => (r.cookie, r.chunk, used),
+                Ok(None) => return (Ok(()), pos),
+                Err(e) => return (Err(e.to_string()), pos),
+            };
+            pos += used;
+            let Ok(tag) = u16::try_from(cookie) else {
+                return (Err(format!("reply cookie {cookie:#x}")), pos);
+            };
+            let Some(Slot::Sent(req)) = self.slots.get(usize::from(tag)).copied() else {
+                return (Err(format!("reply for tag {tag}, which is not in flight")), pos);
+            };
+            match chunk {
+                ReplyChunk::Ok => {
+                    let n = if matches!(req.op, Op::Read | Op::Write) { req.len } else { 0 };
+                    self.complete(tag, Step::Done(n));
+                }
+                ReplyChunk::Data { offset, data } => {
+                    // The decoder checked that the data lies inside the read.
+                    let at = offset.saturating_sub(req.offset) as usize;
+                    match ring.buf_mut(tag).and_then(|b| b.get_mut(at..at + data.len())) {
+                        Some(dst) => dst.copy_from_slice(data),
+                        None => {
+                            return (
+                                Err(format!("tag {tag}: no room for {} bytes of read data", data.len())),
+                                pos,
+                            )
+                        }
+                    }
+                    self.complete(tag, Step::Done(req.len));
+                }
+                ReplyChunk::Error { errno: 108, .. } => {
+                    let what =
+                        format!("tag {tag}: {}: the server is shutting down (ESHUTDOWN)", req.describe());
+                    return (Err(what), pos);
+                }
+                ReplyChunk::Error { errno, .. } => {
+                    let step = self.fail(tag, &req, nbd_errno(errno), "");
+                    self.complete(tag, step);
+                }
+                other => return (Err(format!("tag {tag}: unexpected reply {other:?}")), pos),
+            }
         }
     }
 
@@ -425,6 +595,7 @@ impl NbdQueue {
                     );
                     self.sock = c.fd;
                     self.session = ClientSession::new(c.negotiated);
+                    self.tls = c.tls.map(QueueTls::new);
                     self.state = State::Up;
                     self.recv = Recv::Idle;
                     return;
@@ -544,6 +715,20 @@ impl QueueHandler for NbdQueue {
                     Err(e) => self.lost(format!("receiving a reply header: {e}")),
                 }
             }
+            K_STREAM => {
+                if self.recv != Recv::Stream {
+                    return;
+                }
+                self.recv = Recv::Idle;
+                if self.state != State::Up {
+                    return;
+                }
+                match result {
+                    Ok(0) => self.lost("server closed the connection".into()),
+                    Ok(n) => self.on_stream(ring, n as usize),
+                    Err(e) => self.lost(format!("receiving: {e}")),
+                }
+            }
             c => self.lost(format!("unknown connection completion {c}")),
         }
     }
@@ -559,9 +744,16 @@ impl QueueHandler for NbdQueue {
             }
             if self.state == State::Up {
                 if self.recv == Recv::Idle && !ring.receiving() {
-                    self.post_header(ring, 0);
+                    if self.tls.is_some() {
+                        self.post_stream(ring);
+                    } else {
+                        self.post_header(ring, 0);
+                    }
                 }
                 self.send_queued(ring);
+                if self.tls.is_some() {
+                    self.flush_tls(ring);
+                }
             }
             if self.state == State::Dead {
                 self.fail_queued();

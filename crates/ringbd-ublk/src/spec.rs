@@ -1,5 +1,6 @@
 //! Target specs on the command line: `null:SIZE`, `file:PATH[,direct]`,
-//! `nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`.
+//! `nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`, and their
+//! TLS forms `nbds://` and `nbds+unix://` (`?tls-certificates=DIR` ...).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -87,6 +88,11 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!("nbd://localhost:10809/x".parse::<TargetSpec>(), Ok(TargetSpec::Nbd(_))));
-        assert!("nbds://localhost/x".parse::<TargetSpec>().unwrap_err().contains("TLS"));
+        match "nbds+unix:///x?socket=/s&tls-certificates=/etc/pki/nbd".parse::<TargetSpec>() {
+            Ok(TargetSpec::Nbd(u)) => {
+                assert_eq!(u.tls.and_then(|t| t.certificates), Some(PathBuf::from("/etc/pki/nbd")))
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

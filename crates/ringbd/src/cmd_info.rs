@@ -57,6 +57,7 @@ fn info(a: &InfoArgs) -> Result<String, ringbd_client::Error> {
         vec![(a.uri.export.clone(), None)]
     };
     let mut details = Vec::new();
+    let mut tls = a.uri.tls.is_some();
     for (name, desc) in names {
         let mut uri = a.uri.clone();
         uri.export = name;
@@ -65,12 +66,14 @@ fn info(a: &InfoArgs) -> Result<String, ringbd_client::Error> {
         cfg.base_allocation = false;
         let c = ringbd_client::connect(&uri, cfg)?;
         drop(c.fd);
+        tls = c.tls.is_some();
         details.push((uri, desc, c.negotiated));
     }
+    let with = if tls { "with" } else { "without" };
     let mut o = String::new();
     if a.json {
         let proto = details.first().map(|d| protocol(&d.2)).unwrap_or("newstyle-fixed");
-        let _ = write!(o, "{{\n\"protocol\": \"{proto}\",\n\"TLS\": false,\n\"exports\": [\n");
+        let _ = write!(o, "{{\n\"protocol\": \"{proto}\",\n\"TLS\": {tls},\n\"exports\": [\n");
         for (i, (uri, desc, n)) in details.iter().enumerate() {
             if i > 0 {
                 o.push_str(",\n");
@@ -80,7 +83,7 @@ fn info(a: &InfoArgs) -> Result<String, ringbd_client::Error> {
         o.push_str("\n]\n}\n");
     } else {
         if let Some(d) = details.first() {
-            let _ = writeln!(o, "protocol: {} without TLS, using {}", protocol(&d.2), packets(&d.2));
+            let _ = writeln!(o, "protocol: {} {with} TLS, using {}", protocol(&d.2), packets(&d.2));
         }
         for (uri, desc, n) in &details {
             o.push_str(&export_text(uri, desc.as_deref(), n));

@@ -94,11 +94,17 @@ struct SendArea {
     busy: bool,
 }
 
-/// Where a reply header is received; one receive at a time.
+/// Where a reply header, or a stream of bytes, is received; one receive
+/// at a time.
 struct RecvArea {
     buf: Box<[u8; RECV_HEADER_MAX]>,
+    /// For [`QueueRing::recv_stream`] (TLS records); allocated on first use.
+    stream: Vec<u8>,
     busy: bool,
 }
+
+/// Bytes of the stream receive area.
+pub const RECV_STREAM_MAX: usize = 256 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TagState {
@@ -287,7 +293,7 @@ impl QueueRing {
             tags: vec![TagState::Idle; usize::from(cfg.depth)],
             inflight: 0,
             send,
-            recv: RecvArea { buf: Box::new([0; RECV_HEADER_MAX]), busy: false },
+            recv: RecvArea { buf: Box::new([0; RECV_HEADER_MAX]), stream: Vec::new(), busy: false },
             fixed_ops: 0,
         })
     }
@@ -620,6 +626,70 @@ impl QueueRing {
         self.push(e.into())
     }
 
+    /// Sends all of `data` on the socket in `sock` as one send (TLS records
+    /// the caller built): `data` is swapped with the ring's send area, so
+    /// the caller gets back an empty buffer to fill next time and nothing
+    /// is copied. Completes as [`Event::ConnOp`] with `cookie`; the result
+    /// is the bytes sent (all of them unless the connection failed).
+    pub fn send_owned(&mut self, sock: FileSlot, data: &mut Vec<u8>, cookie: u32) -> io::Result<()> {
+        let (dev, q) = (self.cfg.dev_id, self.cfg.q_id);
+        if self.send.busy || data.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "ublk device {dev} queue {q}: send of {} bytes (busy: {})",
+                    data.len(),
+                    self.send.busy
+                ),
+            ));
+        }
+        let area = &mut self.send;
+        std::mem::swap(&mut area.headers, data);
+        data.clear();
+        area.iov.clear();
+        area.tags.clear();
+        area.iov.push(libc::iovec {
+            iov_base: area.headers.as_ptr() as *mut libc::c_void,
+            iov_len: area.headers.len(),
+        });
+        area.msg.msg_iov = area.iov.as_mut_ptr();
+        area.msg.msg_iovlen = area.iov.len() as _;
+        area.busy = true;
+        let e = opcode::SendMsg::new(types::Fixed(sock.0), &*area.msg as *const libc::msghdr)
+            .flags((libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32)
+            .build()
+            .user_data(OP_BIT | CONN_SEND | (u64::from(cookie) << 16) | NO_TAG);
+        self.push(e.into())
+    }
+
+    /// Receives whatever arrives (up to [`RECV_STREAM_MAX`] bytes) from the
+    /// socket in `sock` into the ring's stream area. Completes as
+    /// [`Event::ConnOp`] with `cookie` and the byte count; the bytes are
+    /// then at the front of [`QueueRing::stream`].
+    pub fn recv_stream(&mut self, sock: FileSlot, cookie: u32) -> io::Result<()> {
+        let (dev, q) = (self.cfg.dev_id, self.cfg.q_id);
+        if self.recv.busy {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("ublk device {dev} queue {q}: stream receive while a receive is in flight"),
+            ));
+        }
+        if self.recv.stream.len() != RECV_STREAM_MAX {
+            self.recv.stream = vec![0; RECV_STREAM_MAX];
+        }
+        let p = self.recv.stream.as_mut_ptr();
+        self.recv.busy = true;
+        let e = opcode::Recv::new(types::Fixed(sock.0), p, RECV_STREAM_MAX as u32)
+            .build()
+            .user_data(OP_BIT | CONN_RECV | (u64::from(cookie) << 16) | NO_TAG);
+        self.push(e.into())
+    }
+
+    /// The stream area, while no receive into it is in flight.
+    pub fn stream(&self) -> Option<&[u8]> {
+        (!self.recv.busy).then_some(&self.recv.stream[..])
+    }
+
     /// Receives into `range` of the ring's header area from the socket in
     /// `sock` (`MSG_WAITALL`: all of it unless the connection ends).
     /// Completes as [`Event::ConnOp`] with `cookie`; the bytes are then in
@@ -774,6 +844,8 @@ impl Drop for QueueRing {
             std::mem::forget(msg);
             let recv = std::mem::replace(&mut self.recv.buf, Box::new([0; RECV_HEADER_MAX]));
             std::mem::forget(recv);
+            let stream = std::mem::take(&mut self.recv.stream);
+            std::mem::forget(stream);
             return;
         }
         // SAFETY: nothing is in flight, so the kernel holds no pointer into

@@ -1,0 +1,356 @@
+//! `nbds+unix://` through the engine against ringbd's threaded server with
+//! STARTTLS: pipelined writes and reads inside TLS, a client certificate,
+//! a server certificate from another CA refused, a server without TLS
+//! refused (never plaintext), and `tls-psk-file` refused with a reason.
+//! Certificates come from openssl at test time (skipped, with a printed
+//! reason, where openssl is missing).
+
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::thread;
+
+use nbd_proto::TlsMode;
+use ringbd_backend::memory::MemoryBackend;
+use ringbd_client::{ClientConfig, Cmd, Engine, NbdUri};
+use ringbd_server::engine_threads;
+use ringbd_server::exports::{Export, Exports};
+use ringbd_server::listener::Stream;
+use ringbd_server::tls::{TlsOptions, TlsServer};
+
+const SIZE: u64 = 4 << 20;
+
+fn openssl(dir: &Path, args: &[&str]) -> bool {
+    Command::new("openssl").args(args).current_dir(dir).output().is_ok_and(|o| o.status.success())
+}
+
+/// A CA with a server certificate (localhost) and a client certificate in
+/// `dir`, the file names the server and the client both read.
+fn pki(dir: &Path, ca: &str) -> bool {
+    let key = |n: &str| {
+        openssl(dir, &["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", n])
+    };
+    let leaf = |name: &str, ext: &str| {
+        std::fs::write(dir.join(format!("{name}.ext")), ext).is_ok()
+            && key(&format!("{name}-key.pem"))
+            && openssl(
+                dir,
+                &[
+                    "req",
+                    "-new",
+                    "-key",
+                    &format!("{name}-key.pem"),
+                    "-out",
+                    &format!("{name}.csr"),
+                    "-subj",
+                    &format!("/CN={name}"),
+                ],
+            )
+            && openssl(
+                dir,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &format!("{name}.csr"),
+                    "-CA",
+                    "ca-cert.pem",
+                    "-CAkey",
+                    "ca-key.pem",
+                    "-CAcreateserial",
+                    "-out",
+                    &format!("{name}-cert.pem"),
+                    "-days",
+                    "2",
+                    "-extfile",
+                    &format!("{name}.ext"),
+                ],
+            )
+    };
+    std::fs::create_dir_all(dir).is_ok()
+        && key("ca-key.pem")
+        && openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-new",
+                "-key",
+                "ca-key.pem",
+                "-out",
+                "ca-cert.pem",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN={ca}"),
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign",
+            ],
+        )
+        && leaf("server", "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n")
+        && leaf("client", "extendedKeyUsage=clientAuth\n")
+}
+
+struct Dir(PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.0).ok();
+    }
+}
+
+/// Two certificate directories signed by different CAs; `None` without openssl.
+fn pkis(tag: &str) -> Option<(Dir, PathBuf, PathBuf)> {
+    let root = std::env::temp_dir().join(format!("ringbd-client-tls-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let guard = Dir(root.clone());
+    let (a, b) = (root.join("a"), root.join("b"));
+    if !pki(&a, "ca-a") || !pki(&b, "ca-b") {
+        eprintln!("skipped: openssl could not make test certificates");
+        return None;
+    }
+    Some((guard, a, b))
+}
+
+/// A threaded ringbd server on a Unix socket in `dir`.
+fn server(dir: &Path, certs: Option<&Path>, verify_peer: bool) -> PathBuf {
+    let path = dir.join(format!("nbd-{}.sock", certs.is_some() as u8 + 2 * verify_peer as u8));
+    let listener = UnixListener::bind(&path).unwrap();
+    let mut exports = Exports::default();
+    exports.add(Export::new("", Arc::new(MemoryBackend::new(SIZE)), false)).unwrap();
+    if let Some(c) = certs {
+        let opts = TlsOptions {
+            mode: TlsMode::Require,
+            certificates: Some(c.to_owned()),
+            verify_peer,
+            ..TlsOptions::default()
+        };
+        exports.set_tls(TlsServer::load(&opts).unwrap());
+    }
+    let exports = Arc::new(exports);
+    thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(s) = s else { return };
+            let ex = exports.clone();
+            thread::spawn(move || engine_threads::serve(Stream::Unix(s), ex));
+        }
+    });
+    path
+}
+
+fn uri(sock: &Path, query: &str) -> NbdUri {
+    format!("nbds+unix:///?socket={}&{query}", sock.display()).parse().unwrap()
+}
+
+fn pattern(offset: u64, len: usize) -> Vec<u8> {
+    (0..len).map(|i| ((offset + i as u64) * 13 % 251) as u8).collect()
+}
+
+#[test]
+fn pipelined_io_inside_tls_with_a_client_certificate() {
+    let Some((_g, a, _b)) = pkis("io") else { return };
+    let sock = server(&a, Some(&a), true);
+    let u = uri(&sock, &format!("tls-certificates={}", a.display()));
+    let mut e = Engine::connect(&u, &ClientConfig::new(""), 2).unwrap();
+    assert_eq!(e.size(), SIZE);
+    assert!(e.negotiated().unwrap().extended, "negotiated again inside TLS");
+    // 48 writes of 20 KiB (not a record multiple) in flight at once, then
+    // reads of them in reverse, and a 1 MiB read across data and a hole.
+    let bs = 20 * 1024u64;
+    for i in 0..48u64 {
+        e.submit(e.least_busy(), i, Cmd::write(i * bs, bs), pattern(i * bs, bs as usize)).unwrap();
+    }
+    let mut done = Vec::new();
+    while done.len() < 48 {
+        e.poll(&mut done, true).unwrap();
+    }
+    assert!(done.iter().all(|c| c.result.is_ok() && c.buf.len() as u64 == bs), "payloads come back");
+    done.clear();
+    for i in (0..48u64).rev() {
+        e.submit((i % 2) as usize, i, Cmd::read(i * bs, bs), Vec::new()).unwrap();
+    }
+    while done.len() < 48 {
+        e.poll(&mut done, true).unwrap();
+    }
+    for c in &done {
+        c.result.as_ref().unwrap();
+        assert!(c.buf == pattern(c.tag * bs, bs as usize), "read at {}", c.tag * bs);
+    }
+    let c = e.run(1, Cmd::read(0, 2 << 20), Vec::new()).unwrap();
+    c.result.unwrap();
+    assert!(c.buf[..(48 * bs) as usize] == pattern(0, (48 * bs) as usize)[..]);
+    assert!(c.buf[(48 * bs) as usize..].iter().all(|&b| b == 0), "hole");
+    let c = e.run(0, Cmd::block_status(0, SIZE), Vec::new()).unwrap();
+    c.result.unwrap();
+    assert!(!c.extents.is_empty());
+    e.run(0, Cmd::flush(), Vec::new()).unwrap().result.unwrap();
+    e.disconnect().unwrap();
+    // The listing goes through TLS too.
+    let l = ringbd_client::list_exports(&u).unwrap();
+    assert_eq!(l.len(), 1);
+}
+
+#[test]
+fn verification_and_refusals() {
+    let Some((_g, a, b)) = pkis("refuse") else { return };
+    let tls = server(&a, Some(&a), false);
+    let err = |u: &NbdUri| match Engine::connect(u, &ClientConfig::new(""), 1) {
+        Ok(_) => panic!("{u} connected"),
+        Err(e) => e.to_string(),
+    };
+    // The server's certificate is from CA a; trusting CA b refuses it.
+    let e = err(&uri(&tls, &format!("tls-certificates={}", b.display())));
+    assert!(e.contains("UnknownIssuer") && e.contains("not signed by the CA"), "{e}");
+    // ... unless verification is off.
+    let u = uri(&tls, &format!("tls-certificates={}&tls-verify-peer=false", b.display()));
+    Engine::connect(&u, &ClientConfig::new(""), 1).unwrap().disconnect().unwrap();
+    // tls-hostname is checked: the certificate names localhost only.
+    let e = err(&uri(&tls, &format!("tls-certificates={}&tls-hostname=nbd.example.com", a.display())));
+    assert!(e.contains("not valid for name"), "{e}");
+    let u = uri(&tls, &format!("tls-certificates={}&tls-hostname=localhost", a.display()));
+    Engine::connect(&u, &ClientConfig::new(""), 1).unwrap().disconnect().unwrap();
+    // A server without TLS: STARTTLS is refused, and that is the end.
+    let plain = server(&a, None, false);
+    let e = err(&uri(&plain, &format!("tls-certificates={}", a.display())));
+    assert!(e.contains("refused NBD_OPT_STARTTLS") && e.contains("not falling back"), "{e}");
+    // PSK is not there yet.
+    let e = err(&uri(&tls, "tls-psk-file=/etc/keys.psk"));
+    assert!(e.contains("PSK") && e.contains("not support"), "{e}");
+    // A missing CA file says so.
+    let e = err(&uri(&tls, &format!("tls-certificates={}", a.join("nope").display())));
+    assert!(e.contains("ca-cert.pem does not exist"), "{e}");
+}
+
+#[test]
+fn a_server_that_wants_a_client_certificate() {
+    let Some((_g, a, b)) = pkis("peer") else { return };
+    let sock = server(&a, Some(&a), true);
+    // Only the CA: no client certificate to show.
+    let only_ca = a.join("only-ca");
+    std::fs::create_dir_all(&only_ca).unwrap();
+    std::fs::copy(a.join("ca-cert.pem"), only_ca.join("ca-cert.pem")).unwrap();
+    let e = Engine::connect(
+        &uri(&sock, &format!("tls-certificates={}", only_ca.display())),
+        &ClientConfig::new(""),
+        1,
+    )
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(e.contains("TLS"), "{e}");
+    // A client certificate from another CA.
+    let mixed = a.join("mixed");
+    std::fs::create_dir_all(&mixed).unwrap();
+    std::fs::copy(a.join("ca-cert.pem"), mixed.join("ca-cert.pem")).unwrap();
+    std::fs::copy(b.join("client-cert.pem"), mixed.join("client-cert.pem")).unwrap();
+    std::fs::copy(b.join("client-key.pem"), mixed.join("client-key.pem")).unwrap();
+    let r = Engine::connect(
+        &uri(&sock, &format!("tls-certificates={}", mixed.display())),
+        &ClientConfig::new(""),
+        1,
+    );
+    assert!(r.is_err(), "a client certificate from another CA is refused");
+}
+
+/// The client's TLS layer against a rustls server in memory: the handshake,
+/// then one loop turn's worth of requests (32 request headers with 1 KiB
+/// payloads, 33,664 bytes in 64 pieces) given to `ClientTls::send` at once
+/// become 3 records (16 KiB each at most), not 64, and decrypt to the same
+/// bytes; replies come back through `receive`, fed whole and byte by byte.
+#[test]
+fn a_batch_becomes_few_records_in_memory() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use std::io::{IoSlice, Read, Write};
+
+    let Some((_g, a, _b)) = pkis("records") else { return };
+    let u = uri(Path::new("/nonexistent.sock"), &format!("tls-certificates={}", a.display()));
+    let setup = ringbd_client::TlsSetup::new(&u).unwrap().unwrap();
+    let mut client = setup.session().unwrap();
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(a.join("server-cert.pem")).unwrap().map(|c| c.unwrap()).collect();
+    let key = PrivateKeyDer::from_pem_file(a.join("server-key.pem")).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let mut server = rustls::ServerConnection::new(Arc::new(config)).unwrap();
+    let mut plain = Vec::new();
+    for _ in 0..20 {
+        let mut c2s = Vec::new();
+        client.flush(&mut c2s).unwrap();
+        let mut rd = &c2s[..];
+        while !rd.is_empty() {
+            server.read_tls(&mut rd).unwrap();
+        }
+        server.process_new_packets().unwrap();
+        let mut s2c = Vec::new();
+        while server.wants_write() {
+            server.write_tls(&mut s2c).unwrap();
+        }
+        client.receive(&s2c, &mut plain).unwrap();
+        if !client.is_handshaking() && !server.is_handshaking() && !client.wants_write() {
+            break;
+        }
+    }
+    assert!(!client.is_handshaking() && !server.is_handshaking(), "handshake done");
+    assert!(plain.is_empty());
+
+    let headers: Vec<Vec<u8>> = (0..32u8).map(|i| vec![i; 28]).collect();
+    let payloads: Vec<Vec<u8>> = (0..32u8).map(|i| vec![i ^ 0xff; 1024]).collect();
+    let mut pieces = Vec::new();
+    for (h, p) in headers.iter().zip(&payloads) {
+        pieces.push(IoSlice::new(h));
+        pieces.push(IoSlice::new(p));
+    }
+    let expect: Vec<u8> = pieces.iter().flat_map(|s| s.iter().copied()).collect();
+    let mut wire = Vec::new();
+    client.send(&pieces, &mut wire).unwrap();
+    // Count the TLS records: 5-byte headers with their lengths.
+    let (mut records, mut at) = (0, 0);
+    while at + 5 <= wire.len() {
+        assert_eq!(wire[at], 23, "application data records");
+        at += 5 + usize::from(u16::from_be_bytes([wire[at + 3], wire[at + 4]]));
+        records += 1;
+    }
+    assert_eq!(at, wire.len());
+    assert_eq!(records, 3, "{} bytes in {records} records", expect.len());
+    let mut rd = &wire[..];
+    while !rd.is_empty() {
+        server.read_tls(&mut rd).unwrap();
+        server.process_new_packets().unwrap();
+    }
+    let mut got = Vec::new();
+    server.reader().read_to_end(&mut got).ok();
+    assert_eq!(got, expect);
+
+    // Replies, whole and one byte at a time.
+    let reply: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+    server.writer().write_all(&reply).unwrap();
+    let mut s2c = Vec::new();
+    while server.wants_write() {
+        server.write_tls(&mut s2c).unwrap();
+    }
+    let (half, rest) = s2c.split_at(s2c.len() / 2);
+    for b in half {
+        client.receive(std::slice::from_ref(b), &mut plain).unwrap();
+    }
+    let r = client.receive(rest, &mut plain).unwrap();
+    assert!(!r.closed);
+    assert_eq!(plain, reply);
+    // close_notify is seen as the end.
+    server.send_close_notify();
+    let mut s2c = Vec::new();
+    while server.wants_write() {
+        server.write_tls(&mut s2c).unwrap();
+    }
+    assert!(client.receive(&s2c, &mut plain).unwrap().closed);
+    // Garbage instead of a record is an error, not a panic.
+    assert!(client.receive(&[0x17, 3, 3, 0, 5, 1, 2, 3, 4, 5], &mut plain).is_err());
+}

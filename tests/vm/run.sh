@@ -9,8 +9,11 @@
 # failure, on a test that reported nothing, or on a guest that hung (hard
 # time limit).
 #
-# With no TEST arguments every tests/vm/guest/*.sh runs, in name order.
-# A TEST is a file name in tests/vm/guest/ without the .sh.
+# With no TEST arguments every tests/vm/guest/*.sh runs, in name order, in
+# one boot; then every host-driven test, tests/vm/host/NAME.sh, which boots
+# the same initramfs several times itself (e.g. `powercut`: a disk that
+# outlives a killed qemu). A TEST is a file name in tests/vm/guest/ or
+# tests/vm/host/ without the .sh.
 #
 # Environment:
 #   RINGBD            ringbd binary (default target/release/ringbd; built with
@@ -45,17 +48,31 @@ elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
 T_START=$(now)
 
 # --- what to run ------------------------------------------------------------------
-TESTS=()
+TESTS=()       # guest tests: one boot runs them all
+HOST_TESTS=()  # host-driven tests: tests/vm/host/NAME.sh (its guest side: NAME.guest.sh)
 if (($#)); then
     for t in "$@"; do
         t=${t%.sh}; t=${t##*/}
-        [[ -f $HERE/guest/$t.sh ]] || die "no such test: $t (tests: $(cd "$HERE/guest" && ls -- *.sh | sed 's/\.sh$//' | tr '\n' ' '))"
-        TESTS+=("$t")
+        if [[ -f $HERE/guest/$t.sh ]]; then
+            TESTS+=("$t")
+        elif [[ -f $HERE/host/$t.sh && $t != *.guest ]]; then
+            HOST_TESTS+=("$t")
+        else
+            all=""
+            for f in "$HERE"/guest/*.sh "$HERE"/host/*.sh; do
+                f=${f##*/}; [[ $f == *.guest.sh ]] || all+=" ${f%.sh}"
+            done
+            die "no such test: $t (tests:$all)"
+        fi
     done
 else
     for f in "$HERE"/guest/*.sh; do t=${f##*/}; TESTS+=("${t%.sh}"); done
+    for f in "$HERE"/host/*.sh; do
+        t=${f##*/}; t=${t%.sh}
+        if [[ -f $f && $t != *.guest ]]; then HOST_TESTS+=("$t"); fi
+    done
 fi
-((${#TESTS[@]})) || die "no tests in $HERE/guest"
+((${#TESTS[@]} + ${#HOST_TESTS[@]})) || die "no tests in $HERE/guest or $HERE/host"
 
 # --- inputs -------------------------------------------------------------------------
 VM_KERNEL=${VM_KERNEL:-6.12}
@@ -136,7 +153,7 @@ printf 'root:x:0:\n' >"$STAGE/etc/group"
 # kernel modules: the ones the tests load, with their dependencies (from each
 # module's .modinfo), uncompressed (busybox insmod does not read .ko.xz);
 # busybox depmod then writes modules.dep and modules.alias for modprobe.
-WANT_MODULES=(nbd ublk_drv ext4 crc32c_generic)
+WANT_MODULES=(nbd ublk_drv ext4 crc32c_generic virtio_blk)
 # Loaded by the tests where the kernel has them as modules; newer kernels
 # have crc32c as a library (ext4 then depends on nothing of this name).
 OPTIONAL_MODULES=(crc32c_generic)
@@ -201,6 +218,10 @@ make_pki() {
 if command -v openssl >/dev/null; then
     make_pki "$STAGE/vmtest/pki" || die "openssl could not make the test certificates"
 fi
+for f in "$HERE"/host/*.guest.sh; do   # a host-driven test's guest side runs as /vmtest/guest/NAME.sh
+    [[ -f $f ]] || continue
+    t=${f##*/}; cp "$f" "$STAGE/vmtest/guest/${t%.guest.sh}.sh"
+done
 chmod 755 "$STAGE/init" "$STAGE"/vmtest/guest/*.sh
 
 INITRD=$WORK/initramfs.cpio
@@ -221,10 +242,7 @@ case ${VM_ACCEL:-tcg} in
 esac
 LOGLEVEL="quiet loglevel=1"
 [[ ${VM_VERBOSE:-0} == 1 ]] && LOGLEVEL="loglevel=7"
-TESTLIST=$(IFS=,; echo "${TESTS[*]}")
-APPEND="console=ttyS0 panic=-1 $LOGLEVEL rdinit=/init vmtests=$TESTLIST vmtest_timeout=$VM_TEST_TIMEOUT"
-LOG=$CACHE/last-run.log
-say "booting $KVER [VM_KERNEL=$VM_KERNEL] (${ACCEL[*]}, ${VM_MEM} MiB, ${VM_SMP} CPUs), tests: ${TESTS[*]}; console log: $LOG"
+BASE_APPEND="console=ttyS0 panic=-1 $LOGLEVEL rdinit=/init vmtest_timeout=$VM_TEST_TIMEOUT"
 
 declare -A RESULT=() REASON=()
 T_BOOTED="" GUEST_DONE=0
@@ -238,39 +256,80 @@ read_console() {  # echo the console, keep a copy in $LOG, collect results
         printf '%s\n' "$line" >&3
         if [[ $line =~ VMTEST\ BOOTED ]]; then
             T_BOOTED=$(now)
-            say "guest userspace up after $(elapsed "$T_BUILT" "$T_BOOTED") s (host wall clock)"
+            say "guest userspace up after $(elapsed "$T_BOOT" "$T_BOOTED") s (host wall clock)"
         elif [[ $line =~ VMTEST\ (PASS|FAIL|SKIP)\ ([A-Za-z0-9_.-]+)(:\ (.*)|\ .*)?$ ]]; then
             RESULT[${BASH_REMATCH[2]}]=${BASH_REMATCH[1]}
             REASON[${BASH_REMATCH[2]}]=${BASH_REMATCH[4]}
         elif [[ $line =~ VMTEST\ DONE ]]; then
             GUEST_DONE=1
         fi
+        # a host-driven test watches the console (e.g. to cut the power)
+        if declare -F vm_on_line >/dev/null; then vm_on_line "$line"; fi
     done
 }
-exec 3>"$LOG"
-read_console < <(LD_LIBRARY_PATH=$LIBPATH QEMU_MODULE_DIR=$ROOT/usr/lib/x86_64-linux-gnu/qemu exec timeout -k 5 "$VM_TIMEOUT" "$QEMU" \
-    -L "$ROOT/usr/share/qemu" -L "$ROOT/usr/share/seabios" \
-    "${ACCEL[@]}" -m "$VM_MEM" -smp "$VM_SMP" \
-    -nographic -no-reboot -nodefaults -no-user-config -vga none -net none \
-    -serial stdio -monitor none \
-    -kernel "$KERNEL" -initrd "$INITRD" -append "$APPEND" \
-    </dev/null 2>&1)
+
+# vm_boot LOG TESTS APPEND [QEMU-ARGS...]: boot the initramfs, run the guest
+# tests TESTS (comma-separated) with APPEND added to the kernel command line
+# and QEMU-ARGS to qemu's, echo the console and keep it in LOG; sets
+# QEMU_RC, GUEST_DONE, T_BOOT, T_BOOTED, RESULT[test], REASON[test]. qemu's
+# pid is in $VM_PIDFILE while it runs (a host-driven test may SIGKILL it).
+VM_PIDFILE=$WORK/qemu.pid
+vm_boot() {
+    local log=$1 tests=$2 append=$3
+    shift 3
+    T_BOOT=$(now) T_BOOTED="" GUEST_DONE=0
+    exec 3>"$log"
+    read_console < <(LD_LIBRARY_PATH=$LIBPATH QEMU_MODULE_DIR=$ROOT/usr/lib/x86_64-linux-gnu/qemu exec timeout -k 5 "$VM_TIMEOUT" "$QEMU" \
+        -L "$ROOT/usr/share/qemu" -L "$ROOT/usr/share/seabios" \
+        "${ACCEL[@]}" -m "$VM_MEM" -smp "$VM_SMP" \
+        -nographic -no-reboot -nodefaults -no-user-config -vga none -net none \
+        -serial stdio -monitor none -pidfile "$VM_PIDFILE" \
+        -kernel "$KERNEL" -initrd "$INITRD" -append "$BASE_APPEND vmtests=$tests${append:+ $append}" \
+        "$@" </dev/null 2>&1)
+    QEMU_RC=0
+    wait $! || QEMU_RC=$?
+    exec 3>&-
+    rm -f "$VM_PIDFILE"
+    [[ -t 1 ]] && stty sane 2>/dev/null || true
+}
+
+LOG=$CACHE/last-run.log
 QEMU_RC=0
-wait $! || QEMU_RC=$?
-exec 3>&-
+if ((${#TESTS[@]})); then
+    say "booting $KVER [VM_KERNEL=$VM_KERNEL] (${ACCEL[*]}, ${VM_MEM} MiB, ${VM_SMP} CPUs), tests: ${TESTS[*]}; console log: $LOG"
+    vm_boot "$LOG" "$(IFS=,; echo "${TESTS[*]}")" ""
+    if ((QEMU_RC == 124 || QEMU_RC == 137)); then
+        echo; say "TIMEOUT: the VM ran past VM_TIMEOUT=${VM_TIMEOUT}s and was killed"
+    elif ((QEMU_RC != 0)); then
+        echo; say "qemu exited with status $QEMU_RC"
+    fi
+    ((GUEST_DONE)) || say "the guest did not finish its test run (hung, crashed or panicked: see $LOG)"
+else
+    GUEST_DONE=1
+fi
+T_GUEST_END=$(now)
+
+# host-driven tests: each in a subshell with the functions above; exit 0
+# pass, 77 skip, else fail; its last `FAIL: reason` / `SKIP: reason` line
+# is the reason
+for t in "${HOST_TESTS[@]}"; do
+    say "host-driven test $t (tests/vm/host/$t.sh)"
+    rc=0
+    # shellcheck source=/dev/null
+    (set -euo pipefail; . "$HERE/host/$t.sh") 2>&1 | tee "$WORK/$t.out" || rc=$?
+    reason=$(sed -n 's/^\(FAIL\|SKIP\): //p' "$WORK/$t.out" | tail -n1)
+    case $rc in
+        0) RESULT[$t]=PASS ;;
+        77) RESULT[$t]=SKIP; REASON[$t]=${reason:-skipped} ;;
+        *) RESULT[$t]=FAIL; REASON[$t]=${reason:-exit status $rc; last output: $(tail -n1 "$WORK/$t.out")} ;;
+    esac
+done
 T_END=$(now)
-[[ -t 1 ]] && stty sane 2>/dev/null || true
 
 # --- verdict -------------------------------------------------------------------------------
 echo
-if ((QEMU_RC == 124 || QEMU_RC == 137)); then
-    say "TIMEOUT: the VM ran past VM_TIMEOUT=${VM_TIMEOUT}s and was killed"
-elif ((QEMU_RC != 0)); then
-    say "qemu exited with status $QEMU_RC"
-fi
-((GUEST_DONE)) || say "the guest did not finish its test run (hung, crashed or panicked: see $LOG)"
 passed=0 failed=0 skipped=0
-for t in "${TESTS[@]}"; do
+for t in "${TESTS[@]}" "${HOST_TESTS[@]}"; do
     case ${RESULT[$t]:-} in
         PASS) passed=$((passed + 1)); say "PASS $t" ;;
         SKIP) skipped=$((skipped + 1)); say "SKIP $t: ${REASON[$t]}" ;;
@@ -281,7 +340,9 @@ done
 if ((!GUEST_DONE || QEMU_RC != 0)) && ((failed == 0)); then
     failed=1   # every test reported, but the VM itself did not end cleanly
 fi
-say "boot to userspace: $( [[ -n $T_BOOTED ]] && elapsed "$T_BUILT" "$T_BOOTED" || echo '?') s, VM total: $(elapsed "$T_BUILT" "$T_END") s, run.sh total: $(elapsed "$T_START" "$T_END") s"
+((${#TESTS[@]})) && say "boot to userspace: $( [[ -n $T_BOOTED ]] && elapsed "$T_BUILT" "$T_BOOTED" || echo '?') s, guest tests' VM: $(elapsed "$T_BUILT" "$T_GUEST_END") s"
+((${#HOST_TESTS[@]})) && say "host-driven tests: $(elapsed "$T_GUEST_END" "$T_END") s"
+say "run.sh total: $(elapsed "$T_START" "$T_END") s"
 ((skipped)) && echo "$skipped skipped"
 echo "$passed passed, $failed failed"
 ((failed == 0))

@@ -9,7 +9,11 @@
 //!   (default `EIO`); `RATE` is a fraction (`0.1`, `1`) or a percentage (`10%`);
 //! - `delay-OP=DURATION`: sleep that long before each `OP` call
 //!   (`500us`, `5ms`, `1s`);
-//! - `seed=N`: the random sequence to use (default: a fresh one per run).
+//! - `seed=N`: the random sequence to use (default: a fresh one per run);
+//! - `flush=ignore`: acknowledge every FLUSH, and the FUA of every write,
+//!   trim and write-zeroes, without passing it to the inner backend: a
+//!   server that loses acknowledged data at a power cut, the negative
+//!   control of the VM power-cut test (docs/reliability.md).
 //!
 //! `OP` is `read`, `write`, `flush`, `trim` or `zero` (write zeroes), or `all`.
 //! Example: `fault:read=0.1@EIO,write=5%@ENOSPC,delay-read=5ms:memory:1G`.
@@ -111,6 +115,8 @@ pub struct FaultPlan {
     /// Indexed by [`FaultOp`].
     pub rules: [FaultRule; 5],
     pub seed: Option<u64>,
+    /// `flush=ignore`: FLUSH and FUA are acknowledged and not done.
+    pub ignore_flush: bool,
 }
 
 impl FaultPlan {
@@ -126,7 +132,9 @@ impl FaultPlan {
         for rule in s.split(',') {
             let (key, value) =
                 rule.split_once('=').ok_or_else(|| format!("fault rule {rule:?} is not KEY=VALUE"))?;
-            if key == "seed" {
+            if key == "flush" && value == "ignore" {
+                plan.ignore_flush = true;
+            } else if key == "seed" {
                 let seed = value.parse().map_err(|_| format!("fault seed {value:?} is not a number"))?;
                 plan.seed = Some(seed);
             } else if let Some(op) = key.strip_prefix("delay-") {
@@ -162,6 +170,9 @@ impl fmt::Display for FaultPlan {
             if !r.delay.is_zero() {
                 parts.push(format!("{} +{:?}", op.name(), r.delay));
             }
+        }
+        if self.ignore_flush {
+            parts.push("flush and FUA ignored (acknowledged, not done)".into());
         }
         f.write_str(&parts.join(", "))
     }
@@ -315,21 +326,25 @@ impl Backend for FaultBackend {
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         self.gate(FaultOp::Write, Op::Write, offset, data.len() as u64)?;
-        self.inner.write(offset, data, fua)
+        self.inner.write(offset, data, fua && !self.plan.ignore_flush)
     }
 
     fn flush(&self) -> Result<()> {
         self.gate(FaultOp::Flush, Op::Flush, 0, 0)?;
+        if self.plan.ignore_flush {
+            return Ok(());
+        }
         self.inner.flush()
     }
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
         self.gate(FaultOp::Trim, Op::Trim, offset, len)?;
-        self.inner.trim(offset, len, fua)
+        self.inner.trim(offset, len, fua && !self.plan.ignore_flush)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         self.gate(FaultOp::Zero, Op::WriteZeroes, offset, len)?;
+        let flags = ZeroFlags { fua: flags.fua && !self.plan.ignore_flush, ..flags };
         self.inner.write_zeroes(offset, len, flags)
     }
 
@@ -429,6 +444,74 @@ mod tests {
         assert_eq!(e.kind, ErrorKind::Io);
         assert!(pieces.is_empty());
         assert_eq!(f.injected(FaultOp::Read), 1);
+    }
+
+    /// An inner backend that counts flushes and FUA requests.
+    struct Durability {
+        inner: MemoryBackend,
+        flushes: AtomicU64,
+        fua: AtomicU64,
+    }
+
+    impl Backend for Durability {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn caps(&self) -> Caps {
+            self.inner.caps()
+        }
+        fn describe(&self) -> String {
+            "counting".into()
+        }
+        fn read(&self, offset: u64, buf: &mut [u8]) -> Result<Holes> {
+            self.inner.read(offset, buf)
+        }
+        fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+            self.fua.fetch_add(u64::from(fua), Ordering::Relaxed);
+            self.inner.write(offset, data, fua)
+        }
+        fn flush(&self) -> Result<()> {
+            self.flushes.fetch_add(1, Ordering::Relaxed);
+            self.inner.flush()
+        }
+        fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+            self.fua.fetch_add(u64::from(fua), Ordering::Relaxed);
+            self.inner.trim(offset, len, fua)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+            self.fua.fetch_add(u64::from(flags.fua), Ordering::Relaxed);
+            self.inner.write_zeroes(offset, len, flags)
+        }
+        fn cache(&self, offset: u64, len: u64) -> Result<()> {
+            self.inner.cache(offset, len)
+        }
+        fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+            self.inner.extents(offset, len)
+        }
+    }
+
+    #[test]
+    fn ignored_flushes_and_fua_are_acknowledged_and_never_reach_the_inner_backend() {
+        let count = || Durability { inner: MemoryBackend::new(1 << 20), flushes: 0.into(), fua: 0.into() };
+        let drive = |f: &FaultBackend| {
+            f.write(0, &[7; 4096], true).unwrap();
+            f.flush().unwrap();
+            f.trim(4096, 4096, true).unwrap();
+            f.write_zeroes(8192, 4096, ZeroFlags { fua: true, ..ZeroFlags::default() }).unwrap();
+            let mut b = [0u8; 4096];
+            f.read(0, &mut b).unwrap();
+            assert_eq!(b, [7; 4096], "the write itself still happens");
+        };
+        let honest = Arc::new(count());
+        drive(&FaultBackend::new(honest.clone(), plan("read=0")));
+        assert_eq!((honest.flushes.load(Ordering::Relaxed), honest.fua.load(Ordering::Relaxed)), (1, 3));
+        let liar = Arc::new(count());
+        let p = plan("flush=ignore");
+        assert!(p.ignore_flush && p.rules.iter().all(|r| r.rate_ppb == 0));
+        assert!(p.to_string().contains("flush and FUA ignored"), "{p}");
+        drive(&FaultBackend::new(liar.clone(), p));
+        assert_eq!((liar.flushes.load(Ordering::Relaxed), liar.fua.load(Ordering::Relaxed)), (0, 0));
+        assert!(FaultPlan::parse("flush=ignored").unwrap_err().contains("fraction"));
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! - [`client_ring`]: the NBD client's ring (vectored sends, receives).
 //! - [`fs`]: file and block-device calls (fallocate, SEEK_DATA/SEEK_HOLE,
 //!   BLKGETSIZE64, fadvise).
+//! - [`ktls`]: kernel TLS: handing a TLS session's keys to the socket,
+//!   and alert records under it.
 //! - [`net`]: socket activation (LISTEN_FDS) and readiness polling.
 //! - [`signal`]: SIGINT/SIGTERM delivered as a readable fd.
 //! - [`ublk`]: the ublk driver's control and queue commands.
@@ -13,6 +15,7 @@
 pub mod buf;
 pub mod client_ring;
 pub mod fs;
+pub mod ktls;
 pub mod net;
 pub mod signal;
 pub mod ublk;

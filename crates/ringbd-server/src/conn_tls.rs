@@ -58,6 +58,7 @@ impl Connection {
                     return data.len();
                 }
             };
+            t.framer.advance(&data[used..used + n]);
             if let Err(e) = t.session.process_new_packets() {
                 // rustls queued an alert; seal sends it.
                 self.tls_failed(&e.to_string());
@@ -66,6 +67,7 @@ impl Connection {
             if !t.established && !t.session.is_handshaking() {
                 t.established = true;
                 log::debug(format_args!("{}: TLS established: {}", self.peer, t.describe()));
+                self.tls_established(t);
             }
             let mut chunk = [0u8; 16 * 1024];
             loop {

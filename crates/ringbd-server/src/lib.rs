@@ -7,12 +7,14 @@
 //! - [`engine_uring`]: the io_uring engine (a ring per worker thread).
 //! - [`engine_threads`]: the portable blocking engine (a thread per connection).
 //! - [`tls`]: STARTTLS credentials and the per-connection rustls layer.
+//! - [`ktls`]: kernel TLS: the probe, the counters, rustls keys as crypto_info.
 //! - [`server`]: start-up, the accept loop, captive `--run`, clean shutdown.
 
 pub mod conn;
 pub mod engine_threads;
 pub mod engine_uring;
 pub mod exports;
+pub mod ktls;
 pub mod listener;
 pub mod log;
 pub mod out;

@@ -17,6 +17,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig, ServerConnection};
 
+use crate::ktls::{Ktls, KtlsStats, RecordFramer};
+use crate::log;
 use crate::out::OutBuf;
 
 /// The CA certificate (for `--tls-verify-peer`).
@@ -34,12 +36,18 @@ pub struct TlsOptions {
     pub certificates: Option<PathBuf>,
     /// Require a client certificate signed by [`CA_CERT`].
     pub verify_peer: bool,
+    /// Keep TLS in userspace even where the kernel has kTLS (`--no-ktls`).
+    pub no_ktls: bool,
 }
 
 /// The server's TLS policy and credentials, shared by its connections.
 pub struct TlsServer {
     pub mode: TlsMode,
     config: Arc<ServerConfig>,
+    /// kTLS, unless `--no-ktls`: what the kernel offers.
+    pub ktls: Option<Ktls>,
+    /// TLS sessions, in the kernel and in userspace.
+    pub stats: KtlsStats,
 }
 
 impl std::fmt::Debug for TlsServer {
@@ -78,10 +86,20 @@ impl TlsServer {
         let key_path = dir.join(SERVER_KEY);
         let key =
             PrivateKeyDer::from_pem_file(&key_path).map_err(|e| format!("{}: {e}", key_path.display()))?;
-        let config = builder
+        let mut config = builder
             .with_single_cert(certs, key)
             .map_err(|e| format!("{} with {}: {e}", dir.join(SERVER_CERT).display(), key_path.display()))?;
-        Ok(Some(TlsServer { mode: opts.mode, config: Arc::new(config) }))
+        let ktls = if opts.no_ktls {
+            log::debug(format_args!("kTLS off (--no-ktls): TLS stays in userspace (rustls)"));
+            None
+        } else {
+            // The keys leave rustls only for connections that move to kTLS.
+            config.enable_secret_extraction = true;
+            let (k, line) = Ktls::probe();
+            log::debug(format_args!("{line}"));
+            Some(k)
+        };
+        Ok(Some(TlsServer { mode: opts.mode, config: Arc::new(config), ktls, stats: KtlsStats::default() }))
     }
 
     /// A fresh TLS session for one connection that sent STARTTLS.
@@ -118,11 +136,21 @@ pub(crate) struct TlsLayer {
     pub(crate) closing: bool,
     /// The TLS handshake finished (logged once).
     pub(crate) established: bool,
+    /// Record boundaries of what rustls was given (for the move to kTLS).
+    pub(crate) framer: RecordFramer,
 }
 
 impl TlsLayer {
     pub(crate) fn new(session: ServerConnection, wire: OutBuf) -> Self {
-        TlsLayer { session, wire, plain: Vec::new(), held: 0, closing: false, established: false }
+        TlsLayer {
+            session,
+            wire,
+            plain: Vec::new(),
+            held: 0,
+            closing: false,
+            established: false,
+            framer: RecordFramer::default(),
+        }
     }
 
     /// A line for the log once the TLS handshake is done.

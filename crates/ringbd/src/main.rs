@@ -129,6 +129,9 @@ struct ServeArgs {
     /// Require a client certificate signed by the directory's ca-cert.pem.
     #[arg(long)]
     tls_verify_peer: bool,
+    /// A/B switch: keep TLS in userspace (rustls) even where the kernel has kTLS.
+    #[arg(long)]
+    no_ktls: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -223,6 +226,7 @@ fn serve(a: ServeArgs) -> ExitCode {
             },
             certificates: a.tls_certificates,
             verify_peer: a.tls_verify_peer,
+            no_ktls: a.no_ktls,
         },
     };
     match ringbd_server::run(config) {

@@ -217,13 +217,19 @@ impl Connection {
             self.ktls_control_record(fd)
         } else {
             let what = if ringbd_io::ktls::is_bad_record(e) {
-                "a record failed authentication or is malformed"
+                Some("a record failed authentication or is malformed")
             } else if ringbd_io::ktls::is_key_expired(e) {
-                "the client updated its keys"
+                Some("the client updated its keys")
             } else {
-                "receive failed"
+                None
             };
-            log::warn(format_args!("{}: kTLS: {what} ({e}); closing the connection", self.peer));
+            match what {
+                Some(what) => {
+                    log::warn(format_args!("{}: kTLS: {what} ({e}); closing the connection", self.peer))
+                }
+                // A reset or the like: as quiet as without kTLS.
+                None => log::debug(format_args!("{}: receive: {e}", self.peer)),
+            }
             false
         };
         if clean {

@@ -41,7 +41,6 @@ mod ktls_io;
 #[path = "conn_tls.rs"]
 mod tls_io;
 use ktls_io::KtlsState;
-pub use ktls_io::MAX_TRIES as KTLS_MAX_TRIES;
 
 /// Read payloads up to this size are copied into the inline queue; larger
 /// ones travel as their own iovec.

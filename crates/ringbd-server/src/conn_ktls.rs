@@ -22,7 +22,7 @@
 //! if the connection is still idle then; bytes that completion brought go
 //! through rustls as before and the switch waits for the next pause (the
 //! option phase is request/reply, so one comes at once). After
-//! [`MAX_TRIES`] receives stopped in vain the session stays in userspace.
+//! `MAX_TRIES` receives stopped in vain the session stays in userspace.
 //! The threaded engine reads only on demand, so idle is enough there.
 
 use std::io;
@@ -94,7 +94,7 @@ impl Connection {
     }
 
     /// The engine stops its receive to switch (see the module docs); false
-    /// when it has done so [`MAX_TRIES`] times already and should not
+    /// when it has done so `MAX_TRIES` (8) times already and should not
     /// again (the session stays in userspace).
     pub fn ktls_stop_receive(&mut self) -> bool {
         if let KtlsState::Want { tries } = &mut self.ktls {

@@ -70,6 +70,7 @@ for engine in uring threads; do
     tx0=$(tls_stat TlsTxSw) rx0=$(tls_stat TlsRxSw)
     serve_case "kTLS, $engine" --engine $engine
     grep -q 'kTLS available: TLS 1.3 AES-GCM-128' ringbd.err || fail "no kTLS probe line: $(grep -i ktls ringbd.err | head -n 3)"
+    if [ $engine = uring ]; then log "$(grep -m1 'kTLS available' ringbd.err)"; fi
     n=$(stat 'TLS sessions') k=$(stat ktls_conns)
     [ -n "$n" ] && [ "$n" -ge 3 ] || fail "$engine: expected at least 3 TLS sessions, counters say '$n'"
     [ "$k" = "$n" ] || fail "$engine: $k of $n TLS sessions moved to kTLS: $(grep -E 'stays in userspace|kTLS' ringbd.err | head -n 5)"

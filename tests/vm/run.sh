@@ -18,13 +18,15 @@
 # Environment:
 #   RINGBD            ringbd binary (default target/release/ringbd; built with
 #                     `cargo build --release --locked -p ringbd` if missing)
-#   VM_TIMEOUT        hard limit for the whole VM run in seconds (default 300)
+#   VM_TIMEOUT        hard limit for the whole VM run in seconds (default 720)
 #   VM_TEST_TIMEOUT   limit for one guest test in seconds (default 150)
 #   VM_MEM, VM_SMP    guest memory in MiB (default 1024) and CPUs (default 2)
 #   VM_CACHE          cache dir made by setup.sh (default target/vm-cache)
 #   VM_KEEP=1         keep the initramfs staging dir (path printed)
 #   VM_VERBOSE=1      show the kernel's log on the console too
 #   VM_ACCEL          tcg (default) or kvm
+#   VM_APPEND         extra words for the guest kernel command line (tests
+#                     read their own knobs there, e.g. ktls_bench_mib=64)
 #   VM_KERNEL         6.12 (default: Debian 12's, the one the suite is written
 #                     for) or new (the 6.16+ kernel from trixie-backports that
 #                     setup.sh fetches, for ublk zero-copy)
@@ -36,7 +38,7 @@ REPO=$(cd "$HERE/../.." && pwd)
 CACHE=${VM_CACHE:-$REPO/target/vm-cache}
 export VM_CACHE=$CACHE
 ROOT=$CACHE/root
-VM_TIMEOUT=${VM_TIMEOUT:-300}
+VM_TIMEOUT=${VM_TIMEOUT:-720}
 VM_TEST_TIMEOUT=${VM_TEST_TIMEOUT:-150}
 VM_MEM=${VM_MEM:-1024}
 VM_SMP=${VM_SMP:-2}
@@ -147,16 +149,26 @@ add_prog "$ROOT/sbin/e2fsck" sbin/e2fsck
 ln -sf mke2fs "$STAGE/sbin/mkfs.ext4"
 ln -sf e2fsck "$STAGE/sbin/fsck.ext4"
 cp "$ROOT/etc/mke2fs.conf" "$STAGE/etc/mke2fs.conf"
+# libnbd's TLS clients for the kTLS test (from the host, as ringbd is; the
+# test skips without them)
+for p in nbdcopy nbdinfo; do
+    if [[ -x /usr/bin/$p ]]; then add_prog "/usr/bin/$p" "usr/bin/$p"; else say "no /usr/bin/$p on the host: the kTLS test will skip"; fi
+done
 printf 'root:x:0:0:root:/root:/bin/sh\n' >"$STAGE/etc/passwd"
 printf 'root:x:0:\n' >"$STAGE/etc/group"
 
 # kernel modules: the ones the tests load, with their dependencies (from each
 # module's .modinfo), uncompressed (busybox insmod does not read .ko.xz);
 # busybox depmod then writes modules.dep and modules.alias for modprobe.
-WANT_MODULES=(nbd ublk_drv ext4 crc32c_generic virtio_blk)
+# tls (kTLS) and the AEADs it asks the crypto API for (gcm(aes),
+# rfc7539(chacha20,poly1305)), generic and x86-accelerated.
+KTLS_CRYPTO=(gcm ghash_generic ghash_clmulni_intel aesni_intel chacha20poly1305 chacha chacha_generic chacha_x86_64
+    poly1305_generic poly1305_x86_64)
+WANT_MODULES=(nbd ublk_drv ext4 crc32c_generic virtio_blk tls "${KTLS_CRYPTO[@]}")
 # Loaded by the tests where the kernel has them as modules; newer kernels
-# have crc32c as a library (ext4 then depends on nothing of this name).
-OPTIONAL_MODULES=(crc32c_generic)
+# have crc32c as a library (ext4 then depends on nothing of this name), and
+# the crypto modules' names and splits change between kernels.
+OPTIONAL_MODULES=(crc32c_generic "${KTLS_CRYPTO[@]}")
 declare -A MODPATH=() MODDONE=()
 while read -r f; do
     n=${f##*/}; n=${n%%.ko*}; MODPATH[${n//-/_}]=$f
@@ -191,38 +203,42 @@ cp "$MODDIR"/modules.builtin* "$MODDIR/modules.order" "$STAGE/lib/modules/$KVER/
 cp "$HERE/init" "$STAGE/init"
 cp "$HERE/lib.sh" "$STAGE/vmtest/lib.sh"
 cp "$HERE"/guest/*.sh "$STAGE/vmtest/guest/"
-# Test certificates for the TLS guests (the guest has no openssl): a CA, a
-# server certificate for localhost/127.0.0.1 and a client certificate, made
-# fresh for this run in /vmtest/pki/{server,client}, as tls_certs.py does.
-make_pki() {
-    local d=$1
-    mkdir -p "$d/server" "$d/client"
-    ( cd "$d" &&
-      key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; } &&
-      key ca-key.pem &&
-      openssl req -x509 -new -key ca-key.pem -out ca-cert.pem -days 2 -subj /CN=ringbd-vm-ca \
-          -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign &&
-      printf '%s\n' basicConstraints=critical,CA:FALSE keyUsage=critical,digitalSignature \
-          extendedKeyUsage=serverAuth subjectAltName=DNS:localhost,IP:127.0.0.1 >server.ext &&
-      printf '%s\n' basicConstraints=critical,CA:FALSE keyUsage=critical,digitalSignature \
-          extendedKeyUsage=clientAuth >client.ext &&
-      for who in server client; do
-          key "$who/$who-key.pem" &&
-          openssl req -new -key "$who/$who-key.pem" -out "$who.csr" -subj "/CN=$who" &&
-          openssl x509 -req -in "$who.csr" -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
-              -out "$who/$who-cert.pem" -days 2 -extfile "$who.ext" 2>/dev/null &&
-          cp ca-cert.pem "$who/" || return 1
-      done &&
-      rm -f ca-key.pem ./*.csr ./*.ext ./*.srl ) >/dev/null 2>&1
-}
-if command -v openssl >/dev/null; then
-    make_pki "$STAGE/vmtest/pki" || die "openssl could not make the test certificates"
-fi
 for f in "$HERE"/host/*.guest.sh; do   # a host-driven test's guest side runs as /vmtest/guest/NAME.sh
     [[ -f $f ]] || continue
     t=${f##*/}; cp "$f" "$STAGE/vmtest/guest/${t%.guest.sh}.sh"
 done
 chmod 755 "$STAGE/init" "$STAGE"/vmtest/guest/*.sh
+
+# test certificates for the TLS tests (made here, fresh each run, never
+# committed): /vmtest/pki/server and /vmtest/pki/client, as
+# tests/interop/tls_certs.py makes them
+make_pki() {
+    local d=$1 name ext
+    mkdir -p "$d/server" "$d/client"
+    openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$d/ca-key.pem"
+    openssl req -x509 -new -key "$d/ca-key.pem" -out "$d/ca-cert.pem" -days 2 -subj /CN=ringbd-vm-test-ca \
+        -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
+    for name in server client; do
+        if [[ $name == server ]]; then
+            ext="extendedKeyUsage=serverAuth"$'\n'"subjectAltName=DNS:localhost,IP:127.0.0.1"
+        else
+            ext="extendedKeyUsage=clientAuth"
+        fi
+        printf '%s\n' basicConstraints=critical,CA:FALSE keyUsage=critical,digitalSignature,keyEncipherment \
+            "$ext" >"$d/$name.ext"
+        openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$d/$name/$name-key.pem"
+        openssl req -new -key "$d/$name/$name-key.pem" -out "$d/$name.csr" -subj "/CN=$name"
+        openssl x509 -req -in "$d/$name.csr" -CA "$d/ca-cert.pem" -CAkey "$d/ca-key.pem" -CAcreateserial \
+            -out "$d/$name/$name-cert.pem" -days 2 -extfile "$d/$name.ext"
+        cp "$d/ca-cert.pem" "$d/$name/"
+    done
+    rm -f "$d"/*.csr "$d"/*.ext "$d"/ca-key.pem "$d"/*.srl
+}
+if command -v openssl >/dev/null; then
+    make_pki "$STAGE/vmtest/pki" >/dev/null 2>&1 || die "openssl could not make the test certificates"
+else
+    say "no openssl on the host: the TLS tests will skip"
+fi
 
 INITRD=$WORK/initramfs.cpio
 (cd "$STAGE" && find . | LC_ALL=C sort | "$BUSYBOX" cpio -o -H newc >"$INITRD" 2>/dev/null)
@@ -242,7 +258,7 @@ case ${VM_ACCEL:-tcg} in
 esac
 LOGLEVEL="quiet loglevel=1"
 [[ ${VM_VERBOSE:-0} == 1 ]] && LOGLEVEL="loglevel=7"
-BASE_APPEND="console=ttyS0 panic=-1 $LOGLEVEL rdinit=/init vmtest_timeout=$VM_TEST_TIMEOUT"
+BASE_APPEND="console=ttyS0 panic=-1 $LOGLEVEL rdinit=/init vmtest_timeout=$VM_TEST_TIMEOUT${VM_APPEND:+ $VM_APPEND}"
 
 declare -A RESULT=() REASON=()
 T_BOOTED="" GUEST_DONE=0

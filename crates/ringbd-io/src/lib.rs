@@ -8,6 +8,8 @@
 //! - [`client_ring`]: the NBD client's ring (vectored sends, receives).
 //! - [`fs`]: file and block-device calls (fallocate, SEEK_DATA/SEEK_HOLE,
 //!   BLKGETSIZE64, fadvise).
+//! - [`ktls`]: kernel TLS: handing a TLS session's keys to the socket,
+//!   and alert records under it.
 //! - [`net`]: socket activation (LISTEN_FDS) and readiness polling.
 //! - `rbd` (feature `rbd`): Ceph RBD images through librbd's asynchronous C API.
 //! - [`signal`]: SIGINT/SIGTERM delivered as a readable fd.
@@ -18,6 +20,7 @@ pub mod aio;
 pub mod buf;
 pub mod client_ring;
 pub mod fs;
+pub mod ktls;
 pub mod net;
 #[cfg(feature = "rbd")]
 pub mod rbd;

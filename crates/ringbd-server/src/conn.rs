@@ -13,7 +13,9 @@
 //! PSK; sans-IO too), whose plaintext goes to the same NBD state machine; the replies a loop turn
 //! queued are encrypted together into the queue the engine sends
 //! ([`crate::tls`]). Zero-copy sends do not apply there: the queue holds
-//! ciphertext in one buffer, no read payload pages.
+//! ciphertext in one buffer, no read payload pages. Once the session has
+//! moved to the kernel (kTLS, `conn_ktls.rs`), the connection is plaintext
+//! again as far as it and the engine know.
 
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
@@ -34,8 +36,11 @@ use crate::log;
 use crate::out::OutBuf;
 use crate::tls::{TlsLayer, TlsServer};
 
+#[path = "conn_ktls.rs"]
+mod ktls_io;
 #[path = "conn_tls.rs"]
 mod tls_io;
+use ktls_io::KtlsState;
 
 /// Read payloads up to this size are copied into the inline queue; larger
 /// ones travel as their own iovec.
@@ -72,6 +77,8 @@ pub struct Connection {
     tls: Option<Box<TlsLayer>>,
     /// The handshake acknowledged STARTTLS: start TLS before the next byte.
     start_tls: bool,
+    /// Whether the TLS session moves, or moved, to the kernel.
+    ktls: KtlsState,
     pub stats: ConnStats,
 }
 
@@ -102,6 +109,7 @@ impl Connection {
             tls_server,
             tls: None,
             start_tls: false,
+            ktls: KtlsState::Off,
             stats: ConnStats::default(),
         }
     }
@@ -207,9 +215,10 @@ impl Connection {
         }
     }
 
-    /// Whether TLS runs on this connection (STARTTLS was acknowledged).
+    /// Whether TLS runs on this connection (STARTTLS was acknowledged), in
+    /// rustls or in the kernel.
     pub fn is_tls(&self) -> bool {
-        self.tls.is_some()
+        self.tls.is_some() || self.is_ktls()
     }
 
     /// Returns a sent queue's buffers for reuse.

@@ -52,9 +52,11 @@ impl Connection {
                     return data.len();
                 }
             };
+            t.framer.advance(&data[used..used + n]);
             if !t.established && !t.session.is_handshaking() {
                 t.established = true;
                 log::debug(format_args!("{}: TLS established: {}", self.peer, t.session.describe()));
+                self.tls_established(t);
             }
             self.feed_plain(t);
             if !t.plain.is_empty() && !self.is_closed() {

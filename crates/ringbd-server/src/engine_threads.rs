@@ -4,9 +4,15 @@
 //!
 //! Each `read` may carry many pipelined requests; all of them are answered
 //! before the replies leave in one vectored write.
+//!
+//! kTLS: once everything read was taken and every reply written, the
+//! connection is idle and its TLS session can move to the kernel (bytes not
+//! read yet are still in the socket, where the kernel picks them up); from
+//! then on the same reads and writes carry plaintext.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,6 +48,9 @@ pub fn serve_limited(
     let mut rd = stream.try_clone()?;
     let mut wr = stream;
     let mut conn = Connection::new(exports, wr.peer());
+    if matches!(wr, Stream::Tcp(_)) {
+        conn.allow_ktls();
+    }
     let mut buf = vec![0u8; IN_BUF_START];
     let (mut start, mut end) = (0usize, 0usize);
     let result = loop {
@@ -82,6 +91,13 @@ pub fn serve_limited(
                 timed = false;
             }
         }
+        // Everything read was taken and everything queued was written.
+        if conn.ktls_ready() {
+            conn.enable_ktls(wr.as_fd());
+            if conn.is_closed() {
+                break Ok(());
+            }
+        }
         match rd.read(&mut buf) {
             Ok(0) => {
                 conn.peer_closed();
@@ -99,9 +115,18 @@ pub fn serve_limited(
                 conn.peer_closed();
                 break Ok(());
             }
+            // A record that is not application data (close_notify...):
+            // the connection closes; after close_notify what is queued
+            // still goes out.
+            Err(e) if conn.is_ktls() => {
+                if !conn.ktls_recv_error(rd.as_fd(), &e) {
+                    break Ok(());
+                }
+            }
             Err(e) => break Err(e),
         }
     };
+    conn.ktls_close_notify(wr.as_fd());
     wr.shutdown(Shutdown::Both).ok();
     result
 }

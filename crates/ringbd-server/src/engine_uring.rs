@@ -14,6 +14,11 @@
 //! - Backpressure: a connection whose reply queue is full keeps its unread
 //!   buffers as a backlog and its receive is cancelled until the queue
 //!   drains.
+//! - kTLS: a TLS connection whose session is idle (see `conn_ktls.rs`) with
+//!   no send in flight gets its receive stopped; once the receive's last
+//!   completion is in and the connection is still idle, the keys go to the
+//!   kernel and the receive is armed again, now reading plaintext. A
+//!   record that is not application data ends a receive with `EIO`.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
@@ -107,6 +112,8 @@ pub struct EngineStats {
     pub file_direct: AtomicU64,
     /// Operations run by an asynchronous backend (librbd) for this engine.
     pub aio_ops: AtomicU64,
+    /// TLS sessions by where they are encrypted (when TLS is on).
+    pub tls: Option<Arc<crate::tls::TlsServer>>,
 }
 
 impl EngineStats {
@@ -138,7 +145,7 @@ impl EngineStats {
             g(&self.file_fixed),
             g(&self.file_direct),
             g(&self.aio_ops),
-        )
+        ) + &self.tls.as_ref().map_or_else(String::new, |t| format!(", {}", t.stats.summary()))
     }
 }
 
@@ -181,7 +188,7 @@ impl Engine {
         features: Features,
         limits: Limits,
     ) -> io::Result<Engine> {
-        let stats = Arc::new(EngineStats::default());
+        let stats = Arc::new(EngineStats { tls: exports.tls(), ..EngineStats::default() });
         let n = opts.threads.max(1);
         let mut ctl = Vec::with_capacity(n);
         let mut inboxes = Vec::with_capacity(n);
@@ -584,6 +591,9 @@ impl State {
             _ => Stream::Unix(UnixStream::from(fd)),
         };
         let mut conn = Connection::new(self.exports.clone(), stream.peer());
+        if tcp {
+            conn.allow_ktls();
+        }
         // File exports: reads, writes and flushes become ring operations.
         conn.enable_async_file_io(ring.arena().cloned());
         if !self.coalesce {
@@ -673,6 +683,13 @@ impl State {
             }
             // Out of receive buffers (re-armed in flush) or cancelled.
             Err(e) if is_out_of_buffers(&e) || is_cancelled(&e) => {}
+            // kTLS: a record that is not application data (close_notify:
+            // like end of stream), or a record the kernel refused.
+            Err(e) if c.conn.is_ktls() => {
+                if !c.conn.ktls_recv_error(c.stream.as_fd(), &e) {
+                    c.broken = true;
+                }
+            }
             Err(_) => {
                 c.conn.peer_closed();
                 c.broken = true;
@@ -781,6 +798,21 @@ impl State {
                     }
                 }
             }
+            if !c.broken && !c.send_inflight && c.backlog.is_empty() && c.conn.ktls_ready() {
+                // Received bytes must not leave the socket between the last
+                // record rustls sees and TLS_RX: stop the receive first.
+                if !c.recv_armed {
+                    if c.conn.enable_ktls(c.stream.as_fd()) {
+                        // The kernel encrypts from our pages during the
+                        // send itself: SEND_ZC would only add a
+                        // notification (it always reports "copied").
+                        c.zc_ok = false;
+                    }
+                } else if !c.cancel_sent && c.conn.ktls_stop_receive() && ring.cancel_recv(id as u32).is_ok()
+                {
+                    c.cancel_sent = true;
+                }
+            }
             let finished = c.conn.is_closed() || c.broken;
             if !finished
                 && !c.recv_armed
@@ -799,6 +831,9 @@ impl State {
             if finished && !c.send_inflight && c.conn.io_pending() == 0 {
                 if !c.shut {
                     c.shut = true;
+                    if !c.broken {
+                        c.conn.ktls_close_notify(c.stream.as_fd());
+                    }
                     c.stream.shutdown(Shutdown::Both).ok();
                 }
                 if !c.recv_armed {

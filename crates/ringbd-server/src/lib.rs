@@ -10,6 +10,7 @@
 //! - [`tls`]: STARTTLS credentials and the per-connection TLS layer (rustls
 //!   with certificates, OpenSSL with pre-shared keys); `tls_authz`: the
 //!   `--tls-authz` allow list of client certificate subjects.
+//! - [`ktls`]: kernel TLS: the probe, the counters, rustls keys as crypto_info.
 //! - [`server`]: start-up, the accept loop, captive `--run`, clean shutdown.
 
 pub mod access;
@@ -17,6 +18,7 @@ pub mod conn;
 pub mod engine_threads;
 pub mod engine_uring;
 pub mod exports;
+pub mod ktls;
 pub mod listener;
 pub mod log;
 pub mod out;

@@ -244,6 +244,9 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
     } else {
         log::debug(format_args!("engine threads: one thread per connection"));
         serve_threads(listeners, &exports, &signals, &wake_rx, &limits)?;
+        if let Some(t) = exports.tls() {
+            log::warn(format_args!("stats: {}", t.stats.summary()));
+        }
     }
     if limits.gate.refused() > 0 {
         log::warn(format_args!(

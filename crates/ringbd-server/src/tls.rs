@@ -21,6 +21,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig, ServerConnection};
 
+use crate::ktls::{Ktls, KtlsStats, RecordFramer};
+use crate::log;
 use crate::out::OutBuf;
 
 /// The CA certificate (for `--tls-verify-peer`).
@@ -45,12 +47,18 @@ pub struct TlsOptions {
     /// A psktool file (`username:hexkey` lines): TLS-PSK instead of
     /// certificates.
     pub psk: Option<PathBuf>,
+    /// Keep TLS in userspace even where the kernel has kTLS (`--no-ktls`).
+    pub no_ktls: bool,
 }
 
 /// The server's TLS policy and credentials, shared by its connections.
 pub struct TlsServer {
     pub mode: TlsMode,
     credentials: Credentials,
+    /// kTLS, unless `--no-ktls` or with PSK: what the kernel offers.
+    pub ktls: Option<Ktls>,
+    /// TLS sessions, in the kernel and in userspace.
+    pub stats: KtlsStats,
 }
 
 enum Credentials {
@@ -80,7 +88,13 @@ impl TlsServer {
             }
             let keys = PskKeys::load(path).map_err(|e| e.to_string())?;
             let config = PskServerConfig::new(Arc::new(keys)).map_err(|e| e.to_string())?;
-            return Ok(Some(TlsServer { mode: opts.mode, credentials: Credentials::Psk(config) }));
+            // PSK sessions stay in OpenSSL, in userspace: no kTLS.
+            return Ok(Some(TlsServer {
+                mode: opts.mode,
+                credentials: Credentials::Psk(config),
+                ktls: None,
+                stats: KtlsStats::default(),
+            }));
         }
         let dir = opts
             .certificates
@@ -124,10 +138,25 @@ impl TlsServer {
         let key_path = dir.join(SERVER_KEY);
         let key =
             PrivateKeyDer::from_pem_file(&key_path).map_err(|e| format!("{}: {e}", key_path.display()))?;
-        let config = builder
+        let mut config = builder
             .with_single_cert(certs, key)
             .map_err(|e| format!("{} with {}: {e}", dir.join(SERVER_CERT).display(), key_path.display()))?;
-        Ok(Some(TlsServer { mode: opts.mode, credentials: Credentials::X509(Arc::new(config)) }))
+        let ktls = if opts.no_ktls {
+            log::debug(format_args!("kTLS off (--no-ktls): TLS stays in userspace (rustls)"));
+            None
+        } else {
+            // The keys leave rustls only for connections that move to kTLS.
+            config.enable_secret_extraction = true;
+            let (k, line) = Ktls::probe();
+            log::debug(format_args!("{line}"));
+            Some(k)
+        };
+        Ok(Some(TlsServer {
+            mode: opts.mode,
+            credentials: Credentials::X509(Arc::new(config)),
+            ktls,
+            stats: KtlsStats::default(),
+        }))
     }
 
     /// What authenticates: "certificates" or "PSK".
@@ -250,6 +279,14 @@ impl ServerSession {
         }
     }
 
+    /// Whether records (or an alert) wait to be moved to the wire.
+    pub(crate) fn wants_write(&self) -> bool {
+        match self {
+            ServerSession::X509(s) => s.wants_write(),
+            ServerSession::Psk(s) => s.wants_write(),
+        }
+    }
+
     /// A line for the log once the TLS handshake is done.
     pub(crate) fn describe(&self) -> String {
         match self {
@@ -294,10 +331,20 @@ pub(crate) struct TlsLayer {
     pub(crate) closing: bool,
     /// The TLS handshake finished (logged once).
     pub(crate) established: bool,
+    /// Record boundaries of what rustls was given (for the move to kTLS).
+    pub(crate) framer: RecordFramer,
 }
 
 impl TlsLayer {
     pub(crate) fn new(session: ServerSession, wire: OutBuf) -> Self {
-        TlsLayer { session, wire, plain: Vec::new(), held: 0, closing: false, established: false }
+        TlsLayer {
+            session,
+            wire,
+            plain: Vec::new(),
+            held: 0,
+            closing: false,
+            established: false,
+            framer: RecordFramer::default(),
+        }
     }
 }

@@ -414,3 +414,206 @@ fn a_loop_turns_replies_share_records() {
         assert_eq!(records(&back), expect, "reply limit {reply_limit}");
     }
 }
+
+// --- kTLS: when the session may leave rustls, and what its keys are ---------
+
+/// A client that offers only `suite` (and its protocol version).
+fn client_with(dir: &Path, suite: rustls::SupportedCipherSuite) -> ClientConnection {
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(dir.join("ca-cert.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = rustls::crypto::CryptoProvider {
+        cipher_suites: vec![suite],
+        ..rustls::crypto::ring::default_provider()
+    };
+    let cfg = ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[suite.version()])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    ClientConnection::new(Arc::new(cfg), ServerName::try_from("localhost").unwrap()).unwrap()
+}
+
+/// One direction as the kernel would use it, read back from the
+/// crypto_info bytes (include/uapi/linux/tls.h): key, the 12-byte nonce
+/// base (salt then iv; ChaCha: iv), the TLS 1.2 GCM explicit nonce (the
+/// kernel's `iv` field), the next sequence number.
+struct Dir {
+    tls13: bool,
+    alg: &'static ring::aead::Algorithm,
+    key: Vec<u8>,
+    base: [u8; 12],
+    explicit: [u8; 8],
+    seq: u64,
+}
+
+fn parse_info(b: &[u8]) -> Dir {
+    let version = u16::from_ne_bytes([b[0], b[1]]);
+    let cipher = u16::from_ne_bytes([b[2], b[3]]);
+    let mut base = [0u8; 12];
+    let mut explicit = [0u8; 8];
+    let (alg, key, seq): (&'static ring::aead::Algorithm, Vec<u8>, &[u8]) = match cipher {
+        51 | 52 => {
+            let klen = if cipher == 51 { 16 } else { 32 };
+            explicit.copy_from_slice(&b[4..12]);
+            base[..4].copy_from_slice(&b[12 + klen..16 + klen]);
+            base[4..].copy_from_slice(&b[4..12]);
+            let alg = if cipher == 51 { &ring::aead::AES_128_GCM } else { &ring::aead::AES_256_GCM };
+            (alg, b[12..12 + klen].to_vec(), &b[16 + klen..24 + klen])
+        }
+        54 => {
+            base.copy_from_slice(&b[4..16]);
+            (&ring::aead::CHACHA20_POLY1305, b[16..48].to_vec(), &b[48..56])
+        }
+        other => panic!("cipher type {other}"),
+    };
+    assert_eq!(b.len(), if cipher == 51 { 40 } else { 56 });
+    Dir {
+        tls13: version == 0x0304,
+        alg,
+        key,
+        base,
+        explicit,
+        seq: u64::from_be_bytes(seq.try_into().unwrap()),
+    }
+}
+
+impl Dir {
+    fn xor_nonce(&self) -> [u8; 12] {
+        let mut n = self.base;
+        for (a, b) in n[4..].iter_mut().zip(self.seq.to_be_bytes()) {
+            *a ^= b;
+        }
+        n
+    }
+
+    fn key(&self) -> ring::aead::LessSafeKey {
+        ring::aead::LessSafeKey::new(ring::aead::UnboundKey::new(self.alg, &self.key).unwrap())
+    }
+
+    fn tls12_aad(&self, len: usize) -> Vec<u8> {
+        let mut aad = self.seq.to_be_bytes().to_vec();
+        aad.extend_from_slice(&[23, 3, 3]);
+        aad.extend_from_slice(&(len as u16).to_be_bytes());
+        aad
+    }
+
+    /// Decrypts one application-data record the way the kernel's RX would.
+    fn open(&self, record: &[u8]) -> Vec<u8> {
+        assert_eq!(record[0], 23, "an application data record");
+        let hdr = &record[..5];
+        let mut body = record[5..].to_vec();
+        let gcm12 = !self.tls13 && self.alg != &ring::aead::CHACHA20_POLY1305;
+        let (nonce, aad) = if self.tls13 {
+            (self.xor_nonce(), hdr.to_vec())
+        } else if gcm12 {
+            let mut n = [0u8; 12];
+            n[..4].copy_from_slice(&self.base[..4]);
+            n[4..].copy_from_slice(&body[..8]);
+            body.drain(..8);
+            (n, self.tls12_aad(body.len() - 16))
+        } else {
+            (self.xor_nonce(), self.tls12_aad(body.len() - 16))
+        };
+        let nonce = ring::aead::Nonce::assume_unique_for_key(nonce);
+        let plain = self.key().open_in_place(nonce, ring::aead::Aad::from(aad), &mut body).unwrap().to_vec();
+        if self.tls13 {
+            let (inner_type, data) = plain.split_last().unwrap();
+            assert_eq!(*inner_type, 23);
+            data.to_vec()
+        } else {
+            plain
+        }
+    }
+
+    /// Encrypts one application-data record the way the kernel's TX would.
+    fn seal(&self, data: &[u8]) -> Vec<u8> {
+        let mut body = data.to_vec();
+        let gcm12 = !self.tls13 && self.alg != &ring::aead::CHACHA20_POLY1305;
+        let (nonce, aad, prefix) = if self.tls13 {
+            body.push(23);
+            let len = body.len() + 16;
+            (self.xor_nonce(), [23, 3, 3, (len >> 8) as u8, len as u8].to_vec(), Vec::new())
+        } else if gcm12 {
+            let mut n = [0u8; 12];
+            n[..4].copy_from_slice(&self.base[..4]);
+            n[4..].copy_from_slice(&self.explicit);
+            (n, self.tls12_aad(body.len()), self.explicit.to_vec())
+        } else {
+            (self.xor_nonce(), self.tls12_aad(body.len()), Vec::new())
+        };
+        let nonce = ring::aead::Nonce::assume_unique_for_key(nonce);
+        self.key().seal_in_place_append_tag(nonce, ring::aead::Aad::from(aad), &mut body).unwrap();
+        let len = prefix.len() + body.len();
+        let mut rec = vec![23, 3, 3, (len >> 8) as u8, len as u8];
+        rec.extend(prefix);
+        rec.extend(body);
+        rec
+    }
+}
+
+#[test]
+fn ktls_keys_decrypt_and_encrypt_real_records_for_every_suite() {
+    let Some(dir) = pki("ktls-keys") else { return };
+    use rustls::crypto::ring::cipher_suite::*;
+    let suites = [
+        TLS13_AES_128_GCM_SHA256,
+        TLS13_AES_256_GCM_SHA384,
+        TLS13_CHACHA20_POLY1305_SHA256,
+        TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+    ];
+    for suite in suites {
+        let mut srv = server(&dir, TlsMode::Require, false);
+        let mut cl = client_with(&dir, suite);
+        starttls(&mut srv, &mut cl, usize::MAX);
+        go(&mut srv, &mut cl, usize::MAX);
+        assert!(srv.ktls_idle(), "{suite:?}: idle after GO");
+        let keys = srv.extract_ktls_keys().unwrap();
+        assert!(srv.is_closed() || !srv.is_ktls(), "extraction alone does not claim kTLS");
+        let (tx, rx) = (parse_info(keys.tx.as_bytes()), parse_info(keys.rx.as_bytes()));
+        assert!(rx.seq > 0 || !tx.tls13, "{suite:?}: the client's GO record was counted");
+        // The client's next record, sealed by rustls, opens with the RX keys.
+        cl.writer().write_all(b"a request for the kernel").unwrap();
+        let mut rec = Vec::new();
+        while cl.wants_write() {
+            cl.write_tls(&mut rec).unwrap();
+        }
+        assert_eq!(rx.open(&rec), b"a request for the kernel", "{suite:?}");
+        // A record sealed with the TX keys opens in the rustls client.
+        let mut rd = &tx.seal(b"a reply from the kernel")[..];
+        cl.read_tls(&mut rd).unwrap();
+        cl.process_new_packets().unwrap();
+        let mut got = vec![0u8; 64];
+        let n = cl.reader().read(&mut got).unwrap();
+        assert_eq!(&got[..n], b"a reply from the kernel", "{suite:?}");
+    }
+}
+
+#[test]
+fn ktls_waits_for_a_record_boundary_and_an_empty_wire() {
+    let Some(dir) = pki("ktls-idle") else { return };
+    let mut srv = server(&dir, TlsMode::Require, false);
+    let mut cl = client(&dir, false);
+    starttls(&mut srv, &mut cl, usize::MAX);
+    assert!(srv.ktls_idle(), "idle once the handshake is done and its records were taken");
+    // Half a record: rustls holds part of it, the rest is still in the socket.
+    cl.writer().write_all(&option(7, &[0, 0, 0, 0, 0, 0])).unwrap();
+    let mut rec = Vec::new();
+    while cl.wants_write() {
+        cl.write_tls(&mut rec).unwrap();
+    }
+    let half = rec.len() / 2;
+    assert_eq!(srv.receive(&rec[..half]), half);
+    assert!(!srv.ktls_idle(), "mid-record");
+    assert_eq!(srv.receive(&rec[half..]), rec.len() - half);
+    assert!(!srv.ktls_idle(), "GO's reply waits to be sent");
+    let back = drain(&mut srv);
+    assert!(!back.is_empty());
+    assert!(srv.ktls_idle(), "idle after the reply went out");
+    // Not for a closed connection.
+    srv.peer_closed();
+    assert!(!srv.ktls_idle());
+}

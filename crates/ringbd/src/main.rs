@@ -166,6 +166,9 @@ struct ServeArgs {
     /// rbd: exports: bound on connecting, monitor commands and each OSD operation (0 = librados' defaults: OSD operations wait forever).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_timeout)]
     ceph_timeout: Duration,
+    /// A/B switch: keep TLS in userspace (rustls) even where the kernel has kTLS.
+    #[arg(long)]
+    no_ktls: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -280,6 +283,7 @@ fn serve(a: ServeArgs) -> ExitCode {
             authz: a.tls_authz,
             authz_file: a.tls_authz_file,
             psk: a.tls_psk,
+            no_ktls: a.no_ktls,
         },
         access: ringbd_server::access::AccessOptions {
             max_connections: a.max_connections.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),

@@ -102,6 +102,32 @@ def test_nbdcopy_round_trip_over_tls_psk(start_server, psk, shm_tmp):
         assert a.read() == b.read()[:24 << 20]
 
 
+def test_ringbd_client_tools_over_tls_psk(start_server, psk, shm_tmp):
+    """ringbd's own client (info, copy, bench --verify) with libnbd's
+    tls-psk-file= and the URI's user part; a wrong key is refused."""
+    from conftest import ringbd_bin
+    srv = psk_server(start_server, psk)
+    uri = psk_uri(srv, "alice", psk["alice_file"])
+    r = run([ringbd_bin(), "info", "--json", uri])
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info.get("TLS") is True, info
+    src = os.path.join(shm_tmp, "psk-src")
+    back = os.path.join(shm_tmp, "psk-back")
+    with open(src, "wb") as f:
+        f.write(os.urandom(8 << 20))
+    r = run([ringbd_bin(), "copy", src, uri, "--flush"])
+    assert r.returncode == 0, r.stderr
+    r = run([ringbd_bin(), "copy", uri, back])
+    assert r.returncode == 0, r.stderr
+    with open(src, "rb") as a, open(back, "rb") as b:
+        assert a.read() == b.read()[:8 << 20]
+    r = run([ringbd_bin(), "bench", uri, "--rw", "randrw", "--verify", "--time", "1s"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run([ringbd_bin(), "info", psk_uri(srv, "alice", psk["wrong"])])
+    assert r.returncode != 0, "a wrong key was accepted"
+
+
 def test_qemu_io_and_qemu_img_over_tls_psk(start_server, psk):
     srv = psk_server(start_server, psk)
     obj = ["--object", "tls-creds-psk,id=tls0,endpoint=client,dir=%s,username=alice" % psk["alice"]]

@@ -12,10 +12,11 @@
 //! in and ciphertext out in one call ([`ClientTls::send`], which packs all
 //! of a loop turn's requests into as few records as their bytes allow).
 //!
-//! [`ClientTls`] is an enum so that a PSK session (libnbd's
-//! `tls-psk-file`, which rustls cannot do; another TLS library) can be a
-//! second variant with the same methods; until then `tls-psk-file` is
-//! refused with a clear error.
+//! With `tls-psk-file=FILE` (libnbd's TLS-PSK, which rustls cannot do) the
+//! session is OpenSSL's instead, through `ringbd-psk` as on the server: the
+//! username is `tls-username=` or the URI's user part, else the login name
+//! (as libnbd), and its key is looked up in FILE. [`ClientTls`] has one
+//! variant per kind with the same methods.
 
 use std::io::{self, IoSlice, Write};
 use std::path::{Path, PathBuf};
@@ -27,6 +28,8 @@ use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvi
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore};
+
+use ringbd_psk::{PskClientConfig, PskKeys, PskSession};
 
 use crate::error::{Error, Result};
 use crate::uri::{Address, NbdUri, TlsParams};
@@ -43,15 +46,20 @@ const SYSTEM_CA: [&str; 2] = ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tl
 /// What a URI's TLS parameters resolve to, shared by its connections.
 #[derive(Clone)]
 pub struct TlsSetup {
-    config: Arc<ClientConfig>,
-    name: ServerName<'static>,
+    creds: Creds,
     /// Where the credentials came from, for messages.
     what: String,
 }
 
+#[derive(Clone)]
+enum Creds {
+    X509 { config: Arc<ClientConfig>, name: ServerName<'static> },
+    Psk(Arc<PskClientConfig>),
+}
+
 impl std::fmt::Debug for TlsSetup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsSetup").field("name", &self.name).field("what", &self.what).finish()
+        f.debug_struct("TlsSetup").field("what", &self.what).finish_non_exhaustive()
     }
 }
 
@@ -60,12 +68,21 @@ impl TlsSetup {
     pub fn new(uri: &NbdUri) -> Result<Option<TlsSetup>> {
         let Some(t) = &uri.tls else { return Ok(None) };
         let fail = |what: String| Error::Tls { context: format!("TLS setup for {uri}"), what };
-        if let Some(psk) = &t.psk_file {
-            return Err(fail(format!(
-                "tls-psk-file={} asks for PSK, which ringbd's client does not support yet; \
-                 use X.509 certificates (tls-certificates=DIR)",
-                psk.display()
-            )));
+        if let Some(file) = &t.psk_file {
+            let username = match &t.username {
+                Some(u) => u.clone(),
+                // libnbd's default: the login name.
+                None => std::env::var("LOGNAME").or_else(|_| std::env::var("USER")).map_err(|_| {
+                    fail("tls-psk-file needs a username: nbds://USER@host/... or tls-username=USER".into())
+                })?,
+            };
+            let keys = PskKeys::load(file).map_err(|e| fail(e.to_string()))?;
+            let key = keys
+                .get(username.as_bytes())
+                .ok_or_else(|| fail(format!("{}: no key for username {username:?}", file.display())))?;
+            let config = PskClientConfig::new(&username, key.bytes()).map_err(|e| fail(e.to_string()))?;
+            let what = format!("PSK username {username:?} from {}", file.display());
+            return Ok(Some(TlsSetup { creds: Creds::Psk(Arc::new(config)), what }));
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let dir = match &t.certificates {
@@ -100,16 +117,28 @@ impl TlsSetup {
         let name = server_name(uri, t).map_err(fail)?;
         // Unix sockets without tls-hostname send no name, as libnbd does.
         config.enable_sni = t.hostname.is_some() || matches!(uri.address, Address::Tcp { .. });
-        Ok(Some(TlsSetup { config: Arc::new(config), name, what }))
+        Ok(Some(TlsSetup { creds: Creds::X509 { config: Arc::new(config), name }, what }))
     }
 
-    /// A fresh session for one connection (after the STARTTLS ACK).
+    /// A fresh session for one connection (after the STARTTLS ACK); its
+    /// ClientHello is ready to send ([`ClientTls::flush`]).
     pub fn session(&self) -> Result<ClientTls> {
-        let mut conn = ClientConnection::new(self.config.clone(), self.name.clone())
-            .map_err(|e| Error::Tls { context: "TLS session".into(), what: e.to_string() })?;
-        // The engine bounds what it queues; rustls takes a whole batch.
-        conn.set_buffer_limit(None);
-        Ok(ClientTls::X509(Box::new(conn)))
+        let fail = |what: String| Error::Tls { context: "TLS session".into(), what };
+        match &self.creds {
+            Creds::X509 { config, name } => {
+                let mut conn =
+                    ClientConnection::new(config.clone(), name.clone()).map_err(|e| fail(e.to_string()))?;
+                // The engine bounds what it queues; rustls takes a whole batch.
+                conn.set_buffer_limit(None);
+                Ok(ClientTls::X509(Box::new(conn)))
+            }
+            Creds::Psk(config) => {
+                let mut s = config.session().map_err(|e| fail(e.to_string()))?;
+                // Queues the ClientHello.
+                s.process(&mut Vec::new()).map_err(|e| fail(e.to_string()))?;
+                Ok(ClientTls::Psk(Box::new(s)))
+            }
+        }
     }
 
     /// Where the credentials came from, for messages (`-v`, errors).
@@ -307,10 +336,11 @@ pub struct Received {
     pub closed: bool,
 }
 
-/// One connection's TLS session, sans-IO. A PSK session would be a second
-/// variant with the same methods.
+/// One connection's TLS session, sans-IO: rustls with X.509, or OpenSSL
+/// with a pre-shared key.
 pub enum ClientTls {
     X509(Box<ClientConnection>),
+    Psk(Box<PskSession>),
 }
 
 impl std::fmt::Debug for ClientTls {
@@ -346,7 +376,17 @@ impl ClientTls {
         mut ciphertext: &[u8],
         plain: &mut Vec<u8>,
     ) -> std::result::Result<Received, String> {
-        let ClientTls::X509(c) = self;
+        let c = match self {
+            ClientTls::X509(c) => c,
+            ClientTls::Psk(s) => {
+                while !ciphertext.is_empty() {
+                    let n = s.read_tls(ciphertext);
+                    ciphertext = &ciphertext[n..];
+                    s.process(plain).map_err(|e| e.to_string())?;
+                }
+                return Ok(Received { closed: s.peer_closed() });
+            }
+        };
         let mut closed = false;
         while !ciphertext.is_empty() {
             let n = c.read_tls(&mut ciphertext).map_err(|e| format!("TLS input: {e}"))?;
@@ -371,7 +411,17 @@ impl ClientTls {
     /// many small requests) and appends the records to `wire`, with
     /// anything else the session has to send.
     pub fn send(&mut self, plain: &[IoSlice<'_>], wire: &mut Vec<u8>) -> std::result::Result<(), String> {
-        let ClientTls::X509(c) = self;
+        let c = match self {
+            ClientTls::X509(c) => c,
+            ClientTls::Psk(s) => {
+                for piece in plain {
+                    s.write(piece).map_err(|e| e.to_string())?;
+                }
+                s.flush().map_err(|e| e.to_string())?;
+                s.write_tls(wire);
+                return Ok(());
+            }
+        };
         let total: usize = plain.iter().map(|s| s.len()).sum();
         let mut done = 0;
         let mut slices: Vec<IoSlice<'_>> = plain.to_vec();
@@ -389,7 +439,13 @@ impl ClientTls {
 
     /// Appends what the session has to send (records, alerts) to `wire`.
     pub fn flush(&mut self, wire: &mut Vec<u8>) -> std::result::Result<(), String> {
-        let ClientTls::X509(c) = self;
+        let c = match self {
+            ClientTls::X509(c) => c,
+            ClientTls::Psk(s) => {
+                s.write_tls(wire);
+                return Ok(());
+            }
+        };
         while c.wants_write() {
             c.write_tls(wire).map_err(|e| format!("TLS output: {e}"))?;
         }
@@ -398,24 +454,33 @@ impl ClientTls {
 
     /// Whether the session has records to send.
     pub fn wants_write(&self) -> bool {
-        let ClientTls::X509(c) = self;
-        c.wants_write()
+        match self {
+            ClientTls::X509(c) => c.wants_write(),
+            ClientTls::Psk(s) => s.wants_write(),
+        }
     }
 
     pub fn is_handshaking(&self) -> bool {
-        let ClientTls::X509(c) = self;
-        c.is_handshaking()
+        match self {
+            ClientTls::X509(c) => c.is_handshaking(),
+            ClientTls::Psk(s) => s.is_handshaking(),
+        }
     }
 
     /// Queues close_notify (sent with the next [`ClientTls::flush`]).
     pub fn close(&mut self) {
-        let ClientTls::X509(c) = self;
-        c.send_close_notify();
+        match self {
+            ClientTls::X509(c) => c.send_close_notify(),
+            ClientTls::Psk(s) => s.send_close_notify(),
+        }
     }
 
     /// "TLSv1_3 TLS13_AES_256_GCM_SHA384", for `-v` and `ringbd info`.
     pub fn describe(&self) -> String {
-        let ClientTls::X509(c) = self;
+        let c = match self {
+            ClientTls::X509(c) => c,
+            ClientTls::Psk(s) => return s.describe(),
+        };
         let version = c.protocol_version().map_or_else(|| "?".into(), |v| format!("{v:?}"));
         let suite = c.negotiated_cipher_suite().map_or_else(|| "?".into(), |s| format!("{:?}", s.suite()));
         format!("{version} {suite}")

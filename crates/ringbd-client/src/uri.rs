@@ -2,8 +2,8 @@
 //! `nbd+unix:///export?socket=PATH`, and their TLS forms `nbds://` and
 //! `nbds+unix://` with libnbd's query parameters: `tls-certificates=DIR`,
 //! `tls-verify-peer=false`, `tls-hostname=NAME`, `tls-username=NAME`
-//! (PSK only, ignored with X.509) and `tls-psk-file=FILE` (kept, refused
-//! when connecting: PSK is not supported yet). As in libnbd, `tls-*`
+//! (PSK only, ignored with X.509) and `tls-psk-file=FILE` (TLS-PSK
+//! instead of X.509, see `tls.rs`). As in libnbd, `tls-*`
 //! parameters on `nbd://` URIs are ignored: only the scheme turns TLS on.
 
 use std::fmt;
@@ -44,7 +44,7 @@ pub struct TlsParams {
     pub hostname: Option<String>,
     /// `tls-username=NAME` or the URI's userinfo: the PSK identity.
     pub username: Option<String>,
-    /// `tls-psk-file=FILE`: PSK instead of X.509 (not supported yet).
+    /// `tls-psk-file=FILE`: PSK instead of X.509.
     pub psk_file: Option<PathBuf>,
 }
 
@@ -353,7 +353,7 @@ mod tests {
         );
         let t = ok("nbds://u@h/?tls-username=bob&tls-psk-file=keys.psk&tls-verify-peer=ON").tls.unwrap();
         assert_eq!((t.username.as_deref(), t.verify_peer), (Some("bob"), true));
-        assert_eq!(t.psk_file, Some("keys.psk".into()), "kept; refused when connecting");
+        assert_eq!(t.psk_file, Some("keys.psk".into()), "kept for the PSK session");
         for v in ["1", "true", "yes", "on"] {
             assert!(ok(&format!("nbds://h/?tls-verify-peer={v}")).tls.unwrap().verify_peer);
         }

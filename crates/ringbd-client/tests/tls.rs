@@ -141,6 +141,25 @@ fn server(dir: &Path, certs: Option<&Path>, verify_peer: bool) -> PathBuf {
     path
 }
 
+/// A threaded ringbd server on a Unix socket in `dir` with TLS-PSK keys.
+fn psk_server(dir: &Path, keys: &Path) -> PathBuf {
+    let path = dir.join("nbd-psk.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let mut exports = Exports::default();
+    exports.add(Export::new("", Arc::new(MemoryBackend::new(SIZE)), false)).unwrap();
+    let opts = TlsOptions { mode: TlsMode::Require, psk: Some(keys.to_owned()), ..TlsOptions::default() };
+    exports.set_tls(TlsServer::load(&opts).unwrap());
+    let exports = Arc::new(exports);
+    thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(s) = s else { return };
+            let ex = exports.clone();
+            thread::spawn(move || engine_threads::serve(Stream::Unix(s), ex));
+        }
+    });
+    path
+}
+
 fn uri(sock: &Path, query: &str) -> NbdUri {
     format!("nbds+unix:///?socket={}&{query}", sock.display()).parse().unwrap()
 }
@@ -216,9 +235,9 @@ fn verification_and_refusals() {
     let plain = server(&a, None, false);
     let e = err(&uri(&plain, &format!("tls-certificates={}", a.display())));
     assert!(e.contains("refused NBD_OPT_STARTTLS") && e.contains("not falling back"), "{e}");
-    // PSK is not there yet.
-    let e = err(&uri(&tls, "tls-psk-file=/etc/keys.psk"));
-    assert!(e.contains("PSK") && e.contains("not support"), "{e}");
+    // A PSK file that is not there says so, before connecting.
+    let e = err(&uri(&tls, "tls-username=alice&tls-psk-file=/nonexistent/keys.psk"));
+    assert!(e.contains("/nonexistent/keys.psk"), "{e}");
     // A missing CA file says so.
     let e = err(&uri(&tls, &format!("tls-certificates={}", a.join("nope").display())));
     assert!(e.contains("ca-cert.pem does not exist"), "{e}");
@@ -353,4 +372,52 @@ fn a_batch_becomes_few_records_in_memory() {
     assert!(client.receive(&s2c, &mut plain).unwrap().closed);
     // Garbage instead of a record is an error, not a panic.
     assert!(client.receive(&[0x17, 3, 3, 0, 5, 1, 2, 3, 4, 5], &mut plain).is_err());
+}
+
+#[test]
+fn pipelined_io_inside_tls_psk_and_wrong_keys_refused() {
+    let root = std::env::temp_dir().join(format!("ringbd-client-psk-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let _g = Dir(root.clone());
+    let keys = root.join("keys.psk");
+    std::fs::write(
+        &keys,
+        "alice:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\nbob:0badc0de\n",
+    )
+    .unwrap();
+    let sock = psk_server(&root, &keys);
+    let u = uri(&sock, &format!("tls-username=alice&tls-psk-file={}", keys.display()));
+    let mut e = Engine::connect(&u, &ClientConfig::new(""), 2).unwrap();
+    assert!(e.negotiated().unwrap().extended, "negotiated again inside TLS");
+    let bs = 20 * 1024u64;
+    for i in 0..32u64 {
+        e.submit(e.least_busy(), i, Cmd::write(i * bs, bs), pattern(i * bs, bs as usize)).unwrap();
+    }
+    let mut done = Vec::new();
+    while done.len() < 32 {
+        e.poll(&mut done, true).unwrap();
+    }
+    assert!(done.iter().all(|c| c.result.is_ok()), "writes acknowledged");
+    done.clear();
+    for i in 0..32u64 {
+        e.submit((i % 2) as usize, i, Cmd::read(i * bs, bs), Vec::new()).unwrap();
+    }
+    while done.len() < 32 {
+        e.poll(&mut done, true).unwrap();
+    }
+    for c in &done {
+        assert_eq!(c.buf, pattern(c.tag * bs, bs as usize), "read {} inside TLS-PSK", c.tag);
+    }
+    e.disconnect().unwrap();
+    // The right username with another user's key file line is refused.
+    let wrong = root.join("wrong.psk");
+    std::fs::write(&wrong, "alice:ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100\n")
+        .unwrap();
+    let u = uri(&sock, &format!("tls-username=alice&tls-psk-file={}", wrong.display()));
+    assert!(Engine::connect(&u, &ClientConfig::new(""), 1).is_err(), "a wrong key connected");
+    // A username that the file has no line for fails before connecting.
+    let u = uri(&sock, &format!("tls-username=carol&tls-psk-file={}", keys.display()));
+    let e = Engine::connect(&u, &ClientConfig::new(""), 1).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains("no key for username \"carol\""), "{e}");
 }

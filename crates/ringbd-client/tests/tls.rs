@@ -115,6 +115,18 @@ fn pkis(tag: &str) -> Option<(Dir, PathBuf, PathBuf)> {
     Some((guard, a, b))
 }
 
+/// Serves `listener` with the threaded engine, a thread per connection.
+fn accept(listener: UnixListener, exports: Exports) {
+    let exports = Arc::new(exports);
+    thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(s) = s else { return };
+            let ex = exports.clone();
+            thread::spawn(move || engine_threads::serve(Stream::Unix(s), ex));
+        }
+    });
+}
+
 /// A threaded ringbd server on a Unix socket in `dir`.
 fn server(dir: &Path, certs: Option<&Path>, verify_peer: bool) -> PathBuf {
     let path = dir.join(format!("nbd-{}.sock", certs.is_some() as u8 + 2 * verify_peer as u8));
@@ -130,14 +142,7 @@ fn server(dir: &Path, certs: Option<&Path>, verify_peer: bool) -> PathBuf {
         };
         exports.set_tls(TlsServer::load(&opts).unwrap());
     }
-    let exports = Arc::new(exports);
-    thread::spawn(move || {
-        for s in listener.incoming() {
-            let Ok(s) = s else { return };
-            let ex = exports.clone();
-            thread::spawn(move || engine_threads::serve(Stream::Unix(s), ex));
-        }
-    });
+    accept(listener, exports);
     path
 }
 
@@ -149,14 +154,7 @@ fn psk_server(dir: &Path, keys: &Path) -> PathBuf {
     exports.add(Export::new("", Arc::new(MemoryBackend::new(SIZE)), false)).unwrap();
     let opts = TlsOptions { mode: TlsMode::Require, psk: Some(keys.to_owned()), ..TlsOptions::default() };
     exports.set_tls(TlsServer::load(&opts).unwrap());
-    let exports = Arc::new(exports);
-    thread::spawn(move || {
-        for s in listener.incoming() {
-            let Ok(s) = s else { return };
-            let ex = exports.clone();
-            thread::spawn(move || engine_threads::serve(Stream::Unix(s), ex));
-        }
-    });
+    accept(listener, exports);
     path
 }
 

@@ -102,7 +102,7 @@ RINGBD=${RINGBD:-$REPO/target/release/ringbd}
 if [[ ! -x $RINGBD ]]; then
     [[ $RINGBD == "$REPO/target/release/ringbd" ]] || die "RINGBD=$RINGBD is not an executable"
     say "building ringbd (cargo build --release --locked -p ringbd)"
-    (cd "$REPO" && cargo build --release --locked -p ringbd)
+    (cd "$REPO" && cargo build --release --features rbd --locked -p ringbd)
 fi
 
 # --- initramfs ------------------------------------------------------------------------

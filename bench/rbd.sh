@@ -39,7 +39,7 @@ while (($#)); do
     *) die "unknown argument $1" ;;
     esac
 done
-[[ -x $BIN ]] || die "$BIN is missing (cargo build --release)"
+[[ -x $BIN ]] || die "$BIN is missing (cargo build --release --features rbd)"
 fio --enghelp 2>/dev/null | grep -qw rbd || die "this fio has no rbd engine"
 
 WORK=$(mktemp -d /tmp/ringbd-rbd-bench.XXXXXX)

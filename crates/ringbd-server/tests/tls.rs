@@ -19,7 +19,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore};
 
 mod wire;
-use wire::{option, request};
+use wire::{drain, feed, option, request};
 
 fn openssl(dir: &Path, args: &[&str]) -> bool {
     Command::new("openssl").args(args).current_dir(dir).output().is_ok_and(|o| o.status.success())
@@ -144,38 +144,6 @@ fn client(dir: &Path, with_cert: bool) -> ClientConnection {
         b.with_no_client_auth()
     };
     ClientConnection::new(Arc::new(cfg), ServerName::try_from("localhost").unwrap()).unwrap()
-}
-
-/// Takes what the server queued for the wire.
-fn drain(c: &mut Connection) -> Vec<u8> {
-    let mut iov = Vec::new();
-    c.out().iovecs(0, &mut iov);
-    let v = iov.iter().flat_map(|s| s.iter().copied()).collect();
-    c.sent();
-    v
-}
-
-/// Feeds `input` to the server `chunk` bytes at a time the way an engine
-/// does (unconsumed bytes are offered again after the queue drains);
-/// returns everything the server sent.
-fn feed(c: &mut Connection, input: &[u8], chunk: usize) -> Vec<u8> {
-    let mut wire = drain(c);
-    let mut at = 0;
-    while at < input.len() && !c.is_closed() {
-        let end = (at + chunk).min(input.len());
-        let mut spins = 0;
-        let mut start = at;
-        while start < end && !c.is_closed() {
-            let n = c.receive(&input[start..end]);
-            start += n;
-            wire.extend(drain(c));
-            spins += 1;
-            assert!(spins < 10_000, "no progress");
-        }
-        at = end;
-    }
-    wire.extend(drain(c));
-    wire
 }
 
 /// Runs the TLS handshake between `cl` and the server to completion.

@@ -15,7 +15,7 @@ use ringbd_server::exports::{Export, Exports};
 use ringbd_server::tls::{TlsOptions, TlsServer};
 
 mod wire;
-use wire::{option, request};
+use wire::{feed, option, request};
 
 const ALICE: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 
@@ -36,37 +36,6 @@ fn client(user: &str, hex: &str) -> PskSession {
     let keys = PskKeys::parse(Path::new("client.psk"), format!("{user}:{hex}").as_bytes()).unwrap();
     let key = keys.get(user.as_bytes()).unwrap();
     PskClientConfig::new(user, key.bytes()).unwrap().session().unwrap()
-}
-
-/// Takes what the server queued for the wire.
-fn drain(c: &mut Connection) -> Vec<u8> {
-    let mut iov = Vec::new();
-    c.out().iovecs(0, &mut iov);
-    let v = iov.iter().flat_map(|s| s.iter().copied()).collect();
-    c.sent();
-    v
-}
-
-/// Feeds `input` `chunk` bytes at a time as an engine does (unconsumed
-/// bytes are offered again after the queue drains); returns what the
-/// server sent.
-fn feed(c: &mut Connection, input: &[u8], chunk: usize) -> Vec<u8> {
-    let mut wire = drain(c);
-    let mut at = 0;
-    while at < input.len() && !c.is_closed() {
-        let end = (at + chunk).min(input.len());
-        let mut spins = 0;
-        let mut start = at;
-        while start < end && !c.is_closed() {
-            start += c.receive(&input[start..end]);
-            wire.extend(drain(c));
-            spins += 1;
-            assert!(spins < 10_000, "no progress");
-        }
-        at = end;
-    }
-    wire.extend(drain(c));
-    wire
 }
 
 /// Gives the server's bytes to the client; returns the plaintext.

@@ -87,7 +87,8 @@ impl fmt::Display for NbdUri {
             Address::Tcp { host, port } if host.contains(':') => {
                 write!(f, "nbd{s}://[{host}]:{port}/{export}")?
             }
-            Address::Tcp { host, port } => write!(f, "nbd{s}://{host}:{port}/{export}")?,
+            // A host name is percent-decoded when parsed: encode it back.
+            Address::Tcp { host, port } => write!(f, "nbd{s}://{}:{port}/{export}", encode_host(host))?,
             Address::Unix(p) => {
                 write!(f, "nbd{s}+unix:///{export}")?;
                 query.push(format!("socket={}", encode(&p.to_string_lossy(), true)));
@@ -131,6 +132,21 @@ fn encode(s: &str, query: bool) -> String {
         let keep =
             b.is_ascii_alphanumeric() || b"-._~/".contains(&b) || (!query && b":@!$&'()*+,;=".contains(&b));
         if keep {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A host name (not an IPv6 literal) for a URI's authority: unreserved
+/// characters and sub-delimiters stay, everything else (`%` included) is
+/// percent-encoded.
+fn encode_host(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b) {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));
@@ -381,6 +397,9 @@ mod tests {
             "nbds://[::1]:10809/",
             "nbds://h:2/d?tls-certificates=/a%20b&tls-verify-peer=false&tls-hostname=n&tls-username=u&tls-psk-file=/k",
             "nbds+unix:///x?socket=/s&tls-hostname=localhost",
+            // Found by the uri fuzz target: a host that decodes to "%".
+            "nbds://%25",
+            "nbd://a%7Eb%2Cc:7/",
         ] {
             let u = ok(s);
             assert_eq!(ok(&u.to_string()), u, "{s}");

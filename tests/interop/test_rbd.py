@@ -9,10 +9,17 @@ version, unpacked privately by tests/ceph/qemu-rbd.sh: qemu-utils stays as
 it is). Start-up errors, the exclusive lock and the OSD failure are ringbd's
 own behaviour (ringbd_only).
 
+The cephx tests use a second cluster (CEPH_AUTH=cephx, fixture ceph_cephx),
+started by the first of them and stopped at the end of the module; they are
+ringbd's own (ringbd_only): serving as a restricted client named with
+--ceph-id, and the refusals (a wrong or missing key, an unknown client,
+missing caps) failing at once with a message that says so.
+
 The OSD test stops and restarts the OSD: it runs last in this module.
 """
 
 import itertools
+import json
 import os
 import shutil
 import subprocess
@@ -72,6 +79,39 @@ def ceph():
     try:
         run([CLUSTER, "start", d], timeout=240)
         yield Ceph(d)
+    finally:
+        run([CLUSTER, "stop", d], check=False, timeout=60)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class CephCephx(Ceph):
+    """The cephx cluster: cluster.sh's clients (ringbd, ringbd-ro,
+    ringbd-nopool; see there) with keyrings DIR/ceph.client.NAME.keyring,
+    which the conf's [client] keyring names. The rbd CLI runs as admin."""
+
+    def __init__(self, workdir, keyrings):
+        super().__init__(workdir)
+        self.keyrings = keyrings  # "ringbd-ro" -> path
+
+    def mon_session_names(self):
+        """Entity names of the monitor's client sessions (its admin socket)."""
+        asok = os.path.join(self.dir, "run", "mon.a.asok")
+        out = run(["ceph", "--admin-daemon", asok, "sessions"], timeout=30).stdout
+        return [s["entity_name"] for s in json.loads(out)]
+
+
+@pytest.fixture(scope="module")
+def ceph_cephx():
+    d = tempfile.mkdtemp(prefix="ringbd-ceph-cephx-")
+    try:
+        out = run([CLUSTER, "start", d], timeout=240, env=dict(os.environ, CEPH_AUTH="cephx")).stdout
+        keyrings = {}
+        for line in out.splitlines():
+            key, _, path = line.partition("=")
+            if key.startswith("CEPH_KEYRING_"):
+                keyrings[key[len("CEPH_KEYRING_"):].lower().replace("_", "-")] = path
+        assert set(keyrings) == {"admin", "ringbd", "ringbd-ro", "ringbd-nopool"}, out
+        yield CephCephx(d, keyrings)
     finally:
         run([CLUSTER, "stop", d], check=False, timeout=60)
         shutil.rmtree(d, ignore_errors=True)
@@ -286,6 +326,109 @@ def test_rbd_exclusive_lock_keeps_a_second_writer_out(server_kind, serve_rbd, ce
     # Read-only access (a snapshot, or --read-only) needs no lock.
     ro = serve_rbd("ringbd", image, read_only=True)
     assert nbdinfo_json(ro.uri())["exports"][0]["is_read_only"] is True
+
+
+@pytest.fixture
+def serve_cephx(ceph_cephx):
+    """Factory: serve_cephx(CLIENT_ID, "POOL/IMAGE", read_only=False) -> ringbd
+    serving it as client.CLIENT_ID with the cephx cluster's conf (whose
+    keyring = DIR/ceph.$name.keyring finds the client's key)."""
+    servers = []
+
+    def _serve(client_id, image, read_only=False):
+        srv = start("ringbd", {"": "rbd:" + image}, read_only=read_only,
+                    args=["--ceph-conf", ceph_cephx.conf, "--ceph-id", client_id,
+                          "--ceph-timeout", "%ds" % OP_TIMEOUT_S])
+        servers.append(srv)
+        return srv
+
+    yield _serve
+    errors = []
+    for srv in reversed(servers):
+        try:
+            srv.stop()
+        except AssertionError as e:
+            errors.append(str(e))
+    assert not errors, "\n".join(errors)
+
+
+def refused(ceph, spec, client_id, shm_tmp, read_only=False, env=None, timeout_s=20):
+    """`ringbd serve` as client_id that must fail to start: (stderr, seconds)."""
+    t0 = time.monotonic()
+    p = run([ringbd_bin(), "serve", *ringbd_extra_args(), "--unix", os.path.join(shm_tmp, "r.sock"),
+             "--ceph-conf", ceph.conf, "--ceph-id", client_id, "--ceph-timeout", "%ds" % timeout_s,
+             *(["--read-only"] if read_only else []), spec],
+            check=False, timeout=3 * timeout_s, env=dict(os.environ, **(env or {})))
+    took = time.monotonic() - t0
+    assert p.returncode != 0, p
+    assert "panicked" not in p.stderr, p.stderr
+    return p.stderr, took
+
+
+@pytest.mark.ringbd_only
+def test_rbd_cephx_restricted_client_round_trip(server_kind, serve_cephx, ceph_cephx, random_image_64m, shm_tmp):
+    image = ceph_cephx.image("64M")  # created by client.admin
+    srv = serve_cephx("ringbd", image)
+    # The monitor sees ringbd's session as client.ringbd (not admin).
+    assert "client.ringbd" in ceph_cephx.mon_session_names()
+    uri = srv.uri()
+    run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", random_image_64m, uri], timeout=120)
+    run(["qemu-img", "compare", "-f", "raw", "-F", "raw", random_image_64m, uri], timeout=120)
+    srv.stop()  # closes the image (flushes librbd's cache) and lets the lock go
+    back = os.path.join(shm_tmp, "exported.img")
+    ceph_cephx.rbd("export", image, back, timeout=120)
+    assert files_equal(random_image_64m, back)
+
+
+@pytest.mark.ringbd_only
+def test_rbd_cephx_refused_keys_fail_at_once(server_kind, ceph_cephx, shm_tmp):
+    image = ceph_cephx.image("4M")
+    # A key that is not client.ringbd's, named with CEPH_ARGS (which wins
+    # over the conf's keyring, where the right key is).
+    wrong = os.path.join(shm_tmp, "wrong.keyring")
+    run(["ceph-authtool", "--create-keyring", wrong, "--gen-key", "-n", "client.ringbd"])
+    err, took = refused(ceph_cephx, "rbd:" + image, "ringbd", shm_tmp, env={"CEPH_ARGS": "--keyring " + wrong})
+    assert "rados_connect: Permission denied" in err and "the cluster refused client.ringbd" in err, err
+    assert took < 10, took  # refused, not timed out (--ceph-timeout 20s)
+    # A client the cluster does not know, with a key of its own.
+    stranger = os.path.join(shm_tmp, "stranger.keyring")
+    run(["ceph-authtool", "--create-keyring", stranger, "--gen-key", "-n", "client.stranger"])
+    err, took = refused(ceph_cephx, "rbd:" + image, "stranger", shm_tmp,
+                        env={"CEPH_ARGS": "--keyring " + stranger})
+    assert "rados_connect: Permission denied" in err and "the cluster refused client.stranger" in err, err
+    assert took < 10, took
+    # No keyring at all for the client (none where the conf's keyring points).
+    err, took = refused(ceph_cephx, "rbd:" + image, "nobody", shm_tmp)
+    assert "no keyring found for client.nobody" in err, err
+    assert took < 10, took
+
+
+@pytest.mark.ringbd_only
+def test_rbd_cephx_caps_decide_what_a_client_may_serve(server_kind, serve_cephx, ceph_cephx, shm_tmp):
+    image = ceph_cephx.image("4M")
+    data = os.path.join(shm_tmp, "data.img")
+    with open(data, "wb") as f:
+        f.write(pattern("cephx", 4 * MiB))
+    srv = serve_cephx("ringbd", image)
+    run(["nbdcopy", "--flush", data, srv.uri()], timeout=60)
+    srv.stop()  # lets the exclusive lock go
+    # No caps on the pool: the OSD refuses, read-write and read-only alike.
+    for ro, mode in ((False, "read-write"), (True, "read-only")):
+        err, took = refused(ceph_cephx, "rbd:" + image, "ringbd-nopool", shm_tmp, read_only=ro)
+        assert "rbd_open: Operation not permitted" in err, err
+        assert "client.ringbd-nopool's caps do not allow opening it %s" % mode in err, err
+        assert took < 10, took
+    # Read-only caps: not writable ...
+    err, took = refused(ceph_cephx, "rbd:" + image, "ringbd-ro", shm_tmp)
+    assert "rbd_open: Operation not permitted" in err, err
+    assert "client.ringbd-ro's caps do not allow opening it read-write" in err, err
+    assert took < 10, took
+    # ... but enough to serve it --read-only.
+    ro = serve_cephx("ringbd-ro", image, read_only=True)
+    assert nbdinfo_json(ro.uri())["exports"][0]["is_read_only"] is True
+    out = os.path.join(shm_tmp, "back.img")
+    run(["nbdcopy", ro.uri(), out], timeout=60)
+    assert files_equal(data, out)
 
 
 @pytest.mark.ringbd_only

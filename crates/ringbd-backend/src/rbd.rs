@@ -162,6 +162,13 @@ mod imp {
         pub fn open(spec: &RbdSpec, read_only: bool, ceph: &CephConfig) -> Result<RbdBackend> {
             let cfg =
                 ClusterConfig { conf: ceph.conf.as_deref(), id: ceph.id.as_deref(), timeout: ceph.timeout };
+            // The client as the cluster names it (and as keyring paths do).
+            let id = ceph.id.as_deref().unwrap_or("admin");
+            let client = if id.starts_with("client.") { id.to_owned() } else { format!("client.{id}") };
+            let where_keyring = format!(
+                "librados looks where the conf's `keyring` says, else /etc/ceph/ceph.{client}.keyring; \
+                 CEPH_ARGS=\"--keyring PATH\" names one"
+            );
             let bound = match ceph.timeout {
                 Some(t) => format!(" (within {}s)", t.as_secs()),
                 None => String::new(),
@@ -176,11 +183,12 @@ mod imp {
                         Some(p) => format!("; cannot read {}", p.display()),
                         None => "; no ceph.conf found (give --ceph-conf PATH)".into(),
                     },
-                    libc::EACCES | libc::EPERM | libc::ENOENT => {
-                        "; check --ceph-id and the keyring (librados looks where the conf's `keyring` says, \
-                         then /etc/ceph/ceph.client.ID.keyring)"
-                            .into()
-                    }
+                    // cephx with no key for the client: librados gives up before asking.
+                    libc::ENOENT => format!("; no keyring found for {client} ({where_keyring})"),
+                    libc::EACCES | libc::EPERM => format!(
+                        "; the cluster refused {client}: a wrong key, or a client it does not know \
+                         (check --ceph-id and the keyring; {where_keyring})"
+                    ),
                     _ => String::new(),
                 };
                 open_error(spec, "connecting to the cluster", e, &hint)
@@ -193,11 +201,18 @@ mod imp {
             let read_only = read_only || snap.is_some();
             let image = Image::open(&pool, &spec.image, snap, read_only).map_err(|e| {
                 let hint = match (e.errno, snap) {
-                    (libc::ENOENT, Some(_)) => "; no such image or snapshot",
-                    (libc::ENOENT, None) => "; no such image",
-                    _ => "",
+                    (libc::ENOENT, Some(_)) => "; no such image or snapshot".into(),
+                    (libc::ENOENT, None) => "; no such image".into(),
+                    // The OSD refused: the client's caps do not cover this pool (or only reading).
+                    (libc::EPERM | libc::EACCES, _) => format!(
+                        "; {client}'s caps do not allow opening it {} (that needs osd 'profile rbd{} pool={}')",
+                        if read_only { "read-only" } else { "read-write" },
+                        if read_only { "-read-only" } else { "" },
+                        spec.pool
+                    ),
+                    _ => String::new(),
                 };
-                open_error(spec, "opening the image", e, hint)
+                open_error(spec, "opening the image", e, &hint)
             })?;
             let (size, object_size) =
                 image.stat().map_err(|e| open_error(spec, "reading the image's size", e, ""))?;

@@ -10,6 +10,8 @@
 //!   BLKGETSIZE64, fadvise).
 //! - [`ktls`]: kernel TLS: handing a TLS session's keys to the socket,
 //!   and alert records under it.
+//! - [`mem`]: heap thresholds that keep per-request buffers from being
+//!   returned to the kernel and faulted back in.
 //! - [`net`]: socket activation (LISTEN_FDS) and readiness polling.
 //! - `rbd` (feature `rbd`): Ceph RBD images through librbd's asynchronous C API.
 //! - [`signal`]: SIGINT/SIGTERM delivered as a readable fd.
@@ -21,6 +23,7 @@ pub mod buf;
 pub mod client_ring;
 pub mod fs;
 pub mod ktls;
+pub mod mem;
 pub mod net;
 #[cfg(feature = "rbd")]
 pub mod rbd;

@@ -226,6 +226,10 @@ fn parse_named_export(s: &str) -> Result<(String, Spec), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any worker thread exists (see ringbd_io::mem).
+    if let Err(e) = ringbd_io::mem::retain_heap() {
+        eprintln!("ringbd: warning: heap settings: {e} (TLS replies may be slower)");
+    }
     match cli.command {
         Cmd::Serve(a) => serve(*a),
         Cmd::Attach(a) => cmd_ublk::attach(a),

@@ -33,6 +33,8 @@ class FioResult:
     iops: float
     mib_s: float
     ios: int
+    # fio's own CPU time over the run (all jobs, libnbd and its TLS included).
+    client_cpu_s: float
 
 
 def load_fio(path: str) -> FioResult:
@@ -46,10 +48,14 @@ def load_fio(path: str) -> FioResult:
     if job.get("error"):
         sys.exit(f"report.py: {path}: fio job error {job['error']}")
     dirs = [job[d] for d in ("read", "write", "trim") if d in job]
+    # With group_reporting, usr_cpu/sys_cpu are percentages of job_runtime,
+    # the jobs' run times summed (ms).
+    client = (job.get("usr_cpu", 0) + job.get("sys_cpu", 0)) / 100 * job.get("job_runtime", 0) / 1000
     return FioResult(
         iops=sum(d["iops"] for d in dirs),
         mib_s=sum(d["bw_bytes"] for d in dirs) / 2**20,
         ios=sum(d["total_ios"] for d in dirs),
+        client_cpu_s=client,
     )
 
 
@@ -68,6 +74,7 @@ class Row:
     iops: float
     mib_s: float
     cpu_us: float
+    client_us: float
 
 
 def load_rows(work: str, clk_tck: int) -> list[Row]:
@@ -77,7 +84,7 @@ def load_rows(work: str, clk_tck: int) -> list[Row]:
             transport, server, workload, title, path, ticks = line.rstrip("\n").split("\t")
             r = load_fio(path)
             rows.append(Row(transport, server, workload, title, r.iops, r.mib_s,
-                            cpu_us_per_io(int(ticks), clk_tck, r.ios)))
+                            cpu_us_per_io(int(ticks), clk_tck, r.ios), r.client_cpu_s * 1e6 / max(r.ios, 1)))
     return rows
 
 
@@ -121,7 +128,8 @@ def markdown(rows: list[Row], meta: dict, versions: dict, cmds: dict, plot_name:
         f"client {meta['fio']} nbd engine (libnbd), {meta['runtime']} s per run, "
         f"`--numjobs={meta['numjobs']} --group_reporting --time_based`; "
         f"{meta['export_size']} exports prefilled with sequential 1 MiB writes. "
-        "Server CPU is utime+stime of the server process over the run divided by the I/Os fio completed; "
+        "Server CPU is utime+stime of the server process over the run divided by the I/Os fio completed, "
+        "client CPU is fio's own (usr+sys, libnbd included); "
         f"ratios are against {base} in the same run (CPU/IO below 1.00× is better).",
         "",
         "Servers: " + "; ".join(f"{s} = {versions.get(s, '?')}" for s in servers) + ".",
@@ -132,15 +140,16 @@ def markdown(rows: list[Row], meta: dict, versions: dict, cmds: dict, plot_name:
         trows = [r for r in rows if r.transport == transport]
         baseline = {r.workload: r for r in trows if r.server == base}
         out += ["", f"### {TRANSPORT_TITLES.get(transport, transport)}", "",
-                f"| workload | server | IOPS | MiB/s | server CPU µs/IO | IOPS vs {base} | CPU/IO vs {base} |",
-                "|---|---|---:|---:|---:|---:|---:|"]
+                f"| workload | server | IOPS | MiB/s | server CPU µs/IO | client CPU µs/IO "
+                f"| IOPS vs {base} | CPU/IO vs {base} |",
+                "|---|---|---:|---:|---:|---:|---:|---:|"]
         for workload in dict.fromkeys(r.workload for r in trows):
             for r in (r for r in trows if r.workload == workload):
                 b = baseline.get(workload)
                 iops_ratio = r.iops / b.iops if b and b.iops else None
                 cpu_ratio = r.cpu_us / b.cpu_us if b and b.cpu_us else None
                 out.append(f"| {r.title} | {r.server} | {r.iops:,.0f} | {r.mib_s:,.0f} | {fmt_sig(r.cpu_us)} "
-                           f"| {fmt_ratio(iops_ratio)} | {fmt_ratio(cpu_ratio)} |")
+                           f"| {fmt_sig(r.client_us)} | {fmt_ratio(iops_ratio)} | {fmt_ratio(cpu_ratio)} |")
         out += ["", "<details><summary>Server command lines</summary>", ""]
         out += [f"- {s}: `{cmds[(s, transport)]}`" for s in servers if (s, transport) in cmds]
         out += ["", "</details>"]
@@ -219,7 +228,9 @@ def main() -> None:
         cpu = cpu_us_per_io(args.ticks, args.clk_tck, res.ios)
         note = " (warning: no server CPU time recorded; is the PID the process doing the work?)" \
             if args.ticks == 0 else ""
-        print(f"{res.iops:,.0f} IOPS, {res.mib_s:,.0f} MiB/s, {fmt_sig(cpu)} µs server CPU per I/O{note}")
+        client = res.client_cpu_s * 1e6 / max(res.ios, 1)
+        print(f"{res.iops:,.0f} IOPS, {res.mib_s:,.0f} MiB/s, {fmt_sig(cpu)} µs server CPU per I/O, "
+              f"{fmt_sig(client)} µs client CPU per I/O{note}")
     elif args.cmd == "check-prefill":
         with open(args.json) as f:
             written = sum(j["write"]["io_bytes"] for j in json.load(f)["jobs"])

@@ -99,7 +99,7 @@ impl Connection {
     /// any handshake messages or alert to the wire.
     pub(super) fn seal_into(&mut self, t: &mut TlsLayer) {
         if !self.out.is_empty() {
-            if let Err(e) = t.session.write_plain(&self.out) {
+            if let Err(e) = t.session.write_plain(&self.out, t.wire.bytes()) {
                 log::warn(format_args!("{}: TLS: {e}", self.peer));
                 self.phase = Phase::Closed;
             }

@@ -91,12 +91,20 @@ impl OutBuf {
 
     /// The queued bytes as iovecs, skipping the first `skip` bytes (already
     /// sent). Appends to `out`.
-    pub fn iovecs<'a>(&'a self, mut skip: usize, out: &mut Vec<IoSlice<'a>>) {
+    pub fn iovecs<'a>(&'a self, skip: usize, out: &mut Vec<IoSlice<'a>>) {
+        self.iovecs_upto(skip, usize::MAX, out)
+    }
+
+    /// Like [`OutBuf::iovecs`], but at most `limit` bytes.
+    pub fn iovecs_upto<'a>(&'a self, mut skip: usize, mut limit: usize, out: &mut Vec<IoSlice<'a>>) {
         let mut push = |s: &'a [u8], out: &mut Vec<IoSlice<'a>>| {
             if skip >= s.len() {
                 skip -= s.len();
-            } else {
-                out.push(IoSlice::new(&s[skip..]));
+            } else if limit > 0 {
+                let s = &s[skip..];
+                let s = &s[..s.len().min(limit)];
+                limit -= s.len();
+                out.push(IoSlice::new(s));
                 skip = 0;
             }
         };
@@ -159,6 +167,9 @@ mod tests {
         assert_eq!(flat(&o, 3), b"DEfGH");
         assert_eq!(flat(&o, 5), b"fGH");
         assert_eq!(flat(&o, 8), b"");
+        let mut v = Vec::new();
+        o.iovecs_upto(1, 5, &mut v);
+        assert_eq!(v.iter().flat_map(|s| s.iter().copied()).collect::<Vec<u8>>(), b"bCDEf");
         let mut pool = Vec::new();
         o.clear(&mut pool);
         assert!(o.is_empty());

@@ -130,6 +130,17 @@ def qemu_modules():
     return _get
 
 
+def stop_all(servers):
+    """Stops servers newest first; fails with every server's complaint."""
+    errors = []
+    for srv in reversed(servers):
+        try:
+            srv.stop()
+        except AssertionError as e:
+            errors.append(str(e))
+    assert not errors, "\n".join(errors)
+
+
 @pytest.fixture
 def serve_rbd(ceph, qemu_modules):
     """Factory: serve_rbd(kind, "POOL/IMAGE[@SNAP]", read_only=False) -> Server."""
@@ -147,13 +158,7 @@ def serve_rbd(ceph, qemu_modules):
         return srv
 
     yield _serve
-    errors = []
-    for srv in reversed(servers):
-        try:
-            srv.stop()
-        except AssertionError as e:
-            errors.append(str(e))
-    assert not errors, "\n".join(errors)
+    stop_all(servers)
 
 
 @pytest.fixture
@@ -343,13 +348,7 @@ def serve_cephx(ceph_cephx):
         return srv
 
     yield _serve
-    errors = []
-    for srv in reversed(servers):
-        try:
-            srv.stop()
-        except AssertionError as e:
-            errors.append(str(e))
-    assert not errors, "\n".join(errors)
+    stop_all(servers)
 
 
 def refused(ceph, spec, client_id, shm_tmp, read_only=False, env=None, timeout_s=20):

@@ -163,13 +163,14 @@ impl PskServerConfig {
     pub fn session(&self) -> Result<PskSession, PskError> {
         let mut ssl = Ssl::new(&self.ctx)?;
         ssl.set_accept_state();
-        PskSession::new(ssl, Some(self.identity))
+        PskSession::new(ssl, Side::Server(self.identity))
     }
 }
 
 /// A client's PSK credentials: one username and its key.
 pub struct PskClientConfig {
     ctx: SslContext,
+    username: String,
 }
 
 impl PskClientConfig {
@@ -177,6 +178,7 @@ impl PskClientConfig {
         let mut b = builder(SslMethod::tls_client())?;
         let key = Key::new(key.to_vec());
         let identity = username.as_bytes().to_vec();
+        let username = username.to_string();
         b.set_psk_client_callback(move |_ssl, _hint, id, psk| {
             // The identity is written as a C string.
             if identity.len() >= id.len() || key.bytes().len() > psk.len() {
@@ -187,7 +189,7 @@ impl PskClientConfig {
             psk[..key.bytes().len()].copy_from_slice(key.bytes());
             Ok(key.bytes().len())
         });
-        Ok(PskClientConfig { ctx: b.build() })
+        Ok(PskClientConfig { ctx: b.build(), username })
     }
 
     /// A session for one connection. Its first [`PskSession::process`]
@@ -195,8 +197,16 @@ impl PskClientConfig {
     pub fn session(&self) -> Result<PskSession, PskError> {
         let mut ssl = Ssl::new(&self.ctx)?;
         ssl.set_connect_state();
-        PskSession::new(ssl, None)
+        PskSession::new(ssl, Side::Client(self.username.clone()))
     }
+}
+
+/// Which end of the connection a session is, with what its messages name.
+enum Side {
+    /// Where the client's identity is kept (see [`Identity`]).
+    Server(openssl::ex_data::Index<Ssl, Identity>),
+    /// The username this client offers.
+    Client(String),
 }
 
 /// One TLS-PSK connection, server or client side, over memory buffers.
@@ -206,18 +216,18 @@ pub struct PskSession {
     staged: Vec<u8>,
     /// Where records are decrypted to, one at a time.
     scratch: Vec<u8>,
-    identity: Option<openssl::ex_data::Index<Ssl, Identity>>,
+    side: Side,
     peer_closed: bool,
     failed: bool,
 }
 
 impl PskSession {
-    fn new(ssl: Ssl, identity: Option<openssl::ex_data::Index<Ssl, Identity>>) -> Result<Self, PskError> {
+    fn new(ssl: Ssl, side: Side) -> Result<Self, PskError> {
         Ok(PskSession {
             stream: SslStream::new(ssl, MemIo::default())?,
             staged: Vec::new(),
             scratch: Vec::new(),
-            identity,
+            side,
             peer_closed: false,
             failed: false,
         })
@@ -259,6 +269,21 @@ impl PskSession {
 
     fn fail(&mut self, e: &openssl::ssl::Error) -> PskError {
         self.failed = true;
+        if let Side::Client(name) = &self.side {
+            // An alert does not say which it was: OpenSSL servers send
+            // illegal_parameter for a binder that does not verify (a
+            // wrong key) and handshake_failure for a username they have
+            // no key for.
+            let what = match (self.is_handshaking(), alert_received(e)) {
+                (true, true) => format!(
+                    "the server refused the TLS-PSK handshake as username {name:?} \
+                     (a wrong key, or a username it has no key for?)"
+                ),
+                (true, false) => format!("TLS-PSK handshake as username {name:?} failed"),
+                (false, _) => "TLS-PSK session failed".to_string(),
+            };
+            return PskError(format!("{what}: {e}"));
+        }
         let id = self.identity().map(|id| (String::from_utf8_lossy(&id.name).into_owned(), id.known));
         let what = match (id, self.is_handshaking()) {
             (Some((name, false)), _) => format!("unknown PSK username {name:?}"),
@@ -356,7 +381,10 @@ impl PskSession {
     }
 
     fn identity(&self) -> Option<&Identity> {
-        self.identity.and_then(|idx| self.stream.ssl().ex_data(idx))
+        match self.side {
+            Side::Server(idx) => self.stream.ssl().ex_data(idx),
+            Side::Client(_) => None,
+        }
     }
 
     /// The username the client sent (server side), once its key was found.
@@ -374,6 +402,21 @@ impl PskSession {
             None => format!("{} {suite} PSK", ssl.version_str()),
         }
     }
+}
+
+/// Whether what ended the session is an alert from the peer: OpenSSL
+/// reports a received alert as an error of the SSL library whose reason is
+/// `SSL_AD_REASON_OFFSET` (1000) plus the alert's number (the error's text
+/// names the alert).
+fn alert_received(e: &openssl::ssl::Error) -> bool {
+    const ERR_LIB_SSL: i32 = 20;
+    const SSL_AD_REASON_OFFSET: i32 = 1000;
+    e.ssl_error().is_some_and(|stack| {
+        stack.errors().iter().any(|err| {
+            err.library_code() == ERR_LIB_SSL
+                && (SSL_AD_REASON_OFFSET..SSL_AD_REASON_OFFSET + 256).contains(&err.reason_code())
+        })
+    })
 }
 
 #[cfg(test)]

@@ -101,7 +101,7 @@ fn tls12_with_ecdhe_psk_works_too() {
     let mut ssl = Ssl::new(&cfg.ctx).unwrap();
     ssl.set_connect_state();
     ssl.set_max_proto_version(Some(SslVersion::TLS1_2)).unwrap();
-    let mut cl = PskSession::new(ssl, None).unwrap();
+    let mut cl = PskSession::new(ssl, Side::Client("bob".into())).unwrap();
     let mut srv = server();
     handshake(&mut cl, &mut srv, usize::MAX).unwrap();
     assert!(srv.describe().starts_with("TLSv1.2 ECDHE-PSK-CHACHA20-POLY1305"), "{}", srv.describe());
@@ -139,6 +139,49 @@ fn an_unknown_username_fails_the_handshake_and_is_named() {
     let (mut cl, mut srv) = (client("mallory", "c0ffee"), server());
     let e = handshake(&mut cl, &mut srv, usize::MAX).unwrap_err();
     assert!(e.0.starts_with("unknown PSK username \"mallory\""), "{e}");
+}
+
+/// The server refuses the client's handshake; the client then gets the
+/// server's alert. Returns the client's error.
+fn refused_client(cl: &mut PskSession, srv: &mut PskSession) -> PskError {
+    handshake(cl, srv, usize::MAX).unwrap_err();
+    assert!(srv.wants_write(), "the server queued no alert");
+    let e = deliver(srv, cl, usize::MAX).unwrap_err();
+    assert!(cl.process(&mut Vec::new()).is_err(), "the client session went on after the failure");
+    e
+}
+
+#[test]
+fn the_client_says_the_server_refused_a_wrong_key() {
+    let (mut cl, mut srv) = (client("alice", "00"), server());
+    let e = refused_client(&mut cl, &mut srv);
+    // Not the server's wording ("before a PSK username came"): the client
+    // knows which username it offered.
+    assert!(
+        e.0.starts_with(
+            "the server refused the TLS-PSK handshake as username \"alice\" \
+             (a wrong key, or a username it has no key for?): "
+        ),
+        "{e}"
+    );
+    assert!(e.0.contains("alert"), "{e}");
+}
+
+#[test]
+fn the_client_says_the_server_refused_an_unknown_username() {
+    let (mut cl, mut srv) = (client("mallory", "c0ffee"), server());
+    let e = refused_client(&mut cl, &mut srv);
+    assert!(e.0.starts_with("the server refused the TLS-PSK handshake as username \"mallory\""), "{e}");
+}
+
+#[test]
+fn garbage_from_the_server_is_not_called_a_refusal() {
+    let mut cl = alice();
+    cl.process(&mut Vec::new()).unwrap();
+    cl.write_tls(&mut Vec::new());
+    cl.read_tls(b"this is not a TLS ServerHello\r\n");
+    let e = cl.process(&mut Vec::new()).unwrap_err();
+    assert!(e.0.starts_with("TLS-PSK handshake as username \"alice\" failed: "), "{e}");
 }
 
 #[test]

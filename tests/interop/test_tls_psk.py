@@ -126,6 +126,12 @@ def test_ringbd_client_tools_over_tls_psk(start_server, psk, shm_tmp):
     assert r.returncode == 0, r.stdout + r.stderr
     r = run([ringbd_bin(), "info", psk_uri(srv, "alice", psk["wrong"])])
     assert r.returncode != 0, "a wrong key was accepted"
+    # The client names the username it offered and the likely cause: it
+    # gets an alert from ringbd, nbdkit (GnuTLS) just hangs up.
+    assert 'username "alice"' in r.stderr and "a wrong key" in r.stderr, r.stderr
+    r = run([ringbd_bin(), "info", psk_uri(srv, "mallory", psk["mallory"])])
+    assert r.returncode != 0, "an unknown username was accepted"
+    assert 'username "mallory"' in r.stderr and "a wrong key" in r.stderr, r.stderr
 
 
 def test_qemu_io_and_qemu_img_over_tls_psk(start_server, psk):

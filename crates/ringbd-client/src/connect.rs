@@ -132,7 +132,10 @@ impl Link {
             }
             let n = self.stream.io().read(&mut chunk).map_err(|e| Error::io(ctx(), e))?;
             if n == 0 {
-                return Err(tls_err("server closed the connection during the TLS handshake".into()));
+                return Err(tls_err(format!(
+                    "server closed the connection during the TLS handshake{}",
+                    setup.hangup_hint()
+                )));
             }
             tls.receive(&chunk[..n], &mut plain).map_err(tls_err)?;
         }

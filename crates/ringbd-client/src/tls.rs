@@ -54,7 +54,7 @@ pub struct TlsSetup {
 #[derive(Clone)]
 enum Creds {
     X509 { config: Arc<ClientConfig>, name: ServerName<'static> },
-    Psk(Arc<PskClientConfig>),
+    Psk { config: Arc<PskClientConfig>, username: String },
 }
 
 impl std::fmt::Debug for TlsSetup {
@@ -82,7 +82,7 @@ impl TlsSetup {
                 .ok_or_else(|| fail(format!("{}: no key for username {username:?}", file.display())))?;
             let config = PskClientConfig::new(&username, key.bytes()).map_err(|e| fail(e.to_string()))?;
             let what = format!("PSK username {username:?} from {}", file.display());
-            return Ok(Some(TlsSetup { creds: Creds::Psk(Arc::new(config)), what }));
+            return Ok(Some(TlsSetup { creds: Creds::Psk { config: Arc::new(config), username }, what }));
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let dir = match &t.certificates {
@@ -132,7 +132,7 @@ impl TlsSetup {
                 conn.set_buffer_limit(None);
                 Ok(ClientTls::X509(Box::new(conn)))
             }
-            Creds::Psk(config) => {
+            Creds::Psk { config, .. } => {
                 let mut s = config.session().map_err(|e| fail(e.to_string()))?;
                 // Queues the ClientHello.
                 s.process(&mut Vec::new()).map_err(|e| fail(e.to_string()))?;
@@ -144,6 +144,19 @@ impl TlsSetup {
     /// Where the credentials came from, for messages (`-v`, errors).
     pub fn describe(&self) -> &str {
         &self.what
+    }
+
+    /// Why a server may hang up in the middle of the TLS handshake, for the
+    /// error: GnuTLS servers (nbdkit, qemu) close a TLS-PSK connection
+    /// without an alert when the key or the username is wrong.
+    pub fn hangup_hint(&self) -> String {
+        match &self.creds {
+            Creds::Psk { username, .. } => format!(
+                " (TLS-PSK as username {username:?}: the server refused it? a wrong key, \
+                 or a username it has no key for)"
+            ),
+            Creds::X509 { .. } => String::new(),
+        }
     }
 }
 

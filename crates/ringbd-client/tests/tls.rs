@@ -423,3 +423,50 @@ fn pipelined_io_inside_tls_psk_and_wrong_keys_refused() {
     let e = Engine::connect(&u, &ClientConfig::new(""), 1).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(e.contains("no key for username \"carol\""), "{e}");
 }
+
+/// A server that acknowledges STARTTLS, reads the ClientHello and hangs up
+/// without an alert, as GnuTLS servers (nbdkit) do with a wrong PSK.
+#[test]
+fn a_psk_server_that_hangs_up_in_the_handshake_gets_a_hint() {
+    use std::io::{Read, Write};
+    let root = std::env::temp_dir().join(format!("ringbd-client-psk-hangup-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let _g = Dir(root.clone());
+    let keys = root.join("keys.psk");
+    std::fs::write(&keys, "alice:00112233445566778899aabbccddeeff\n").unwrap();
+    let sock = root.join("hangup.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let server = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        // NBDMAGIC, IHAVEOPT, FIXED_NEWSTYLE | NO_ZEROES
+        s.write_all(b"NBDMAGICIHAVEOPT\x00\x03").unwrap();
+        // Client flags, then IHAVEOPT, NBD_OPT_STARTTLS (5), length 0.
+        let mut opt = [0u8; 4 + 16];
+        s.read_exact(&mut opt).unwrap();
+        assert_eq!(&opt[4..], b"IHAVEOPT\x00\x00\x00\x05\x00\x00\x00\x00", "STARTTLS first");
+        // The reply magic, STARTTLS, NBD_REP_ACK, length 0.
+        let mut ack = 0x0003_e889_0455_65a9u64.to_be_bytes().to_vec();
+        ack.extend_from_slice(&[0, 0, 0, 5, 0, 0, 0, 1, 0, 0, 0, 0]);
+        s.write_all(&ack).unwrap();
+        let mut hello = [0u8; 5];
+        s.read_exact(&mut hello).unwrap();
+        assert_eq!(hello[0], 22, "a handshake record (the ClientHello)");
+        // All of it: unread input would make the close a reset.
+        let mut body = vec![0u8; u16::from_be_bytes([hello[3], hello[4]]) as usize];
+        s.read_exact(&mut body).unwrap();
+    });
+    let u = uri(&sock, &format!("tls-username=alice&tls-psk-file={}", keys.display()));
+    let e = match Engine::connect(&u, &ClientConfig::new(""), 1) {
+        Ok(_) => panic!("connected to a server that hung up"),
+        Err(e) => e.to_string(),
+    };
+    server.join().unwrap();
+    assert!(
+        e.contains(
+            "server closed the connection during the TLS handshake (TLS-PSK as username \"alice\": \
+             the server refused it? a wrong key, or a username it has no key for)"
+        ),
+        "{e}"
+    );
+}

@@ -176,3 +176,19 @@ ublk_detach() {
     [ ! -e "$UBLK_DEV" ] || fail "$UBLK_DEV still exists after detach"
     log "$UBLK_DEV detached"
 }
+# ublk_pattern SIZE_MIB PAT_MIB MID_MIB: O_DIRECT writes to $UBLK_DEV of a
+# random PAT_MIB-MiB pattern at 0 (1 MiB requests) and at MID_MIB MiB (64 KiB
+# requests), and of its first MiB into the last MiB of the SIZE_MIB-MiB device;
+# the first two are read back. Leaves ./pat (the pattern) and ./pat1 (its
+# first MiB) for later checks.
+ublk_pattern() {
+    dd if=/dev/urandom of=pat bs=1M count="$2" 2>/dev/null
+    head -c 1048576 pat >pat1
+    dd if=pat of="$UBLK_DEV" bs=1M oflag=direct 2>/dev/null || fail "write at 0 failed: $(tail -n 8 attach.err)"
+    dd if=pat of="$UBLK_DEV" bs=64K seek=$(($3 * 16)) oflag=direct 2>/dev/null || fail "write at $3 MiB failed"
+    dd if=pat1 of="$UBLK_DEV" bs=1M seek=$(($1 - 1)) oflag=direct conv=fsync 2>/dev/null \
+        || fail "write in the last MiB failed"
+    dd if="$UBLK_DEV" bs=1M count="$2" iflag=direct 2>/dev/null | cmp -s - pat || fail "data at 0 differs"
+    dd if="$UBLK_DEV" bs=256K skip=$(($3 * 4)) count=$(($2 * 4)) iflag=direct 2>/dev/null | cmp -s - pat \
+        || fail "data at $3 MiB differs"
+}

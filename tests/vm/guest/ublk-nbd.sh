@@ -33,14 +33,8 @@ wait_for 10 sh -c '[ "$(grep -c "export \"disk\"" ringbd.err)" -ge 2 ]' \
 log "ringbd saw $(conns) connections"
 
 step "pattern: O_DIRECT writes at 0, 100 MiB and the last MiB"
-dd if=/dev/urandom of=pat bs=1M count=8 2>/dev/null
-head -c 1048576 pat >pat1
+ublk_pattern 256 8 100
 head -c 1048576 /dev/zero >zero1
-dd if=pat of="$UBLK_DEV" bs=1M oflag=direct 2>/dev/null || fail "write at 0 failed: $(tail -n 8 attach.err)"
-dd if=pat of="$UBLK_DEV" bs=64K seek=1600 oflag=direct 2>/dev/null || fail "write at 100 MiB failed"
-dd if=pat1 of="$UBLK_DEV" bs=1M seek=255 oflag=direct conv=fsync 2>/dev/null || fail "write in the last MiB failed"
-dd if="$UBLK_DEV" bs=1M count=8 iflag=direct 2>/dev/null | cmp -s - pat || fail "data at 0 differs"
-dd if="$UBLK_DEV" bs=256K skip=400 count=32 iflag=direct 2>/dev/null | cmp -s - pat || fail "data at 100 MiB differs"
 
 step "pattern: read back through a fresh attach, over TCP"
 ublk_detach

@@ -41,14 +41,8 @@ other=$(grep 'TLS established' ringbd.err | grep -v 'PSK username "alice"' || tr
 log "server: $(grep -m1 "TLS established" ringbd.err | sed "s/^ringbd: //")"
 
 step "pattern: O_DIRECT writes at 0, 40 MiB and the last MiB, read back"
-dd if=/dev/urandom of=pat bs=1M count=4 2>/dev/null
-head -c 1048576 pat >pat1
+ublk_pattern 64 4 40
 head -c 1048576 /dev/zero >zero1
-dd if=pat of="$UBLK_DEV" bs=1M oflag=direct 2>/dev/null || fail "write at 0 failed: $(tail -n 8 attach.err)"
-dd if=pat of="$UBLK_DEV" bs=64K seek=640 oflag=direct 2>/dev/null || fail "write at 40 MiB failed"
-dd if=pat1 of="$UBLK_DEV" bs=1M seek=63 oflag=direct conv=fsync 2>/dev/null || fail "write in the last MiB failed"
-dd if="$UBLK_DEV" bs=1M count=4 iflag=direct 2>/dev/null | cmp -s - pat || fail "data at 0 differs"
-dd if="$UBLK_DEV" bs=256K skip=160 count=16 iflag=direct 2>/dev/null | cmp -s - pat || fail "data at 40 MiB differs"
 
 step "second path: ringbd copy of the export as bob (nbds+unix://bob@, the whole key file)"
 ringbd copy "nbds+unix://bob@/disk?socket=$PWD/psk.sock&tls-psk-file=$PWD/keys.psk" copy.img 2>copy.err \

@@ -31,13 +31,7 @@ wait_for 10 sh -c '[ "$(grep -c "TLS established" ringbd.err)" -ge 2 ]' \
 log "ringbd: $(grep -m1 'TLS established' ringbd.err)"
 
 step "pattern: O_DIRECT writes at 0, 100 MiB and the last MiB, read back"
-dd if=/dev/urandom of=pat bs=1M count=4 2>/dev/null
-head -c 1048576 pat >pat1
-dd if=pat of="$UBLK_DEV" bs=1M oflag=direct 2>/dev/null || fail "write at 0 failed: $(tail -n 8 attach.err)"
-dd if=pat of="$UBLK_DEV" bs=64K seek=1600 oflag=direct 2>/dev/null || fail "write at 100 MiB failed"
-dd if=pat1 of="$UBLK_DEV" bs=1M seek=127 oflag=direct conv=fsync 2>/dev/null || fail "write in the last MiB failed"
-dd if="$UBLK_DEV" bs=1M count=4 iflag=direct 2>/dev/null | cmp -s - pat || fail "data at 0 differs"
-dd if="$UBLK_DEV" bs=256K skip=400 count=16 iflag=direct 2>/dev/null | cmp -s - pat || fail "data at 100 MiB differs"
+ublk_pattern 128 4 100
 
 step "read back through a fresh attach over TCP (nbds://127.0.0.1)"
 ublk_detach

@@ -15,7 +15,9 @@ ringbd's own (ringbd_only): serving as a restricted client named with
 --ceph-id, and the refusals (a wrong or missing key, an unknown client,
 missing caps) failing at once with a message that says so.
 
-The OSD test stops and restarts the OSD: it runs last in this module.
+The OSD test stops and restarts the OSD: it runs last in this module. It
+also checks that block status waiting on the cluster (an image without the
+object map) does not hold up other exports served from the same ring.
 """
 
 import itertools
@@ -29,7 +31,7 @@ import time
 import pytest
 
 from conftest import REPO_ROOT, ringbd_bin, ringbd_extra_args, selected_kinds, start
-from helpers import MiB, STATE_HOLE, files_equal, nbdinfo_json, pattern, run
+from helpers import MiB, STATE_HOLE, STATE_ZERO, files_equal, nbdinfo_json, pattern, run
 
 CLUSTER = os.path.join(REPO_ROOT, "tests", "ceph", "cluster.sh")
 QEMU_RBD = os.path.join(REPO_ROOT, "tests", "ceph", "qemu-rbd.sh")
@@ -60,10 +62,11 @@ class Ceph:
     def rbd(self, *args, check=True, timeout=60):
         return run(["rbd", "-c", self.conf, *args], check=check, timeout=timeout)
 
-    def image(self, size):
-        """A fresh image of `size` (e.g. "64M"); returns POOL/NAME."""
+    def image(self, size, features=None):
+        """A fresh image of `size` (e.g. "64M"), with rbd's default features
+        or `features` (e.g. "layering"); returns POOL/NAME."""
         name = "%s/t%d-%d" % (POOL, os.getpid(), next(_names))
-        self.rbd("create", "--size", size, name)
+        self.rbd("create", "--size", size, *(["--image-feature", features] if features else []), name)
         return name
 
     def stop_osd(self):
@@ -130,6 +133,18 @@ def qemu_modules():
     return _get
 
 
+def allocation_collector(entries):
+    """A libnbd block-status callback appending base:allocation's
+    (length, flags) pairs to `entries`."""
+    import nbd
+
+    def cb(metacontext, offset, e, err):
+        if metacontext == nbd.CONTEXT_BASE_ALLOCATION:
+            entries.extend(e)
+        return 0
+    return cb
+
+
 def stop_all(servers):
     """Stops servers newest first; fails with every server's complaint."""
     errors = []
@@ -143,13 +158,15 @@ def stop_all(servers):
 
 @pytest.fixture
 def serve_rbd(ceph, qemu_modules):
-    """Factory: serve_rbd(kind, "POOL/IMAGE[@SNAP]", read_only=False) -> Server."""
+    """Factory: serve_rbd(kind, "POOL/IMAGE[@SNAP]", read_only=False) -> Server;
+    for ringbd, `more` names further exports and `args` adds options."""
     servers = []
 
-    def _serve(kind, image, read_only=False):
+    def _serve(kind, image, read_only=False, more=None, args=()):
         if kind == "ringbd":
-            srv = start("ringbd", {"": "rbd:" + image}, read_only=read_only,
-                        args=["--ceph-conf", ceph.conf, "--ceph-timeout", "%ds" % OP_TIMEOUT_S])
+            exports = {"": "rbd:" + image, **(more or {})}
+            srv = start("ringbd", exports, read_only=read_only,
+                        args=["--ceph-conf", ceph.conf, "--ceph-timeout", "%ds" % OP_TIMEOUT_S, *args])
         else:
             fname = "rbd:%s:conf=%s" % (image, ceph.conf)
             srv = start("qemu-nbd", {"": fname}, read_only=read_only,
@@ -226,17 +243,12 @@ def test_rbd_fio_randwrite_verify(rbd_kind, serve_rbd, ceph, shm_tmp):
 
 
 def test_rbd_block_status_of_a_sparse_image(rbd_kind, serve_rbd, ceph, rbd_handle):
-    import nbd
     srv = serve_rbd(rbd_kind, ceph.image("64M"))
     h = rbd_handle(srv.uri())
     h.pwrite(pattern("rbd", MiB), 20 * MiB)
     h.flush()
     entries = []
-
-    def cb(metacontext, offset, e, err):
-        if metacontext == nbd.CONTEXT_BASE_ALLOCATION:
-            entries.extend(e)
-        return 0
+    cb = allocation_collector(entries)
 
     ext, off = [], 0
     while off < 64 * MiB:
@@ -434,11 +446,25 @@ def test_rbd_cephx_caps_decide_what_a_client_may_serve(server_kind, serve_cephx,
 def test_rbd_osd_down_fails_requests_in_bounded_time_then_recovers(server_kind, serve_rbd, ceph, rbd_handle):
     import nbd
     image = ceph.image("16M")
-    srv = serve_rbd("ringbd", image)
+    # Without the object map (features: layering only), librbd answers
+    # block status by asking the OSDs about each object. Served from the same
+    # ring (--threads 1) as a memory export.
+    plain = ceph.image("16M", features="layering")
+    srv = serve_rbd("ringbd", image, more={"plain": "rbd:" + plain, "mem": "memory:1M"},
+                    args=["--threads", "1"])
     h = rbd_handle(srv.uri())
+    hp = rbd_handle(srv.uri("plain"))
+    hm = rbd_handle(srv.uri("mem"))
     before = pattern("before", 4 * MiB)
     h.pwrite(before, 0)
     h.flush()
+    hp.pwrite(b"p" * 4096, 0)
+    hp.flush()
+    entries = []
+    cb = allocation_collector(entries)
+
+    hp.block_status(16 * MiB, 0, cb)
+    assert entries == [4 * MiB, 0, 12 * MiB, STATE_HOLE | STATE_ZERO], entries
     ceph.stop_osd()
     try:
         # With the only OSD down, a write and its flush cannot be durable:
@@ -458,6 +484,23 @@ def test_rbd_osd_down_fails_requests_in_bounded_time_then_recovers(server_kind, 
         except nbd.Error as e:
             assert e.errno == "EIO", e
         assert time.monotonic() - t0 < 6 * OP_TIMEOUT_S
+        # Block status of the plain image now waits for the OSD; it runs
+        # off the ring worker, so the memory export on the same ring answers
+        # meanwhile, and the query itself fails within the timeout.
+        entries.clear()
+        cookie = hp.aio_block_status(16 * MiB, 0, cb)
+        t0 = time.monotonic()
+        hm.pwrite(b"m" * 4096, 0)
+        assert hm.pread(4096, 0) == b"m" * 4096
+        took = time.monotonic() - t0
+        assert took < OP_TIMEOUT_S / 2, "the memory export waited %.1fs behind block status" % took
+        hp.poll(0)
+        assert hp.aio_in_flight() == 1, "block status answered while the OSD is down?"
+        with pytest.raises(nbd.Error) as ei:
+            while not hp.aio_command_completed(cookie):
+                hp.poll(-1)
+        assert ei.value.errno == "EIO", ei.value
+        assert time.monotonic() - t0 < 6 * OP_TIMEOUT_S
         assert srv.alive()
     finally:
         ceph.start_osd()
@@ -474,5 +517,8 @@ def test_rbd_osd_down_fails_requests_in_bounded_time_then_recovers(server_kind, 
             time.sleep(0.5)
     assert h.pread(4 * MiB, 0) == before
     assert h.pread(4096, 12 * MiB) == b"n" * 4096
+    entries.clear()
+    hp.block_status(16 * MiB, 0, cb)
+    assert entries == [4 * MiB, 0, 12 * MiB, STATE_HOLE | STATE_ZERO], entries
     p = subprocess.run(["nbdinfo", "--size", srv.uri()], capture_output=True, text=True, timeout=30)
     assert p.returncode == 0, p.stderr

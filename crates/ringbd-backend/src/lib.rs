@@ -197,7 +197,62 @@ pub trait AsyncIo: Send + Sync {
     /// of `buf[at..]` moved, or 0) and `buf` go to `sink`, from any thread,
     /// or at once from this one if the operation cannot start.
     fn submit(&self, op: ringbd_io::uring::FileOp, buf: ringbd_io::buf::IoBuf, sink: ringbd_io::aio::Sink);
+
+    /// Starts [`Backend::extents`]`(offset, len)`, which may have to wait for
+    /// the storage (RBD without its object map lists objects on the OSDs).
+    /// The count of extents and a buffer holding them ([`extents_to_buf`])
+    /// go to `sink`, from any thread; an error goes there as the result.
+    fn submit_extents(&self, offset: u64, len: u64, sink: ringbd_io::aio::Sink);
+}
+
+/// Bytes of one extent in [`extents_to_buf`]'s layout: the length, then
+/// the flags (bit 0 hole, bit 1 zero), both little-endian `u64`.
+const EXTENT_RECORD: usize = 16;
+
+/// Lays extents out in a buffer, to travel through a completion
+/// ([`AsyncIo::submit_extents`]); [`extents_from_buf`] reads them back.
+pub fn extents_to_buf(extents: &[Extent]) -> ringbd_io::buf::IoBuf {
+    let mut b = Vec::with_capacity(extents.len() * EXTENT_RECORD);
+    for e in extents {
+        b.extend_from_slice(&e.len.to_le_bytes());
+        b.extend_from_slice(&(u64::from(e.hole) | u64::from(e.zero) << 1).to_le_bytes());
+    }
+    ringbd_io::buf::IoBuf::from_slice(&b)
+}
+
+/// The extents in `buf` ([`extents_to_buf`]); a trailing partial record is
+/// ignored.
+pub fn extents_from_buf(buf: &[u8]) -> Vec<Extent> {
+    buf.chunks_exact(EXTENT_RECORD)
+        .map(|r| {
+            let (len, flags) = r.split_at(8);
+            let word = |b: &[u8]| b.try_into().map(u64::from_le_bytes).unwrap_or(0);
+            let flags = word(flags);
+            Extent { len: word(len), hole: flags & 1 != 0, zero: flags & 2 != 0 }
+        })
+        .collect()
 }
 
 /// Most extents any backend returns from one `extents` call.
 pub const MAX_EXTENTS: usize = 4096;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extents_survive_a_buffer() {
+        let e = [
+            Extent { len: 4096, hole: true, zero: true },
+            Extent { len: u64::MAX, hole: false, zero: false },
+            Extent { len: 1, hole: false, zero: true },
+        ];
+        let buf = extents_to_buf(&e);
+        assert_eq!(buf.len(), 3 * EXTENT_RECORD);
+        assert_eq!(&buf[..16], [0, 0x10, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(extents_from_buf(&buf), e);
+        // A torn record is dropped, never misread.
+        assert_eq!(extents_from_buf(&buf[..40]), e[..2]);
+        assert!(extents_from_buf(&[]).is_empty());
+    }
+}

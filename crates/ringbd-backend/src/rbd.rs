@@ -5,7 +5,9 @@
 //! it: multi-conn is safe). The io_uring engine runs reads, writes, flushes,
 //! trims and zeroing through [`AsyncIo`](crate::AsyncIo): librbd's asynchronous calls,
 //! whose completions come back to the ring worker through its eventfd
-//! queue. Everything else (the threaded engine, block status) calls the
+//! queue. librbd has no asynchronous allocation query, so block status
+//! runs `rbd_diff_iterate2` on the export's status thread, which delivers
+//! to the same queue. The threaded engine calls the
 //! [`Backend`](crate::Backend) methods, which start the same asynchronous calls and wait.
 //!
 //! The pure parts (spec parsing, diff to extents) are always built; opening
@@ -117,7 +119,8 @@ pub use imp::RbdBackend;
 #[cfg(feature = "rbd")]
 mod imp {
     use std::io;
-    use std::sync::Arc;
+    use std::sync::{mpsc, Arc};
+    use std::thread::JoinHandle;
 
     use ringbd_io::aio::{Sink, Waiter};
     use ringbd_io::buf::IoBuf;
@@ -127,19 +130,115 @@ mod imp {
 
     use super::{extents_from_diff, CephConfig, RbdSpec};
     use crate::{
-        AsyncIo, Backend, Caps, Error, ErrorKind, Extent, Holes, Op, Result, ZeroFlags, MAX_EXTENTS,
+        extents_to_buf, AsyncIo, Backend, Caps, Error, ErrorKind, Extent, Holes, Op, Result, ZeroFlags,
+        MAX_EXTENTS,
     };
 
-    /// Most bytes one block-status call asks librbd about.
+    /// Most bytes one block-status call asks librbd about when the object
+    /// map answers (fast-diff).
     const MAX_STATUS_SPAN: u64 = 4 << 30;
+    /// Most objects one block-status call covers without the object map:
+    /// librbd then asks the OSDs about every object in the range.
+    const MAX_STATUS_OBJECTS: u64 = 64;
 
     pub struct RbdBackend {
-        image: Image,
+        // Dropped first: the status thread ends before the image closes.
+        status: Status,
+        image: Arc<Image>,
         spec: RbdSpec,
         size: u64,
         object_size: u64,
         read_only: bool,
         locked: bool,
+    }
+
+    /// What `extents` needs, shared with the status thread.
+    #[derive(Clone, Copy)]
+    struct Geometry {
+        size: u64,
+        /// Most bytes one query covers.
+        span: u64,
+    }
+
+    /// Allocation of `[offset, offset+len)` (clipped to `g.span`), waiting
+    /// for librbd.
+    fn extents_of(image: &Image, g: Geometry, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let end = offset.saturating_add(len.clamp(1, g.span)).min(g.size);
+        if offset >= end {
+            return Ok(vec![Extent { len: len.max(1), hole: false, zero: false }]);
+        }
+        let runs = image
+            .allocated(offset, end - offset, MAX_EXTENTS)
+            .map_err(|e| Error::new(Op::Extents, offset, len, e.io_error()))?;
+        let truncated = runs.len() >= MAX_EXTENTS;
+        let ext = extents_from_diff(offset, end, &runs, truncated);
+        if ext.is_empty() {
+            // "Allocated, contents unknown" is always true.
+            return Ok(vec![Extent { len: end - offset, hole: false, zero: false }]);
+        }
+        Ok(ext)
+    }
+
+    /// A block-status query for the status thread.
+    struct StatusJob {
+        offset: u64,
+        len: u64,
+        sink: Sink,
+    }
+
+    /// The export's status thread: runs block-status queries one after
+    /// another, so that a ring worker never waits for the cluster. Dropping
+    /// it ends the thread once the queries already sent are answered.
+    struct Status {
+        tx: Option<mpsc::Sender<StatusJob>>,
+        thread: Option<JoinHandle<()>>,
+        geometry: Geometry,
+    }
+
+    impl Status {
+        fn start(image: Arc<Image>, geometry: Geometry, spec: &RbdSpec) -> io::Result<Status> {
+            let (tx, rx) = mpsc::channel::<StatusJob>();
+            let thread = std::thread::Builder::new().name("rbd-status".into()).spawn(move || {
+                for job in rx {
+                    job.answer(&image, geometry);
+                }
+            });
+            let thread = thread
+                .map_err(|e| io::Error::new(e.kind(), format!("{spec}: starting the status thread: {e}")))?;
+            Ok(Status { tx: Some(tx), thread: Some(thread), geometry })
+        }
+
+        fn submit(&self, image: &Image, job: StatusJob) {
+            let Some(tx) = &self.tx else { return };
+            if let Err(mpsc::SendError(job)) = tx.send(job) {
+                // The thread is gone (only a panic in it could end it):
+                // answer here rather than never.
+                job.answer(image, self.geometry);
+            }
+        }
+    }
+
+    impl StatusJob {
+        fn answer(self, image: &Image, geometry: Geometry) {
+            let (result, buf) = match extents_of(image, geometry, self.offset, self.len) {
+                Ok(ext) => (Ok(ext.len()), extents_to_buf(&ext)),
+                Err(e) => (Err(e.source), IoBuf::new()),
+            };
+            if let Err(e) = self.sink.deliver(result, buf) {
+                eprintln!("ringbd: rbd: waking the ring worker after a block status: {e}");
+            }
+        }
+    }
+
+    impl Drop for Status {
+        fn drop(&mut self) {
+            drop(self.tx.take());
+            if let Some(t) = self.thread.take() {
+                if t.join().is_err() {
+                    eprintln!("ringbd: rbd: the status thread panicked");
+                }
+            }
+        }
     }
 
     /// An open-time failure: what was being done, the call and its errno.
@@ -216,10 +315,9 @@ mod imp {
             })?;
             let (size, object_size) =
                 image.stat().map_err(|e| open_error(spec, "reading the image's size", e, ""))?;
+            let features = image.features().map_err(|e| open_error(spec, "reading features", e, ""))?;
             let mut locked = false;
-            if !read_only
-                && image.has_exclusive_lock().map_err(|e| open_error(spec, "reading features", e, ""))?
-            {
+            if !read_only && features.exclusive_lock() {
                 image.lock_exclusive().map_err(|e| {
                     let hint = if matches!(e.errno, libc::EROFS | libc::EBUSY | libc::EAGAIN) {
                         "; another client holds the image's exclusive lock and will not release it \
@@ -231,7 +329,21 @@ mod imp {
                 })?;
                 locked = true;
             }
-            Ok(RbdBackend { image, spec: spec.clone(), size, object_size, read_only, locked })
+            let span = if features.fast_diff() {
+                MAX_STATUS_SPAN
+            } else {
+                object_size.max(4096).saturating_mul(MAX_STATUS_OBJECTS)
+            };
+            let image = Arc::new(image);
+            let geometry = Geometry { size, span };
+            let status = Status::start(image.clone(), geometry, spec).map_err(|e| Error {
+                kind: ErrorKind::of(&e),
+                op: Op::Open,
+                offset: 0,
+                len: 0,
+                source: e,
+            })?;
+            Ok(RbdBackend { image, status, spec: spec.clone(), size, object_size, read_only, locked })
         }
 
         /// Runs one operation and waits for it.
@@ -335,21 +447,7 @@ mod imp {
         }
 
         fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-            let end = offset.saturating_add(len.clamp(1, MAX_STATUS_SPAN)).min(self.size);
-            if offset >= end {
-                return Ok(vec![Extent { len: len.max(1), hole: false, zero: false }]);
-            }
-            let runs = self
-                .image
-                .allocated(offset, end - offset, MAX_EXTENTS)
-                .map_err(|e| Error::new(Op::Extents, offset, len, e.io_error()))?;
-            let truncated = runs.len() >= MAX_EXTENTS;
-            let ext = extents_from_diff(offset, end, &runs, truncated);
-            if ext.is_empty() {
-                // "Allocated, contents unknown" is always true.
-                return Ok(vec![Extent { len: end - offset, hole: false, zero: false }]);
-            }
-            Ok(ext)
+            extents_of(&self.image, self.status.geometry, offset, len)
         }
     }
 
@@ -367,6 +465,10 @@ mod imp {
                 }
             };
             self.image.submit(op, buf, sink)
+        }
+
+        fn submit_extents(&self, offset: u64, len: u64, sink: Sink) {
+            self.status.submit(&self.image, StatusJob { offset, len, sink })
         }
     }
 }

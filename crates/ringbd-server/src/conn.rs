@@ -414,12 +414,22 @@ struct Tx {
 pub struct IoRequest {
     /// Hand back to [`Connection::io_complete`] with the result.
     pub token: u32,
-    pub op: FileOp,
+    pub op: IoOp,
     pub buf: IoBuf,
     /// Run it on the export's `O_DIRECT` descriptor
     /// ([`Connection::file_fd`]`(true)`): offset, length and buffer are
     /// aligned for it.
     pub direct: bool,
+}
+
+/// What the engine runs: a file operation (on the ring, or for an
+/// asynchronous backend, [`AsyncIo::submit`](ringbd_backend::AsyncIo::submit)),
+/// or a block-status query ([`AsyncIo::submit_extents`](ringbd_backend::AsyncIo::submit_extents),
+/// asynchronous backends only).
+#[derive(Debug, Clone, Copy)]
+pub enum IoOp {
+    File(FileOp),
+    Extents { offset: u64, len: u64 },
 }
 
 /// What a request waiting on a file operation still needs.
@@ -457,6 +467,12 @@ enum Pend {
         offset: u64,
         len: u64,
     },
+    /// Block status from an asynchronous backend.
+    Status {
+        offset: u64,
+        len: u64,
+        req_one: bool,
+    },
 }
 
 impl Pend {
@@ -464,7 +480,11 @@ impl Pend {
     fn bytes(&self) -> u64 {
         match *self {
             Pend::Read { len, .. } | Pend::Write { len, .. } => len,
-            Pend::Flush | Pend::Trim { .. } | Pend::Zero { .. } | Pend::SyncAfter { .. } => 0,
+            Pend::Flush
+            | Pend::Trim { .. }
+            | Pend::Zero { .. }
+            | Pend::SyncAfter { .. }
+            | Pend::Status { .. } => 0,
         }
     }
 }
@@ -543,14 +563,17 @@ impl Tx {
                         self.rx = Rx::Header;
                         match self.session.check_block_status_payload(&req, &buf) {
                             Ok(Command::BlockStatus { offset, len, req_one }) => {
-                                self.block_status(&req, offset, len, req_one, out)
+                                self.status(req, offset, len, req_one, out);
                             }
                             Ok(_) => {
-                                self.session.write_error(out.bytes(), &req, Errno::EINVAL, "bad payload")
+                                self.session.write_error(out.bytes(), &req, Errno::EINVAL, "bad payload");
+                                out.reply_done();
                             }
-                            Err(rej) => self.session.write_error(out.bytes(), &req, rej.errno, &rej.message),
+                            Err(rej) => {
+                                self.session.write_error(out.bytes(), &req, rej.errno, &rej.message);
+                                out.reply_done();
+                            }
                         }
-                        out.reply_done();
                     }
                 }
                 Rx::Discard { left } => {
@@ -642,8 +665,7 @@ impl Tx {
                 return;
             }
             Command::BlockStatus { offset, len, req_one } => {
-                self.block_status(&req, offset, len, req_one, out);
-                out.reply_done();
+                self.status(req, offset, len, req_one, out);
                 return;
             }
             Command::Flush => b.flush(),
@@ -701,6 +723,11 @@ impl Tx {
                 (FileOp::Fallocate { mode: Fallocate::PunchHole, offset, len }, None)
             }
             Pend::Zero { offset, len, mode, .. } => (FileOp::Fallocate { mode, offset, len }, None),
+            Pend::Status { offset, len, .. } => {
+                let op = IoOp::Extents { offset, len };
+                self.io_out.push(IoRequest { token, op, buf, direct: false });
+                return;
+            }
         };
         // O_DIRECT where the file range is aligned; the buffer is page
         // aligned, so its position `done` is aligned when offset is too.
@@ -710,7 +737,7 @@ impl Tx {
             }
             _ => false,
         };
-        self.io_out.push(IoRequest { token, op, buf, direct });
+        self.io_out.push(IoRequest { token, op: IoOp::File(op), buf, direct });
     }
 
     fn io_complete(
@@ -728,11 +755,22 @@ impl Tx {
             this.free_tokens.push(token);
         };
         use ringbd_backend::Op;
+        if let Pend::Status { offset, len, req_one } = pend {
+            finish(self);
+            match result {
+                Ok(_) => self.status_reply(&req, len, req_one, &ringbd_backend::extents_from_buf(&buf), out),
+                Err(e) => {
+                    self.backend_error(&req, &ringbd_backend::Error::new(Op::Extents, offset, len, e), out)
+                }
+            }
+            out.reply_done();
+            return;
+        }
         let fallocate = match pend {
             Pend::Trim { offset, len, fua } => Some((Op::Trim, offset, len, fua)),
             Pend::Zero { offset, len, flags, .. } => Some((Op::WriteZeroes, offset, len, flags.fua)),
             Pend::SyncAfter { op, offset, len } => Some((op, offset, len, false)),
-            Pend::Read { .. } | Pend::Write { .. } | Pend::Flush => None,
+            Pend::Read { .. } | Pend::Write { .. } | Pend::Flush | Pend::Status { .. } => None,
         };
         if let Some(what) = fallocate {
             if self.fallocate_complete(token, &req, pend, what, result, out) {
@@ -744,10 +782,13 @@ impl Tx {
         let (op, offset, len) = match pend {
             Pend::Read { offset, len, .. } => (ringbd_backend::Op::Read, offset, len),
             Pend::Write { offset, len, .. } => (ringbd_backend::Op::Write, offset, len),
-            // (Trims and zeroing were answered by fallocate_complete.)
-            Pend::Flush | Pend::Trim { .. } | Pend::Zero { .. } | Pend::SyncAfter { .. } => {
-                (ringbd_backend::Op::Flush, 0, 0)
-            }
+            // (Trims and zeroing were answered by fallocate_complete,
+            // block status above.)
+            Pend::Flush
+            | Pend::Trim { .. }
+            | Pend::Zero { .. }
+            | Pend::SyncAfter { .. }
+            | Pend::Status { .. } => (ringbd_backend::Op::Flush, 0, 0),
         };
         let failure = match &result {
             Err(_) => None,
@@ -805,7 +846,8 @@ impl Tx {
             | Pend::Flush
             | Pend::Trim { .. }
             | Pend::Zero { .. }
-            | Pend::SyncAfter { .. } => {
+            | Pend::SyncAfter { .. }
+            | Pend::Status { .. } => {
                 self.session.write_ok(out.bytes(), &req);
                 recycle(pool, buf);
             }
@@ -1018,15 +1060,32 @@ impl Tx {
         }
     }
 
-    fn block_status(&self, req: &Request, offset: u64, len: u64, req_one: bool, out: &mut OutBuf) {
-        if len == 0 {
-            self.session.write_error(out.bytes(), req, Errno::EINVAL, "block status of zero length");
-            return;
+    /// Answers a block-status request: through the backend's own
+    /// asynchronous query where it has one (the reply follows in
+    /// [`Tx::io_complete`]), else at once.
+    fn status(&mut self, req: Request, offset: u64, len: u64, req_one: bool, out: &mut OutBuf) {
+        if len > 0 && self.async_io && self.backend.aio().is_some() {
+            return self.submit(req, Pend::Status { offset, len, req_one }, IoBuf::new());
         }
-        let extents = match self.backend.extents(offset, len) {
-            Ok(e) => e,
-            Err(e) => return self.backend_error(req, &e, out),
-        };
+        if len == 0 {
+            self.session.write_error(out.bytes(), &req, Errno::EINVAL, "block status of zero length");
+        } else {
+            match self.backend.extents(offset, len) {
+                Ok(e) => self.status_reply(&req, len, req_one, &e, out),
+                Err(e) => self.backend_error(&req, &e, out),
+            }
+        }
+        out.reply_done();
+    }
+
+    fn status_reply(
+        &self,
+        req: &Request,
+        len: u64,
+        req_one: bool,
+        extents: &[ringbd_backend::Extent],
+        out: &mut OutBuf,
+    ) {
         let mut ext: Vec<Extent> = extents
             .iter()
             .map(|e| Extent {

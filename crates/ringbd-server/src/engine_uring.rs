@@ -39,7 +39,7 @@ use ringbd_io::uring::{
 };
 
 use crate::access::{Limits, Ticket};
-use crate::conn::Connection;
+use crate::conn::{Connection, IoOp};
 use crate::exports::Exports;
 use crate::listener::{Listener, Stream};
 use crate::log;
@@ -754,15 +754,23 @@ impl State {
                 // through the queue's eventfd.
                 for io in self.io_scratch.drain(..) {
                     let tag = (id as u64) << 32 | u64::from(io.token);
-                    aio.submit(io.op, io.buf, Sink::Queue { queue: q.clone(), tag });
+                    let sink = Sink::Queue { queue: q.clone(), tag };
+                    match io.op {
+                        IoOp::File(op) => aio.submit(op, io.buf, sink),
+                        IoOp::Extents { offset, len } => aio.submit_extents(offset, len, sink),
+                    }
                     self.local.aio += 1;
                 }
                 continue;
             }
             for io in self.io_scratch.drain(..) {
-                let r = match c.conn.file_fd(io.direct) {
-                    Some(fd) => ring.file_op(fd, id as u32, io.token, io.op, io.buf),
-                    None => Err(io::Error::other("no file behind this export")),
+                let r = match (c.conn.file_fd(io.direct), io.op) {
+                    (Some(fd), IoOp::File(op)) => ring.file_op(fd, id as u32, io.token, op, io.buf),
+                    (None, _) => Err(io::Error::other("no file behind this export")),
+                    // Connections only queue these for asynchronous backends.
+                    (Some(_), IoOp::Extents { .. }) => {
+                        Err(io::Error::other("block status is not a ring operation"))
+                    }
                 };
                 match r {
                     Ok(()) => {

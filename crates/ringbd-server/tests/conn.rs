@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use ringbd_backend::memory::MemoryBackend;
 use ringbd_backend::Backend;
-use ringbd_server::conn::Connection;
+use ringbd_server::conn::{Connection, IoOp};
 use ringbd_server::exports::{Export, Exports};
 
 mod wire;
@@ -144,7 +144,7 @@ fn async_file_reads_continue_after_a_short_transfer() {
     c.take_io(&mut io);
     assert_eq!(io.len(), 1);
     let first = io.pop().unwrap();
-    assert!(matches!(first.op, FileOp::Read { offset: 8192, at: 0 }), "{:?}", first.op);
+    assert!(matches!(first.op, IoOp::File(FileOp::Read { offset: 8192, at: 0 })), "{:?}", first.op);
     // The kernel moved only 1000 bytes: the rest must be asked for.
     let mut buf = first.buf;
     buf[..1000].fill(7);
@@ -152,7 +152,7 @@ fn async_file_reads_continue_after_a_short_transfer() {
     assert!(c.out().is_empty(), "no reply before the read is whole");
     c.take_io(&mut io);
     let second = io.pop().unwrap();
-    assert!(matches!(second.op, FileOp::Read { offset: 9192, at: 1000 }), "{:?}", second.op);
+    assert!(matches!(second.op, IoOp::File(FileOp::Read { offset: 9192, at: 1000 })), "{:?}", second.op);
     let mut buf = second.buf;
     buf[1000..].fill(8);
     c.io_complete(second.token, Ok(3096), buf);
@@ -234,14 +234,17 @@ fn trims_and_zeroing_on_file_exports_run_as_ring_fallocates_with_fua_and_fallbac
     c.take_io(&mut io);
     let ops: Vec<String> = io.iter().map(|r| format!("{:?}", r.op)).collect();
     assert!(
-        matches!(io[0].op, FileOp::Fallocate { mode: Fallocate::PunchHole, offset: 0, len: 8192 }),
+        matches!(
+            io[0].op,
+            IoOp::File(FileOp::Fallocate { mode: Fallocate::PunchHole, offset: 0, len: 8192 })
+        ),
         "{ops:?}"
     );
     assert!(
-        matches!(io[1].op, FileOp::Fallocate { mode: Fallocate::PunchHole, offset: 65536, .. }),
+        matches!(io[1].op, IoOp::File(FileOp::Fallocate { mode: Fallocate::PunchHole, offset: 65536, .. })),
         "{ops:?}"
     );
-    assert!(matches!(io[2].op, FileOp::Fallocate { offset: 8192, len: 4096, .. }), "{ops:?}");
+    assert!(matches!(io[2].op, IoOp::File(FileOp::Fallocate { offset: 8192, len: 4096, .. })), "{ops:?}");
     let (a, b, z) = (io.remove(0), io.remove(0), io.remove(0));
     c.io_complete(a.token, Ok(0), a.buf);
     assert_eq!(simple_reply_errno(&queued(&c), 1), Some(0), "plain trim answered");
@@ -249,7 +252,7 @@ fn trims_and_zeroing_on_file_exports_run_as_ring_fallocates_with_fua_and_fallbac
     c.io_complete(b.token, Ok(0), b.buf);
     assert_eq!(simple_reply_errno(&queued(&c), 2), None, "no reply before the fsync");
     c.take_io(&mut io);
-    assert!(matches!(io[0].op, FileOp::Fsync), "{:?}", io[0].op);
+    assert!(matches!(io[0].op, IoOp::File(FileOp::Fsync)), "{:?}", io[0].op);
     let f = io.remove(0);
     c.io_complete(f.token, Ok(0), f.buf);
     assert_eq!(simple_reply_errno(&queued(&c), 2), Some(0));
@@ -274,3 +277,129 @@ fn trims_and_zeroing_on_file_exports_run_as_ring_fallocates_with_fua_and_fallbac
 /// Linux errno values (the test does not link libc).
 const EOPNOTSUPP: i32 = 95;
 const EIO: i32 = 5;
+
+/// A memory export that says its I/O is asynchronous (as RBD's is), so
+/// that block status goes to the engine as [`IoOp::Extents`].
+struct AsyncStatus(MemoryBackend);
+
+impl Backend for AsyncStatus {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn caps(&self) -> ringbd_backend::Caps {
+        self.0.caps()
+    }
+    fn describe(&self) -> String {
+        "asynchronous block status".into()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> ringbd_backend::Result<ringbd_backend::Holes> {
+        self.0.read(offset, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> ringbd_backend::Result<()> {
+        self.0.write(offset, data, fua)
+    }
+    fn flush(&self) -> ringbd_backend::Result<()> {
+        self.0.flush()
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> ringbd_backend::Result<()> {
+        self.0.trim(offset, len, fua)
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        flags: ringbd_backend::ZeroFlags,
+    ) -> ringbd_backend::Result<()> {
+        self.0.write_zeroes(offset, len, flags)
+    }
+    fn cache(&self, offset: u64, len: u64) -> ringbd_backend::Result<()> {
+        self.0.cache(offset, len)
+    }
+    fn extents(&self, _offset: u64, _len: u64) -> ringbd_backend::Result<Vec<ringbd_backend::Extent>> {
+        panic!("block status must not run inline on the ring worker");
+    }
+    fn aio(&self) -> Option<&dyn ringbd_backend::AsyncIo> {
+        Some(self)
+    }
+}
+
+impl ringbd_backend::AsyncIo for AsyncStatus {
+    // The test plays the engine: nothing is submitted here.
+    fn submit(&self, _: ringbd_io::uring::FileOp, buf: ringbd_io::buf::IoBuf, sink: ringbd_io::aio::Sink) {
+        sink.deliver(Err(std::io::Error::from_raw_os_error(EIO)), buf).unwrap();
+    }
+    fn submit_extents(&self, _: u64, _: u64, sink: ringbd_io::aio::Sink) {
+        sink.deliver(Err(std::io::Error::from_raw_os_error(EIO)), Default::default()).unwrap();
+    }
+}
+
+/// Structured replies (type, payload) for `cookie` in `bytes`.
+fn structured_replies(bytes: &[u8], cookie: u64) -> Vec<(u16, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i + 20 <= bytes.len() {
+        let h = &bytes[i..i + 20];
+        if h[..4] == 0x668e_33efu32.to_be_bytes() && h[8..16] == cookie.to_be_bytes() {
+            let typ = u16::from_be_bytes([h[6], h[7]]);
+            let len = u32::from_be_bytes([h[16], h[17], h[18], h[19]]) as usize;
+            out.push((typ, bytes[i + 20..(i + 20 + len).min(bytes.len())].to_vec()));
+            i += 20 + len;
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+#[test]
+fn block_status_of_an_asynchronous_backend_waits_for_its_completion_not_the_ring() {
+    use ringbd_backend::{extents_to_buf, Extent};
+    use ringbd_io::uring::FileOp;
+    let mut e = Exports::default();
+    e.add(Export::new("", Arc::new(AsyncStatus(MemoryBackend::new(1 << 20))), false)).unwrap();
+    let mut c = Connection::new(Arc::new(e), "test".into());
+    c.enable_async_file_io(None);
+    let mut s = 3u32.to_be_bytes().to_vec();
+    s.extend(option(8, &[])); // structured replies
+    let mut q = vec![0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 15];
+    q.extend_from_slice(b"base:allocation");
+    s.extend(option(10, &q)); // SET_META_CONTEXT
+    s.extend(option(7, &[0, 0, 0, 0, 0, 0]));
+    s.extend(request(7, 5, 0, 65536, &[])); // block status
+    s.extend(request(7, 6, 4096, 4096, &[])); // another, to fail
+    s.extend(request(3, 7, 0, 0, &[])); // a flush behind them
+    assert_eq!(c.receive(&s), s.len());
+    c.sent();
+    let mut io = Vec::new();
+    c.take_io(&mut io);
+    assert_eq!(io.len(), 3, "both queries and the flush went to the engine");
+    assert!(matches!(io[0].op, IoOp::Extents { offset: 0, len: 65536 }), "{:?}", io[0].op);
+    assert!(matches!(io[1].op, IoOp::Extents { offset: 4096, len: 4096 }), "{:?}", io[1].op);
+    assert!(matches!(io[2].op, IoOp::File(FileOp::Fsync)), "{:?}", io[2].op);
+    // The flush finishes first: its reply does not wait behind block status.
+    let f = io.pop().unwrap();
+    c.io_complete(f.token, Ok(0), f.buf);
+    let out = queued(&c);
+    assert!(structured_replies(&out, 5).is_empty(), "no status reply before its completion");
+    assert_eq!(simple_reply_errno(&out, 7), Some(0), "the flush answered");
+    assert_eq!(c.io_pending(), 2);
+
+    let (a, b) = (io.remove(0), io.remove(0));
+    let ext = [Extent { len: 4096, hole: false, zero: false }, Extent { len: 61440, hole: true, zero: true }];
+    c.io_complete(a.token, Ok(ext.len()), extents_to_buf(&ext));
+    c.io_complete(b.token, Err(std::io::Error::from_raw_os_error(EIO)), Default::default());
+    assert_eq!(c.io_pending(), 0);
+    let out = queued(&c);
+    let r = structured_replies(&out, 5);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].0, 5, "NBD_REPLY_TYPE_BLOCK_STATUS");
+    // Context id, then (length, flags) pairs: data, then hole|zero.
+    assert_eq!(
+        r[0].1[4..],
+        [&4096u32.to_be_bytes()[..], &[0; 4], &61440u32.to_be_bytes(), &3u32.to_be_bytes()].concat()
+    );
+    let r = structured_replies(&out, 6);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].0, 0x8001, "NBD_REPLY_TYPE_ERROR");
+    assert_eq!(r[0].1[..4], 5u32.to_be_bytes(), "EIO");
+}

@@ -15,6 +15,8 @@ pub type DiffCallback = extern "C" fn(offset: u64, len: usize, exists: c_int, ar
 pub const RBD_LOCK_MODE_EXCLUSIVE: c_int = 0;
 /// `RBD_FEATURE_EXCLUSIVE_LOCK` (`rbd/features.h`).
 pub const RBD_FEATURE_EXCLUSIVE_LOCK: u64 = 1 << 2;
+/// `RBD_FEATURE_FAST_DIFF` (`rbd/features.h`): allocation from the object map.
+pub const RBD_FEATURE_FAST_DIFF: u64 = 1 << 4;
 
 /// `rbd_image_info_t` (160 bytes on x86-64 and aarch64; a unit test checks
 /// the size, which `rbd_stat` also checks against its own).

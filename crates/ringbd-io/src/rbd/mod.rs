@@ -202,6 +202,22 @@ impl Shared {
     }
 }
 
+/// An image's feature bits (`rbd_get_features`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Features(pub u64);
+
+impl Features {
+    /// Writers take the image's exclusive lock.
+    pub fn exclusive_lock(self) -> bool {
+        self.0 & ffi::RBD_FEATURE_EXCLUSIVE_LOCK != 0
+    }
+
+    /// Allocation comes from the object map (else listing objects on the OSDs).
+    pub fn fast_diff(self) -> bool {
+        self.0 & ffi::RBD_FEATURE_FAST_DIFF != 0
+    }
+}
+
 /// An open RBD image (or snapshot).
 pub struct Image {
     shared: Arc<Shared>,
@@ -266,12 +282,12 @@ impl Image {
         Ok((info.size, info.obj_size))
     }
 
-    /// Whether the image has the exclusive-lock feature.
-    pub fn has_exclusive_lock(&self) -> Result<bool, CallError> {
+    /// The image's features.
+    pub fn features(&self) -> Result<Features, CallError> {
         let mut f = 0u64;
         // SAFETY: an open image; f is a live out-value.
         CallError::check("rbd_get_features", unsafe { ffi::rbd_get_features(self.shared.raw, &mut f) })?;
-        Ok(f & ffi::RBD_FEATURE_EXCLUSIVE_LOCK != 0)
+        Ok(Features(f))
     }
 
     /// Takes the exclusive lock and keeps it: librbd stops handing it to

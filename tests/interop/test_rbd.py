@@ -443,6 +443,35 @@ def test_rbd_cephx_caps_decide_what_a_client_may_serve(server_kind, serve_cephx,
 
 
 @pytest.mark.ringbd_only
+def test_rbd_cache_writes_back_and_a_clean_stop_keeps_unflushed_writes(server_kind, ceph, shm_tmp):
+    """ringbd turns librbd's rbd_cache_writethrough_until_flush off (docs/rbd.md):
+    the client's admin socket shows it, and writes the client never flushed
+    are on the cluster after the server's SIGTERM (it flushes and closes)."""
+    import nbd
+    image = ceph.image("16M")
+    name = "wb%d-%d" % (os.getpid(), next(_names))  # its own admin socket
+    srv = start("ringbd", {"": "rbd:" + image},
+                args=["--ceph-conf", ceph.conf, "--ceph-id", name, "--ceph-timeout", "%ds" % OP_TIMEOUT_S])
+    data = pattern("unflushed", 2 * MiB)
+    try:
+        asok = os.path.join(ceph.dir, "run", "client.%s.asok" % name)
+        out = run(["ceph", "--admin-daemon", asok, "config", "get", "rbd_cache_writethrough_until_flush"],
+                  timeout=30).stdout
+        assert json.loads(out) == {"rbd_cache_writethrough_until_flush": "false"}, out
+        h = nbd.NBD()
+        h.connect_uri(srv.uri())
+        h.pwrite(data, 3 * MiB)  # acknowledged, never flushed
+        h.shutdown()
+    finally:
+        srv.stop()
+    exported = os.path.join(shm_tmp, "exported")
+    ceph.rbd("export", image, exported)
+    with open(exported, "rb") as f:
+        f.seek(3 * MiB)
+        assert f.read(2 * MiB) == data
+
+
+@pytest.mark.ringbd_only
 def test_rbd_osd_down_fails_requests_in_bounded_time_then_recovers(server_kind, serve_rbd, ceph, rbd_handle):
     import nbd
     image = ceph.image("16M")

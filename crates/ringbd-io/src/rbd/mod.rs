@@ -72,6 +72,17 @@ pub struct ClusterConfig<'a> {
     pub timeout: Option<Duration>,
 }
 
+/// librbd settings ringbd changes from librbd's defaults (the conf and
+/// `CEPH_ARGS` still win):
+/// - `rbd_cache_writethrough_until_flush = false`: librbd's cache writes
+///   back from the first write instead of staying writethrough until the
+///   client's first flush (a guard for guests that never flush). NBD's
+///   contract is that acknowledged writes are durable after FLUSH or FUA,
+///   which ringbd passes to librbd as `rbd_aio_flush`; file exports work
+///   the same way through the page cache.
+const CLIENT_DEFAULTS: [(&std::ffi::CStr, &std::ffi::CStr); 1] =
+    [(c"rbd_cache_writethrough_until_flush", c"false")];
+
 /// A connected librados cluster handle.
 pub struct Cluster {
     raw: ffi::RadosT,
@@ -97,6 +108,14 @@ impl Cluster {
         })?;
         // From here on the handle is shut down by Drop, on every path.
         let c = Cluster { raw };
+        // Defaults of ringbd's own, set before the conf and CEPH_ARGS are
+        // read so that either can still override them.
+        for (key, value) in CLIENT_DEFAULTS {
+            // SAFETY: both strings are NUL terminated; librados copies them.
+            CallError::check("rados_conf_set", unsafe {
+                ffi::rados_conf_set(c.raw, key.as_ptr(), value.as_ptr())
+            })?;
+        }
         let conf = match cfg.conf {
             Some(p) => Some(cstring("ceph.conf path", &p.to_string_lossy())?),
             None => None,

@@ -209,12 +209,16 @@ mod imp {
         }
 
         fn submit(&self, image: &Image, job: StatusJob) {
-            let Some(tx) = &self.tx else { return };
-            if let Err(mpsc::SendError(job)) = tx.send(job) {
-                // The thread is gone (only a panic in it could end it):
-                // answer here rather than never.
-                job.answer(image, self.geometry);
-            }
+            let job = match &self.tx {
+                Some(tx) => match tx.send(job) {
+                    Ok(()) => return,
+                    Err(mpsc::SendError(job)) => job,
+                },
+                None => job,
+            };
+            // The thread is gone (only a panic in it could end it): answer
+            // here rather than never.
+            job.answer(image, self.geometry);
         }
     }
 

@@ -146,7 +146,6 @@ mod imp {
         status: Status,
         image: Arc<Image>,
         spec: RbdSpec,
-        size: u64,
         object_size: u64,
         read_only: bool,
         locked: bool,
@@ -347,7 +346,7 @@ mod imp {
                 len: 0,
                 source: e,
             })?;
-            Ok(RbdBackend { image, status, spec: spec.clone(), size, object_size, read_only, locked })
+            Ok(RbdBackend { image, status, spec: spec.clone(), object_size, read_only, locked })
         }
 
         /// Runs one operation and waits for it.
@@ -364,7 +363,7 @@ mod imp {
 
     impl Backend for RbdBackend {
         fn size(&self) -> u64 {
-            self.size
+            self.status.geometry.size
         }
 
         fn caps(&self) -> Caps {

@@ -72,8 +72,9 @@ pub struct ClusterConfig<'a> {
     pub timeout: Option<Duration>,
 }
 
-/// librbd settings ringbd changes from librbd's defaults (the conf and
-/// `CEPH_ARGS` still win):
+/// librbd settings ringbd changes from librbd's defaults. `rados_conf_set`
+/// outranks ceph.conf and `CEPH_ARGS` whatever the order, so these hold;
+/// docs/rbd.md names the settings that undo their effect:
 /// - `rbd_cache_writethrough_until_flush = false`: librbd's cache writes
 ///   back from the first write instead of staying writethrough until the
 ///   client's first flush (a guard for guests that never flush). NBD's
@@ -108,8 +109,7 @@ impl Cluster {
         })?;
         // From here on the handle is shut down by Drop, on every path.
         let c = Cluster { raw };
-        // Defaults of ringbd's own, set before the conf and CEPH_ARGS are
-        // read so that either can still override them.
+        // ringbd's own settings (see CLIENT_DEFAULTS).
         for (key, value) in CLIENT_DEFAULTS {
             // SAFETY: both strings are NUL terminated; librados copies them.
             CallError::check("rados_conf_set", unsafe {

@@ -44,5 +44,5 @@ step "kernel in the loop: Linux 6.12 under qemu (nbd and ublk drivers)"
 tests/vm/setup.sh
 tests/vm/run.sh
 
-step "kernel in the loop: a 6.16+ kernel from trixie-backports (ublk zero-copy, kTLS)"
-VM_KERNEL=new tests/vm/run.sh ublk-zerocopy ktls
+step "kernel in the loop: a 6.16+ kernel from trixie-backports (ublk zero-copy, kTLS, recovery)"
+VM_KERNEL=new tests/vm/run.sh ublk-zerocopy ktls ublk-recovery ublk-recovery-fs

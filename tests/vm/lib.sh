@@ -8,10 +8,14 @@ VMTEST_NAME=${VMTEST_NAME:-$(basename "$0" .sh)}
 STEP="start"
 CLEANUPS=""
 
+# /init reads the failure reason from $VMTEST_REASON and the step a hung
+# test was in from $VMTEST_REASON.step
+VMTEST_REASON=${VMTEST_REASON:-/dev/null}
 log() { echo "[$VMTEST_NAME $(cut -d' ' -f1 /proc/uptime)] $*"; }
-step() { STEP="$*"; log "-- $*"; }
-fail() { echo "FAIL: $* (step: $STEP)"; VMTEST_REPORTED=1; exit 1; }
-skip() { echo "SKIP: $*"; VMTEST_REPORTED=1; exit 77; }
+step() { STEP="$*"; log "-- $*"; [ "$VMTEST_REASON" = /dev/null ] || echo "$STEP" >"$VMTEST_REASON.step"; }
+_reason() { echo "$1: $2"; echo "$2" >>"$VMTEST_REASON"; VMTEST_REPORTED=1; }
+fail() { _reason FAIL "$* (step: $STEP)"; exit 1; }
+skip() { _reason SKIP "$*"; exit 77; }
 
 # on_exit CMD: run CMD (last registered first) when the test exits, pass or fail
 on_exit() { CLEANUPS="$*; $CLEANUPS"; }
@@ -19,7 +23,7 @@ _vmtest_exit() {
     rc=$?
     set +e
     if [ "$rc" != 0 ] && [ -z "$VMTEST_REPORTED" ]; then
-        echo "FAIL: exit status $rc in step: $STEP"
+        _reason FAIL "exit status $rc in step: $STEP"
         dmesg | tail -n 20 | sed 's/^/  dmesg: /'
     fi
     eval "$CLEANUPS" >/dev/null 2>&1
@@ -191,4 +195,22 @@ ublk_pattern() {
     dd if="$UBLK_DEV" bs=1M count="$2" iflag=direct 2>/dev/null | cmp -s - pat || fail "data at 0 differs"
     dd if="$UBLK_DEV" bs=256K skip=$(($3 * 4)) count=$(($2 * 4)) iflag=direct 2>/dev/null | cmp -s - pat \
         || fail "data at $3 MiB differs"
+}
+# ublk_kill_inflight: SIGKILL the attach process ($UBLK_PID) at a chosen
+# point, with the device's requests in flight, so a recovery test never
+# passes with nothing to recover: the server is stopped (SIGSTOP), the
+# caller's writer (running) then queues a write that cannot complete,
+# and once /sys/block/ublkbN/inflight counts it the server is killed.
+# Sets UBLK_KILLED_INFLIGHT ("reads writes" in flight at the kill).
+ublk_kill_inflight() {
+    _inflight=/sys/block/${UBLK_DEV#/dev/}/inflight
+    kill -STOP "$UBLK_PID"
+    if ! wait_for 60 sh -c "read _r _w <$_inflight; [ \$_w -gt 0 ]"; then
+        kill -CONT "$UBLK_PID"
+        fail "no write in flight on $UBLK_DEV within 60 s of stopping its server (inflight: $(cat "$_inflight"))"
+    fi
+    UBLK_KILLED_INFLIGHT=$(echo $(cat "$_inflight"))
+    kill -9 "$UBLK_PID"
+    wait "$UBLK_PID" 2>/dev/null || true
+    log "killed ringbd attach (pid $UBLK_PID) with requests in flight (reads writes: $UBLK_KILLED_INFLIGHT)"
 }

@@ -18,13 +18,20 @@
 # Environment:
 #   RINGBD            ringbd binary (default target/release/ringbd; built with
 #                     `cargo build --release --locked -p ringbd` if missing)
-#   VM_TIMEOUT        hard limit for the whole VM run in seconds (default 720)
-#   VM_TEST_TIMEOUT   limit for one guest test in seconds (default 150)
+#   VM_TEST_TIMEOUT   limit for one guest test in seconds (default 150), held
+#                     by the guest's watchdog even when the test's processes
+#                     sleep uninterruptibly in the kernel (tests/vm/init)
+#   VM_BOOT_TIMEOUT   limit for booting to userspace (default 120)
+#   VM_WATCHDOG_GRACE seconds the guest gets beyond each limit before the
+#                     host's watchdog kills qemu (default 60)
+#   VM_TIMEOUT        backstop for one whole boot (default: boot + every test
+#                     at its limit plus the grace)
 #   VM_MEM, VM_SMP    guest memory in MiB (default 1024) and CPUs (default 2)
 #   VM_CACHE          cache dir made by setup.sh (default target/vm-cache)
 #   VM_KEEP=1         keep the initramfs staging dir (path printed)
 #   VM_VERBOSE=1      show the kernel's log on the console too
 #   VM_ACCEL          tcg (default) or kvm
+#   VM_TCG_THREAD     single (default) or multi (see ACCEL below)
 #   VM_APPEND         extra words for the guest kernel command line (tests
 #                     read their own knobs there, e.g. ktls_bench_mib=64)
 #   VM_KERNEL         6.12 (default: Debian 12's, the one the suite is written
@@ -38,7 +45,6 @@ REPO=$(cd "$HERE/../.." && pwd)
 CACHE=${VM_CACHE:-$REPO/target/vm-cache}
 export VM_CACHE=$CACHE
 ROOT=$CACHE/root
-VM_TIMEOUT=${VM_TIMEOUT:-720}
 VM_TEST_TIMEOUT=${VM_TEST_TIMEOUT:-150}
 VM_MEM=${VM_MEM:-1024}
 VM_SMP=${VM_SMP:-2}
@@ -75,6 +81,10 @@ else
     done
 fi
 ((${#TESTS[@]} + ${#HOST_TESTS[@]})) || die "no tests in $HERE/guest or $HERE/host"
+# The watchdogs (tests/vm/init in the guest, read_console below on the host)
+# bound each step; VM_TIMEOUT is only the backstop for the whole boot: boot,
+# then every test at its limit plus the grace each step gets.
+VM_TIMEOUT=${VM_TIMEOUT:-$((${VM_BOOT_TIMEOUT:-120} + ${#TESTS[@]} * (VM_TEST_TIMEOUT + ${VM_WATCHDOG_GRACE:-60}) + 60))}
 
 # --- inputs -------------------------------------------------------------------------
 VM_KERNEL=${VM_KERNEL:-6.12}
@@ -251,8 +261,13 @@ say "initramfs: $(du -m "$INITRD" | cut -f1) MiB, modules: ${HAVE_MODULES[*]} ($
 QEMU=$ROOT/usr/bin/qemu-system-x86_64
 # TCG by default: it works everywhere (a /dev/kvm may exist on a nested host
 # and still not work, e.g. qemu 7.2 aborts on "failed to set MSR 0x10a").
+# One TCG thread for both vCPUs: with thread=multi, qemu 7.2 lets a vCPU run
+# code translated before another vCPU patched it, and the kernel's live
+# patching (text_poke_bp: int3, then the new bytes) then dies on a stale
+# int3 ("Oops: int3" in enqueue_timer, a boot in about 16 here). Single
+# cost about 10% (the 6.12 guest tests: 228 s against 206 s).
 case ${VM_ACCEL:-tcg} in
-    tcg) ACCEL=(-accel "tcg,thread=multi" -cpu max) ;;
+    tcg) ACCEL=(-accel "tcg,thread=${VM_TCG_THREAD:-single}" -cpu max) ;;
     kvm) ACCEL=(-accel kvm -cpu host) ;;
     *) die "VM_ACCEL must be tcg or kvm" ;;
 esac
@@ -261,10 +276,39 @@ LOGLEVEL="quiet loglevel=1"
 BASE_APPEND="console=ttyS0 panic=-1 $LOGLEVEL rdinit=/init vmtest_timeout=$VM_TEST_TIMEOUT${VM_APPEND:+ $VM_APPEND}"
 
 declare -A RESULT=() REASON=()
-T_BOOTED="" GUEST_DONE=0
+T_BOOTED="" GUEST_DONE=0 WATCHDOG="" PANIC=""
+# The host's watchdog: the guest must reach each next mark in time: boot to
+# userspace (VM_BOOT_TIMEOUT), each test's result (VM_TEST_TIMEOUT plus
+# VM_WATCHDOG_GRACE for the guest's own watchdog to dump, kill and clean
+# up), the next test or the end after a result (VM_WATCHDOG_GRACE). The
+# guest's watchdog (tests/vm/init) ends a hung test itself; this one covers
+# a guest that stops running altogether (a kernel deadlock, a panic that
+# does not reboot): it kills qemu and names what the guest was doing.
+VM_BOOT_TIMEOUT=${VM_BOOT_TIMEOUT:-120}
+VM_WATCHDOG_GRACE=${VM_WATCHDOG_GRACE:-60}
+watch_for() {  # watch_for SECONDS WHAT: the guest must print the next mark within SECONDS
+    WATCH_DEADLINE=$(($(date +%s) + $1)) WATCH_WHAT=$2 WATCH_SECS=$1
+}
 read_console() {  # echo the console, keep a copy in $LOG, collect results
-    local line
-    while IFS= read -r line || [[ -n $line ]]; do
+    local line part="" rc test=""
+    watch_for "$VM_BOOT_TIMEOUT" "booting to userspace"
+    while :; do
+        rc=0
+        IFS= read -r -t 2 line || rc=$?
+        if ((rc > 128)); then   # nothing for 2 s: keep a partial line, check the deadline
+            part+=$line
+            if [[ -z $WATCHDOG ]] && (($(date +%s) > WATCH_DEADLINE)); then
+                WATCHDOG="the guest printed no progress for ${WATCH_SECS}s while $WATCH_WHAT"
+                printf '\n'; say "WATCHDOG: $WATCHDOG; killing qemu"
+                if [[ -n $test && -z ${RESULT[$test]:-} ]]; then
+                    RESULT[$test]=FAIL REASON[$test]="no result: $WATCHDOG (qemu killed by the host's watchdog; console: $VM_LOG)"
+                fi
+                [[ -f $VM_PIDFILE ]] && kill -9 "$(cat "$VM_PIDFILE")" 2>/dev/null
+            fi
+            continue
+        fi
+        line=$part$line part=""
+        ((rc == 0)) || [[ -n $line ]] || break   # end of the console
         line=${line//$'\r'/}
         line=${line//$'\e'\[*([0-9;?])[a-zA-Z]/}   # SeaBIOS's terminal escapes
         line=${line//$'\e'c/}
@@ -273,14 +317,27 @@ read_console() {  # echo the console, keep a copy in $LOG, collect results
         if [[ $line =~ VMTEST\ BOOTED ]]; then
             T_BOOTED=$(now)
             say "guest userspace up after $(elapsed "$T_BOOT" "$T_BOOTED") s (host wall clock)"
+            watch_for "$VM_WATCHDOG_GRACE" "starting the first test"
+        elif [[ $line =~ ^===\ ([A-Za-z0-9_.-]+)$ ]]; then
+            test=${BASH_REMATCH[1]}
+            watch_for $((VM_TEST_TIMEOUT + VM_WATCHDOG_GRACE)) "running test $test"
         elif [[ $line =~ VMTEST\ (PASS|FAIL|SKIP)\ ([A-Za-z0-9_.-]+)(:\ (.*)|\ .*)?$ ]]; then
             RESULT[${BASH_REMATCH[2]}]=${BASH_REMATCH[1]}
             REASON[${BASH_REMATCH[2]}]=${BASH_REMATCH[4]}
+            watch_for "$VM_WATCHDOG_GRACE" "going on after test ${BASH_REMATCH[2]}"
+        elif [[ $line =~ (Oops:|Kernel\ panic\ -\ not\ syncing).* ]]; then
+            # the kernel dies: name it (panic=-1 and -no-reboot end qemu)
+            [[ -n $PANIC ]] || PANIC=${BASH_REMATCH[0]}
+            if [[ -n $test && -z ${RESULT[$test]:-} ]]; then
+                RESULT[$test]=FAIL REASON[$test]="no result: the guest kernel crashed during it: $PANIC (console: $VM_LOG)"
+            fi
         elif [[ $line =~ VMTEST\ DONE ]]; then
             GUEST_DONE=1
+            watch_for "$VM_WATCHDOG_GRACE" "powering off"
         fi
         # a host-driven test watches the console (e.g. to cut the power)
         if declare -F vm_on_line >/dev/null; then vm_on_line "$line"; fi
+        ((rc == 0)) || break
     done
 }
 
@@ -293,7 +350,9 @@ VM_PIDFILE=$WORK/qemu.pid
 vm_boot() {
     local log=$1 tests=$2 append=$3
     shift 3
-    T_BOOT=$(now) T_BOOTED="" GUEST_DONE=0
+    T_BOOT=$(now) T_BOOTED="" GUEST_DONE=0 WATCHDOG="" PANIC="" VM_LOG=$log
+    local t
+    for t in ${tests//,/ }; do unset "RESULT[$t]" "REASON[$t]"; done
     exec 3>"$log"
     read_console < <(LD_LIBRARY_PATH=$LIBPATH QEMU_MODULE_DIR=$ROOT/usr/lib/x86_64-linux-gnu/qemu exec timeout -k 5 "$VM_TIMEOUT" "$QEMU" \
         -L "$ROOT/usr/share/qemu" -L "$ROOT/usr/share/seabios" \
@@ -314,7 +373,12 @@ QEMU_RC=0
 if ((${#TESTS[@]})); then
     say "booting $KVER [VM_KERNEL=$VM_KERNEL] (${ACCEL[*]}, ${VM_MEM} MiB, ${VM_SMP} CPUs), tests: ${TESTS[*]}; console log: $LOG"
     vm_boot "$LOG" "$(IFS=,; echo "${TESTS[*]}")" ""
-    if ((QEMU_RC == 124 || QEMU_RC == 137)); then
+    if [[ -n $PANIC ]]; then
+        echo; say "the guest kernel crashed: $PANIC (see $LOG)"
+    fi
+    if [[ -n $WATCHDOG ]]; then
+        echo; say "WATCHDOG: $WATCHDOG: qemu was killed"
+    elif ((QEMU_RC == 124 || QEMU_RC == 137)); then
         echo; say "TIMEOUT: the VM ran past VM_TIMEOUT=${VM_TIMEOUT}s and was killed"
     elif ((QEMU_RC != 0)); then
         echo; say "qemu exited with status $QEMU_RC"

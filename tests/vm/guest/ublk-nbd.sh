@@ -125,10 +125,7 @@ ublk_attach "nbd+unix:///?socket=$PWD/file.sock" --queues 2 --depth 16
 ) &
 writer=$!
 on_exit "kill $writer"
-wait_for 30 test -s writer.err || true
-old=$UBLK_PID
-kill -9 "$old"
-wait "$old" 2>/dev/null || true
+ublk_kill_inflight
 kill -0 "$writer" 2>/dev/null || fail "the writer finished before the kill; nothing was in flight"
 wait_for 10 sh -c "ringbd list | grep -q '^$UBLK_ID .*quiesced'" || fail "device not quiesced: $(ringbd list)"
 dev=$UBLK_DEV

@@ -137,11 +137,8 @@ rm -f writer.err
 ) &
 writer=$!
 on_exit "kill $writer"
-wait_for 30 test -s writer.err || true
-old=$UBLK_PID
-kill -9 "$old"
-wait "$old" 2>/dev/null || true
-kill -0 "$writer" 2>/dev/null || log "[recover] the writer finished before the kill"
+ublk_kill_inflight
+kill -0 "$writer" 2>/dev/null || fail "[recover] the writer finished before the kill; nothing was in flight"
 dev=$UBLK_DEV
 : >attach.err
 ublk_attach "file:$PWD/disk-rec.img" --recover "$UBLK_ID"

@@ -124,7 +124,7 @@ def parse_spec(spec):
 def tls_args(kind, tls):
     """Server arguments for `tls` = {"mode": off|on|require, "dir": DIR,
     "verify_peer": bool} or {"mode": ..., "psk": FILE}, in each server's
-    syntax."""
+    syntax (and "unix": True to listen on a Unix socket, not TCP)."""
     if not tls:
         return []
     if tls.get("psk"):
@@ -232,8 +232,10 @@ class Server:
         self.params = list(params)
         self.extra_env = dict(env or {})
         # With TLS the server listens on TCP loopback (as nbds:// clients
-        # connect and check the certificate's address), else on a Unix socket.
+        # connect and check the certificate's address) unless tls["unix"]
+        # asks for nbds+unix://, else on a Unix socket.
         self.tls = tls
+        self.tcp = bool(tls) and not tls.get("unix")
         self.port = None
         self.exports = dict(exports or {"": "memory:256M"})
         self.read_only = read_only
@@ -274,12 +276,12 @@ class Server:
             raise ValueError(kind)
         self.argv = argv
 
-        if self.tls:
+        if self.tcp:
             listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         else:
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            if self.tls:
+            if self.tcp:
                 listener.bind(("127.0.0.1", 0))
                 self.port = listener.getsockname()[1]
             else:

@@ -2,6 +2,7 @@
 only ever affect their own connection.  After each case a fresh nbdinfo
 must still be served."""
 
+import socket
 import struct
 
 import pytest
@@ -50,16 +51,33 @@ def test_bad_option_magic_closes_connection(raw):
 
 
 def test_truncated_handshake(raw):
+    """Clients that stop sending mid-handshake (their side shut down for
+    writing, so the server reads the end of stream in the middle of a
+    field) are closed by the server, and a client that connected before
+    them still completes its handshake after them."""
+    early = raw()
+    early.read_greeting()
+    torn = []
     c = raw()
     c.recv_exact(18)
-    c.send(b"\x00\x00")   # half of the 4-byte client flags, then vanish
-    c.close()
-    c2 = raw()
-    c2.close()            # connect and leave without reading anything
+    c.send(b"\x00\x00")   # half of the 4-byte client flags
+    torn.append(("half the client flags", c))
+    c2 = raw()            # nothing at all
+    torn.append(("no client flags", c2))
     c3 = raw()
     c3.handshake_start()
     c3.send(struct.pack(">Q", nbdraw.IHAVEOPT)[:5])   # torn option header
-    c3.close()
+    torn.append(("a torn option header", c3))
+    c4 = raw()
+    c4.handshake_start()
+    c4.send(struct.pack(">QII", nbdraw.IHAVEOPT, nbdraw.OPT_GO, 100) + b"\0" * 10)   # option data cut short
+    torn.append(("option data cut short", c4))
+    for what, t in torn:
+        t.s.shutdown(socket.SHUT_WR)
+    for what, t in torn:
+        assert t.wait_eof(), what   # (RawClient's 10 s timeout would raise)
+    early.send_client_flags()
+    assert early.go()["size"] == 256 * MiB
 
 
 def test_client_vanishes_mid_write_payload(raw, nbd_handle, server):

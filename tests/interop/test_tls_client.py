@@ -14,13 +14,12 @@ import json
 import os
 import shutil
 import subprocess
-import time
 import urllib.parse
 
 import pytest
 
 import tls_certs
-from conftest import ringbd_bin, ringbd_extra_args
+from conftest import ringbd_bin
 from helpers import MiB, random_file
 
 TIMEOUT = 120
@@ -147,36 +146,17 @@ def test_a_missing_psk_file_is_named_before_connecting(start_server, pki):
     assert "/nonexistent/keys.psk" in p.stderr, p.stderr
 
 
-def test_nbds_unix(server_kind, pki, shm_tmp):
+def test_nbds_unix(start_server, pki):
     """nbds+unix://: the chain is checked against the CA; no name unless
     tls-hostname gives one (libnbd checks none on Unix sockets)."""
-    sock = os.path.join(shm_tmp, "tls.sock")
-    if server_kind == "ringbd":
-        argv = [ringbd_bin(), "serve"] + ringbd_extra_args() + [
-            "--unix", sock, "--tls-certificates", pki["server"], "memory:32M"]
-    else:
-        argv = ["nbdkit", "-f", "-U", sock, "--tls=require",
-                "--tls-certificates=%s" % pki["server"], "memory", "32M"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        for _ in range(200):
-            if os.path.exists(sock):
-                break
-            time.sleep(0.05)
-        base = "nbds+unix:///?socket=%s&tls-certificates=%s" % (sock, pki["client"])
-        info = json.loads(ringbd("info", "--json", base).stdout)
-        assert info["TLS"] is True and info["exports"][0]["export-size"] == 32 * MiB
-        ringbd("bench", base, "--rw", "randrw", "--verify", "--time", "500ms", "--size", "8M")
-        ringbd("info", base + "&tls-hostname=localhost")
-        p = ringbd("info", base + "&tls-hostname=elsewhere.example", check=False)
-        assert p.returncode != 0 and "not valid for name" in p.stderr, p.stderr
-        other = "nbds+unix:///?socket=%s&tls-certificates=%s" % (sock, pki["other"])
-        p = ringbd("info", other, check=False)
-        assert p.returncode != 0 and "UnknownIssuer" in p.stderr, p.stderr
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    srv = start_server({"": "memory:32M"}, tls={"mode": "require", "dir": pki["server"], "unix": True})
+    base = "nbds+unix:///?socket=%s&tls-certificates=%s" % (srv.sock, pki["client"])
+    info = json.loads(ringbd("info", "--json", base).stdout)
+    assert info["TLS"] is True and info["exports"][0]["export-size"] == 32 * MiB
+    ringbd("bench", base, "--rw", "randrw", "--verify", "--time", "500ms", "--size", "8M")
+    ringbd("info", base + "&tls-hostname=localhost")
+    p = ringbd("info", base + "&tls-hostname=elsewhere.example", check=False)
+    assert p.returncode != 0 and "not valid for name" in p.stderr, p.stderr
+    other = "nbds+unix:///?socket=%s&tls-certificates=%s" % (srv.sock, pki["other"])
+    p = ringbd("info", other, check=False)
+    assert p.returncode != 0 and "UnknownIssuer" in p.stderr, p.stderr

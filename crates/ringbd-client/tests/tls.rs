@@ -2,12 +2,11 @@
 //! STARTTLS: pipelined writes and reads inside TLS, a client certificate,
 //! a server certificate from another CA refused, a server without TLS
 //! refused (never plaintext), and `tls-psk-file` refused with a reason.
-//! Certificates come from openssl at test time (skipped, with a printed
-//! reason, where openssl is missing).
+//! Certificates are made in-process (ringbd-testpki), so these tests always
+//! run.
 
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::thread;
 
@@ -18,82 +17,11 @@ use ringbd_server::engine_threads;
 use ringbd_server::exports::{Export, Exports};
 use ringbd_server::listener::Stream;
 use ringbd_server::tls::{TlsOptions, TlsServer};
+use ringbd_testpki::Pki;
 
 const SIZE: u64 = 4 << 20;
 
-fn openssl(dir: &Path, args: &[&str]) -> bool {
-    Command::new("openssl").args(args).current_dir(dir).output().is_ok_and(|o| o.status.success())
-}
-
-/// A CA with a server certificate (localhost) and a client certificate in
-/// `dir`, the file names the server and the client both read.
-fn pki(dir: &Path, ca: &str) -> bool {
-    let key = |n: &str| {
-        openssl(dir, &["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", n])
-    };
-    let leaf = |name: &str, ext: &str| {
-        std::fs::write(dir.join(format!("{name}.ext")), ext).is_ok()
-            && key(&format!("{name}-key.pem"))
-            && openssl(
-                dir,
-                &[
-                    "req",
-                    "-new",
-                    "-key",
-                    &format!("{name}-key.pem"),
-                    "-out",
-                    &format!("{name}.csr"),
-                    "-subj",
-                    &format!("/CN={name}"),
-                ],
-            )
-            && openssl(
-                dir,
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    &format!("{name}.csr"),
-                    "-CA",
-                    "ca-cert.pem",
-                    "-CAkey",
-                    "ca-key.pem",
-                    "-CAcreateserial",
-                    "-out",
-                    &format!("{name}-cert.pem"),
-                    "-days",
-                    "2",
-                    "-extfile",
-                    &format!("{name}.ext"),
-                ],
-            )
-    };
-    std::fs::create_dir_all(dir).is_ok()
-        && key("ca-key.pem")
-        && openssl(
-            dir,
-            &[
-                "req",
-                "-x509",
-                "-new",
-                "-key",
-                "ca-key.pem",
-                "-out",
-                "ca-cert.pem",
-                "-days",
-                "2",
-                "-subj",
-                &format!("/CN={ca}"),
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign",
-            ],
-        )
-        && leaf("server", "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n")
-        && leaf("client", "extendedKeyUsage=clientAuth\n")
-}
-
+/// A scratch directory, removed when dropped.
 struct Dir(PathBuf);
 
 impl Drop for Dir {
@@ -102,17 +30,10 @@ impl Drop for Dir {
     }
 }
 
-/// Two certificate directories signed by different CAs; `None` without openssl.
-fn pkis(tag: &str) -> Option<(Dir, PathBuf, PathBuf)> {
-    let root = std::env::temp_dir().join(format!("ringbd-client-tls-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    let guard = Dir(root.clone());
-    let (a, b) = (root.join("a"), root.join("b"));
-    if !pki(&a, "ca-a") || !pki(&b, "ca-b") {
-        eprintln!("skipped: openssl could not make test certificates");
-        return None;
-    }
-    Some((guard, a, b))
+/// Two certificate directories signed by different CAs (removed when
+/// dropped).
+fn pkis(tag: &str) -> (Pki, Pki) {
+    (Pki::new(&format!("client-{tag}-a"), "ca-a"), Pki::new(&format!("client-{tag}-b"), "ca-b"))
 }
 
 /// Serves `listener` with the threaded engine, a thread per connection.
@@ -168,7 +89,7 @@ fn pattern(offset: u64, len: usize) -> Vec<u8> {
 
 #[test]
 fn pipelined_io_inside_tls_with_a_client_certificate() {
-    let Some((_g, a, _b)) = pkis("io") else { return };
+    let (a, _b) = pkis("io");
     let sock = server(&a, Some(&a), true);
     let u = uri(&sock, &format!("tls-certificates={}", a.display()));
     let mut e = Engine::connect(&u, &ClientConfig::new(""), 2).unwrap();
@@ -212,7 +133,7 @@ fn pipelined_io_inside_tls_with_a_client_certificate() {
 
 #[test]
 fn verification_and_refusals() {
-    let Some((_g, a, b)) = pkis("refuse") else { return };
+    let (a, b) = pkis("refuse");
     let tls = server(&a, Some(&a), false);
     let err = |u: &NbdUri| match Engine::connect(u, &ClientConfig::new(""), 1) {
         Ok(_) => panic!("{u} connected"),
@@ -243,7 +164,7 @@ fn verification_and_refusals() {
 
 #[test]
 fn a_server_that_wants_a_client_certificate() {
-    let Some((_g, a, b)) = pkis("peer") else { return };
+    let (a, b) = pkis("peer");
     let sock = server(&a, Some(&a), true);
     // Only the CA: no client certificate to show.
     let only_ca = a.join("only-ca");
@@ -283,7 +204,7 @@ fn a_batch_becomes_few_records_in_memory() {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     use std::io::{IoSlice, Read, Write};
 
-    let Some((_g, a, _b)) = pkis("records") else { return };
+    let (a, _b) = pkis("records");
     let u = uri(Path::new("/nonexistent.sock"), &format!("tls-certificates={}", a.display()));
     let setup = ringbd_client::TlsSetup::new(&u).unwrap().unwrap();
     let mut client = setup.session().unwrap();

@@ -453,12 +453,27 @@ mod tests {
     }
 
     #[test]
-    fn dropping_with_a_pending_receive_waits_for_it() {
-        let (a, _b) = UnixStream::pair().unwrap();
+    fn dropping_with_a_pending_receive_reaps_it_and_closes_the_socket() {
+        use std::os::unix::fs::MetadataExt;
+        let (a, mut b) = UnixStream::pair().unwrap();
+        // The socket's inode, through its fd (whose number a parallel test
+        // may reuse once it is closed).
+        let fd_path = format!("/proc/self/fd/{}", a.as_raw_fd());
+        let ino = std::fs::metadata(&fd_path).unwrap().ino();
         let mut ring = ClientRing::new(8).unwrap();
         let s = ring.add_socket(a.into());
         ring.recv(s, Vec::with_capacity(16)).unwrap();
         ring.submit_and_wait(0).unwrap();
         drop(ring);
+        // Drop shut the socket down (the peer sees the end of stream),
+        // reaped the receive and closed the fd. Had it given up on the
+        // receive, it would have leaked the socket, whose buffer the kernel
+        // might still write, and the fd would still name the same socket.
+        let mut one = [0u8; 1];
+        assert_eq!(b.read(&mut one).unwrap(), 0, "the peer sees the end of stream");
+        assert!(
+            std::fs::metadata(&fd_path).map_or(true, |m| m.ino() != ino),
+            "the socket was leaked, not closed"
+        );
     }
 }

@@ -13,8 +13,13 @@ use ringbd_server::listener::Stream;
 fn start(read_only: bool) -> (UnixStream, thread::JoinHandle<std::io::Result<()>>) {
     let mut exports = Exports::default();
     exports.add(Export::new("", Arc::new(MemoryBackend::new(1 << 20)), read_only)).unwrap();
-    let exports = Arc::new(exports);
+    connect(&Arc::new(exports))
+}
+
+/// A connection to `exports`, served by the threaded engine on its thread.
+fn connect(exports: &Arc<Exports>) -> (UnixStream, thread::JoinHandle<std::io::Result<()>>) {
     let (client, server) = UnixStream::pair().unwrap();
+    let exports = exports.clone();
     let h = thread::spawn(move || engine_threads::serve(Stream::Unix(server), exports));
     (client, h)
 }
@@ -150,13 +155,60 @@ fn read_only_export_refuses_writes_with_eperm_and_consumes_the_payload() {
     h.join().unwrap().unwrap();
 }
 
+/// A simple reply's error for `cookie`.
+fn simple_reply(s: &mut UnixStream, cookie: u64) -> u32 {
+    let r = read_n(s, 16);
+    assert_eq!(&r[..4], &0x6744_6698u32.to_be_bytes());
+    assert_eq!(&r[8..], &cookie.to_be_bytes());
+    u32::from_be_bytes(r[4..8].try_into().unwrap())
+}
+
+/// Reads `len` bytes at `offset` (one OFFSET_DATA chunk expected).
+fn read_data(s: &mut UnixStream, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    request(s, 0, 0, cookie, offset, len, &[]);
+    let hdr = read_n(s, 20);
+    assert_eq!(u16::from_be_bytes([hdr[6], hdr[7]]), 1, "OFFSET_DATA");
+    read_n(s, 8 + len as usize)[8..].to_vec()
+}
+
 #[test]
 fn client_vanishing_mid_payload_ends_only_that_connection() {
-    let (mut c, h) = start(false);
-    negotiate(&mut c);
+    let mut exports = Exports::default();
+    exports.add(Export::new("", Arc::new(MemoryBackend::new(1 << 20)), false)).unwrap();
+    let exports = Arc::new(exports);
+    let (mut other, other_h) = connect(&exports);
+    negotiate(&mut other);
+    request(&mut other, 0, 1, 1, 0, 4096, &[3; 4096]);
+    assert_eq!(simple_reply(&mut other, 1), 0);
+
+    // 1000 bytes of a 64 KiB write over the same range, then gone.
+    let (mut c, h) = start_on_and_negotiate(&exports);
     request(&mut c, 0, 1, 1, 0, 65536, &[7; 1000]);
     drop(c);
     h.join().unwrap().unwrap();
+
+    // The other connection goes on. Write payloads stream to the backend as
+    // they arrive (conn.rs), so the 1000 bytes that came may have landed (an
+    // unacknowledged write leaves its range undefined in NBD); nothing past
+    // them changed.
+    let got = read_data(&mut other, 2, 0, 4096);
+    assert!(got[..1000].iter().all(|&b| b == 3 || b == 7), "{:?}", &got[..16]);
+    assert_eq!(got[1000..], [3; 3096]);
+    request(&mut other, 0, 1, 3, 4096, 4096, &[4; 4096]);
+    assert_eq!(simple_reply(&mut other, 3), 0);
+    assert_eq!(read_data(&mut other, 4, 4096, 4096), vec![4; 4096]);
+    // And a new connection is served too.
+    let (mut late, late_h) = start_on_and_negotiate(&exports);
+    assert_eq!(read_data(&mut late, 5, 0, 8192), [got, vec![4; 4096]].concat());
+    drop((late, other));
+    late_h.join().unwrap().unwrap();
+    other_h.join().unwrap().unwrap();
+}
+
+fn start_on_and_negotiate(exports: &Arc<Exports>) -> (UnixStream, thread::JoinHandle<std::io::Result<()>>) {
+    let (mut c, h) = connect(exports);
+    negotiate(&mut c);
+    (c, h)
 }
 
 #[test]

@@ -1,12 +1,11 @@
 //! STARTTLS through the connection state machine, against a rustls client
 //! in memory: no sockets, so the record batching and the backpressure path
 //! (plaintext decrypted but not yet taken) are driven deterministically.
-//! Certificates are made with openssl at test time (skipped, with a printed
-//! reason, where openssl is missing).
+//! Certificates are made in-process (ringbd-testpki), so these tests always
+//! run.
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::Arc;
 
 use nbd_proto::TlsMode;
@@ -14,6 +13,7 @@ use ringbd_backend::memory::MemoryBackend;
 use ringbd_server::conn::Connection;
 use ringbd_server::exports::{Export, Exports};
 use ringbd_server::tls::{TlsOptions, TlsServer};
+use ringbd_testpki::Pki;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore};
@@ -21,100 +21,10 @@ use rustls::{ClientConfig, ClientConnection, RootCertStore};
 mod wire;
 use wire::{drain, feed, option, request};
 
-fn openssl(dir: &Path, args: &[&str]) -> bool {
-    Command::new("openssl").args(args).current_dir(dir).output().is_ok_and(|o| o.status.success())
-}
-
-/// A temporary certificate directory, removed when dropped.
-struct Pki(PathBuf);
-
-impl std::ops::Deref for Pki {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        std::fs::remove_dir_all(&self.0).ok();
-    }
-}
-
 /// A CA, a server certificate for localhost and a client certificate, in
-/// a fresh directory; `None` without openssl.
-fn pki(tag: &str) -> Option<Pki> {
-    let dir = std::env::temp_dir().join(format!("ringbd-tls-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).ok()?;
-    let guard = Pki(dir.clone());
-    let key = |name: &str| {
-        openssl(&dir, &["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", name])
-    };
-    let leaf = |name: &str, cn: &str, ext: &str| {
-        std::fs::write(dir.join(format!("{cn}.ext")), ext).is_ok()
-            && key(&format!("{name}-key.pem"))
-            && openssl(
-                &dir,
-                &[
-                    "req",
-                    "-new",
-                    "-key",
-                    &format!("{name}-key.pem"),
-                    "-out",
-                    &format!("{cn}.csr"),
-                    "-subj",
-                    &format!("/CN={cn}"),
-                ],
-            )
-            && openssl(
-                &dir,
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    &format!("{cn}.csr"),
-                    "-CA",
-                    "ca-cert.pem",
-                    "-CAkey",
-                    "ca-key.pem",
-                    "-CAcreateserial",
-                    "-out",
-                    &format!("{name}-cert.pem"),
-                    "-days",
-                    "2",
-                    "-extfile",
-                    &format!("{cn}.ext"),
-                ],
-            )
-    };
-    let ok = key("ca-key.pem")
-        && openssl(
-            &dir,
-            &[
-                "req",
-                "-x509",
-                "-new",
-                "-key",
-                "ca-key.pem",
-                "-out",
-                "ca-cert.pem",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=test-ca",
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign",
-            ],
-        )
-        && leaf("server", "localhost", "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n")
-        && leaf("client", "client", "extendedKeyUsage=clientAuth\n");
-    if !ok {
-        eprintln!("skipped: openssl could not make test certificates");
-        return None;
-    }
-    Some(guard)
+/// a fresh directory (removed when dropped).
+fn pki(tag: &str) -> Pki {
+    Pki::new(&format!("server-{tag}"), "test-ca")
 }
 
 fn server(dir: &Path, mode: TlsMode, verify_peer: bool) -> Connection {
@@ -211,7 +121,7 @@ fn go(srv: &mut Connection, cl: &mut ClientConnection, chunk: usize) {
 
 #[test]
 fn starttls_then_writes_and_reads_over_tls_whatever_the_chunking() {
-    let Some(dir) = pki("rw") else { return };
+    let dir = pki("rw");
     for (chunk, reply_limit) in [(usize::MAX, u32::MAX), (1, u32::MAX), (4096, 1), (usize::MAX, 1)] {
         let mut srv = server(&dir, TlsMode::Require, false);
         srv.set_reply_limit(reply_limit);
@@ -239,7 +149,7 @@ fn starttls_then_writes_and_reads_over_tls_whatever_the_chunking() {
 
 #[test]
 fn a_second_starttls_is_invalid() {
-    let Some(dir) = pki("twice") else { return };
+    let dir = pki("twice");
     let mut srv = server(&dir, TlsMode::On, false);
     let mut cl = client(&dir, false);
     starttls(&mut srv, &mut cl, usize::MAX);
@@ -250,7 +160,7 @@ fn a_second_starttls_is_invalid() {
 
 #[test]
 fn garbage_instead_of_a_client_hello_closes_the_connection() {
-    let Some(dir) = pki("garbage") else { return };
+    let dir = pki("garbage");
     for garbage in [
         &b"GET / HTTP/1.0\r\n\r\n"[..],
         &[0x16, 3, 1, 0xff, 0xff][..],
@@ -268,7 +178,7 @@ fn garbage_instead_of_a_client_hello_closes_the_connection() {
 
 #[test]
 fn verify_peer_refuses_a_client_without_a_certificate_and_takes_one_with() {
-    let Some(dir) = pki("peer") else { return };
+    let dir = pki("peer");
     let mut srv = server(&dir, TlsMode::Require, true);
     let mut cl = client(&dir, true);
     starttls(&mut srv, &mut cl, usize::MAX);
@@ -300,7 +210,7 @@ fn verify_peer_refuses_a_client_without_a_certificate_and_takes_one_with() {
 
 #[test]
 fn random_bytes_after_starttls_never_panic_and_close_the_connection() {
-    let Some(dir) = pki("fuzz") else { return };
+    let dir = pki("fuzz");
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = move || {
         seed ^= seed << 13;
@@ -329,7 +239,7 @@ fn random_bytes_after_starttls_never_panic_and_close_the_connection() {
 
 #[test]
 fn a_corrupt_record_mid_session_closes_the_connection() {
-    let Some(dir) = pki("corrupt") else { return };
+    let dir = pki("corrupt");
     let mut srv = server(&dir, TlsMode::Require, false);
     let mut cl = client(&dir, false);
     starttls(&mut srv, &mut cl, usize::MAX);
@@ -359,7 +269,7 @@ fn records(mut wire: &[u8]) -> usize {
 
 #[test]
 fn a_loop_turns_replies_share_records() {
-    let Some(dir) = pki("batch") else { return };
+    let dir = pki("batch");
     for (reply_limit, expect) in [(u32::MAX, 3), (1, 32)] {
         let mut srv = server(&dir, TlsMode::Require, false);
         srv.set_reply_limit(reply_limit);
@@ -523,7 +433,7 @@ impl Dir {
 
 #[test]
 fn ktls_keys_decrypt_and_encrypt_real_records_for_every_suite() {
-    let Some(dir) = pki("ktls-keys") else { return };
+    let dir = pki("ktls-keys");
     use rustls::crypto::ring::cipher_suite::*;
     let suites = [
         TLS13_AES_128_GCM_SHA256,
@@ -562,7 +472,7 @@ fn ktls_keys_decrypt_and_encrypt_real_records_for_every_suite() {
 
 #[test]
 fn ktls_waits_for_a_record_boundary_and_an_empty_wire() {
-    let Some(dir) = pki("ktls-idle") else { return };
+    let dir = pki("ktls-idle");
     let mut srv = server(&dir, TlsMode::Require, false);
     let mut cl = client(&dir, false);
     starttls(&mut srv, &mut cl, usize::MAX);

@@ -31,6 +31,9 @@ pub struct Features {
     pub send_zc: bool,
     /// Incremental buffer consumption (`IOU_PBUF_RING_INC`, 6.12+).
     pub buf_inc: bool,
+    /// A multishot receive takes a total byte limit (`sqe->optlen`, Linux
+    /// 6.16+): it ends by itself once it has delivered that much.
+    pub recv_limit: bool,
 }
 
 impl Features {
@@ -68,9 +71,72 @@ impl Features {
         // feature has both.
         f.accept_multishot &= f.buf_ring;
         f.recv_multishot &= f.buf_ring;
+        f.recv_limit = f.recv_multishot && probe_recv_limit();
         f
     }
 }
+
+/// Sets a multishot receive's total byte limit: the SQE's `optlen`
+/// (bytes 44..48, a union with `file_index`), which the io-uring crate's
+/// builder does not expose.
+fn with_recv_limit(e: squeue::Entry, limit: u32) -> squeue::Entry {
+    // SAFETY: squeue::Entry is #[repr(C)] around the kernel's 64-byte
+    // io_uring_sqe (a size the transmute checks at compile time), plain
+    // data for which every bit pattern is valid.
+    let mut raw: [u8; 64] = unsafe { std::mem::transmute::<squeue::Entry, [u8; 64]>(e) };
+    raw[44..48].copy_from_slice(&limit.to_ne_bytes());
+    // SAFETY: as above; only the optlen bytes changed.
+    unsafe { std::mem::transmute::<[u8; 64], squeue::Entry>(raw) }
+}
+
+/// Whether the kernel honours a multishot receive's byte limit: one byte
+/// waits on a socket and a receive limited to one byte must end with it.
+/// Older kernels refuse the field (`EINVAL`).
+fn probe_recv_limit() -> bool {
+    use std::io::Write;
+    let Ok(mut ring) = IoUring::new(8) else { return false };
+    let Ok((mut a, b)) = std::os::unix::net::UnixStream::pair() else { return false };
+    let Ok(mut br) = BufRing::new(&ring, 8, 4096, false) else { return false };
+    if a.write_all(b"x").is_err() {
+        return false;
+    }
+    let e = with_recv_limit(opcode::RecvMulti::new(types::Fd(b.as_raw_fd()), BGID).build(), 1).user_data(1);
+    // SAFETY: the receive selects from `br`, which stays allocated until
+    // the receive's final completion below, or forever (leaked) if it never
+    // comes.
+    if unsafe { ring.submission().push(&e) }.is_err() {
+        return false;
+    }
+    let mut verdict = None;
+    for _ in 0..4 {
+        if ring.submit_and_wait(1).is_err() {
+            break;
+        }
+        let Some(cqe) = ring.completion().next() else { continue };
+        let more = cqueue::more(cqe.flags());
+        if !more {
+            // Ended on its own after the byte: honoured; refused: EINVAL.
+            verdict = Some(*verdict.get_or_insert(cqe.result() == 1));
+            break;
+        }
+        // Still armed after the limit: ignored. End it with end of stream.
+        verdict = Some(false);
+        if b.shutdown(std::net::Shutdown::Both).is_err() {
+            break;
+        }
+    }
+    if verdict.is_none() {
+        // The receive may still be armed: its buffers must outlive it.
+        br.leak();
+    }
+    drop(ring);
+    drop(br);
+    verdict.unwrap_or(false)
+}
+
+/// Most iovecs one `sendmsg` takes (`UIO_MAXIOV`; SEND_ZC has the same
+/// limit).
+pub const IOV_MAX: usize = 1024;
 
 /// Configuration of one ring.
 #[derive(Debug, Clone, Copy)]
@@ -90,7 +156,20 @@ pub struct RingConfig {
 
 /// Something a send can take from: the ring keeps it until the kernel has
 /// finished with the memory, then gives it back in [`Completion::Send`].
-pub trait SendSource {
+///
+/// # Safety
+///
+/// The kernel reads the memory behind the slices [`SendSource::iovecs`]
+/// returns after the call, while the ring owns the value: until the send's
+/// completion hands it back (for a zero-copy send, until the kernel's
+/// notification). An implementor guarantees that this memory stays
+/// allocated, at the same address, and that nothing writes it for that
+/// long, although the value itself moves (into the ring's table): the
+/// slices must point into heap allocations or other memory the value
+/// keeps alive and does not hand out for writing, never into the value's
+/// own inline fields. `iovecs` must also return the same bytes each time
+/// it is called with the same `skip`.
+pub unsafe trait SendSource {
     /// Total bytes.
     fn len(&self) -> usize;
     /// Whether there is nothing to send.
@@ -147,11 +226,43 @@ pub fn is_cancelled(e: &io::Error) -> bool {
 /// Buffers of one receive completion.
 #[derive(Debug, Default)]
 pub struct RecvBufs {
-    /// (buffer id, start, end) of each piece, in stream order. With
-    /// incremental consumption a buffer's bytes may arrive in several
-    /// pieces, even for different connections.
-    pub bufs: Vec<(u16, u32, u32)>,
+    /// The pieces, in stream order. With incremental consumption a
+    /// buffer's bytes may arrive in several pieces, even for different
+    /// connections.
+    pub bufs: Vec<BufPiece>,
     pub len: usize,
+}
+
+/// Received bytes in one provided buffer (`start..end` of buffer `bid`),
+/// handed out by the completion that filled them. Read them with
+/// [`Ring::buffer`]; give the piece back with [`Ring::recycle`], which
+/// consumes it: a piece can be given back once only, and only to the ring
+/// that made it, so no caller can republish a buffer the kernel may still
+/// fill. A piece that is dropped instead keeps its buffer out of the ring
+/// for good (a leak, never a fault).
+#[derive(Debug)]
+pub struct BufPiece {
+    ring: u32,
+    bid: u16,
+    start: u32,
+    end: u32,
+}
+
+impl BufPiece {
+    /// Bytes left in the piece.
+    pub fn len(&self) -> usize {
+        (self.end - self.start) as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    /// Drops the first `n` bytes (consumed); the piece still has to be
+    /// recycled.
+    pub fn advance(&mut self, n: usize) {
+        self.start = self.start.saturating_add(n.min(self.len()) as u32);
+    }
 }
 
 /// Counters of the ring's activity (monotonic).
@@ -169,6 +280,9 @@ pub struct RingStats {
     /// and writes used a registered (fixed) buffer.
     pub file_ops: u64,
     pub file_fixed: u64,
+    /// Receive completions whose first buffer was not the one our view of
+    /// the buffer ring expected (the ring was resynchronised on the id).
+    pub buf_resyncs: u64,
 }
 
 /// `IORING_SEND_ZC_REPORT_USAGE`: the notification says whether the
@@ -232,6 +346,8 @@ pub struct Ring<S> {
     ring: IoUring,
     bufs: BufRing,
     bundle: bool,
+    /// Multishot receives take a byte limit (Features::recv_limit).
+    recv_limit: bool,
     sends: Vec<Option<InflightSend<S>>>,
     free_sends: Vec<u32>,
     files: Vec<Option<InflightFile>>,
@@ -296,6 +412,7 @@ impl<S: SendSource> Ring<S> {
             ring,
             bufs,
             bundle: cfg.bundle,
+            recv_limit: features.recv_limit,
             sends: Vec::new(),
             free_sends: Vec::new(),
             files: Vec::new(),
@@ -310,11 +427,20 @@ impl<S: SendSource> Ring<S> {
     }
 
     fn push(&mut self, e: squeue::Entry) -> io::Result<()> {
-        // SAFETY: every entry pushed here references memory the ring keeps
-        // alive until the operation's final completion: the buffer ring
-        // (owned by self.bufs), send iovecs and msghdr (owned by
-        // self.sends[slot]), a timer's timespec (self.timer), or nothing
-        // at all (accept, recv, cancel).
+        // SAFETY: every entry pushed here references only memory the ring
+        // keeps alive, unmoved, until the operation's final completion
+        // (for a zero-copy send, its notification); file descriptors are
+        // the kernel's to check:
+        // - receives select from the buffer ring (self.bufs), whose memory
+        //   lives as long as the ring or is leaked (Drop);
+        // - sends: the msghdr and iovec array (self.sends[slot], boxed and
+        //   a Vec: heap memory that does not move) and the bytes behind
+        //   them, which the `SendSource` contract keeps in place;
+        // - file reads and writes: the IoBuf in self.files[slot] (heap
+        //   memory; a registered arena chunk is also kept by self.arena),
+        //   which nothing else touches until the completion returns it;
+        // - a timer: the boxed timespec in self.timer;
+        // - accept, poll, fsync, fallocate, cancel: no memory.
         if unsafe { self.ring.submission().push(&e) }.is_err() {
             self.ring.submit()?;
             self.stats.enters += 1;
@@ -336,14 +462,25 @@ impl<S: SendSource> Ring<S> {
     }
 
     /// Arms a multishot receive for connection `conn` on socket `sock`.
-    pub fn recv_multi(&mut self, sock: Sock, conn: u32) -> io::Result<()> {
+    /// With `limit` (and a kernel that has [`Features::recv_limit`]) it
+    /// delivers at most that many bytes, then ends (`more` false).
+    pub fn recv_multi(&mut self, sock: Sock, conn: u32, limit: Option<u32>) -> io::Result<()> {
         let bundle = self.bundle;
         let e = with_sock!(sock, |fd| if bundle {
             opcode::RecvMultiBundle::new(fd, BGID).build()
         } else {
             opcode::RecvMulti::new(fd, BGID).build()
         });
+        let e = match limit {
+            Some(n) if self.recv_limit => with_recv_limit(e, n),
+            _ => e,
+        };
         self.push(e.user_data(user_data(KIND_RECV, conn, 0)))
+    }
+
+    /// Whether [`Ring::recv_multi`]'s limit is honoured here.
+    pub fn has_recv_limit(&self) -> bool {
+        self.recv_limit
     }
 
     /// Creates a registered-file table with room for `slots` sockets.
@@ -438,8 +575,10 @@ impl<S: SendSource> Ring<S> {
         self.push(e)
     }
 
-    /// Sends `source` (from byte `skip`) on `sock` in one `sendmsg`. `more`
-    /// sets `MSG_MORE` (more replies are coming: let the kernel cork).
+    /// Sends `source` (from byte `skip`) on `sock` in one `sendmsg` of at
+    /// most [`IOV_MAX`] iovecs, so it may send less than all of it (see
+    /// [`Completion::Send`]). `more` sets `MSG_MORE` (more replies are
+    /// coming: let the kernel cork).
     pub fn send(
         &mut self,
         sock: Sock,
@@ -451,6 +590,10 @@ impl<S: SendSource> Ring<S> {
     ) -> io::Result<()> {
         let mut slices = Vec::with_capacity(8);
         source.iovecs(skip, &mut slices);
+        // The kernel refuses a message of more than IOV_MAX iovecs (EMSGSIZE
+        // for sendmsg): send the first IOV_MAX; the completion reports a
+        // short send and the caller sends the rest from there.
+        slices.truncate(IOV_MAX);
         let iov: Vec<libc::iovec> = slices
             .iter()
             .map(|s| libc::iovec { iov_base: s.as_ptr() as *mut libc::c_void, iov_len: s.len() })
@@ -501,7 +644,7 @@ impl<S: SendSource> Ring<S> {
         conn: u32,
         token: u32,
         op: FileOp,
-        buf: IoBuf,
+        mut buf: IoBuf,
     ) -> io::Result<()> {
         let slot = match self.free_files.pop() {
             Some(s) => s,
@@ -514,9 +657,11 @@ impl<S: SendSource> Ring<S> {
         let fixed = self.arena.as_ref().and_then(|a| buf.fixed_index(a));
         let e = match op {
             FileOp::Read { offset, at } => {
-                let rest = buf.get(at..).unwrap_or_default();
+                // The kernel writes here: take the pointer from a unique
+                // borrow of the buffer, which the ring owns until then.
+                let rest = buf.get_mut(at..).unwrap_or_default();
                 let len = rest.len().min(u32::MAX as usize) as u32;
-                let ptr = rest.as_ptr() as *mut u8;
+                let ptr = rest.as_mut_ptr();
                 match fixed {
                     Some(i) => opcode::ReadFixed::new(fd, ptr, len, i).offset(offset).build(),
                     None => opcode::Read::new(fd, ptr, len).offset(offset).build(),
@@ -607,7 +752,9 @@ impl<S: SendSource> Ring<S> {
                     let len = res as usize;
                     let mut bufs = RecvBufs { bufs: Vec::new(), len };
                     if let Some(bid) = cqueue::buffer_select(flags) {
-                        self.bufs.take(bid, len, &mut bufs.bufs);
+                        if !self.bufs.take(bid, len, &mut bufs.bufs) {
+                            self.stats.buf_resyncs += 1;
+                        }
                         self.stats.recv_buffers += bufs.bufs.len() as u64;
                     }
                     self.stats.recv_completions += 1;
@@ -668,16 +815,22 @@ impl<S: SendSource> Ring<S> {
         }
     }
 
-    /// The received bytes of a piece (`start..end` of buffer `bid`).
-    pub fn buffer(&self, bid: u16, start: u32, end: u32) -> &[u8] {
-        self.bufs.get(bid, start, end)
+    /// The received bytes of a piece (empty for a piece of another ring).
+    pub fn buffer(&self, piece: &BufPiece) -> &[u8] {
+        if piece.ring != self.bufs.id {
+            return &[];
+        }
+        self.bufs.get(piece.bid, piece.start, piece.end)
     }
 
-    /// Gives back one piece of a receive buffer (every piece exactly once,
-    /// once its bytes are consumed); the buffer returns to the kernel when
-    /// all its pieces are back and the kernel has filled it.
-    pub fn recycle(&mut self, bid: u16) {
-        self.bufs.release(bid);
+    /// Gives back a piece of a receive buffer once its bytes are consumed;
+    /// the buffer returns to the kernel when all its pieces are back and
+    /// the kernel has finished filling it. A piece of another ring is
+    /// dropped (that ring keeps the buffer).
+    pub fn recycle(&mut self, piece: BufPiece) {
+        if piece.ring == self.bufs.id {
+            self.bufs.release(piece.bid);
+        }
     }
 
     /// Whether receive buffers are consumed incrementally.
@@ -744,7 +897,12 @@ struct BufRing {
     kernel_done: Vec<bool>,
     /// Buffers the kernel has finished with (monotonic).
     spent: u64,
+    /// Tells this ring's pieces from another's ([`BufPiece`]).
+    id: u32,
 }
+
+/// Source of [`BufRing::id`]s.
+static NEXT_BUF_RING: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// `IOU_PBUF_RING_INC`.
 const PBUF_RING_INC: u16 = 2;
@@ -802,6 +960,7 @@ impl BufRing {
             pieces: vec![0; entries as usize],
             kernel_done: vec![false; entries as usize],
             spent: 0,
+            id: NEXT_BUF_RING.fetch_add(1, Ordering::Relaxed),
         };
         let flags = if inc { PBUF_RING_INC } else { 0 };
         // SAFETY: the ring memory is page aligned, sized for `entries`, and
@@ -841,16 +1000,19 @@ impl BufRing {
     }
 
     /// Records that the kernel filled `len` bytes, starting in buffer `bid`,
-    /// and lists the pieces.
-    fn take(&mut self, bid: u16, len: usize, out: &mut Vec<(u16, u32, u32)>) {
+    /// and lists the pieces. False when `bid` was not at the head of our
+    /// view (the caller counts it): the view is resynchronised on the id.
+    fn take(&mut self, bid: u16, len: usize, out: &mut Vec<BufPiece>) -> bool {
         if len == 0 && self.inc {
             // End of stream: an incremental buffer is not consumed.
-            return;
+            return true;
         }
         let mask = self.mask();
+        let mut in_step = true;
         if self.slots[(self.head & mask) as usize] != bid {
             // Completions arrive in consumption order on a single-issuer
             // ring, so this should not happen; resynchronise on the id.
+            in_step = false;
             if let Some(pos) = (0..self.entries)
                 .map(|i| self.head.wrapping_add(i))
                 .find(|p| self.slots[(p & mask) as usize] == bid)
@@ -866,7 +1028,12 @@ impl BufRing {
             let bi = b as usize;
             let start = if self.inc { self.filled[bi] } else { 0 };
             let n = left.min((self.buf_size - start) as usize);
-            out.push((b, start, if len == 0 { start } else { start + n as u32 }));
+            out.push(BufPiece {
+                ring: self.id,
+                bid: b,
+                start,
+                end: if len == 0 { start } else { start + n as u32 },
+            });
             self.pieces[bi] = self.pieces[bi].saturating_add(1);
             if self.inc {
                 self.filled[bi] += n as u32;
@@ -878,6 +1045,7 @@ impl BufRing {
             }
             left -= n;
         }
+        in_step
     }
 
     /// One piece of buffer `bid` is consumed; republishes the buffer once
@@ -947,7 +1115,9 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     struct Bytes(Vec<u8>);
-    impl SendSource for Bytes {
+    // SAFETY: the slices point into the Vec's heap buffer, which does not
+    // move with the value and is never written after construction.
+    unsafe impl SendSource for Bytes {
         fn len(&self) -> usize {
             self.0.len()
         }
@@ -974,11 +1144,38 @@ mod tests {
     }
 
     #[test]
+    fn a_limited_multishot_receive_ends_after_its_bytes() {
+        let f = Features::probe();
+        assert!(f.recv_limit, "this kernel ignores a multishot receive's byte limit: {f:?}");
+        for (bundle, inc) in [(false, false), (true, false), (false, true), (true, true)] {
+            let mut r = ring_with(bundle, inc);
+            let (mut a, b) = UnixStream::pair().unwrap();
+            a.write_all(&[7u8; 5000]).unwrap();
+            r.recv_multi(Sock::raw(b.as_fd()), 3, Some(2000)).unwrap();
+            let (mut got, mut ended) = (0, false);
+            while !ended {
+                r.submit_and_wait(1).unwrap();
+                r.completions(|r, c| {
+                    if let Completion::Recv { result, more, .. } = c {
+                        let bufs = result.unwrap();
+                        got += bufs.len;
+                        bufs.bufs.into_iter().for_each(|p| r.recycle(p));
+                        ended |= !more;
+                    }
+                });
+            }
+            // It ended although bytes wait: at the limit, rounded up to
+            // the buffer it reached the limit in.
+            assert!((2000..=2000 + 1024).contains(&got), "bundle={bundle} inc={inc}: {got} bytes");
+        }
+    }
+
+    #[test]
     fn multishot_recv_delivers_bytes_in_order_across_buffers() {
         for (bundle, inc) in [(false, false), (true, false), (false, true), (true, true)] {
             let mut r = ring_with(bundle, inc);
             let (mut a, b) = UnixStream::pair().unwrap();
-            r.recv_multi(Sock::raw(b.as_fd()), 7).unwrap();
+            r.recv_multi(Sock::raw(b.as_fd()), 7, None).unwrap();
             let data: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
             a.write_all(&data).unwrap();
             drop(a);
@@ -993,9 +1190,9 @@ mod tests {
                         if bufs.len == 0 {
                             eof = true;
                         }
-                        for (bid, start, end) in bufs.bufs {
-                            got.extend_from_slice(r.buffer(bid, start, end));
-                            r.recycle(bid);
+                        for piece in bufs.bufs {
+                            got.extend_from_slice(r.buffer(&piece));
+                            r.recycle(piece);
                         }
                     }
                     _ => panic!("unexpected completion"),
@@ -1018,23 +1215,23 @@ mod tests {
             assert!(r.incremental());
             let (mut a1, b1) = UnixStream::pair().unwrap();
             let (mut a2, b2) = UnixStream::pair().unwrap();
-            r.recv_multi(Sock::raw(b1.as_fd()), 1).unwrap();
-            r.recv_multi(Sock::raw(b2.as_fd()), 2).unwrap();
+            r.recv_multi(Sock::raw(b1.as_fd()), 1, None).unwrap();
+            r.recv_multi(Sock::raw(b2.as_fd()), 2, None).unwrap();
             // Small messages from two connections, alternating: they share
             // buffers, and conn 1's pieces are held back (a backlog) while
             // conn 2's are released at once.
             let (mut got1, mut got2, mut held) = (Vec::new(), Vec::new(), Vec::new());
             // One wait: conn 1's pieces are held, conn 2's consumed at once.
-            let step = |r: &mut Ring<Bytes>, held: &mut Vec<(u16, u32, u32)>, got2: &mut Vec<u8>| {
+            let step = |r: &mut Ring<Bytes>, held: &mut Vec<BufPiece>, got2: &mut Vec<u8>| {
                 r.submit_and_wait(1).unwrap();
                 r.completions(|r, c| {
                     if let Completion::Recv { conn, result: Ok(bufs), .. } = c {
-                        for (bid, start, end) in bufs.bufs {
+                        for piece in bufs.bufs {
                             if conn == 1 {
-                                held.push((bid, start, end));
+                                held.push(piece);
                             } else {
-                                got2.extend_from_slice(r.buffer(bid, start, end));
-                                r.recycle(bid);
+                                got2.extend_from_slice(r.buffer(&piece));
+                                r.recycle(piece);
                             }
                         }
                     }
@@ -1050,21 +1247,21 @@ mod tests {
                 want.1.extend_from_slice(&m2);
                 step(&mut r, &mut held, &mut got2);
                 if held.len() > 40 {
-                    for (bid, start, end) in held.drain(..) {
-                        got1.extend_from_slice(r.buffer(bid, start, end));
-                        r.recycle(bid);
+                    for piece in held.drain(..) {
+                        got1.extend_from_slice(r.buffer(&piece));
+                        r.recycle(piece);
                     }
                 }
             }
             drop((a1, a2));
-            while got1.len() + held.iter().map(|p| (p.2 - p.1) as usize).sum::<usize>() < want.0.len()
+            while got1.len() + held.iter().map(|p| p.len()).sum::<usize>() < want.0.len()
                 || got2.len() < want.1.len()
             {
                 step(&mut r, &mut held, &mut got2);
             }
-            for (bid, start, end) in held.drain(..) {
-                got1.extend_from_slice(r.buffer(bid, start, end));
-                r.recycle(bid);
+            for piece in held.drain(..) {
+                got1.extend_from_slice(r.buffer(&piece));
+                r.recycle(piece);
             }
             assert_eq!(got1, want.0, "bundle={bundle}");
             assert_eq!(got2, want.1, "bundle={bundle}");
@@ -1193,7 +1390,7 @@ mod tests {
         let s = r.register_socket(a.as_fd()).unwrap().expect("a free slot");
         assert!(matches!(s, Sock::Fixed(_)));
         r.send(s, 1, Bytes(b"ping".to_vec()), 0, false, false).unwrap();
-        r.recv_multi(s, 1).unwrap();
+        r.recv_multi(s, 1, None).unwrap();
         r.submit_and_wait(1).unwrap();
         let mut buf = [0u8; 4];
         std::io::Read::read_exact(&mut b, &mut buf).unwrap();
@@ -1204,9 +1401,9 @@ mod tests {
             r.submit_and_wait(1).unwrap();
             r.completions(|r, c| {
                 if let Completion::Recv { result: Ok(bufs), .. } = c {
-                    for (bid, start, end) in bufs.bufs {
-                        got.extend_from_slice(r.buffer(bid, start, end));
-                        r.recycle(bid);
+                    for piece in bufs.bufs {
+                        got.extend_from_slice(r.buffer(&piece));
+                        r.recycle(piece);
                     }
                 }
             });

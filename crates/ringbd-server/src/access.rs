@@ -15,6 +15,15 @@ use crate::log;
 /// The default handshake deadline, as qemu-nbd's and nbdkit's 10 s for
 /// the TLS handshake (ringbd's covers all of option haggling).
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default for `--reply-timeout`: how long a connection with replies
+/// waiting may go without the socket taking a byte of them. A client that
+/// reads at all resets it with every byte; only one that has stopped
+/// reading (or a peer whose network is gone) reaches it. Long enough for
+/// a congested or briefly stalled link (TCP's own retransmission timeout
+/// backs off past a minute only when the peer is unreachable), short
+/// enough that what such a connection holds (queued replies, in-flight
+/// reads, parked requests: docs/engine.md) comes back within a minute.
+pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Unix sockets are created for their owner alone unless asked otherwise.
 pub const DEFAULT_UNIX_MODE: u32 = 0o600;
 
@@ -26,6 +35,9 @@ pub struct AccessOptions {
     /// A client that has not finished option haggling (TLS handshake
     /// included) this long after accept is dropped. `None`: no deadline.
     pub handshake_timeout: Option<Duration>,
+    /// A connection with replies waiting whose socket takes no byte of them
+    /// for this long is closed. `None`: never.
+    pub reply_timeout: Option<Duration>,
     /// Permission bits of a Unix socket ringbd binds.
     pub unix_mode: u32,
     /// Run as this user (name or number) once listening and with the
@@ -40,6 +52,7 @@ impl Default for AccessOptions {
         AccessOptions {
             max_connections: None,
             handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
+            reply_timeout: Some(DEFAULT_REPLY_TIMEOUT),
             unix_mode: DEFAULT_UNIX_MODE,
             user: None,
             group: None,
@@ -102,11 +115,16 @@ impl Gate {
 pub struct Limits {
     pub gate: Arc<Gate>,
     pub handshake_timeout: Option<Duration>,
+    pub reply_timeout: Option<Duration>,
 }
 
 impl Limits {
     pub fn new(opts: &AccessOptions) -> Limits {
-        Limits { gate: Gate::new(opts.max_connections), handshake_timeout: opts.handshake_timeout }
+        Limits {
+            gate: Gate::new(opts.max_connections),
+            handshake_timeout: opts.handshake_timeout,
+            reply_timeout: opts.reply_timeout,
+        }
     }
 }
 

@@ -185,7 +185,7 @@ impl Connection {
     /// Whether the connection can take more input now (see [`OUT_HIGH_WATER`]).
     pub fn wants_input(&self) -> bool {
         let io_room = match &self.phase {
-            Phase::Transmission(tx) => tx.pending_count < MAX_PENDING && tx.pending_bytes < MAX_PENDING_BYTES,
+            Phase::Transmission(tx) => tx.io_room(),
             _ => true,
         };
         let wire = self.out();
@@ -506,6 +506,11 @@ impl Tx {
         let mut used = 0;
         while used < data.len() && !self.closed && out.len() < OUT_HIGH_WATER && out.replies() < reply_limit {
             let rest = &data[used..];
+            // The in-flight limits hold for every request, also for
+            // requests that arrive together in one buffer.
+            if matches!(self.rx, Rx::Header) && self.hdr_len == 0 && !self.io_room() {
+                break;
+            }
             match &mut self.rx {
                 Rx::Header => {
                     let hlen = self.session.request_len();
@@ -680,6 +685,12 @@ impl Tx {
             Err(e) => self.backend_error(&req, &e, out),
         }
         out.reply_done();
+    }
+
+    /// Whether another request may start: file operations in flight and
+    /// their bytes are under their limits.
+    fn io_room(&self) -> bool {
+        self.pending_count < MAX_PENDING && self.pending_bytes < MAX_PENDING_BYTES
     }
 
     /// An empty buffer for a file operation of `len` bytes: a registered

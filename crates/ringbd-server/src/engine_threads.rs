@@ -31,20 +31,27 @@ const IN_BUF: usize = 256 * 1024;
 /// Serves one connection to completion. Errors are the connection's own
 /// (I/O on the socket); they end this connection and nothing else.
 pub fn serve(stream: Stream, exports: Arc<Exports>) -> io::Result<()> {
-    serve_limited(stream, exports, None)
+    serve_limited(stream, exports, Timeouts::default())
 }
 
-/// [`serve`], dropping a client that has not finished option haggling (TLS
-/// handshake included) within `handshake_timeout` of the call: reads and
-/// writes time out at the deadline, and the timeouts are lifted once the
-/// transmission phase starts.
-pub fn serve_limited(
-    stream: Stream,
-    exports: Arc<Exports>,
-    handshake_timeout: Option<Duration>,
-) -> io::Result<()> {
+/// The deadlines of one connection (`--handshake-timeout`,
+/// `--reply-timeout`); `None`: none.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timeouts {
+    pub handshake: Option<Duration>,
+    pub reply: Option<Duration>,
+}
+
+/// [`serve`] with deadlines: a client that has not finished option
+/// haggling (TLS handshake included) within `handshake` of the call is
+/// dropped (reads and writes time out at the deadline); in the
+/// transmission phase a write of replies that moves no byte for `reply`
+/// ends the connection (the socket's send timeout).
+pub fn serve_limited(stream: Stream, exports: Arc<Exports>, timeouts: Timeouts) -> io::Result<()> {
+    let handshake_timeout = timeouts.handshake;
     let deadline = handshake_timeout.map(|t| Instant::now() + t);
     let mut timed = false;
+    let mut reply_timed = false;
     let mut rd = stream.try_clone()?;
     let mut wr = stream;
     let mut conn = Connection::new(exports, wr.peer());
@@ -66,6 +73,16 @@ pub fn serve_limited(
             if let Err(e) = send(&mut wr, &conn) {
                 if timed && is_timeout(&e) {
                     break Err(handshake_expired(&wr, handshake_timeout));
+                }
+                if reply_timed && is_timeout(&e) {
+                    break Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "none of its {} bytes of replies could be sent for {:?} (--reply-timeout); closing",
+                            conn.out().len(),
+                            timeouts.reply.unwrap_or_default()
+                        ),
+                    ));
                 }
                 break if is_disconnect(&e) { Ok(()) } else { Err(e) };
             }
@@ -90,6 +107,11 @@ pub fn serve_limited(
                 rd.set_timeouts(None)?;
                 timed = false;
             }
+        }
+        if !conn.in_handshake() && !reply_timed && timeouts.reply.is_some() {
+            // (The write side is the same socket.)
+            rd.set_write_timeout(timeouts.reply)?;
+            reply_timed = true;
         }
         // Everything read was taken and everything queued was written.
         if conn.ktls_ready() {

@@ -34,8 +34,8 @@ use std::time::{Duration, Instant};
 use ringbd_io::aio::{AioDone, CompletionQueue, Sink};
 use ringbd_io::buf::{Arena, IoBuf};
 use ringbd_io::uring::{
-    is_cancelled, is_out_of_buffers, is_unsupported, Completion, Features, Ring, RingConfig, RingStats,
-    SendSource, Sock,
+    is_cancelled, is_out_of_buffers, is_unsupported, BufPiece, Completion, Features, Ring, RingConfig,
+    RingStats, SendSource, Sock,
 };
 
 use crate::access::{Limits, Ticket};
@@ -85,7 +85,13 @@ impl Default for UringOptions {
     }
 }
 
-impl SendSource for OutBuf {
+// SAFETY: an OutBuf's iovecs point into heap memory that moving it does
+// not move: its byte Vec's buffer, its payload IoBufs' buffers, pages of a
+// memory export it holds an Arc to (written only through Arc::make_mut,
+// which copies a page another reference shares), and the static zero
+// page. Nothing writes them while the ring owns the queue: the connection
+// swaps in a new queue when it hands one to a send (`take_out`).
+unsafe impl SendSource for OutBuf {
     fn len(&self) -> usize {
         OutBuf::len(self)
     }
@@ -112,6 +118,13 @@ pub struct EngineStats {
     pub file_direct: AtomicU64,
     /// Operations run by an asynchronous backend (librbd) for this engine.
     pub aio_ops: AtomicU64,
+    /// Received bytes copied out of the shared receive buffers because
+    /// their connection could not take them yet.
+    pub spilled_bytes: AtomicU64,
+    /// Connections closed by `--reply-timeout`.
+    pub reply_timeouts: AtomicU64,
+    /// Receive completions that disagreed with our view of the buffer ring.
+    pub buf_resyncs: AtomicU64,
     /// TLS sessions by where they are encrypted (when TLS is on).
     pub tls: Option<Arc<crate::tls::TlsServer>>,
 }
@@ -133,7 +146,7 @@ impl EngineStats {
             "connections {}, requests {req}, requests/recv completion {:.2}, buffers/recv completion {:.2}, \
              replies/send {:.2}, ring enters/request {:.3}, zero-copy sends {}, zero-copy sends the kernel copied {}, \
              file ops on the ring {}, file ops with registered buffers {}, file ops with O_DIRECT {}, \
-             async backend ops {}",
+             async backend ops {}, received bytes spilled {}, reply timeouts {}, buffer ring resyncs {}",
             g(&self.connections),
             ratio(req, rc),
             ratio(rb, rc),
@@ -145,6 +158,9 @@ impl EngineStats {
             g(&self.file_fixed),
             g(&self.file_direct),
             g(&self.aio_ops),
+            g(&self.spilled_bytes),
+            g(&self.reply_timeouts),
+            g(&self.buf_resyncs),
         ) + &self.tls.as_ref().map_or_else(String::new, |t| format!(", {}", t.stats.summary()))
     }
 }
@@ -360,6 +376,8 @@ struct Local {
     replies: u64,
     direct: u64,
     aio: u64,
+    spilled: u64,
+    reply_timeouts: u64,
 }
 
 struct State {
@@ -409,8 +427,19 @@ struct Conn {
     recv_armed: bool,
     cancel_sent: bool,
     send_inflight: bool,
-    /// Received bytes not yet consumed: (buffer id, start, end).
-    backlog: VecDeque<(u16, u32, u32)>,
+    /// Received bytes not yet consumed, in the ring's shared buffers.
+    backlog: VecDeque<BufPiece>,
+    /// Received bytes not yet consumed, copied out of the shared buffers
+    /// (`spill[spill_at..]`; they come before `backlog`): a connection
+    /// that cannot take its input now holds none of the ring's buffers
+    /// past the loop turn that received them (docs/engine.md).
+    spill: Vec<u8>,
+    spill_at: usize,
+    /// Since when replies have been waiting without the socket taking a
+    /// byte of them (`--reply-timeout`); `None` with nothing waiting.
+    stalled_since: Option<Instant>,
+    /// Bytes of the send in flight not yet taken by the socket.
+    sending: usize,
     /// The socket failed; drop whatever is queued.
     broken: bool,
     /// TCP (zero-copy sends apply); false after the kernel refused one, or
@@ -503,6 +532,7 @@ impl State {
             Completion::Timer { .. } => {
                 self.timer_armed = false;
                 self.expire_handshakes();
+                self.expire_stalled();
             }
             Completion::Readable { token: AIO_TOKEN } => self.aio_completed(ring),
             Completion::File { conn, token, result, buf } => {
@@ -550,28 +580,63 @@ impl State {
         }
     }
 
+    /// Closes the connections whose replies have waited `--reply-timeout`
+    /// without the socket taking a byte (a client that stopped reading):
+    /// what they hold comes back.
+    fn expire_stalled(&mut self) {
+        let Some(timeout) = self.limits.reply_timeout else { return };
+        let now = Instant::now();
+        for c in self.conns.iter_mut().flatten() {
+            let Some(since) = c.stalled_since else { continue };
+            if c.broken || now.duration_since(since) < timeout {
+                continue;
+            }
+            c.end(format_args!(
+                "none of its {} bytes of replies could be sent for {:?} (--reply-timeout)",
+                c.sending + c.conn.out().len(),
+                timeout
+            ));
+            self.local.reply_timeouts += 1;
+            // The send in flight ends with an error once the socket is shut.
+            c.stream.shutdown(Shutdown::Both).ok();
+            c.dirty = true;
+        }
+    }
+
     /// Sets the ring timer for the oldest connection still haggling, a
-    /// little after its deadline so that one wake-up covers a batch.
+    /// little after its deadline so that one wake-up covers a batch, and,
+    /// while replies wait anywhere, for the next check of the reply
+    /// timeout (a tick of a quarter of it, at most a second).
     fn arm_deadline_timer(&mut self, ring: &mut Ring<OutBuf>) {
         if self.timer_armed || self.stopping.is_some() {
             return;
         }
-        let Some(timeout) = self.limits.handshake_timeout else { return };
-        // Connections that finished haggling (or left) need no wake-up.
-        while let Some(&(_, id, serial)) = self.handshakes.front() {
-            match self.conns.get(id as usize) {
-                Some(Some(c)) if c.serial == serial && c.conn.in_handshake() && !c.broken => break,
-                _ => {
-                    self.handshakes.pop_front();
+        let mut after: Option<Duration> = None;
+        if let Some(timeout) = self.limits.handshake_timeout {
+            // Connections that finished haggling (or left) need no wake-up.
+            while let Some(&(_, id, serial)) = self.handshakes.front() {
+                match self.conns.get(id as usize) {
+                    Some(Some(c)) if c.serial == serial && c.conn.in_handshake() && !c.broken => break,
+                    _ => {
+                        self.handshakes.pop_front();
+                    }
                 }
             }
+            if let Some(&(deadline, _, _)) = self.handshakes.front() {
+                let slack = (timeout / 10).min(Duration::from_millis(100));
+                after = Some(deadline.saturating_duration_since(Instant::now()) + slack);
+            }
         }
-        let Some(&(deadline, _, _)) = self.handshakes.front() else { return };
-        let slack = (timeout / 10).min(Duration::from_millis(100));
-        let after = deadline.saturating_duration_since(Instant::now()) + slack;
+        if let Some(timeout) = self.limits.reply_timeout {
+            if self.conns.iter().flatten().any(|c| c.stalled_since.is_some()) {
+                let tick = (timeout / 4).min(Duration::from_secs(1));
+                after = Some(after.map_or(tick, |a| a.min(tick)));
+            }
+        }
+        let Some(after) = after else { return };
         match ring.timer(after, DEADLINE_TOKEN) {
             Ok(armed) => self.timer_armed = armed,
-            Err(e) => log::warn(format_args!("arming the handshake deadline timer: {e}")),
+            Err(e) => log::warn(format_args!("arming the deadline timer: {e}")),
         }
     }
 
@@ -629,18 +694,19 @@ impl State {
             cancel_sent: false,
             send_inflight: false,
             backlog: VecDeque::new(),
+            spill: Vec::new(),
+            spill_at: 0,
+            stalled_since: None,
+            sending: 0,
             broken: false,
             zc_ok: tcp,
             zc_copied_streak: 0,
             shut: false,
             dirty: true,
         };
-        match ring.recv_multi(c.sock, id) {
+        match ring.recv_multi(c.sock, id, Some(RECV_SHARE)) {
             Ok(()) => c.recv_armed = true,
-            Err(e) => {
-                log::warn(format_args!("arming receive: {e}"));
-                c.broken = true;
-            }
+            Err(e) => c.end(format_args!("arming its receive: {e}")),
         }
         self.conns[id as usize] = Some(c);
         self.live += 1;
@@ -657,7 +723,7 @@ impl State {
         let Some(Some(c)) = self.conns.get_mut(id as usize) else {
             // Not ours any more: give the buffers back.
             if let Ok(b) = result {
-                b.bufs.iter().for_each(|(bid, _, _)| ring.recycle(*bid));
+                b.bufs.into_iter().for_each(|p| ring.recycle(p));
             }
             return;
         };
@@ -668,7 +734,7 @@ impl State {
         c.dirty = true;
         match result {
             Ok(b) if b.len == 0 => {
-                b.bufs.iter().for_each(|(bid, _, _)| ring.recycle(*bid));
+                b.bufs.into_iter().for_each(|p| ring.recycle(p));
                 c.conn.peer_closed();
             }
             Ok(b) => {
@@ -690,9 +756,9 @@ impl State {
                     c.broken = true;
                 }
             }
-            Err(_) => {
+            Err(e) => {
                 c.conn.peer_closed();
-                c.broken = true;
+                c.end(format_args!("receive: {e}"));
             }
         }
     }
@@ -708,16 +774,22 @@ impl State {
         let Some(Some(c)) = self.conns.get_mut(id as usize) else { return };
         c.send_inflight = false;
         c.dirty = true;
+        if matches!(result, Ok(n) if n > 0) {
+            // The socket took bytes: the client is reading.
+            c.stalled_since = None;
+        }
         match result {
             Ok(n) if skip + n < source.len() && n > 0 => {
-                // Short send: the rest goes first, before anything newer.
+                // Short send (a full socket, or more than IOV_MAX pieces):
+                // the rest goes first, before anything newer.
                 let zc = c.zc_ok && self.zerocopy.is_some_and(|t| source.largest_payload() >= t);
+                c.sending = source.len() - skip - n;
                 match ring.send(c.sock, id, source, skip + n, false, zc) {
                     Ok(()) => c.send_inflight = true,
-                    Err(_) => c.broken = true,
+                    Err(e) => c.end(format_args!("send: {e}")),
                 }
             }
-            Ok(0) if !source.is_empty() => c.broken = true,
+            Ok(0) if !source.is_empty() => c.end(format_args!("send: the socket took no bytes")),
             Ok(_) => {
                 self.local.replies += u64::from(source.replies());
                 c.conn.recycle(source);
@@ -725,12 +797,13 @@ impl State {
             Err(e) if is_unsupported(&e) && c.zc_ok => {
                 // This socket cannot do zero-copy: send normally from now on.
                 c.zc_ok = false;
+                c.sending = source.len() - skip;
                 match ring.send(c.sock, id, source, skip, false, false) {
                     Ok(()) => c.send_inflight = true,
-                    Err(_) => c.broken = true,
+                    Err(e) => c.end(format_args!("send: {e}")),
                 }
             }
-            Err(_) => c.broken = true,
+            Err(e) => c.end(format_args!("send of {} bytes: {e}", source.len() - skip)),
         }
     }
 
@@ -745,7 +818,7 @@ impl State {
             if !c.dirty {
                 continue;
             }
-            if !c.send_inflight && !c.backlog.is_empty() && c.conn.wants_input() {
+            if !c.send_inflight && c.has_backlog() && c.conn.wants_input() {
                 c.consume_backlog(ring, &mut self.local);
             }
             c.conn.take_io(&mut self.io_scratch);
@@ -796,17 +869,26 @@ impl State {
             if !c.send_inflight && !c.conn.out().is_empty() && !c.broken {
                 let out = c.conn.take_out();
                 // More replies follow right after this send: let TCP cork.
-                let more = !c.backlog.is_empty();
+                let more = c.has_backlog();
                 let zc = c.zc_ok && self.zerocopy.is_some_and(|t| out.largest_payload() >= t);
+                c.sending = out.len();
                 match ring.send(c.sock, id as u32, out, 0, more, zc) {
                     Ok(()) => c.send_inflight = true,
-                    Err(e) => {
-                        log::warn(format_args!("send: {e}"));
-                        c.broken = true;
-                    }
+                    Err(e) => c.end(format_args!("send: {e}")),
                 }
             }
-            if !c.broken && !c.send_inflight && c.backlog.is_empty() && c.conn.ktls_ready() {
+            // Replies waiting: the reply timeout runs from now, unless it
+            // already runs (only a byte the socket takes resets it).
+            if c.send_inflight {
+                c.stalled_since.get_or_insert_with(Instant::now);
+            } else {
+                c.stalled_since = None;
+            }
+            // Input it cannot take now leaves the shared buffers.
+            if !c.backlog.is_empty() && !c.conn.wants_input() && !c.conn.is_closed() {
+                self.local.spilled += c.spill_backlog(ring) as u64;
+            }
+            if !c.broken && !c.send_inflight && !c.has_backlog() && c.conn.ktls_ready() {
                 // Received bytes must not leave the socket between the last
                 // record rustls sees and TLS_RX: stop the receive first.
                 if !c.recv_armed {
@@ -824,16 +906,13 @@ impl State {
             let finished = c.conn.is_closed() || c.broken;
             if !finished
                 && !c.recv_armed
-                && c.backlog.is_empty()
+                && !c.has_backlog()
                 && c.conn.wants_input()
                 && ring.free_recv_buffers() > 0
             {
-                match ring.recv_multi(c.sock, id as u32) {
+                match ring.recv_multi(c.sock, id as u32, Some(RECV_SHARE)) {
                     Ok(()) => c.recv_armed = true,
-                    Err(e) => {
-                        log::warn(format_args!("re-arming receive: {e}"));
-                        c.broken = true;
-                    }
+                    Err(e) => c.end(format_args!("re-arming its receive: {e}")),
                 }
             }
             if finished && !c.send_inflight && c.conn.io_pending() == 0 {
@@ -845,7 +924,7 @@ impl State {
                     c.stream.shutdown(Shutdown::Both).ok();
                 }
                 if !c.recv_armed {
-                    c.backlog.drain(..).for_each(|(bid, _, _)| ring.recycle(bid));
+                    c.backlog.drain(..).for_each(|p| ring.recycle(p));
                     // The table holds a reference: without this the socket
                     // would stay open after the stream is dropped.
                     if let Err(e) = ring.unregister_socket(c.sock) {
@@ -855,7 +934,7 @@ impl State {
                     self.free.push(id as u32);
                     self.live -= 1;
                 }
-            } else if !c.recv_armed && !finished && c.backlog.is_empty() && c.conn.wants_input() {
+            } else if !c.recv_armed && !finished && !c.has_backlog() && c.conn.wants_input() {
                 // Waiting for receive buffers: look again next turn.
                 c.dirty = true;
             }
@@ -928,6 +1007,8 @@ impl State {
         s.replies.fetch_add(std::mem::take(&mut self.local.replies), Ordering::Relaxed);
         s.file_direct.fetch_add(std::mem::take(&mut self.local.direct), Ordering::Relaxed);
         s.aio_ops.fetch_add(std::mem::take(&mut self.local.aio), Ordering::Relaxed);
+        s.spilled_bytes.fetch_add(std::mem::take(&mut self.local.spilled), Ordering::Relaxed);
+        s.reply_timeouts.fetch_add(std::mem::take(&mut self.local.reply_timeouts), Ordering::Relaxed);
         // Ring counters are cumulative per ring: publish the deltas.
         let rs = ring.stats;
         s.recv_completions
@@ -939,9 +1020,20 @@ impl State {
         s.zc_copied.fetch_add(rs.zc_copied.saturating_sub(self.seen.zc_copied), Ordering::Relaxed);
         s.file_ops.fetch_add(rs.file_ops.saturating_sub(self.seen.file_ops), Ordering::Relaxed);
         s.file_fixed.fetch_add(rs.file_fixed.saturating_sub(self.seen.file_fixed), Ordering::Relaxed);
+        s.buf_resyncs.fetch_add(rs.buf_resyncs.saturating_sub(self.seen.buf_resyncs), Ordering::Relaxed);
         self.seen = rs;
     }
 }
+
+/// Most bytes one arming of a connection's receive takes from its socket
+/// (where the kernel honours the limit, `Features::recv_limit`; it ends
+/// up to one buffer past it), before the connection must consume them and
+/// arm again: how much of the ring's buffers one connection can fill in a
+/// burst, and what a connection that stops taking input can hold (spilled
+/// into its own memory: docs/engine.md). 256 KiB is 8 receive buffers and
+/// more than 9,000 request headers; a 32 MiB write payload arrives in 128
+/// armings.
+pub const RECV_SHARE: u32 = 256 * 1024;
 
 /// Zero-copy sends the kernel copied in a row before a connection stops
 /// asking for zero-copy (it only costs a notification and a pinned buffer).
@@ -966,27 +1058,72 @@ impl Conn {
         }
     }
 
-    /// Feeds backlog buffers to the connection while it takes input,
-    /// returning fully consumed buffers to the ring.
+    /// Whether received bytes wait to be consumed.
+    fn has_backlog(&self) -> bool {
+        self.spill_at < self.spill.len() || !self.backlog.is_empty()
+    }
+
+    /// Feeds the spilled bytes, then the backlog buffers, to the connection
+    /// while it takes input, returning fully consumed buffers to the ring.
     fn consume_backlog(&mut self, ring: &mut Ring<OutBuf>, local: &mut Local) {
         let before = self.conn.stats.requests;
-        while let Some(&(bid, start, end)) = self.backlog.front() {
+        while self.spill_at < self.spill.len() && self.conn.wants_input() {
+            let used = self.conn.receive(&self.spill[self.spill_at..]);
+            self.spill_at += used;
+            if used == 0 || self.conn.is_closed() {
+                break;
+            }
+        }
+        if self.spill_at == self.spill.len() || self.conn.is_closed() {
+            self.spill.clear();
+            self.spill_at = 0;
+            if self.spill.capacity() > RECV_SHARE as usize {
+                self.spill = Vec::new();
+            }
+        }
+        while self.spill.is_empty() && !self.backlog.is_empty() {
             if !self.conn.wants_input() {
                 break;
             }
-            let data = ring.buffer(bid, start, end);
-            let used = self.conn.receive(data) as u32;
-            if start + used < end {
-                self.backlog[0].1 = start + used;
+            let used = self.conn.receive(ring.buffer(&self.backlog[0]));
+            let piece = &mut self.backlog[0];
+            piece.advance(used);
+            if !piece.is_empty() {
                 if self.conn.is_closed() {
                     // Nothing after DISC or a fatal error is read.
-                    self.backlog.drain(..).for_each(|(b, _, _)| ring.recycle(b));
+                    self.backlog.drain(..).for_each(|p| ring.recycle(p));
                 }
                 break;
             }
-            self.backlog.pop_front();
-            ring.recycle(bid);
+            if let Some(p) = self.backlog.pop_front() {
+                ring.recycle(p);
+            }
         }
         local.requests += self.conn.stats.requests - before;
+    }
+
+    /// Copies the backlog out of the ring's buffers (after what is already
+    /// spilled) and gives the buffers back; returns the bytes copied.
+    fn spill_backlog(&mut self, ring: &mut Ring<OutBuf>) -> usize {
+        if self.spill_at > 0 {
+            self.spill.drain(..self.spill_at);
+            self.spill_at = 0;
+        }
+        let mut n = 0;
+        for p in self.backlog.drain(..) {
+            let b = ring.buffer(&p);
+            n += b.len();
+            self.spill.extend_from_slice(b);
+            ring.recycle(p);
+        }
+        n
+    }
+
+    /// Ends the connection for an error of its socket, saying so.
+    fn end(&mut self, why: std::fmt::Arguments<'_>) {
+        if !self.broken {
+            log::warn(format_args!("{}: {why}; closing the connection", self.stream.peer()));
+        }
+        self.broken = true;
     }
 }

@@ -166,6 +166,15 @@ impl Stream {
         }
     }
 
+    /// Sets the socket's send timeout (`SO_SNDTIMEO`): a write that moves
+    /// no byte for this long fails with `WouldBlock`.
+    pub fn set_write_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_write_timeout(t),
+            Stream::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+
     /// A short description of the peer for logs.
     pub fn peer(&self) -> String {
         match self {

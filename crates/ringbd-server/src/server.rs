@@ -221,11 +221,16 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
         };
         log::warn(format_args!(
             "engine io_uring: {} ring(s) (single issuer + defer taskrun: {}), multishot accept, multishot recv over \
-             {} x {} KiB provided buffers{inc}, bundles {bundle}, replies {}, zero-copy sends {}",
+             {} x {} KiB provided buffers{inc}, {}, bundles {bundle}, replies {}, zero-copy sends {}",
             o.threads,
             if features.defer_taskrun { "yes" } else { "no" },
             o.recv_buffers,
             o.recv_buffer_size / 1024,
+            if features.recv_limit {
+                format!("{} KiB per connection per arming", crate::engine_uring::RECV_SHARE / 1024)
+            } else {
+                "no per-arming limit (Linux 6.16+; a stalled connection spills what it received)".to_owned()
+            },
             if o.coalesce { "coalesced per loop turn" } else { "one send each" },
             match (o.zerocopy, features.send_zc) {
                 (true, true) => format!("over TCP from {} KiB of read payload", o.zerocopy_threshold / 1024),
@@ -334,10 +339,13 @@ fn serve_threads(
                     }
                 }
                 let (exports, registry2) = (exports.clone(), registry.clone());
-                let timeout = limits.handshake_timeout;
+                let timeouts = engine_threads::Timeouts {
+                    handshake: limits.handshake_timeout,
+                    reply: limits.reply_timeout,
+                };
                 let spawned = thread::Builder::new().name(format!("conn-{id}")).spawn(move || {
                     let peer = stream.peer();
-                    if let Err(e) = engine_threads::serve_limited(stream, exports, timeout) {
+                    if let Err(e) = engine_threads::serve_limited(stream, exports, timeouts) {
                         log::warn(format_args!("{peer}: connection ended with error: {e}"));
                     }
                     registry2.remove(id);

@@ -165,6 +165,36 @@ fn async_file_reads_continue_after_a_short_transfer() {
 }
 
 #[test]
+fn in_flight_limits_hold_for_requests_that_arrive_together() {
+    // 16 reads of 32 MiB in one receive: only as many start as the
+    // in-flight byte limit (64 MiB) allows; the rest wait unconsumed.
+    let mut c = async_file_connection("inflight", 32 << 20);
+    let mut s = 3u32.to_be_bytes().to_vec();
+    s.extend(option(7, &[0, 0, 0, 0, 0, 0]));
+    let handshake = s.len();
+    for cookie in 0..16 {
+        s.extend(request(0, cookie, 0, 32 << 20, &[]));
+    }
+    let used = c.receive(&s);
+    c.sent();
+    assert_eq!(used, handshake + 2 * 28, "two reads taken, the rest left for later");
+    assert!(!c.wants_input());
+    let mut io = Vec::new();
+    c.take_io(&mut io);
+    assert_eq!(io.len(), 2);
+    assert_eq!(c.io_pending(), 2);
+    // One finishes (its reply queued): the next may start once the reply
+    // queue drains.
+    let first = io.remove(0);
+    let n = first.buf.len();
+    c.io_complete(first.token, Ok(n), first.buf);
+    c.sent();
+    assert_eq!(c.receive(&s[used..]), 28, "one more read once one finished");
+    c.take_io(&mut io);
+    assert_eq!(io.len(), 2);
+}
+
+#[test]
 fn async_file_read_that_makes_no_progress_fails_with_eio() {
     let mut c = async_file_connection("eio", 1 << 16);
     let mut s = 3u32.to_be_bytes().to_vec();

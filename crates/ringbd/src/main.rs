@@ -145,6 +145,9 @@ struct ServeArgs {
     /// Drop a client that has not finished option haggling (TLS handshake included) within this time; 0 = never.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_timeout)]
     handshake_timeout: Duration,
+    /// Close a connection whose socket takes none of its waiting replies for this long (a client that stopped reading); 0 = never.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_timeout)]
+    reply_timeout: Duration,
     /// Permissions of the --unix socket, in octal.
     #[arg(long, value_name = "OCTAL", default_value = "600", value_parser = parse_mode)]
     unix_mode: u32,
@@ -292,6 +295,7 @@ fn serve(a: ServeArgs) -> ExitCode {
         access: ringbd_server::access::AccessOptions {
             max_connections: a.max_connections.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
             handshake_timeout: Some(a.handshake_timeout).filter(|t| !t.is_zero()),
+            reply_timeout: Some(a.reply_timeout).filter(|t| !t.is_zero()),
             unix_mode: a.unix_mode,
             user: a.user,
             group: a.group,

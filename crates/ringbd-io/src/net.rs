@@ -18,21 +18,29 @@ pub enum ActivatedListener {
 /// First fd of the systemd socket-activation protocol.
 const SD_LISTEN_FDS_START: RawFd = 3;
 
+/// The variables of the socket-activation protocol. This process does not
+/// remove them from its own environment (changing the environment is not
+/// thread-safe); whoever starts a child removes them from the child's
+/// (`Command::env_remove`), and the sockets themselves are close-on-exec.
+pub const ACTIVATION_VARS: [&str; 3] = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"];
+
 /// Takes the listening sockets passed with `LISTEN_PID`/`LISTEN_FDS`, if
-/// they are meant for this process. The variables are removed so children
-/// do not claim the same fds. Returns `Ok(None)` without activation.
+/// they are meant for this process. Returns `Ok(None)` without activation.
+/// Call it once: the sockets are owned by what it returns.
 pub fn take_activated_listeners() -> io::Result<Option<Vec<ActivatedListener>>> {
-    let pid = std::env::var("LISTEN_PID").ok();
-    let fds = std::env::var("LISTEN_FDS").ok();
+    activated_listeners(std::env::var("LISTEN_PID").ok(), std::env::var("LISTEN_FDS").ok())
+}
+
+fn activated_listeners(
+    pid: Option<String>,
+    fds: Option<String>,
+) -> io::Result<Option<Vec<ActivatedListener>>> {
     let (Some(pid), Some(fds)) = (pid, fds) else {
         return Ok(None);
     };
     if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
         return Ok(None);
     }
-    std::env::remove_var("LISTEN_PID");
-    std::env::remove_var("LISTEN_FDS");
-    std::env::remove_var("LISTEN_FDNAMES");
     let n: RawFd = fds.trim().parse().map_err(|_| {
         io::Error::new(io::ErrorKind::InvalidInput, format!("LISTEN_FDS={fds:?} is not a number"))
     })?;
@@ -120,11 +128,12 @@ mod tests {
 
     #[test]
     fn activation_for_another_pid_is_ignored() {
-        // Only this test touches these variables in this process.
-        std::env::set_var("LISTEN_PID", "1");
-        std::env::set_var("LISTEN_FDS", "1");
-        assert!(take_activated_listeners().unwrap().is_none());
-        std::env::remove_var("LISTEN_PID");
-        std::env::remove_var("LISTEN_FDS");
+        assert!(activated_listeners(Some("1".into()), Some("1".into())).unwrap().is_none());
+        assert!(activated_listeners(None, Some("1".into())).unwrap().is_none());
+        let me = std::process::id().to_string();
+        let e = activated_listeners(Some(me.clone()), Some("x".into())).err().map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.contains("is not a number")));
+        let e = activated_listeners(Some(me), Some("0".into())).err().map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.contains("out of range")));
     }
 }

@@ -426,6 +426,10 @@ fn bind(config: &Config) -> Result<Vec<Listener>, ServeError> {
 fn captive_command(cmd: &str, listeners: &[Listener], tls: bool) -> Command {
     let mut c = Command::new("/bin/sh");
     c.arg("-c").arg(cmd);
+    // The activated sockets were ours, not the command's.
+    for v in ringbd_io::net::ACTIVATION_VARS {
+        c.env_remove(v);
+    }
     let unix = listeners.iter().find_map(Listener::unix_path);
     let tcp = listeners.iter().find_map(Listener::tcp_addr);
     let uri = listeners

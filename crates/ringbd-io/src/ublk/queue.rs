@@ -344,7 +344,10 @@ impl QueueRing {
         })
     }
 
-    fn io_cmd(&mut self, op: u32, tag: u16, result: i32) -> io::Result<()> {
+    /// Hands `tag` to the driver (FETCH_REQ, COMMIT_AND_FETCH_REQ); the
+    /// caller set its state to `Kernel`, and it goes back to `before` if
+    /// the command could not be queued.
+    fn io_cmd(&mut self, op: u32, tag: u16, result: i32, before: TagState) -> io::Result<()> {
         let e = if self.cfg.auto_buf_reg {
             // No buffer address: the driver registers the request's pages
             // as fixed buffer `tag` instead (index in the SQE's addr).
@@ -356,7 +359,13 @@ impl QueueRing {
             let cmd = IoCmd { q_id: self.cfg.q_id, tag, result, addr: self.buf_ptr(tag) as u64 };
             opcode::UringCmd80::new(types::Fixed(CDEV_SLOT), op).cmd(io_cmd_bytes(&cmd))
         };
-        self.push(e.build().user_data(u64::from(tag)))
+        let pushed = self.push(e.build().user_data(u64::from(tag)));
+        if pushed.is_err() {
+            if let Some(st) = self.tags.get_mut(usize::from(tag)) {
+                *st = before;
+            }
+        }
+        pushed
     }
 
     /// Whether requests' data lives in registered request buffers
@@ -383,7 +392,7 @@ impl QueueRing {
         let e = opcode::ReadFixed::new(types::Fixed(io.file.0), io.buf_off as *mut u8, io.len, io.tag)
             .offset(io.offset)
             .build();
-        self.push(e.user_data(Self::op_data(io.tag, io.cookie)).into())
+        self.push_op(io.tag, e.user_data(Self::op_data(io.tag, io.cookie)).into())
     }
 
     /// Writes `io.len` bytes of the request's data from byte `io.buf_off`
@@ -401,7 +410,7 @@ impl QueueRing {
             .offset(io.offset)
             .rw_flags(flags)
             .build();
-        self.push(e.user_data(Self::op_data(io.tag, io.cookie)).into())
+        self.push_op(io.tag, e.user_data(Self::op_data(io.tag, io.cookie)).into())
     }
 
     /// Queues FETCH_REQ for every tag (once, when the queue starts).
@@ -412,7 +421,7 @@ impl QueueRing {
                 continue;
             }
             *st = TagState::Kernel;
-            self.io_cmd(sys::UBLK_U_IO_FETCH_REQ, tag, 0)?;
+            self.io_cmd(sys::UBLK_U_IO_FETCH_REQ, tag, 0, TagState::Idle)?;
         }
         Ok(())
     }
@@ -430,7 +439,7 @@ impl QueueRing {
                 )))
             }
         }
-        self.io_cmd(sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result)
+        self.io_cmd(sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result, TagState::Ours { ops: 0 })
     }
 
     /// The buffer of a request we hold with no operation using it.
@@ -480,6 +489,19 @@ impl QueueRing {
         }
     }
 
+    /// Queues an operation on `tag`'s data, which [`Self::start_op`]
+    /// counted; if the push fails nothing is in flight and the count goes
+    /// back (a tag whose count never returned to 0 could never commit).
+    fn push_op(&mut self, tag: u16, e: squeue::Entry128) -> io::Result<()> {
+        let pushed = self.push(e);
+        if pushed.is_err() {
+            if let Some(TagState::Ours { ops }) = self.tags.get_mut(usize::from(tag)) {
+                *ops = ops.saturating_sub(1);
+            }
+        }
+        pushed
+    }
+
     fn op_data(tag: u16, cookie: u32) -> u64 {
         OP_BIT | (u64::from(cookie) << 16) | u64::from(tag)
     }
@@ -490,7 +512,7 @@ impl QueueRing {
         self.start_op(io.tag, Some((io.buf_off, io.len as usize)))?;
         let p = self.buf_ptr(io.tag).wrapping_add(io.buf_off);
         let e = opcode::Read::new(types::Fixed(io.file.0), p, io.len).offset(io.offset).build();
-        self.push(e.user_data(Self::op_data(io.tag, io.cookie)).into())
+        self.push_op(io.tag, e.user_data(Self::op_data(io.tag, io.cookie)).into())
     }
 
     /// Writes `io.len` bytes of the tag's buffer at `io.buf_off` to
@@ -501,14 +523,14 @@ impl QueueRing {
         let flags = if dsync { libc::RWF_DSYNC } else { 0 };
         let e =
             opcode::Write::new(types::Fixed(io.file.0), p, io.len).offset(io.offset).rw_flags(flags).build();
-        self.push(e.user_data(Self::op_data(io.tag, io.cookie)).into())
+        self.push_op(io.tag, e.user_data(Self::op_data(io.tag, io.cookie)).into())
     }
 
     /// `fdatasync` of `file`, on behalf of `tag`'s request.
     pub fn fdatasync(&mut self, tag: u16, file: FileSlot, cookie: u32) -> io::Result<()> {
         self.start_op(tag, None)?;
         let e = opcode::Fsync::new(types::Fixed(file.0)).flags(types::FsyncFlags::DATASYNC).build();
-        self.push(e.user_data(Self::op_data(tag, cookie)).into())
+        self.push_op(tag, e.user_data(Self::op_data(tag, cookie)).into())
     }
 
     /// `fallocate(mode | KEEP_SIZE)` of a range of `file`, for `tag`'s request.
@@ -527,7 +549,7 @@ impl QueueRing {
             AllocMode::ZeroRange => libc::FALLOC_FL_ZERO_RANGE,
         } | libc::FALLOC_FL_KEEP_SIZE;
         let e = opcode::Fallocate::new(types::Fixed(file.0), len).offset(offset).mode(m).build();
-        self.push(e.user_data(Self::op_data(tag, cookie)).into())
+        self.push_op(tag, e.user_data(Self::op_data(tag, cookie)).into())
     }
 
     /// Points registered slot `slot` at `fd` instead (a reconnected socket);
@@ -623,7 +645,18 @@ impl QueueRing {
             .flags((libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32)
             .build()
             .user_data(OP_BIT | CONN_SEND | (u64::from(cookie) << 16) | NO_TAG);
-        self.push(e.into())
+        let pushed = self.push(e.into());
+        if pushed.is_err() {
+            // Nothing was queued: the area is free and no payload is in
+            // flight, so the tags' counts go back.
+            self.send.busy = false;
+            for t in self.send.tags.drain(..) {
+                if let Some(TagState::Ours { ops }) = self.tags.get_mut(usize::from(t)) {
+                    *ops = ops.saturating_sub(1);
+                }
+            }
+        }
+        pushed
     }
 
     /// Sends all of `data` on the socket in `sock` as one send (TLS records
@@ -659,7 +692,13 @@ impl QueueRing {
             .flags((libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32)
             .build()
             .user_data(OP_BIT | CONN_SEND | (u64::from(cookie) << 16) | NO_TAG);
-        self.push(e.into())
+        let pushed = self.push(e.into());
+        if pushed.is_err() {
+            // Nothing was queued: the caller gets its bytes back.
+            self.send.busy = false;
+            std::mem::swap(&mut self.send.headers, data);
+        }
+        pushed
     }
 
     /// Receives whatever arrives (up to [`RECV_STREAM_MAX`] bytes) from the
@@ -682,7 +721,17 @@ impl QueueRing {
         let e = opcode::Recv::new(types::Fixed(sock.0), p, RECV_STREAM_MAX as u32)
             .build()
             .user_data(OP_BIT | CONN_RECV | (u64::from(cookie) << 16) | NO_TAG);
-        self.push(e.into())
+        self.push_recv(e.into())
+    }
+
+    /// Queues a receive into the receive area, which stays free if the
+    /// push fails.
+    fn push_recv(&mut self, e: squeue::Entry128) -> io::Result<()> {
+        let pushed = self.push(e);
+        if pushed.is_err() {
+            self.recv.busy = false;
+        }
+        pushed
     }
 
     /// The stream area, while no receive into it is in flight.
@@ -717,7 +766,7 @@ impl QueueRing {
             .flags(libc::MSG_WAITALL)
             .build()
             .user_data(OP_BIT | CONN_RECV | (u64::from(cookie) << 16) | NO_TAG);
-        self.push(e.into())
+        self.push_recv(e.into())
     }
 
     /// The header area, while no receive into it is in flight.
@@ -738,7 +787,7 @@ impl QueueRing {
         self.start_op(tag, Some((buf_off, len as usize)))?;
         let p = self.buf_ptr(tag).wrapping_add(buf_off);
         let e = opcode::Recv::new(types::Fixed(sock.0), p, len).flags(libc::MSG_WAITALL).build();
-        self.push(e.user_data(Self::op_data(tag, cookie)).into())
+        self.push_op(tag, e.user_data(Self::op_data(tag, cookie)).into())
     }
 
     /// Submits what was queued and waits for at least `want` completions.

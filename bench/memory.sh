@@ -2,7 +2,12 @@
 # Memory bound under write pressure: 64 connections x qd 128 x 1 MiB writes
 # (8 GiB in flight: fio needs that much memory; pass a smaller QD on a small
 # machine) against a null export, for each engine;
-# prints the server's peak RSS (VmHWM). Usage: bench/memory.sh [JOBS] [QD]
+# prints the server's peak RSS (VmHWM). Then HOLD_CONNS (default 1000)
+# connections that each send the most they can have in flight and never
+# read a reply (bench/hold.py: small and large reads of a 256 MiB memory
+# export with 128 MiB written), printing the server's RSS before, at the
+# peak and after (docs/engine.md, "Resource model").
+# Usage: bench/memory.sh [JOBS] [QD]
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 RINGBD_BIN=${RINGBD_BIN:-$HERE/../target/release/ringbd}
@@ -23,4 +28,19 @@ for engine in uring threads; do
     sh -c 'echo $$ > "$1"; shift; exec "$@"' sh "$WORK/pid" \
         "$RINGBD_BIN" serve --engine "$engine" null:1G --unix "$WORK/s.sock" --run "sh $WORK/load.sh" \
         2>&1 >/dev/null | grep -E '^fio:|VmHWM'
+done
+
+HOLD_CONNS=${HOLD_CONNS:-1000}
+head -c 128M /dev/urandom >"$WORK/fill"
+cat >"$WORK/hold.sh" <<HOLD
+pid=\$(cat "$WORK/pid")
+nbdcopy "$WORK/fill" "\$uri" >&2
+python3 "$HERE/hold.py" "\$unixsocket" "\$pid" $HOLD_CONNS small >&2
+python3 "$HERE/hold.py" "\$unixsocket" "\$pid" $HOLD_CONNS large >&2
+HOLD
+for engine in uring threads; do
+    echo "== $engine: $HOLD_CONNS connections holding their maximum in flight (memory export)"
+    sh -c 'echo $$ > "$1"; shift; exec "$@"' sh "$WORK/pid" \
+        "$RINGBD_BIN" serve --engine "$engine" memory:256M --unix "$WORK/h.sock" --run "sh $WORK/hold.sh" \
+        2>&1 >/dev/null | grep -E 'connections, '
 done

@@ -14,7 +14,7 @@
 //! - Backpressure: a connection whose reply queue is full keeps its unread
 //!   buffers as a backlog and its receive is cancelled until the queue
 //!   drains.
-//! - kTLS: a TLS connection whose session is idle (see `conn_ktls.rs`) with
+//! - kTLS: a TLS connection whose session is idle (see `conn/ktls_io.rs`) with
 //!   no send in flight gets its receive stopped; once the receive's last
 //!   completion is in and the connection is still idle, the keys go to the
 //!   kernel and the receive is armed again, now reading plaintext. A

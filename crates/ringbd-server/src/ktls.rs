@@ -1,7 +1,7 @@
 //! kTLS for the server: what the kernel offers (probed once at start), the
 //! counters, and the translation from a rustls session to the kernel's
 //! crypto_info structures. The switch itself is `Connection`'s
-//! (`conn_ktls.rs`); the syscalls are `ringbd_io::ktls`.
+//! (`conn/ktls_io.rs`); the syscalls are `ringbd_io::ktls`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

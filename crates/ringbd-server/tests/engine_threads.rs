@@ -188,7 +188,7 @@ fn client_vanishing_mid_payload_ends_only_that_connection() {
     h.join().unwrap().unwrap();
 
     // The other connection goes on. Write payloads stream to the backend as
-    // they arrive (conn.rs), so the 1000 bytes that came may have landed (an
+    // they arrive (conn/mod.rs), so the 1000 bytes that came may have landed (an
     // unacknowledged write leaves its range undefined in NBD); nothing past
     // them changed.
     let got = read_data(&mut other, 2, 0, 4096);

@@ -1,0 +1,316 @@
+//! File and asynchronous-backend operations of the transmission phase:
+//! what the engine runs for a connection ([`IoRequest`]), the requests
+//! waiting for them, the in-flight limits, and their completions. A child
+//! module of `conn`, so it works on the connection's own fields.
+
+use super::*;
+
+/// A file operation the engine should run for this connection.
+pub struct IoRequest {
+    /// Hand back to [`Connection::io_complete`] with the result.
+    pub token: u32,
+    pub op: IoOp,
+    pub buf: IoBuf,
+    /// Run it on the export's `O_DIRECT` descriptor
+    /// ([`Connection::file_fd`]`(true)`): offset, length and buffer are
+    /// aligned for it.
+    pub direct: bool,
+}
+
+/// What the engine runs: a file operation (on the ring, or for an
+/// asynchronous backend, [`AsyncIo::submit`](ringbd_backend::AsyncIo::submit)),
+/// or a block-status query ([`AsyncIo::submit_extents`](ringbd_backend::AsyncIo::submit_extents),
+/// asynchronous backends only).
+#[derive(Debug, Clone, Copy)]
+pub enum IoOp {
+    File(FileOp),
+    Extents { offset: u64, len: u64 },
+}
+
+/// What a request waiting on a file operation still needs.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Pend {
+    Read {
+        offset: u64,
+        len: u64,
+        done: u64,
+    },
+    Write {
+        offset: u64,
+        len: u64,
+        fua: bool,
+        done: u64,
+    },
+    Flush,
+    /// A punched hole (`fallocate`), then an fsync with `fua`.
+    Trim {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+    /// `fallocate` in the backend's first zeroing mode; the other ways are
+    /// the backend's own, inline, if this one is unsupported.
+    Zero {
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+        mode: Fallocate,
+    },
+    /// The fsync that makes a FUA trim or zeroing durable.
+    SyncAfter {
+        op: ringbd_backend::Op,
+        offset: u64,
+        len: u64,
+    },
+    /// Block status from an asynchronous backend.
+    Status {
+        offset: u64,
+        len: u64,
+        req_one: bool,
+    },
+}
+
+impl Pend {
+    /// Buffer bytes this operation holds.
+    pub(super) fn bytes(&self) -> u64 {
+        match *self {
+            Pend::Read { len, .. } | Pend::Write { len, .. } => len,
+            Pend::Flush
+            | Pend::Trim { .. }
+            | Pend::Zero { .. }
+            | Pend::SyncAfter { .. }
+            | Pend::Status { .. } => 0,
+        }
+    }
+}
+
+/// Most file operations one connection keeps in flight, and their bytes;
+/// beyond either, the connection stops taking requests until some finish.
+pub(super) const MAX_PENDING: usize = 256;
+pub(super) const MAX_PENDING_BYTES: u64 = 64 * 1024 * 1024;
+
+impl Tx {
+    /// Whether another request may start: file operations in flight and
+    /// their bytes are under their limits.
+    pub(super) fn io_room(&self) -> bool {
+        self.pending_count < MAX_PENDING && self.pending_bytes < MAX_PENDING_BYTES
+    }
+
+    /// An empty buffer for a file operation of `len` bytes: a registered
+    /// one while the arena has room, else a recycled or new one.
+    pub(super) fn io_buf(&self, len: usize, pool: &mut Vec<IoBuf>) -> IoBuf {
+        if let Some(b) = self.arena.as_ref().and_then(|a| a.take(len)) {
+            return b;
+        }
+        let mut b = pool.pop().unwrap_or_default();
+        b.clear();
+        b.reserve(len);
+        b
+    }
+
+    /// Queues a file operation for the engine.
+    pub(super) fn submit(&mut self, req: Request, pend: Pend, buf: IoBuf) {
+        let token = match self.free_tokens.pop() {
+            Some(t) => t,
+            None => {
+                self.pending.push(None);
+                (self.pending.len() - 1) as u32
+            }
+        };
+        self.pending_count += 1;
+        self.pending_bytes += pend.bytes();
+        self.pending[token as usize] = Some((req, pend));
+        self.queue_op(token, pend, buf);
+    }
+
+    pub(super) fn queue_op(&mut self, token: u32, pend: Pend, buf: IoBuf) {
+        let (op, range) = match pend {
+            Pend::Read { offset, len, done } => {
+                (FileOp::Read { offset: offset + done, at: done as usize }, Some((offset, len, done)))
+            }
+            Pend::Write { offset, len, fua, done } => {
+                let op = FileOp::Write { offset: offset + done, at: done as usize, dsync: fua };
+                (op, Some((offset, len, done)))
+            }
+            Pend::Flush | Pend::SyncAfter { .. } => (FileOp::Fsync, None),
+            Pend::Trim { offset, len, .. } => {
+                (FileOp::Fallocate { mode: Fallocate::PunchHole, offset, len }, None)
+            }
+            Pend::Zero { offset, len, mode, .. } => (FileOp::Fallocate { mode, offset, len }, None),
+            Pend::Status { offset, len, .. } => {
+                let op = IoOp::Extents { offset, len };
+                self.io_out.push(IoRequest { token, op, buf, direct: false });
+                return;
+            }
+        };
+        // O_DIRECT where the file range is aligned; the buffer is page
+        // aligned, so its position `done` is aligned when offset is too.
+        let direct = match (range, self.backend.direct_io()) {
+            (Some((offset, len, done)), Some(d)) => {
+                d.fits(offset, d.align.into()) && d.fits(offset + done, len - done)
+            }
+            _ => false,
+        };
+        self.io_out.push(IoRequest { token, op: IoOp::File(op), buf, direct });
+    }
+
+    pub(super) fn io_complete(
+        &mut self,
+        token: u32,
+        result: std::io::Result<usize>,
+        buf: IoBuf,
+        out: &mut OutBuf,
+        pool: &mut Vec<IoBuf>,
+    ) {
+        let Some((req, pend)) = self.pending.get_mut(token as usize).and_then(Option::take) else { return };
+        let finish = |this: &mut Self| {
+            this.pending_count -= 1;
+            this.pending_bytes = this.pending_bytes.saturating_sub(pend.bytes());
+            this.free_tokens.push(token);
+        };
+        use ringbd_backend::Op;
+        if let Pend::Status { offset, len, req_one } = pend {
+            finish(self);
+            match result {
+                Ok(_) => self.status_reply(&req, len, req_one, &ringbd_backend::extents_from_buf(&buf), out),
+                Err(e) => {
+                    self.backend_error(&req, &ringbd_backend::Error::new(Op::Extents, offset, len, e), out)
+                }
+            }
+            out.reply_done();
+            return;
+        }
+        let fallocate = match pend {
+            Pend::Trim { offset, len, fua } => Some((Op::Trim, offset, len, fua)),
+            Pend::Zero { offset, len, flags, .. } => Some((Op::WriteZeroes, offset, len, flags.fua)),
+            Pend::SyncAfter { op, offset, len } => Some((op, offset, len, false)),
+            Pend::Read { .. } | Pend::Write { .. } | Pend::Flush | Pend::Status { .. } => None,
+        };
+        if let Some(what) = fallocate {
+            if self.fallocate_complete(token, &req, pend, what, result, out) {
+                finish(self);
+                out.reply_done();
+            }
+            return;
+        }
+        let (op, offset, len) = match pend {
+            Pend::Read { offset, len, .. } => (ringbd_backend::Op::Read, offset, len),
+            Pend::Write { offset, len, .. } => (ringbd_backend::Op::Write, offset, len),
+            // (Trims and zeroing were answered by fallocate_complete,
+            // block status above.)
+            Pend::Flush
+            | Pend::Trim { .. }
+            | Pend::Zero { .. }
+            | Pend::SyncAfter { .. }
+            | Pend::Status { .. } => (ringbd_backend::Op::Flush, 0, 0),
+        };
+        let failure = match &result {
+            Err(_) => None,
+            // A transfer that stops short without progress will never finish.
+            Ok(0) if matches!(pend, Pend::Read { .. }) && pend.bytes() > 0 => {
+                Some((ringbd_backend::ErrorKind::Io, "file is shorter than the export (truncated?)"))
+            }
+            Ok(0) if matches!(pend, Pend::Write { .. }) && pend.bytes() > 0 => {
+                Some((ringbd_backend::ErrorKind::NoSpace, "write made no progress"))
+            }
+            Ok(_) => None,
+        };
+        let moved = match (result, failure) {
+            (Err(e), _) => Err(ringbd_backend::Error::new(op, offset, len, e)),
+            (Ok(_), Some((kind, msg))) => Err(ringbd_backend::Error::other(kind, op, offset, len, msg)),
+            (Ok(n), None) => Ok(n as u64),
+        };
+        let moved = match moved {
+            Ok(n) => n,
+            Err(e) => {
+                finish(self);
+                self.backend_error(&req, &e, out);
+                out.reply_done();
+                recycle(pool, buf);
+                return;
+            }
+        };
+        let next = match pend {
+            Pend::Read { offset, len, done } if done + moved < len => {
+                Some(Pend::Read { offset, len, done: done + moved })
+            }
+            Pend::Write { offset, len, fua, done } if done + moved < len => {
+                Some(Pend::Write { offset, len, fua, done: done + moved })
+            }
+            _ => None,
+        };
+        if let Some(p) = next {
+            // Short transfer: continue where it stopped.
+            self.pending[token as usize] = Some((req, p));
+            self.queue_op(token, p, buf);
+            return;
+        }
+        finish(self);
+        match pend {
+            Pend::Read { offset, len, .. } => {
+                self.session.write_data_header(out.bytes(), &req, offset, len, true);
+                if buf.len() <= COPY_LIMIT {
+                    out.bytes().extend_from_slice(&buf);
+                    recycle(pool, buf);
+                } else {
+                    out.push_large(buf);
+                }
+            }
+            Pend::Write { .. }
+            | Pend::Flush
+            | Pend::Trim { .. }
+            | Pend::Zero { .. }
+            | Pend::SyncAfter { .. }
+            | Pend::Status { .. } => {
+                self.session.write_ok(out.bytes(), &req);
+                recycle(pool, buf);
+            }
+        }
+        out.reply_done();
+    }
+
+    /// Completion of a trim, a zeroing or the fsync after one: true when
+    /// the reply is queued, false when a follow-up fsync was queued under
+    /// the same token.
+    pub(super) fn fallocate_complete(
+        &mut self,
+        token: u32,
+        req: &Request,
+        pend: Pend,
+        (op, offset, len, fua): (ringbd_backend::Op, u64, u64, bool),
+        result: std::io::Result<usize>,
+        out: &mut OutBuf,
+    ) -> bool {
+        let outcome = match (pend, result) {
+            (_, Ok(_)) => Ok(()),
+            // Trim is a hint: where holes cannot be punched, nothing is lost.
+            (Pend::Trim { .. }, Err(e)) if fallocate_unsupported(&e) => Ok(()),
+            // The backend knows the other ways to zero (and how to refuse a
+            // fast zero); they run inline, as without the ring.
+            (Pend::Zero { offset, len, flags, .. }, Err(e)) if fallocate_unsupported(&e) => {
+                match self.backend.write_zeroes(offset, len, flags) {
+                    Ok(()) => self.session.write_ok(out.bytes(), req),
+                    Err(e) => self.backend_error(req, &e, out),
+                }
+                return true;
+            }
+            (_, Err(e)) => Err(ringbd_backend::Error::new(op, offset, len, e)),
+        };
+        match outcome {
+            Ok(()) if fua => {
+                let p = Pend::SyncAfter { op, offset, len };
+                self.pending[token as usize] = Some((*req, p));
+                self.queue_op(token, p, IoBuf::new());
+                false
+            }
+            Ok(()) => {
+                self.session.write_ok(out.bytes(), req);
+                true
+            }
+            Err(e) => {
+                self.backend_error(req, &e, out);
+                true
+            }
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! Replies the transmission phase builds inline: reads (straight from a
+//! memory export's pages, or through a buffer), block status, and backend
+//! errors. A child module of `conn`.
+
+use super::*;
+
+impl Tx {
+    pub(super) fn backend_error(&self, req: &Request, e: &ringbd_backend::Error, out: &mut OutBuf) {
+        let errno = nbd_errno(e);
+        // A refused fast zero is the protocol working, not a failure.
+        if errno != Errno::ENOTSUP {
+            log::warn(format_args!("export {:?}: {e}", self.name));
+        }
+        self.session.write_error(out.bytes(), req, errno, &e.to_string());
+    }
+
+    /// Answers a read of `(offset, len, df)`.
+    pub(super) fn read(
+        &self,
+        req: &Request,
+        (offset, len, df): (u64, usize, bool),
+        out: &mut OutBuf,
+        pool: &mut Vec<IoBuf>,
+        pieces: &mut Vec<ringbd_backend::Piece>,
+    ) {
+        if len == 0 {
+            self.session.write_ok(out.bytes(), req);
+            return;
+        }
+        let s = &self.session;
+        // Backends whose data sits in memory hand out their pages: the reply
+        // is sent straight from them, with no staging copy.
+        pieces.clear();
+        match self.backend.read_shared(offset, len, pieces) {
+            Ok(true) => return self.send_pieces(req, offset, len, df, pieces, out),
+            Ok(false) => {}
+            Err(e) => return self.backend_error(req, &e, out),
+        }
+        if len <= COPY_LIMIT {
+            // Read straight into the queue behind room for the header.
+            let hl = s.data_header_len();
+            let start = out.bytes().len();
+            out.bytes().resize(start + hl + len, 0);
+            let holes = match self.backend.read(offset, &mut out.bytes()[start + hl..]) {
+                Ok(h) => h,
+                Err(e) => {
+                    out.bytes().truncate(start);
+                    return self.backend_error(req, &e, out);
+                }
+            };
+            if !s.structured() || df || holes.0.is_empty() {
+                let mut h = Vec::with_capacity(hl);
+                s.write_data_header(&mut h, req, offset, len as u64, true);
+                out.bytes()[start..start + hl].copy_from_slice(&h);
+                return;
+            }
+            // Sparse: re-emit as data and hole chunks.
+            let data = out.bytes()[start + hl..].to_vec();
+            out.bytes().truncate(start);
+            return self.chunks(req, offset, &data, &holes.0, out, false);
+        }
+        let mut buf = pool.pop().unwrap_or_default();
+        // The backend fills every byte (zeroes where sparse).
+        buf.set_len(len);
+        let holes = match self.backend.read(offset, &mut buf) {
+            Ok(h) => h,
+            Err(e) => {
+                recycle(pool, buf);
+                return self.backend_error(req, &e, out);
+            }
+        };
+        if !s.structured() || df || holes.0.is_empty() {
+            s.write_data_header(out.bytes(), req, offset, len as u64, true);
+            out.push_large(buf);
+            return;
+        }
+        self.chunks(req, offset, &buf, &holes.0, out, true);
+        recycle(pool, buf);
+    }
+
+    /// A read reply from zero-copy pieces: one data chunk (simple replies,
+    /// DF, or no holes), else data chunks and hole chunks.
+    pub(super) fn send_pieces(
+        &self,
+        req: &Request,
+        offset: u64,
+        len: usize,
+        df: bool,
+        pieces: &mut Vec<ringbd_backend::Piece>,
+        out: &mut OutBuf,
+    ) {
+        let s = &self.session;
+        let has_hole = pieces.iter().any(|p| p.bytes().is_none());
+        if !s.structured() || df || !has_hole {
+            s.write_data_header(out.bytes(), req, offset, len as u64, true);
+            pieces.drain(..).for_each(|p| out.push_piece(p));
+            return;
+        }
+        // Runs of data pieces become one OFFSET_DATA chunk each.
+        let mut runs: Vec<(usize, usize, bool)> = Vec::new(); // (start, len, hole)
+        let mut pos = 0;
+        for p in pieces.iter() {
+            let hole = p.bytes().is_none();
+            match runs.last_mut() {
+                Some(r) if r.2 == hole && !hole => r.1 += p.len(),
+                _ => runs.push((pos, p.len(), hole)),
+            }
+            pos += p.len();
+        }
+        let last = runs.len() - 1;
+        let mut it = pieces.drain(..);
+        for (i, (start, n, hole)) in runs.into_iter().enumerate() {
+            let at = offset + start as u64;
+            if hole {
+                it.next();
+                s.write_hole(out.bytes(), req, at, n as u32, i == last);
+                continue;
+            }
+            s.write_data_header(out.bytes(), req, at, n as u64, i == last);
+            let mut left = n;
+            while left > 0 {
+                let Some(p) = it.next() else { break };
+                left = left.saturating_sub(p.len());
+                out.push_piece(p);
+            }
+        }
+    }
+
+    /// A structured read reply with holes: data pieces as `OFFSET_DATA`,
+    /// sparse pieces as `OFFSET_HOLE`.
+    pub(super) fn chunks(
+        &self,
+        req: &Request,
+        offset: u64,
+        data: &[u8],
+        holes: &[std::ops::Range<usize>],
+        out: &mut OutBuf,
+        large: bool,
+    ) {
+        let mut pieces = Vec::with_capacity(holes.len() * 2 + 1);
+        let mut pos = 0;
+        for h in holes {
+            if h.start > pos {
+                pieces.push((pos..h.start, false));
+            }
+            pieces.push((h.clone(), true));
+            pos = h.end;
+        }
+        if pos < data.len() {
+            pieces.push((pos..data.len(), false));
+        }
+        let last = pieces.len() - 1;
+        for (i, (range, hole)) in pieces.into_iter().enumerate() {
+            let at = offset + range.start as u64;
+            if hole {
+                self.session.write_hole(out.bytes(), req, at, range.len() as u32, i == last);
+            } else {
+                self.session.write_data_header(out.bytes(), req, at, range.len() as u64, i == last);
+                if large && range.len() > COPY_LIMIT {
+                    out.push_large(IoBuf::from_slice(&data[range]));
+                } else {
+                    out.bytes().extend_from_slice(&data[range]);
+                }
+            }
+        }
+    }
+
+    /// Answers a block-status request: through the backend's own
+    /// asynchronous query where it has one (the reply follows in
+    /// [`Tx::io_complete`]), else at once.
+    pub(super) fn status(&mut self, req: Request, offset: u64, len: u64, req_one: bool, out: &mut OutBuf) {
+        if len > 0 && self.async_io && self.backend.aio().is_some() {
+            return self.submit(req, Pend::Status { offset, len, req_one }, IoBuf::new());
+        }
+        if len == 0 {
+            self.session.write_error(out.bytes(), &req, Errno::EINVAL, "block status of zero length");
+        } else {
+            match self.backend.extents(offset, len) {
+                Ok(e) => self.status_reply(&req, len, req_one, &e, out),
+                Err(e) => self.backend_error(&req, &e, out),
+            }
+        }
+        out.reply_done();
+    }
+
+    pub(super) fn status_reply(
+        &self,
+        req: &Request,
+        len: u64,
+        req_one: bool,
+        extents: &[ringbd_backend::Extent],
+        out: &mut OutBuf,
+    ) {
+        let mut ext: Vec<Extent> = extents
+            .iter()
+            .map(|e| Extent {
+                len: e.len,
+                flags: if e.hole { state_flags::HOLE } else { 0 }
+                    | if e.zero { state_flags::ZERO } else { 0 },
+            })
+            .collect();
+        clip_extents(&mut ext, len, req_one, self.session.extended());
+        if ext.is_empty() {
+            // "Allocated, contents unknown" is always a true answer.
+            ext.push(Extent { len: len.min(u64::from(u32::MAX) & !0xfff).max(1), flags: 0 });
+        }
+        self.session.write_block_status(out.bytes(), req, BASE_ALLOCATION_ID, &ext);
+    }
+}

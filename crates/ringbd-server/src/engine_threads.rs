@@ -87,6 +87,10 @@ pub fn serve_limited(stream: Stream, exports: Arc<Exports>, timeouts: Timeouts) 
                 break if is_disconnect(&e) { Ok(()) } else { Err(e) };
             }
             conn.sent();
+            if !conn.out().is_empty() {
+                // Sending made room for the next pieces of a large read.
+                continue;
+            }
         }
         if conn.is_closed() {
             break Ok(());

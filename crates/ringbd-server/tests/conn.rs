@@ -166,32 +166,31 @@ fn async_file_reads_continue_after_a_short_transfer() {
 
 #[test]
 fn in_flight_limits_hold_for_requests_that_arrive_together() {
-    // 16 reads of 32 MiB in one receive: only as many start as the
+    // 100 reads of 1 MiB in one receive: only as many start as the
     // in-flight byte limit (64 MiB) allows; the rest wait unconsumed.
-    let mut c = async_file_connection("inflight", 32 << 20);
+    let mut c = async_file_connection("inflight", 1 << 20);
     let mut s = 3u32.to_be_bytes().to_vec();
     s.extend(option(7, &[0, 0, 0, 0, 0, 0]));
     let handshake = s.len();
-    for cookie in 0..16 {
-        s.extend(request(0, cookie, 0, 32 << 20, &[]));
+    for cookie in 0..100 {
+        s.extend(request(0, cookie, 0, 1 << 20, &[]));
     }
     let used = c.receive(&s);
     c.sent();
-    assert_eq!(used, handshake + 2 * 28, "two reads taken, the rest left for later");
+    assert_eq!(used, handshake + 64 * 28, "64 reads taken, the rest left for later");
     assert!(!c.wants_input());
     let mut io = Vec::new();
     c.take_io(&mut io);
-    assert_eq!(io.len(), 2);
-    assert_eq!(c.io_pending(), 2);
-    // One finishes (its reply queued): the next may start once the reply
-    // queue drains.
+    assert_eq!(io.len(), 64);
+    assert_eq!(c.io_pending(), 64);
+    // One finishes (its reply queued): the next may start.
     let first = io.remove(0);
     let n = first.buf.len();
     c.io_complete(first.token, Ok(n), first.buf);
     c.sent();
     assert_eq!(c.receive(&s[used..]), 28, "one more read once one finished");
     c.take_io(&mut io);
-    assert_eq!(io.len(), 2);
+    assert_eq!(io.len(), 64);
 }
 
 #[test]
@@ -432,4 +431,161 @@ fn block_status_of_an_asynchronous_backend_waits_for_its_completion_not_the_ring
     assert_eq!(r.len(), 1, "{r:?}");
     assert_eq!(r[0].0, 0x8001, "NBD_REPLY_TYPE_ERROR");
     assert_eq!(r[0].1[..4], 5u32.to_be_bytes(), "EIO");
+}
+
+/// Structured reply chunks in `bytes`, in order: (flags, type, cookie,
+/// offset of an OFFSET_DATA chunk, payload bytes).
+fn chunk_list(bytes: &[u8]) -> Vec<(u16, u16, u64, u64, usize)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i + 20 <= bytes.len() {
+        let h = &bytes[i..i + 20];
+        assert_eq!(h[..4], 0x668e_33efu32.to_be_bytes(), "structured reply magic at {i}");
+        let flags = u16::from_be_bytes([h[4], h[5]]);
+        let typ = u16::from_be_bytes([h[6], h[7]]);
+        let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+        let len = u32::from_be_bytes([h[16], h[17], h[18], h[19]]) as usize;
+        let offset = if typ == 1 { u64::from_be_bytes(bytes[i + 20..i + 28].try_into().unwrap()) } else { 0 };
+        out.push((flags, typ, cookie, offset, len));
+        i += 20 + len;
+    }
+    out
+}
+
+/// A structured-reply connection to a file export of `size` bytes, with
+/// its handshake replies gone.
+fn structured_file_connection(tag: &str, size: usize) -> Connection {
+    let mut c = async_file_connection(tag, size);
+    let mut s = 3u32.to_be_bytes().to_vec();
+    s.extend(option(8, &[])); // structured replies
+    s.extend(option(7, &[0, 0, 0, 0, 0, 0]));
+    assert_eq!(c.receive(&s), s.len());
+    c.sent();
+    c
+}
+
+#[test]
+fn large_reads_of_file_exports_go_in_pieces_at_most_two_in_flight() {
+    use ringbd_io::uring::FileOp;
+    const MIB: u64 = 1 << 20;
+    let mut c = structured_file_connection("chunks", 8 << 20);
+    let len = 5 * MIB + 100;
+    assert_eq!(c.receive(&request(0, 5, 0, len as u32, &[])), 28);
+    let mut io = Vec::new();
+    let mut seen = Vec::new();
+    let mut replies = Vec::new();
+    loop {
+        c.take_io(&mut io);
+        assert!(io.len() <= 2 && c.io_pending() <= 2, "{} pieces in flight", c.io_pending());
+        // Finish the newest first: pieces may complete in any order.
+        let Some(op) = io.pop() else { break };
+        let IoOp::File(FileOp::Read { offset, at: 0 }) = op.op else { panic!("{:?}", op.op) };
+        assert!(op.buf.len() as u64 <= MIB);
+        seen.push((offset, op.buf.len()));
+        let n = op.buf.len();
+        c.io_complete(op.token, Ok(n), op.buf);
+        replies.extend(queued(&c));
+        c.sent();
+    }
+    seen.sort();
+    let want: Vec<(u64, usize)> = (0..6).map(|i| (i * MIB, if i < 5 { MIB as usize } else { 100 })).collect();
+    assert_eq!(seen, want, "every piece read once");
+    let chunks = chunk_list(&replies);
+    assert_eq!(chunks.len(), 6);
+    assert!(chunks.iter().all(|&(_, typ, cookie, _, _)| typ == 1 && cookie == 5), "{chunks:?}");
+    let dones: Vec<bool> = chunks.iter().map(|&(flags, ..)| flags & 1 != 0).collect();
+    assert_eq!(dones, [false, false, false, false, false, true], "DONE on the last chunk only");
+    let mut got: Vec<(u64, usize)> = chunks.iter().map(|&(_, _, _, off, l)| (off, l - 8)).collect();
+    got.sort();
+    assert_eq!(got, want, "each piece answered once, at its offset");
+}
+
+#[test]
+fn a_chunked_read_waits_for_the_reply_queue_and_ends_with_the_error_of_a_piece() {
+    const MIB: u64 = 1 << 20;
+    let mut c = structured_file_connection("chunkq", 24 << 20);
+    assert_eq!(c.receive(&request(0, 9, 0, 20 * MIB as u32, &[])), 28);
+    let mut io = Vec::new();
+    // Nothing is sent: pieces stop once the queue holds 8 MiB.
+    loop {
+        c.take_io(&mut io);
+        let Some(op) = io.pop() else { break };
+        let n = op.buf.len();
+        c.io_complete(op.token, Ok(n), op.buf);
+    }
+    assert_eq!(c.io_pending(), 0);
+    let queued_now = chunk_list(&queued(&c)).len();
+    // Pieces start while under 8 MiB is queued; the one in flight when the
+    // queue reached it lands too.
+    assert!((8..=9).contains(&queued_now), "{queued_now} MiB of the reply queued, then it waits");
+    c.sent();
+    c.take_io(&mut io);
+    assert_eq!(io.len(), 2, "the queue drained: two more pieces");
+    // One piece fails, the other succeeds: the reply ends with the error.
+    let (a, b) = (io.remove(0), io.remove(0));
+    c.io_complete(a.token, Err(std::io::Error::from_raw_os_error(EIO)), a.buf);
+    let n = b.buf.len();
+    c.io_complete(b.token, Ok(n), b.buf);
+    c.take_io(&mut io);
+    assert!(io.is_empty(), "no piece after a failure");
+    let chunks = chunk_list(&queued(&c));
+    assert_eq!(chunks.len(), 1, "{chunks:?}");
+    assert_eq!((chunks[0].0 & 1, chunks[0].1), (1, 0x8001), "an error chunk with DONE ends it");
+    // The connection goes on.
+    assert!(c.wants_input());
+}
+
+#[test]
+fn a_large_read_with_a_simple_reply_goes_in_order_after_the_others_and_alone() {
+    use ringbd_io::uring::FileOp;
+    const MIB: u64 = 1 << 20;
+    let mut c = async_file_connection("chunksimple", 8 << 20);
+    let mut s = 3u32.to_be_bytes().to_vec();
+    s.extend(option(7, &[0, 0, 0, 0, 0, 0])); // no structured replies
+    assert_eq!(c.receive(&s), s.len());
+    c.sent();
+    // A small read in flight, then a 3 MiB read, then a flush.
+    let reqs =
+        [request(0, 1, 0, 4096, &[]), request(0, 2, MIB, 3 * MIB as u32, &[]), request(3, 3, 0, 0, &[])]
+            .concat();
+    assert_eq!(c.receive(&reqs), 56, "the flush waits behind the large read");
+    let mut io = Vec::new();
+    c.take_io(&mut io);
+    assert_eq!(io.len(), 1, "the large read waits for the small one");
+    let small = io.pop().unwrap();
+    let n = small.buf.len();
+    c.io_complete(small.token, Ok(n), small.buf);
+    c.take_io(&mut io);
+    assert_eq!(io.len(), 2, "then two pieces of it");
+    // Out of order: the second piece first; nothing of its reply goes yet.
+    let (a, b) = (io.remove(0), io.remove(0));
+    let IoOp::File(FileOp::Read { offset: off_b, .. }) = b.op else { panic!() };
+    assert_eq!(off_b, 2 * MIB);
+    let before = queued(&c).len();
+    let n = b.buf.len();
+    let mut bb = b.buf;
+    bb.fill(0xbb);
+    c.io_complete(b.token, Ok(n), bb);
+    assert_eq!(queued(&c).len(), before, "the second piece waits for the first");
+    let mut ab = a.buf;
+    ab.fill(0xaa);
+    c.io_complete(a.token, Ok(n), ab);
+    c.take_io(&mut io);
+    let last = io.pop().unwrap();
+    let mut lb = last.buf;
+    lb.fill(0xcc);
+    c.io_complete(last.token, Ok(n), lb);
+    let out = queued(&c);
+    // The small read's reply, then one simple header and 3 MiB in order.
+    let big = &out[16 + 4096..];
+    assert_eq!(&big[..4], &0x6744_6698u32.to_be_bytes());
+    assert_eq!(&big[8..16], &2u64.to_be_bytes());
+    assert_eq!(big.len(), 16 + 3 * MIB as usize);
+    let data = &big[16..];
+    assert!(data[..MIB as usize].iter().all(|&x| x == 0xaa));
+    assert!(data[MIB as usize..2 * MIB as usize].iter().all(|&x| x == 0xbb));
+    assert!(data[2 * MIB as usize..].iter().all(|&x| x == 0xcc));
+    // Now the flush is taken.
+    c.sent();
+    assert_eq!(c.receive(&reqs[56..]), 28);
 }

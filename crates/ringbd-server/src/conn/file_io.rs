@@ -41,6 +41,13 @@ pub(super) enum Pend {
         fua: bool,
         done: u64,
     },
+    /// One piece of a chunked read (`parent` in `Tx::chunked`).
+    ReadChunk {
+        parent: u32,
+        offset: u64,
+        len: u64,
+        done: u64,
+    },
     Flush,
     /// A punched hole (`fallocate`), then an fsync with `fua`.
     Trim {
@@ -74,7 +81,7 @@ impl Pend {
     /// Buffer bytes this operation holds.
     pub(super) fn bytes(&self) -> u64 {
         match *self {
-            Pend::Read { len, .. } | Pend::Write { len, .. } => len,
+            Pend::Read { len, .. } | Pend::Write { len, .. } | Pend::ReadChunk { len, .. } => len,
             Pend::Flush
             | Pend::Trim { .. }
             | Pend::Zero { .. }
@@ -84,16 +91,213 @@ impl Pend {
     }
 }
 
+/// Reads of file exports larger than this are read and sent in pieces of
+/// this size: what such a read holds is `READ_CHUNKS_AHEAD` pieces in
+/// flight and what the reply queue takes, whatever its length
+/// (docs/engine.md, "Resource model").
+pub(super) const READ_CHUNK: u64 = 1 << 20;
+/// Pieces of one chunked read in flight at once (2: one being read while
+/// the one before it is sent).
+const READ_CHUNKS_AHEAD: u32 = 2;
+
+/// A large read answered piece by piece, each piece sent once it is read.
+/// With structured replies (and no DF) each piece is its own `OFFSET_DATA`
+/// chunk, in any order; the last to finish carries `DONE`, or an error
+/// chunk ends the reply. A simple reply is one header and the data in
+/// order, with nothing else in between: such a read starts only when no
+/// other operation of the connection is in flight, takes no new request
+/// until it is done, and sends its pieces in order; its header goes with
+/// the first piece, so a first piece that fails is an ordinary error
+/// reply, and a later one, after the header said success, can only end
+/// the connection.
+pub(super) struct ChunkedRead {
+    req: Request,
+    /// Next byte to read, and the end of the request.
+    next: u64,
+    end: u64,
+    inflight: u32,
+    failed: Option<ringbd_backend::Error>,
+    /// A simple reply (see above): the next byte to send, the pieces read
+    /// ahead of it, and whether its pieces have started.
+    simple: bool,
+    sent_to: u64,
+    stash: Vec<(u64, IoBuf)>,
+    started: bool,
+}
+
 /// Most file operations one connection keeps in flight, and their bytes;
 /// beyond either, the connection stops taking requests until some finish.
 pub(super) const MAX_PENDING: usize = 256;
 pub(super) const MAX_PENDING_BYTES: u64 = 64 * 1024 * 1024;
 
 impl Tx {
+    /// Takes a large read to answer in pieces ([`READ_CHUNK`]).
+    pub(super) fn start_chunked_read(
+        &mut self,
+        req: Request,
+        offset: u64,
+        len: u64,
+        out: &mut OutBuf,
+        pool: &mut Vec<IoBuf>,
+    ) {
+        let simple = !self.session.structured();
+        let cr = ChunkedRead {
+            req,
+            next: offset,
+            end: offset + len,
+            inflight: 0,
+            failed: None,
+            simple,
+            sent_to: offset,
+            stash: Vec::new(),
+            // A simple reply waits for the connection's other operations.
+            started: !simple || self.pending_count == 0,
+        };
+        let id = match self.chunked.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                self.chunked.push(None);
+                self.chunked.len() - 1
+            }
+        };
+        self.chunked[id] = Some(cr);
+        self.issue_chunks(id, out, pool);
+    }
+
+    /// Whether a read with a simple reply is being sent in pieces (or
+    /// waits to be): the connection takes no new request meanwhile.
+    pub(super) fn simple_chunked_read(&self) -> bool {
+        self.chunked.iter().flatten().any(|cr| cr.simple)
+    }
+
+    /// Starts the next pieces of chunked read `id` while it has fewer than
+    /// [`READ_CHUNKS_AHEAD`] in flight and the reply queue has room (else
+    /// it waits for the queue: [`Tx::resume_chunked_reads`]).
+    fn issue_chunks(&mut self, id: usize, out: &mut OutBuf, pool: &mut Vec<IoBuf>) {
+        loop {
+            let pending = self.pending_count;
+            let Some(Some(cr)) = self.chunked.get_mut(id) else { return };
+            if !cr.started {
+                if pending > 0 {
+                    return;
+                }
+                cr.started = true;
+            }
+            if cr.next >= cr.end || cr.failed.is_some() || cr.inflight >= READ_CHUNKS_AHEAD {
+                return;
+            }
+            // A piece needs room in the reply queue; without it the read
+            // waits until a send drains the queue (`queue_drained`).
+            if out.len() >= OUT_HIGH_WATER {
+                self.chunks_waiting = true;
+                return;
+            }
+            let (req, next) = (cr.req, cr.next);
+            let n = READ_CHUNK.min(cr.end - next);
+            cr.next += n;
+            cr.inflight += 1;
+            let mut buf = self.io_buf(n as usize, pool);
+            // The file fills it; a failed read never sends it.
+            buf.set_len(n as usize);
+            if self.async_io {
+                self.submit(req, Pend::ReadChunk { parent: id as u32, offset: next, len: n, done: 0 }, buf);
+            } else {
+                // A backend read inline (tmpfs files, the threaded engine):
+                // the piece is ready at once.
+                let r = self.backend.read(next, &mut buf).map(|_| ());
+                self.chunk_complete(id as u32, (next, n), r, buf, out, pool);
+            }
+        }
+    }
+
+    /// The reply queue drained, or the connection's operations finished:
+    /// chunked reads that waited for either go on.
+    pub(super) fn resume_chunked_reads(&mut self, out: &mut OutBuf, pool: &mut Vec<IoBuf>) {
+        self.chunks_waiting = false;
+        for id in 0..self.chunked.len() {
+            self.issue_chunks(id, out, pool);
+        }
+    }
+
+    /// A piece of chunked read `parent` finished (whole, or failed).
+    fn chunk_complete(
+        &mut self,
+        parent: u32,
+        (offset, len): (u64, u64),
+        result: Result<(), ringbd_backend::Error>,
+        buf: IoBuf,
+        out: &mut OutBuf,
+        pool: &mut Vec<IoBuf>,
+    ) {
+        let id = parent as usize;
+        let Some(Some(cr)) = self.chunked.get_mut(id) else {
+            recycle(pool, buf);
+            return;
+        };
+        cr.inflight -= 1;
+        let req = cr.req;
+        match result {
+            Err(e) => {
+                cr.failed.get_or_insert(e);
+                recycle(pool, buf);
+            }
+            Ok(()) if cr.failed.is_some() => recycle(pool, buf),
+            Ok(()) if cr.simple => {
+                // In order, the header with the first piece.
+                cr.stash.push((offset, buf));
+                while let Some(i) = cr.stash.iter().position(|(o, _)| *o == cr.sent_to) {
+                    let (o, b) = cr.stash.swap_remove(i);
+                    if o == req.offset {
+                        self.session.write_data_header(out.bytes(), &req, req.offset, req.length, true);
+                    }
+                    cr.sent_to += b.len() as u64;
+                    out.push_large(b);
+                }
+            }
+            Ok(()) => {
+                let last = cr.inflight == 0 && cr.next >= cr.end;
+                self.session.write_data_header(out.bytes(), &req, offset, len, last);
+                out.push_large(buf);
+            }
+        }
+        let Some(Some(cr)) = self.chunked.get_mut(id) else { return };
+        let done = cr.inflight == 0 && (cr.failed.is_some() || cr.next >= cr.end);
+        if !done {
+            // (Inline pieces are issued by the loop that read this one.)
+            if self.async_io {
+                self.issue_chunks(id, out, pool);
+            }
+            return;
+        }
+        let Some(cr) = self.chunked[id].take() else { return };
+        match cr.failed {
+            None => {}
+            // Nothing of a simple reply went out yet: an ordinary error.
+            Some(e) if !cr.simple || cr.sent_to == req.offset => self.backend_error(&req, &e, out),
+            Some(e) => {
+                log::warn(format_args!(
+                    "export {:?}: {e}; the reply's header already said success, so the connection ends",
+                    self.name
+                ));
+                self.closed = true;
+            }
+        }
+        for (_, b) in cr.stash {
+            recycle(pool, b);
+        }
+        out.reply_done();
+        // A simple chunked read that waited for this one may start.
+        if self.simple_chunked_read() {
+            self.resume_chunked_reads(out, pool);
+        }
+    }
+
     /// Whether another request may start: file operations in flight and
     /// their bytes are under their limits.
     pub(super) fn io_room(&self) -> bool {
-        self.pending_count < MAX_PENDING && self.pending_bytes < MAX_PENDING_BYTES
+        self.pending_count < MAX_PENDING
+            && self.pending_bytes < MAX_PENDING_BYTES
+            && !self.simple_chunked_read()
     }
 
     /// An empty buffer for a file operation of `len` bytes: a registered
@@ -125,7 +329,7 @@ impl Tx {
 
     pub(super) fn queue_op(&mut self, token: u32, pend: Pend, buf: IoBuf) {
         let (op, range) = match pend {
-            Pend::Read { offset, len, done } => {
+            Pend::Read { offset, len, done } | Pend::ReadChunk { offset, len, done, .. } => {
                 (FileOp::Read { offset: offset + done, at: done as usize }, Some((offset, len, done)))
             }
             Pend::Write { offset, len, fua, done } => {
@@ -184,7 +388,11 @@ impl Tx {
             Pend::Trim { offset, len, fua } => Some((Op::Trim, offset, len, fua)),
             Pend::Zero { offset, len, flags, .. } => Some((Op::WriteZeroes, offset, len, flags.fua)),
             Pend::SyncAfter { op, offset, len } => Some((op, offset, len, false)),
-            Pend::Read { .. } | Pend::Write { .. } | Pend::Flush | Pend::Status { .. } => None,
+            Pend::Read { .. }
+            | Pend::ReadChunk { .. }
+            | Pend::Write { .. }
+            | Pend::Flush
+            | Pend::Status { .. } => None,
         };
         if let Some(what) = fallocate {
             if self.fallocate_complete(token, &req, pend, what, result, out) {
@@ -194,7 +402,9 @@ impl Tx {
             return;
         }
         let (op, offset, len) = match pend {
-            Pend::Read { offset, len, .. } => (ringbd_backend::Op::Read, offset, len),
+            Pend::Read { offset, len, .. } | Pend::ReadChunk { offset, len, .. } => {
+                (ringbd_backend::Op::Read, offset, len)
+            }
             Pend::Write { offset, len, .. } => (ringbd_backend::Op::Write, offset, len),
             // (Trims and zeroing were answered by fallocate_complete,
             // block status above.)
@@ -207,7 +417,7 @@ impl Tx {
         let failure = match &result {
             Err(_) => None,
             // A transfer that stops short without progress will never finish.
-            Ok(0) if matches!(pend, Pend::Read { .. }) && pend.bytes() > 0 => {
+            Ok(0) if matches!(pend, Pend::Read { .. } | Pend::ReadChunk { .. }) && pend.bytes() > 0 => {
                 Some((ringbd_backend::ErrorKind::Io, "file is shorter than the export (truncated?)"))
             }
             Ok(0) if matches!(pend, Pend::Write { .. }) && pend.bytes() > 0 => {
@@ -224,6 +434,9 @@ impl Tx {
             Ok(n) => n,
             Err(e) => {
                 finish(self);
+                if let Pend::ReadChunk { parent, offset, len, .. } = pend {
+                    return self.chunk_complete(parent, (offset, len), Err(e), buf, out, pool);
+                }
                 self.backend_error(&req, &e, out);
                 out.reply_done();
                 recycle(pool, buf);
@@ -233,6 +446,9 @@ impl Tx {
         let next = match pend {
             Pend::Read { offset, len, done } if done + moved < len => {
                 Some(Pend::Read { offset, len, done: done + moved })
+            }
+            Pend::ReadChunk { parent, offset, len, done } if done + moved < len => {
+                Some(Pend::ReadChunk { parent, offset, len, done: done + moved })
             }
             Pend::Write { offset, len, fua, done } if done + moved < len => {
                 Some(Pend::Write { offset, len, fua, done: done + moved })
@@ -247,6 +463,9 @@ impl Tx {
         }
         finish(self);
         match pend {
+            Pend::ReadChunk { parent, offset, len, .. } => {
+                return self.chunk_complete(parent, (offset, len), Ok(()), buf, out, pool);
+            }
             Pend::Read { offset, len, .. } => {
                 self.session.write_data_header(out.bytes(), &req, offset, len, true);
                 if buf.len() <= COPY_LIMIT {

@@ -40,7 +40,7 @@ mod file_io;
 mod ktls_io;
 mod reply;
 mod tls_io;
-use file_io::Pend;
+use file_io::{ChunkedRead, Pend, READ_CHUNK};
 pub use file_io::{IoOp, IoRequest};
 use ktls_io::KtlsState;
 
@@ -163,6 +163,16 @@ impl Connection {
     pub fn io_complete(&mut self, token: u32, result: std::io::Result<usize>, buf: IoBuf) {
         if let Phase::Transmission(tx) = &mut self.phase {
             tx.io_complete(token, result, buf, &mut self.out, &mut self.pool);
+            if tx.pending_count == 0 {
+                if tx.simple_chunked_read() {
+                    // A large read with a simple reply waited for the others.
+                    tx.resume_chunked_reads(&mut self.out, &mut self.pool);
+                } else if tx.closed {
+                    // (Only with nothing in flight: the engine frees the
+                    // connection once nothing is.)
+                    self.phase = Phase::Closed;
+                }
+            }
         }
         self.seal();
     }
@@ -227,6 +237,7 @@ impl Connection {
     pub fn recycle(&mut self, mut sent: OutBuf) {
         sent.clear(&mut self.pool);
         self.spare = sent;
+        self.queue_drained();
     }
 
     /// Marks the queue as sent (engines that write synchronously).
@@ -234,6 +245,17 @@ impl Connection {
         match &mut self.tls {
             Some(t) => t.wire.clear(&mut self.pool),
             None => self.out.clear(&mut self.pool),
+        }
+        self.queue_drained();
+    }
+
+    /// The reply queue has room again: large reads waiting for it go on.
+    fn queue_drained(&mut self) {
+        if let Phase::Transmission(tx) = &mut self.phase {
+            if tx.chunks_waiting {
+                tx.resume_chunked_reads(&mut self.out, &mut self.pool);
+                self.seal();
+            }
         }
     }
 
@@ -350,6 +372,8 @@ impl Connection {
             free_tokens: Vec::new(),
             pending_count: 0,
             pending_bytes: 0,
+            chunked: Vec::new(),
+            chunks_waiting: false,
         }));
         // `leftover` came out of `data`: it is its tail. Consume only what
         // precedes it, so the caller hands the rest to the new phase.
@@ -360,10 +384,15 @@ impl Connection {
 /// Keeps a payload buffer for reuse; an arena chunk goes back to its arena
 /// instead (the ring's registered buffers are shared by its connections).
 pub(crate) fn recycle(pool: &mut Vec<IoBuf>, buf: IoBuf) {
-    if !buf.is_chunk() && pool.len() < 8 {
+    // Large buffers go: kept, a burst of 32 MiB reads would leave each
+    // connection holding eight of them.
+    if !buf.is_chunk() && pool.len() < 8 && buf.capacity() <= POOL_BUF_MAX {
         pool.push(buf);
     }
 }
+
+/// The largest payload buffer a connection keeps for reuse.
+const POOL_BUF_MAX: usize = 1 << 20;
 
 /// What the transmission phase expects next on the wire.
 enum Rx {
@@ -410,6 +439,10 @@ struct Tx {
     free_tokens: Vec<u32>,
     pending_count: usize,
     pending_bytes: u64,
+    /// Large reads being read and sent in pieces ([`READ_CHUNK`]).
+    chunked: Vec<Option<ChunkedRead>>,
+    /// Some chunked read waits for room in the reply queue.
+    chunks_waiting: bool,
 }
 
 impl Tx {
@@ -557,6 +590,12 @@ impl Tx {
                 self.rx = Rx::Payload { req, buf: Vec::with_capacity(want), want };
                 return;
             }
+            Command::Read { offset, len, df }
+                if self.async_io && (!df || !self.session.structured()) && len > READ_CHUNK =>
+            {
+                self.start_chunked_read(req, offset, len, out, pool);
+                return;
+            }
             Command::Read { offset, len, .. } if self.async_io && len > 0 => {
                 let mut buf = self.io_buf(len as usize, pool);
                 // The file fills it; a failed read never sends it.
@@ -582,9 +621,13 @@ impl Tx {
             }
             Command::Read { offset, len, df } => {
                 let mut pieces = std::mem::take(&mut self.pieces);
-                self.read(&req, (offset, len as usize, df), out, pool, &mut pieces);
+                let answered = self.read(&req, (offset, len as usize, df), out, pool, &mut pieces);
                 self.pieces = pieces;
-                out.reply_done();
+                if answered {
+                    out.reply_done();
+                } else {
+                    self.start_chunked_read(req, offset, len, out, pool);
+                }
                 return;
             }
             Command::BlockStatus { offset, len, req_one } => {

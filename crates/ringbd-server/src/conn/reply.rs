@@ -15,6 +15,10 @@ impl Tx {
     }
 
     /// Answers a read of `(offset, len, df)`.
+    /// Answers a read of `(offset, len, df)` inline; false (nothing
+    /// queued) when it is to be read and sent in pieces instead
+    /// ([`READ_CHUNK`]: a large read through a buffer that DF allows to
+    /// split).
     pub(super) fn read(
         &self,
         req: &Request,
@@ -22,20 +26,42 @@ impl Tx {
         out: &mut OutBuf,
         pool: &mut Vec<IoBuf>,
         pieces: &mut Vec<ringbd_backend::Piece>,
-    ) {
+    ) -> bool {
         if len == 0 {
             self.session.write_ok(out.bytes(), req);
-            return;
+            return true;
         }
         let s = &self.session;
         // Backends whose data sits in memory hand out their pages: the reply
         // is sent straight from them, with no staging copy.
         pieces.clear();
         match self.backend.read_shared(offset, len, pieces) {
-            Ok(true) => return self.send_pieces(req, offset, len, df, pieces, out),
+            Ok(true) => {
+                self.send_pieces(req, offset, len, df, pieces, out);
+                return true;
+            }
             Ok(false) => {}
-            Err(e) => return self.backend_error(req, &e, out),
+            Err(e) => {
+                self.backend_error(req, &e, out);
+                return true;
+            }
         }
+        if len as u64 > READ_CHUNK && (!df || !s.structured()) {
+            return false;
+        }
+        self.read_through_buffer(req, (offset, len, df), out, pool);
+        true
+    }
+
+    /// [`Tx::read`] of a backend that does not share its pages.
+    fn read_through_buffer(
+        &self,
+        req: &Request,
+        (offset, len, df): (u64, usize, bool),
+        out: &mut OutBuf,
+        pool: &mut Vec<IoBuf>,
+    ) {
+        let s = &self.session;
         if len <= COPY_LIMIT {
             // Read straight into the queue behind room for the header.
             let hl = s.data_header_len();

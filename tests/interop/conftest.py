@@ -223,7 +223,7 @@ class Server:
     """One NBD server process under test, reachable on a Unix socket."""
 
     def __init__(self, kind, exports=None, read_only=False, workdir=None, tls=None, args=(), params=(),
-                 env=None):
+                 env=None, tcp=False):
         self.kind = kind
         # Extra options in this server's own syntax; `params` (nbdkit's
         # key=value plugin/filter parameters) go after the plugin name;
@@ -233,9 +233,10 @@ class Server:
         self.extra_env = dict(env or {})
         # With TLS the server listens on TCP loopback (as nbds:// clients
         # connect and check the certificate's address) unless tls["unix"]
-        # asks for nbds+unix://, else on a Unix socket.
+        # asks for nbds+unix://, else on a Unix socket; `tcp` asks for TCP
+        # loopback without TLS.
         self.tls = tls
-        self.tcp = bool(tls) and not tls.get("unix")
+        self.tcp = bool(tcp) or (bool(tls) and not tls.get("unix"))
         self.port = None
         self.exports = dict(exports or {"": "memory:256M"})
         self.read_only = read_only
@@ -263,7 +264,9 @@ class Server:
             # The reference for rbd: exports (test_rbd.py): the export spec
             # is qemu's filename (rbd:POOL/IMAGE:conf=...), served with
             # socket activation, several clients, until stopped.
-            argv = ["qemu-nbd", "-f", "raw", "-t", "-e", "16", "--cache=writeback"]
+            argv = ["qemu-nbd", "-f", "raw", "-t", "-e", "16"]
+            if not any(a.startswith("--cache") for a in self.args):
+                argv.append("--cache=writeback")  # unless `args` chooses (qemu-nbd takes one)
             if read_only:
                 argv.append("-r")
             argv += self.args + [self.exports[""]]
@@ -389,13 +392,15 @@ class Server:
         return self.returncode
 
 
-def start(kind, exports=None, read_only=False, workdir=None, tls=None, args=(), params=(), env=None):
+def start(kind, exports=None, read_only=False, workdir=None, tls=None, args=(), params=(), env=None,
+          tcp=False):
     """Start a server; `exports` maps export name -> ringbd-syntax spec;
     `tls` (see tls_args) serves TLS on TCP loopback; `args` are extra
     options and `params` extra nbdkit parameters, in the server's syntax;
-    `env` more environment for the server."""
+    `env` more environment for the server; `tcp` listens on TCP loopback
+    (without TLS) instead of a Unix socket."""
     return Server(kind, exports=exports, read_only=read_only, workdir=workdir, tls=tls,
-                  args=args, params=params, env=env)
+                  args=args, params=params, env=env, tcp=tcp)
 
 
 def _shm_dir():
@@ -423,9 +428,9 @@ def start_server(server_kind):
     """
     servers = []
 
-    def _start(exports=None, read_only=False, tls=None, args=(), params=()):
+    def _start(exports=None, read_only=False, tls=None, args=(), params=(), tcp=False):
         srv = start(server_kind, exports=exports, read_only=read_only, tls=tls,
-                    args=args, params=params)
+                    args=args, params=params, tcp=tcp)
         servers.append(srv)
         return srv
 

@@ -589,3 +589,54 @@ fn a_large_read_with_a_simple_reply_goes_in_order_after_the_others_and_alone() {
     c.sent();
     assert_eq!(c.receive(&reqs[56..]), 28);
 }
+
+#[test]
+fn a_large_write_to_a_file_export_goes_in_pieces_as_its_payload_arrives() {
+    use ringbd_io::uring::FileOp;
+    const MIB: usize = 1 << 20;
+    let mut c = async_file_connection("chunkw", 8 << 20);
+    let mut s = 3u32.to_be_bytes().to_vec();
+    s.extend(option(7, &[0, 0, 0, 0, 0, 0]));
+    assert_eq!(c.receive(&s), s.len());
+    c.sent();
+    let payload: Vec<u8> = (0..5 * MIB + 100).map(|i| (i / MIB) as u8 + 1).collect();
+    let mut wire = request(1, 4, 4096, payload.len() as u32, &payload);
+    wire.extend(request(3, 5, 0, 0, &[])); // a flush behind it
+    let mut used = c.receive(&wire);
+    assert_eq!(used, 28 + 2 * MIB, "two pieces taken, the rest of the payload waits");
+    assert!(!c.wants_input());
+    let mut io = Vec::new();
+    let mut written = Vec::new();
+    loop {
+        c.take_io(&mut io);
+        let writes = io.iter().filter(|o| matches!(o.op, IoOp::File(FileOp::Write { .. }))).count();
+        assert!(writes <= 2, "{writes} pieces in flight");
+        let Some(op) = io.pop() else {
+            if used == wire.len() {
+                break;
+            }
+            used += c.receive(&wire[used..]);
+            continue;
+        };
+        if matches!(op.op, IoOp::File(FileOp::Fsync)) {
+            c.io_complete(op.token, Ok(0), op.buf);
+            continue;
+        }
+        let IoOp::File(FileOp::Write { offset, at: 0, dsync: false }) = op.op else { panic!("{:?}", op.op) };
+        assert!(op.buf.len() <= MIB);
+        written.push((offset, op.buf.to_vec()));
+        assert!(simple_reply_errno(&queued(&c), 4).is_none(), "no reply before the last piece");
+        let n = op.buf.len();
+        c.io_complete(op.token, Ok(n), op.buf);
+        used += c.receive(&wire[used..]);
+    }
+    written.sort();
+    let mut all = Vec::new();
+    for (i, (offset, data)) in written.iter().enumerate() {
+        assert_eq!(*offset, 4096 + (i * MIB) as u64);
+        all.extend_from_slice(data);
+    }
+    assert_eq!(all, payload, "every byte written once, in place");
+    assert_eq!(simple_reply_errno(&queued(&c), 4), Some(0), "one reply, after the last piece");
+    assert_eq!(simple_reply_errno(&queued(&c), 5), Some(0), "and the flush behind it");
+}

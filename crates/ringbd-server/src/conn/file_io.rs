@@ -41,6 +41,14 @@ pub(super) enum Pend {
         fua: bool,
         done: u64,
     },
+    /// One piece of a chunked write (`parent` in `Tx::chunked_writes`).
+    WriteChunk {
+        parent: u32,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        done: u64,
+    },
     /// One piece of a chunked read (`parent` in `Tx::chunked`).
     ReadChunk {
         parent: u32,
@@ -81,7 +89,10 @@ impl Pend {
     /// Buffer bytes this operation holds.
     pub(super) fn bytes(&self) -> u64 {
         match *self {
-            Pend::Read { len, .. } | Pend::Write { len, .. } | Pend::ReadChunk { len, .. } => len,
+            Pend::Read { len, .. }
+            | Pend::Write { len, .. }
+            | Pend::ReadChunk { len, .. }
+            | Pend::WriteChunk { len, .. } => len,
             Pend::Flush
             | Pend::Trim { .. }
             | Pend::Zero { .. }
@@ -123,6 +134,23 @@ pub(super) struct ChunkedRead {
     sent_to: u64,
     stash: Vec<(u64, IoBuf)>,
     started: bool,
+}
+
+/// Writes of file exports larger than this are gathered and written in
+/// pieces of this size, so their buffers do not grow with their length.
+pub(super) const WRITE_CHUNK: u64 = 1 << 20;
+/// Pieces of one chunked write in flight at once; the rest of its payload
+/// waits (in the socket) meanwhile.
+const WRITE_CHUNKS_AHEAD: u32 = 2;
+
+/// A large write written piece by piece as its payload arrives; one reply
+/// when the last piece is written (the first failure is the reply's).
+pub(super) struct ChunkedWrite {
+    req: Request,
+    inflight: u32,
+    /// The whole payload has arrived (and gone into pieces).
+    received_all: bool,
+    failed: Option<ringbd_backend::Error>,
 }
 
 /// Most file operations one connection keeps in flight, and their bytes;
@@ -292,12 +320,98 @@ impl Tx {
         }
     }
 
+    /// Takes a large write to write in pieces ([`WRITE_CHUNK`]); returns
+    /// its id.
+    pub(super) fn start_chunked_write(&mut self, req: Request) -> u32 {
+        let cw = ChunkedWrite { req, inflight: 0, received_all: false, failed: None };
+        let id = match self.chunked_writes.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                self.chunked_writes.push(None);
+                self.chunked_writes.len() - 1
+            }
+        };
+        self.chunked_writes[id] = Some(cw);
+        id as u32
+    }
+
+    /// Whether the payload being received belongs to a chunked write whose
+    /// pieces in flight are at their limit: it waits.
+    pub(super) fn write_pieces_full(&self) -> bool {
+        match self.rx {
+            Rx::Write { parent: Some(p), .. } => {
+                matches!(self.chunked_writes.get(p as usize), Some(Some(cw)) if cw.inflight >= WRITE_CHUNKS_AHEAD)
+            }
+            _ => false,
+        }
+    }
+
+    /// Writes `piece` (payload bytes at `start`), the whole payload of a
+    /// write or, with `parent`, one piece of a chunked write; `left`:
+    /// payload bytes still to come.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn write_piece(
+        &mut self,
+        req: Request,
+        parent: Option<u32>,
+        start: u64,
+        fua: bool,
+        left: u64,
+        piece: IoBuf,
+        pool: &mut Vec<IoBuf>,
+    ) {
+        let len = piece.len() as u64;
+        let Some(p) = parent else {
+            self.submit(req, Pend::Write { offset: start, len, fua, done: 0 }, piece);
+            return;
+        };
+        self.submit(req, Pend::WriteChunk { parent: p, offset: start, len, fua, done: 0 }, piece);
+        if let Some(Some(cw)) = self.chunked_writes.get_mut(p as usize) {
+            cw.inflight += 1;
+            cw.received_all = left == 0;
+        }
+        if left > 0 {
+            let next = self.io_buf(left.min(WRITE_CHUNK) as usize, pool);
+            if let Rx::Write { collect: Some(b), .. } = &mut self.rx {
+                *b = next;
+            }
+        }
+    }
+
+    /// A piece of chunked write `parent` finished (whole, or failed).
+    fn write_chunk_complete(
+        &mut self,
+        parent: u32,
+        result: Result<(), ringbd_backend::Error>,
+        buf: IoBuf,
+        out: &mut OutBuf,
+        pool: &mut Vec<IoBuf>,
+    ) {
+        recycle(pool, buf);
+        let id = parent as usize;
+        let Some(Some(cw)) = self.chunked_writes.get_mut(id) else { return };
+        cw.inflight -= 1;
+        if let Err(e) = result {
+            cw.failed.get_or_insert(e);
+        }
+        if !cw.received_all || cw.inflight > 0 {
+            return;
+        }
+        let Some(cw) = self.chunked_writes[id].take() else { return };
+        match cw.failed {
+            None => self.session.write_ok(out.bytes(), &cw.req),
+            Some(e) => self.backend_error(&cw.req, &e, out),
+        }
+        out.reply_done();
+    }
+
     /// Whether another request may start: file operations in flight and
     /// their bytes are under their limits.
     pub(super) fn io_room(&self) -> bool {
         self.pending_count < MAX_PENDING
             && self.pending_bytes < MAX_PENDING_BYTES
             && !self.simple_chunked_read()
+            && !self.write_pieces_full()
     }
 
     /// An empty buffer for a file operation of `len` bytes: a registered
@@ -332,7 +446,7 @@ impl Tx {
             Pend::Read { offset, len, done } | Pend::ReadChunk { offset, len, done, .. } => {
                 (FileOp::Read { offset: offset + done, at: done as usize }, Some((offset, len, done)))
             }
-            Pend::Write { offset, len, fua, done } => {
+            Pend::Write { offset, len, fua, done } | Pend::WriteChunk { offset, len, fua, done, .. } => {
                 let op = FileOp::Write { offset: offset + done, at: done as usize, dsync: fua };
                 (op, Some((offset, len, done)))
             }
@@ -391,6 +505,7 @@ impl Tx {
             Pend::Read { .. }
             | Pend::ReadChunk { .. }
             | Pend::Write { .. }
+            | Pend::WriteChunk { .. }
             | Pend::Flush
             | Pend::Status { .. } => None,
         };
@@ -405,7 +520,9 @@ impl Tx {
             Pend::Read { offset, len, .. } | Pend::ReadChunk { offset, len, .. } => {
                 (ringbd_backend::Op::Read, offset, len)
             }
-            Pend::Write { offset, len, .. } => (ringbd_backend::Op::Write, offset, len),
+            Pend::Write { offset, len, .. } | Pend::WriteChunk { offset, len, .. } => {
+                (ringbd_backend::Op::Write, offset, len)
+            }
             // (Trims and zeroing were answered by fallocate_complete,
             // block status above.)
             Pend::Flush
@@ -420,7 +537,7 @@ impl Tx {
             Ok(0) if matches!(pend, Pend::Read { .. } | Pend::ReadChunk { .. }) && pend.bytes() > 0 => {
                 Some((ringbd_backend::ErrorKind::Io, "file is shorter than the export (truncated?)"))
             }
-            Ok(0) if matches!(pend, Pend::Write { .. }) && pend.bytes() > 0 => {
+            Ok(0) if matches!(pend, Pend::Write { .. } | Pend::WriteChunk { .. }) && pend.bytes() > 0 => {
                 Some((ringbd_backend::ErrorKind::NoSpace, "write made no progress"))
             }
             Ok(_) => None,
@@ -437,6 +554,9 @@ impl Tx {
                 if let Pend::ReadChunk { parent, offset, len, .. } = pend {
                     return self.chunk_complete(parent, (offset, len), Err(e), buf, out, pool);
                 }
+                if let Pend::WriteChunk { parent, .. } = pend {
+                    return self.write_chunk_complete(parent, Err(e), buf, out, pool);
+                }
                 self.backend_error(&req, &e, out);
                 out.reply_done();
                 recycle(pool, buf);
@@ -449,6 +569,9 @@ impl Tx {
             }
             Pend::ReadChunk { parent, offset, len, done } if done + moved < len => {
                 Some(Pend::ReadChunk { parent, offset, len, done: done + moved })
+            }
+            Pend::WriteChunk { parent, offset, len, fua, done } if done + moved < len => {
+                Some(Pend::WriteChunk { parent, offset, len, fua, done: done + moved })
             }
             Pend::Write { offset, len, fua, done } if done + moved < len => {
                 Some(Pend::Write { offset, len, fua, done: done + moved })
@@ -465,6 +588,9 @@ impl Tx {
         match pend {
             Pend::ReadChunk { parent, offset, len, .. } => {
                 return self.chunk_complete(parent, (offset, len), Ok(()), buf, out, pool);
+            }
+            Pend::WriteChunk { parent, .. } => {
+                return self.write_chunk_complete(parent, Ok(()), buf, out, pool);
             }
             Pend::Read { offset, len, .. } => {
                 self.session.write_data_header(out.bytes(), &req, offset, len, true);

@@ -40,7 +40,7 @@ mod file_io;
 mod ktls_io;
 mod reply;
 mod tls_io;
-use file_io::{ChunkedRead, Pend, READ_CHUNK};
+use file_io::{ChunkedRead, ChunkedWrite, Pend, READ_CHUNK, WRITE_CHUNK};
 pub use file_io::{IoOp, IoRequest};
 use ktls_io::KtlsState;
 
@@ -373,6 +373,7 @@ impl Connection {
             pending_count: 0,
             pending_bytes: 0,
             chunked: Vec::new(),
+            chunked_writes: Vec::new(),
             chunks_waiting: false,
         }));
         // `leftover` came out of `data`: it is its tail. Consume only what
@@ -406,6 +407,9 @@ enum Rx {
         fua: bool,
         failed: Option<ringbd_backend::Error>,
         collect: Option<IoBuf>,
+        /// A write larger than [`WRITE_CHUNK`], gathered and written in
+        /// pieces (`Tx::chunked_writes`).
+        parent: Option<u32>,
     },
     /// A small payload collected whole (block-status filter).
     Payload {
@@ -441,6 +445,8 @@ struct Tx {
     pending_bytes: u64,
     /// Large reads being read and sent in pieces ([`READ_CHUNK`]).
     chunked: Vec<Option<ChunkedRead>>,
+    /// Large writes being gathered and written in pieces ([`WRITE_CHUNK`]).
+    chunked_writes: Vec<Option<ChunkedWrite>>,
     /// Some chunked read waits for room in the reply queue.
     chunks_waiting: bool,
 }
@@ -458,8 +464,12 @@ impl Tx {
         while used < data.len() && !self.closed && out.len() < OUT_HIGH_WATER && out.replies() < reply_limit {
             let rest = &data[used..];
             // The in-flight limits hold for every request, also for
-            // requests that arrive together in one buffer.
+            // requests that arrive together in one buffer, and a large
+            // write's payload waits while its pieces in flight are full.
             if matches!(self.rx, Rx::Header) && self.hdr_len == 0 && !self.io_room() {
+                break;
+            }
+            if self.write_pieces_full() {
                 break;
             }
             match &mut self.rx {
@@ -475,20 +485,26 @@ impl Tx {
                         self.header(out, pool);
                     }
                 }
-                Rx::Write { req, left, fua, collect: Some(buf), .. } => {
-                    let n = (*left).min(rest.len() as u64) as usize;
+                Rx::Write { req, offset, left, fua, collect: Some(buf), parent, .. } => {
+                    let room = match parent {
+                        Some(_) => WRITE_CHUNK - buf.len() as u64,
+                        None => u64::MAX,
+                    };
+                    let n = (*left).min(rest.len() as u64).min(room) as usize;
                     *left -= n as u64;
                     buf.extend_from_slice(&rest[..n]);
                     used += n;
-                    if *left == 0 {
-                        let (req, fua, buf) = (*req, *fua, std::mem::take(buf));
-                        let start = req.offset;
-                        self.rx = Rx::Header;
-                        let len = buf.len() as u64;
-                        self.submit(req, Pend::Write { offset: start, len, fua, done: 0 }, buf);
+                    if *left == 0 || (parent.is_some() && buf.len() as u64 == WRITE_CHUNK) {
+                        let (req, start, left, fua, parent) = (*req, *offset, *left, *fua, *parent);
+                        let piece = std::mem::take(buf);
+                        *offset += piece.len() as u64;
+                        if left == 0 {
+                            self.rx = Rx::Header;
+                        }
+                        self.write_piece(req, parent, start, fua, left, piece, pool);
                     }
                 }
-                Rx::Write { req, offset, left, fua, failed, collect: None } => {
+                Rx::Write { req, offset, left, fua, failed, collect: None, .. } => {
                     let n = (*left).min(rest.len() as u64) as usize;
                     *left -= n as u64;
                     if failed.is_none() {
@@ -580,8 +596,10 @@ impl Tx {
                 if len == 0 {
                     b.write(offset, &[], fua)
                 } else {
-                    let collect = self.async_io.then(|| self.io_buf(len as usize, pool));
-                    self.rx = Rx::Write { req, offset, left: len, fua, failed: None, collect };
+                    let parent = (self.async_io && len > WRITE_CHUNK).then(|| self.start_chunked_write(req));
+                    let first = len.min(WRITE_CHUNK) as usize;
+                    let collect = self.async_io.then(|| self.io_buf(first, pool));
+                    self.rx = Rx::Write { req, offset, left: len, fua, failed: None, collect, parent };
                     return;
                 }
             }

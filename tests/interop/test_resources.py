@@ -736,13 +736,27 @@ def disk_tmp():
     raise AssertionError("no disk filesystem for a scratch file (/var/tmp and the repository are tmpfs)")
 
 
+def sockets(pid):
+    """Sockets the server process has open."""
+    n = 0
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            n += os.readlink("/proc/%d/fd/%s" % (pid, fd)).startswith("socket:")
+        except OSError:
+            pass
+    return n
+
+
+@pytest.mark.parametrize("replies", ["structured", "simple"])
 @pytest.mark.parametrize("where", ["tmpfs", "disk"])
-def test_inflight_parked_large_file_reads(serve, closing, request, where):
+def test_inflight_parked_large_file_reads(serve, closing, request, where, replies):
     """16 x 32 MiB reads of a file export in one write, never read: the
     server must not hold 512 MiB of read buffers for them (growth below
-    200 MiB), must keep serving, and must give the memory back once the
-    attacker disconnects with 14 replies still unread. The file on tmpfs
-    (/dev/shm) and on a disk filesystem (the page cache holds it either way)."""
+    200 MiB), must keep serving, and must give the memory and the socket
+    back once the attacker disconnects with 14 replies still unread. The
+    file on tmpfs (/dev/shm) and on a disk filesystem (the page cache holds
+    it either way); structured replies (a read may go in chunks) and simple
+    ones (one header, then all the data)."""
     d = request.getfixturevalue("shm_tmp" if where == "tmpfs" else "disk_tmp")
     path = os.path.join(d, "inflight.img")
     with open(path, "wb") as f:
@@ -754,7 +768,8 @@ def test_inflight_parked_large_file_reads(serve, closing, request, where):
     good.ops(20)
     good.lat.clear()
     rss0 = rss(pid)
-    a = closing(Attacker(srv, structured=True, what="parked 16 x 32 MiB reads"))
+    socks0 = sockets(pid)
+    a = closing(Attacker(srv, structured=replies == "structured", what="parked 16 x 32 MiB reads"))
     for j in range(16):
         a.read((j % 2) * BIG, BIG)
     a.send_now()
@@ -784,6 +799,11 @@ def test_inflight_parked_large_file_reads(serve, closing, request, where):
     print("%s: RSS after the attacker left: %s" % (srv.kind, mib(now_rss)))
     assert now_rss <= rss0 + RSS_BACK_TOLERANCE, (
         "RSS %s %.0f s after the attacker left (idle %s)" % (mib(now_rss), RSS_BACK_WITHIN, mib(rss0)))
+    while sockets(pid) > socks0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sockets(pid) == socks0, (
+        "the server still has %d sockets open %.0f s after the attacker left (%d before it came)"
+        % (sockets(pid), RSS_BACK_WITHIN, socks0))
     good.close()
     still_serves(srv)
 

@@ -813,47 +813,60 @@ impl State {
     /// whether any operation was started.
     fn start_io(&mut self, ring: &mut Ring<OutBuf>) -> bool {
         let mut started = false;
-        for (id, slot) in self.conns.iter_mut().enumerate() {
-            let Some(c) = slot else { continue };
+        for id in 0..self.conns.len() {
+            let Some(c) = &mut self.conns[id] else { continue };
             if !c.dirty {
                 continue;
             }
             if !c.send_inflight && c.has_backlog() && c.conn.wants_input() {
                 c.consume_backlog(ring, &mut self.local);
             }
-            c.conn.take_io(&mut self.io_scratch);
-            if let (Some(aio), Some(q)) = (c.conn.aio(), &self.aio) {
-                // The backend runs them (librbd); completions come back
-                // through the queue's eventfd.
-                for io in self.io_scratch.drain(..) {
-                    let tag = (id as u64) << 32 | u64::from(io.token);
-                    let sink = Sink::Queue { queue: q.clone(), tag };
-                    match io.op {
-                        IoOp::File(op) => aio.submit(op, io.buf, sink),
-                        IoOp::Extents { offset, len } => aio.submit_extents(offset, len, sink),
-                    }
-                    self.local.aio += 1;
-                }
-                continue;
-            }
+            started |= self.submit_io(ring, id);
+        }
+        started
+    }
+
+    /// Starts the operations connection `id` has queued (on the ring, or
+    /// with its asynchronous backend); returns whether any ring operation
+    /// was started.
+    fn submit_io(&mut self, ring: &mut Ring<OutBuf>, id: usize) -> bool {
+        let Some(Some(c)) = self.conns.get_mut(id) else { return false };
+        c.conn.take_io(&mut self.io_scratch);
+        if self.io_scratch.is_empty() {
+            return false;
+        }
+        if let (Some(aio), Some(q)) = (c.conn.aio(), &self.aio) {
+            // The backend runs them (librbd); completions come back
+            // through the queue's eventfd.
             for io in self.io_scratch.drain(..) {
-                let r = match (c.conn.file_fd(io.direct), io.op) {
-                    (Some(fd), IoOp::File(op)) => ring.file_op(fd, id as u32, io.token, op, io.buf),
-                    (None, _) => Err(io::Error::other("no file behind this export")),
-                    // Connections only queue these for asynchronous backends.
-                    (Some(_), IoOp::Extents { .. }) => {
-                        Err(io::Error::other("block status is not a ring operation"))
-                    }
-                };
-                match r {
-                    Ok(()) => {
-                        started = true;
-                        self.local.direct += u64::from(io.direct);
-                    }
-                    // The request gets an error reply; the buffer went with
-                    // the failed submission.
-                    Err(e) => c.conn.io_complete(io.token, Err(e), IoBuf::new()),
+                let tag = (id as u64) << 32 | u64::from(io.token);
+                let sink = Sink::Queue { queue: q.clone(), tag };
+                match io.op {
+                    IoOp::File(op) => aio.submit(op, io.buf, sink),
+                    IoOp::Extents { offset, len } => aio.submit_extents(offset, len, sink),
                 }
+                self.local.aio += 1;
+            }
+            return false;
+        }
+        let mut started = false;
+        for io in self.io_scratch.drain(..) {
+            let r = match (c.conn.file_fd(io.direct), io.op) {
+                (Some(fd), IoOp::File(op)) => ring.file_op(fd, id as u32, io.token, op, io.buf),
+                (None, _) => Err(io::Error::other("no file behind this export")),
+                // Connections only queue these for asynchronous backends.
+                (Some(_), IoOp::Extents { .. }) => {
+                    Err(io::Error::other("block status is not a ring operation"))
+                }
+            };
+            match r {
+                Ok(()) => {
+                    started = true;
+                    self.local.direct += u64::from(io.direct);
+                }
+                // The request gets an error reply; the buffer went with
+                // the failed submission.
+                Err(e) => c.conn.io_complete(io.token, Err(e), IoBuf::new()),
             }
         }
         started
@@ -861,10 +874,15 @@ impl State {
 
     fn flush(&mut self, ring: &mut Ring<OutBuf>) {
         for id in 0..self.conns.len() {
-            let Some(c) = &mut self.conns[id] else { continue };
-            if !c.dirty {
-                continue;
+            match &self.conns[id] {
+                Some(c) if c.dirty => {}
+                _ => continue,
             }
+            // Operations queued by completions collected after start_io
+            // (the next piece of a large read, the rest of a short
+            // transfer) start now: nothing else would start them.
+            self.submit_io(ring, id);
+            let Some(c) = &mut self.conns[id] else { continue };
             c.dirty = false;
             if !c.send_inflight && !c.conn.out().is_empty() && !c.broken {
                 let out = c.conn.take_out();

@@ -216,7 +216,7 @@ impl Tx {
             }
             // A piece needs room in the reply queue; without it the read
             // waits until a send drains the queue (`queue_drained`).
-            if out.len() >= OUT_HIGH_WATER {
+            if out.len() + self.sending >= OUT_HIGH_WATER {
                 self.chunks_waiting = true;
                 return;
             }

@@ -196,16 +196,16 @@ impl Connection {
 
     /// Whether the connection can take more input now (see [`OUT_HIGH_WATER`]).
     pub fn wants_input(&self) -> bool {
-        let io_room = match &self.phase {
-            Phase::Transmission(tx) => tx.io_room(),
-            _ => true,
+        let (io_room, sending) = match &self.phase {
+            Phase::Transmission(tx) => (tx.io_room(), tx.sending),
+            _ => (true, 0),
         };
         let wire = self.out();
         !self.is_closed()
             && io_room
             && self.out.len() < OUT_HIGH_WATER
             && self.out.replies() < self.reply_limit
-            && wire.len() < OUT_HIGH_WATER
+            && wire.len() + sending < OUT_HIGH_WATER
             && wire.replies() < self.reply_limit
     }
 
@@ -221,10 +221,17 @@ impl Connection {
     /// keep the buffer alive while the kernel sends it).
     pub fn take_out(&mut self) -> OutBuf {
         let spare = std::mem::take(&mut self.spare);
-        match &mut self.tls {
+        let taken = match &mut self.tls {
             Some(t) => std::mem::replace(&mut t.wire, spare),
             None => std::mem::replace(&mut self.out, spare),
+        };
+        // Until it is handed back (`recycle`), it counts against the queue's
+        // limit: a client that stops reading holds one limit's worth, not
+        // one in the send and another in the queue.
+        if let Phase::Transmission(tx) = &mut self.phase {
+            tx.sending = taken.len();
         }
+        taken
     }
 
     /// Whether TLS runs on this connection (STARTTLS was acknowledged), in
@@ -237,6 +244,9 @@ impl Connection {
     pub fn recycle(&mut self, mut sent: OutBuf) {
         sent.clear(&mut self.pool);
         self.spare = sent;
+        if let Phase::Transmission(tx) = &mut self.phase {
+            tx.sending = 0;
+        }
         self.queue_drained();
     }
 
@@ -375,6 +385,7 @@ impl Connection {
             chunked: Vec::new(),
             chunked_writes: Vec::new(),
             chunks_waiting: false,
+            sending: 0,
         }));
         // `leftover` came out of `data`: it is its tail. Consume only what
         // precedes it, so the caller hands the rest to the new phase.
@@ -449,6 +460,9 @@ struct Tx {
     chunked_writes: Vec<Option<ChunkedWrite>>,
     /// Some chunked read waits for room in the reply queue.
     chunks_waiting: bool,
+    /// Bytes of the queue an engine took to send and has not handed back
+    /// (`Connection::take_out`): they count against [`OUT_HIGH_WATER`].
+    sending: usize,
 }
 
 impl Tx {
@@ -461,7 +475,11 @@ impl Tx {
         reply_limit: u32,
     ) -> usize {
         let mut used = 0;
-        while used < data.len() && !self.closed && out.len() < OUT_HIGH_WATER && out.replies() < reply_limit {
+        while used < data.len()
+            && !self.closed
+            && out.len() + self.sending < OUT_HIGH_WATER
+            && out.replies() < reply_limit
+        {
             let rest = &data[used..];
             // The in-flight limits hold for every request, also for
             // requests that arrive together in one buffer, and a large

@@ -226,8 +226,10 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
             if features.defer_taskrun { "yes" } else { "no" },
             o.recv_buffers,
             o.recv_buffer_size / 1024,
-            if features.recv_limit {
-                format!("{} KiB per connection per arming", crate::engine_uring::RECV_SHARE / 1024)
+            if let (true, Some(n)) = (features.recv_limit, o.receive_share) {
+                format!("{} KiB per connection per arming", n / 1024)
+            } else if features.recv_limit {
+                "no per-arming limit (--receive-share 0)".to_owned()
             } else {
                 "no per-arming limit (Linux 6.16+; a stalled connection spills what it received)".to_owned()
             },

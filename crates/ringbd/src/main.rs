@@ -118,6 +118,9 @@ struct ServeArgs {
     /// A/B switch: name sockets by descriptor instead of registering them in the ring's file table.
     #[arg(long)]
     no_fixed_files: bool,
+    /// Most bytes one arming of a connection's receive takes from its socket before the connection must consume them (Linux 6.16+); bounds what a connection that stops taking input holds; 0 = no limit. Smaller costs more ring enters for large writes.
+    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = ringbd_backend::parse_size)]
+    receive_share: u64,
     /// Registered buffers per ring for file exports' reads and writes (0 = none).
     #[arg(long, value_name = "SIZE", default_value = "8M", value_parser = ringbd_backend::parse_size)]
     registered_buffers: u64,
@@ -276,6 +279,7 @@ fn serve(a: ServeArgs) -> ExitCode {
             u.fixed_files = !a.no_fixed_files;
             u.incremental = !a.no_incremental;
             u.registered_buffers = usize::try_from(a.registered_buffers).unwrap_or(usize::MAX).min(1 << 30);
+            u.receive_share = u32::try_from(a.receive_share).ok().filter(|&n| n > 0);
             u
         },
         stats_interval: a.stats_interval,

@@ -203,7 +203,7 @@ impl Tx {
     /// it waits for the queue: [`Tx::resume_chunked_reads`]).
     fn issue_chunks(&mut self, id: usize, out: &mut OutBuf, pool: &mut Vec<IoBuf>) {
         loop {
-            let pending = self.pending_count;
+            let (pending, held) = (self.pending_count, self.held());
             let Some(Some(cr)) = self.chunked.get_mut(id) else { return };
             if !cr.started {
                 if pending > 0 {
@@ -214,9 +214,10 @@ impl Tx {
             if cr.next >= cr.end || cr.failed.is_some() || cr.inflight >= READ_CHUNKS_AHEAD {
                 return;
             }
-            // A piece needs room in the reply queue; without it the read
-            // waits until a send drains the queue (`queue_drained`).
-            if out.len() + self.sending >= OUT_HIGH_WATER {
+            // A piece needs room in the reply queue (counting what is in
+            // flight); without it the read waits until a send drains the
+            // queue or an operation finishes (`resume_chunked_reads`).
+            if out.len() + held >= OUT_HIGH_WATER {
                 self.chunks_waiting = true;
                 return;
             }
@@ -403,6 +404,14 @@ impl Tx {
             Some(e) => self.backend_error(&cw.req, &e, out),
         }
         out.reply_done();
+    }
+
+    /// Bytes the connection holds outside its reply queue: what a send has
+    /// taken and not handed back, and the buffers of file operations in
+    /// flight (a read's become its reply). They count against
+    /// [`OUT_HIGH_WATER`] with the queue.
+    pub(super) fn held(&self) -> usize {
+        self.sending.saturating_add(usize::try_from(self.pending_bytes).unwrap_or(usize::MAX))
     }
 
     /// Whether another request may start: file operations in flight and

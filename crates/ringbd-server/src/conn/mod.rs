@@ -47,8 +47,10 @@ use ktls_io::KtlsState;
 /// Read payloads up to this size are copied into the inline queue; larger
 /// ones travel as their own iovec.
 const COPY_LIMIT: usize = 16 * 1024;
-/// Stop taking requests while this many reply bytes wait to be sent
-/// (backpressure: a client that does not read cannot grow the queue).
+/// Stop taking requests while this many reply bytes wait to be sent,
+/// counting the bytes of file operations in flight (they become replies or
+/// were payloads) and what a send has taken (backpressure: a client that
+/// does not read cannot grow the queue).
 pub const OUT_HIGH_WATER: usize = 8 * 1024 * 1024;
 
 /// Counters a connection keeps for the engine's statistics.
@@ -163,6 +165,11 @@ impl Connection {
     pub fn io_complete(&mut self, token: u32, result: std::io::Result<usize>, buf: IoBuf) {
         if let Phase::Transmission(tx) = &mut self.phase {
             tx.io_complete(token, result, buf, &mut self.out, &mut self.pool);
+            if tx.chunks_waiting {
+                // The finished operation's bytes may be what a large read
+                // waited for.
+                tx.resume_chunked_reads(&mut self.out, &mut self.pool);
+            }
             if tx.pending_count == 0 {
                 if tx.simple_chunked_read() {
                     // A large read with a simple reply waited for the others.
@@ -196,8 +203,8 @@ impl Connection {
 
     /// Whether the connection can take more input now (see [`OUT_HIGH_WATER`]).
     pub fn wants_input(&self) -> bool {
-        let (io_room, sending) = match &self.phase {
-            Phase::Transmission(tx) => (tx.io_room(), tx.sending),
+        let (io_room, held) = match &self.phase {
+            Phase::Transmission(tx) => (tx.io_room(), tx.held()),
             _ => (true, 0),
         };
         let wire = self.out();
@@ -205,7 +212,7 @@ impl Connection {
             && io_room
             && self.out.len() < OUT_HIGH_WATER
             && self.out.replies() < self.reply_limit
-            && wire.len() + sending < OUT_HIGH_WATER
+            && wire.len() + held < OUT_HIGH_WATER
             && wire.replies() < self.reply_limit
     }
 
@@ -477,7 +484,7 @@ impl Tx {
         let mut used = 0;
         while used < data.len()
             && !self.closed
-            && out.len() + self.sending < OUT_HIGH_WATER
+            && out.len() + self.held() < OUT_HIGH_WATER
             && out.replies() < reply_limit
         {
             let rest = &data[used..];

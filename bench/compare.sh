@@ -19,7 +19,9 @@
 # in a URI), so fio/libnbd (GnuTLS) is the one TLS client
 # for every server; the results go to the `bench:tls` block of --out.
 #
-# Environment: RINGBD_BIN (default target/release/ringbd), RINGBD_ARGS,
+# Environment: RINGBD_BIN (default target/release/ringbd), RINGBD_BASE_BIN
+# (another ringbd build: rows ringbd-base and ringbd-threads-base run it, for
+# a before/after pair in one run), RINGBD_ARGS,
 # NBDKIT_ARGS, QEMU_NBD_ARGS (extra arguments for every row of that kind),
 # RINGBD_LAUNCH=native|activate (default native: `--unix`/`--listen`),
 # QEMU_NBD_CACHE (default none, falling back to writeback without O_DIRECT).
@@ -47,6 +49,12 @@ server ringbd-noinc       ringbd   --engine uring --no-incremental
 server ringbd-nofixed     ringbd   --engine uring --no-fixed-files
 server nbdkit         nbdkit
 server qemu-nbd       qemu-nbd
+# Before/after rows: the same engines from RINGBD_BASE_BIN.
+server ringbd-base          ringbd   --engine uring
+server ringbd-threads-base  ringbd   --engine threads
+declare -A SERVER_BIN=()
+SERVER_BIN[ringbd-base]=${RINGBD_BASE_BIN:-}
+SERVER_BIN[ringbd-threads-base]=${RINGBD_BASE_BIN:-}
 
 # Workloads: name, title, fio --rw, --bs, --iodepth.
 declare -A WL_TITLE=() WL_RW=() WL_BS=() WL_QD=()
@@ -123,6 +131,9 @@ declare -A KIND_BIN=()
 for s in "${SERVERS[@]}"; do
     case ${SERVER_KIND[$s]} in
         ringbd) [[ -x $RINGBD_BIN ]] || die "ringbd binary not found at $RINGBD_BIN (cargo build --release, or set RINGBD_BIN)"
+                if [[ -n ${SERVER_BIN[$s]+x} ]]; then
+                    [[ -x ${SERVER_BIN[$s]} ]] || die "row $s needs RINGBD_BASE_BIN (another ringbd build)"
+                fi
                 KIND_BIN[ringbd]=$(realpath "$RINGBD_BIN") ;;
         nbdkit) need nbdkit "apt-get install nbdkit"
                 nbdkit memory --version >/dev/null 2>&1 || die "nbdkit has no memory plugin"
@@ -220,7 +231,7 @@ start_server() {
     case $kind in
         ringbd)
             read -ra kind_args <<<"${RINGBD_ARGS:-}"
-            cmd=("$RINGBD_BIN" serve "memory:$EXPORT_SIZE" "${kind_args[@]}" "${extra[@]}")
+            cmd=("${SERVER_BIN[$label]:-$RINGBD_BIN}" serve "memory:$EXPORT_SIZE" "${kind_args[@]}" "${extra[@]}")
             [[ -z $PKI ]] || cmd+=(--tls require --tls-certificates "$PKI/server")
             if [[ ${RINGBD_LAUNCH:-native} == native ]]; then
                 activate=
@@ -298,7 +309,7 @@ run_fio() {
 server_version() {
     case ${SERVER_KIND[$1]} in
         ringbd) local v
-                if v=$("$RINGBD_BIN" --version 2>/dev/null) && [[ -n $v ]]; then echo "${v%%$'\n'*}"
+                if v=$("${SERVER_BIN[$1]:-$RINGBD_BIN}" --version 2>/dev/null) && [[ -n $v ]]; then echo "${v%%$'\n'*}"
                 else echo "ringbd $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '(no git revision)')"; fi ;;
         nbdkit) nbdkit --version | head -n1 ;;
         qemu-nbd) qemu-nbd --version | head -n1 ;;
@@ -328,8 +339,10 @@ for transport in "${TRANSPORTS[@]}"; do
         run_fio prefill "$WORK/$tag.prefill.json" --rw=write --bs=1M --iodepth=4 --numjobs=1 --size="$EXPORT_SIZE"
         "$PY" "$HERE/report.py" check-prefill "$WORK/$tag.prefill.json" "$EXPORT_BYTES"
         exe=$(readlink "/proc/$SRV_PID/exe") || die "$label exited after the prefill: $(tail -n 5 "$SRV_STDERR")"
-        [[ $exe == "${KIND_BIN[${SERVER_KIND[$label]}]}" ]] ||
-            die "PID $SRV_PID runs $exe, not ${KIND_BIN[${SERVER_KIND[$label]}]}: CPU would be measured on the wrong process"
+        want_exe=${KIND_BIN[${SERVER_KIND[$label]}]}
+        [[ -z ${SERVER_BIN[$label]:-} ]] || want_exe=$(realpath "${SERVER_BIN[$label]}")
+        [[ $exe == "$want_exe" ]] ||
+            die "PID $SRV_PID runs $exe, not $want_exe: CPU would be measured on the wrong process"
 
         for w in "${WORKLOADS[@]}"; do
             json=$WORK/$tag.$w.json

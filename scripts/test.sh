@@ -7,7 +7,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n== %s\n' "$*"; }
+# Each step's wall time goes into the summary printed at the end (and on a
+# failure): where CI's minutes went.
+STEPS=() T0=$SECONDS T_STEP=$SECONDS CUR=""
+end_step() { [[ -z $CUR ]] || STEPS+=("$(printf '%5ds  %s' $((SECONDS - T_STEP)) "$CUR")"); }
+step() { end_step; CUR=$*; T_STEP=$SECONDS; printf '\n== %s\n' "$*"; }
+summary() {
+    end_step; CUR=""
+    printf '\n== wall time per step (total %dm%02ds)\n' $(((SECONDS - T0) / 60)) $(((SECONDS - T0) % 60))
+    printf '%s\n' "${STEPS[@]}"
+}
+trap summary EXIT
 
 step "dependencies"
 scripts/install-deps.sh
@@ -26,6 +36,7 @@ export FUZZ_SECONDS="${FUZZ_SECONDS:-15}"
 step "fuzzing: every cargo-fuzz target, ${FUZZ_SECONDS}s each (stable toolchain, RUSTC_BOOTSTRAP=1)"
 scripts/fuzz.sh
 
+step "release build"
 cargo build --release --features rbd --locked --quiet
 export RINGBD_BIN="$PWD/target/release/ringbd"
 # The reliability batteries in the interop suite (docs/reliability.md), sized

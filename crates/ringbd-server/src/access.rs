@@ -38,6 +38,9 @@ pub struct AccessOptions {
     /// A connection with replies waiting whose socket takes no byte of them
     /// for this long is closed. `None`: never.
     pub reply_timeout: Option<Duration>,
+    /// What all connections may hold of replies, operations in flight and
+    /// received input, together (`crate::budget`).
+    pub reply_memory: usize,
     /// Permission bits of a Unix socket ringbd binds.
     pub unix_mode: u32,
     /// Run as this user (name or number) once listening and with the
@@ -53,6 +56,7 @@ impl Default for AccessOptions {
             max_connections: None,
             handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
             reply_timeout: Some(DEFAULT_REPLY_TIMEOUT),
+            reply_memory: crate::budget::DEFAULT_REPLY_MEMORY,
             unix_mode: DEFAULT_UNIX_MODE,
             user: None,
             group: None,

@@ -935,7 +935,8 @@ impl State {
                 && c.conn.wants_input()
                 && ring.free_recv_buffers() > 0
             {
-                match ring.recv_multi(c.sock, id as u32, self.receive_share) {
+                let share = self.receive_share.map(|n| c.conn.receive_share(n));
+                match ring.recv_multi(c.sock, id as u32, share) {
                     Ok(()) => c.recv_armed = true,
                     Err(e) => c.end(format_args!("re-arming its receive: {e}")),
                 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use nbd_proto::{BlockSizes, Errno, ExportCaps, ExportCatalog, ExportDescriptor, ExportListing};
 use ringbd_backend::{Backend, ErrorKind, Op};
 
+use crate::budget::ReplyBudget;
 use crate::tls::TlsServer;
 
 /// One named export.
@@ -56,6 +57,8 @@ pub struct Exports {
     list: Vec<Export>,
     /// TLS policy and credentials every connection uses (`None`: no TLS).
     tls: Option<Arc<TlsServer>>,
+    /// What the connections may hold of replies, together (`--reply-memory`).
+    budget: Arc<ReplyBudget>,
 }
 
 impl Exports {
@@ -74,6 +77,16 @@ impl Exports {
     /// Serves these exports with this TLS policy.
     pub fn set_tls(&mut self, tls: Option<TlsServer>) {
         self.tls = tls.map(Arc::new);
+    }
+
+    /// Shares `bytes` of replies out among the connections (see
+    /// [`ReplyBudget`]).
+    pub fn set_reply_memory(&mut self, bytes: usize) {
+        self.budget = ReplyBudget::new(bytes);
+    }
+
+    pub fn budget(&self) -> &Arc<ReplyBudget> {
+        &self.budget
     }
 
     pub fn tls(&self) -> Option<Arc<TlsServer>> {

@@ -14,6 +14,7 @@
 //! - [`server`]: start-up, the accept loop, captive `--run`, clean shutdown.
 
 pub mod access;
+pub mod budget;
 pub mod conn;
 pub mod engine_threads;
 pub mod engine_uring;

@@ -146,6 +146,7 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
     }
     let tls_required = tls.as_ref().is_some_and(|t| t.mode == nbd_proto::TlsMode::Require);
     exports.set_tls(tls);
+    exports.set_reply_memory(config.access.reply_memory);
     let exports = Arc::new(exports);
 
     let listeners = bind(&config)?;

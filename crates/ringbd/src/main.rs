@@ -151,6 +151,9 @@ struct ServeArgs {
     /// Close a connection whose socket takes none of its waiting replies for this long (a client that stopped reading); 0 = never.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_timeout)]
     reply_timeout: Duration,
+    /// What all connections together may hold of unsent replies, operations in flight and received input; each connection in transmission gets an equal share (at most 8 MiB, at least 256 KiB), so the total stays near this (docs/engine.md, "Resource model").
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = ringbd_backend::parse_size)]
+    reply_memory: u64,
     /// Permissions of the --unix socket, in octal.
     #[arg(long, value_name = "OCTAL", default_value = "600", value_parser = parse_mode)]
     unix_mode: u32,
@@ -300,6 +303,7 @@ fn serve(a: ServeArgs) -> ExitCode {
             max_connections: a.max_connections.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
             handshake_timeout: Some(a.handshake_timeout).filter(|t| !t.is_zero()),
             reply_timeout: Some(a.reply_timeout).filter(|t| !t.is_zero()),
+            reply_memory: usize::try_from(a.reply_memory).unwrap_or(usize::MAX),
             unix_mode: a.unix_mode,
             user: a.user,
             group: a.group,

@@ -102,11 +102,11 @@ impl Pend {
     }
 }
 
-/// Reads of file exports larger than this are read and sent in pieces of
-/// this size: what such a read holds is `READ_CHUNKS_AHEAD` pieces in
-/// flight and what the reply queue takes, whatever its length
-/// (docs/engine.md, "Resource model").
-pub(super) const READ_CHUNK: u64 = 1 << 20;
+/// Reads of file exports larger than a piece (the connection's
+/// [`Share::piece`]: 1 MiB, less when many connections share the reply
+/// budget) are read and sent in pieces: what such a read holds is
+/// `READ_CHUNKS_AHEAD` pieces in flight and what the reply queue takes,
+/// whatever its length (docs/engine.md, "Resource model").
 /// Pieces of one chunked read in flight at once (2: one being read while
 /// the one before it is sent).
 const READ_CHUNKS_AHEAD: u32 = 2;
@@ -114,31 +114,33 @@ const READ_CHUNKS_AHEAD: u32 = 2;
 /// A large read answered piece by piece, each piece sent once it is read.
 /// With structured replies (and no DF) each piece is its own `OFFSET_DATA`
 /// chunk, in any order; the last to finish carries `DONE`, or an error
-/// chunk ends the reply. A simple reply is one header and the data in
-/// order, with nothing else in between: such a read starts only when no
-/// other operation of the connection is in flight, takes no new request
-/// until it is done, and sends its pieces in order; its header goes with
-/// the first piece, so a first piece that fails is an ordinary error
-/// reply, and a later one, after the header said success, can only end
-/// the connection.
+/// chunk ends the reply. A simple reply, and a structured one with DF (one
+/// `OFFSET_DATA` chunk), is one header and the data in order, with nothing
+/// else in between: such a read starts only when no other operation of the
+/// connection is in flight, takes no new request until it is done, and
+/// sends its pieces in order; its header goes with the first piece, so a
+/// first piece that fails is an ordinary error reply, and a later one,
+/// after the header said success, can only end the connection.
 pub(super) struct ChunkedRead {
     req: Request,
+    /// The size of its pieces (the share when the read began).
+    piece: u64,
     /// Next byte to read, and the end of the request.
     next: u64,
     end: u64,
     inflight: u32,
     failed: Option<ringbd_backend::Error>,
-    /// A simple reply (see above): the next byte to send, the pieces read
+    /// In order (see above): the next byte to send, the pieces read
     /// ahead of it, and whether its pieces have started.
-    simple: bool,
+    in_order: bool,
     sent_to: u64,
     stash: Vec<(u64, IoBuf)>,
     started: bool,
 }
 
-/// Writes of file exports larger than this are gathered and written in
-/// pieces of this size, so their buffers do not grow with their length.
-pub(super) const WRITE_CHUNK: u64 = 1 << 20;
+/// Writes of file exports larger than a piece ([`Share::piece`]) are
+/// gathered and written in pieces, so their buffers do not grow with their
+/// length.
 /// Pieces of one chunked write in flight at once; the rest of its payload
 /// waits (in the socket) meanwhile.
 const WRITE_CHUNKS_AHEAD: u32 = 2;
@@ -159,27 +161,29 @@ pub(super) const MAX_PENDING: usize = 256;
 pub(super) const MAX_PENDING_BYTES: u64 = 64 * 1024 * 1024;
 
 impl Tx {
-    /// Takes a large read to answer in pieces ([`READ_CHUNK`]).
+    /// Takes a large read to answer in pieces ([`Share::piece`]).
     pub(super) fn start_chunked_read(
         &mut self,
         req: Request,
         offset: u64,
         len: u64,
+        df: bool,
         out: &mut OutBuf,
         pool: &mut Vec<IoBuf>,
     ) {
-        let simple = !self.session.structured();
+        let in_order = df || !self.session.structured();
         let cr = ChunkedRead {
             req,
+            piece: self.share.piece(),
             next: offset,
             end: offset + len,
             inflight: 0,
             failed: None,
-            simple,
+            in_order,
             sent_to: offset,
             stash: Vec::new(),
-            // A simple reply waits for the connection's other operations.
-            started: !simple || self.pending_count == 0,
+            // An in-order reply waits for the connection's other operations.
+            started: !in_order || self.pending_count == 0,
         };
         let id = match self.chunked.iter().position(Option::is_none) {
             Some(i) => i,
@@ -192,10 +196,10 @@ impl Tx {
         self.issue_chunks(id, out, pool);
     }
 
-    /// Whether a read with a simple reply is being sent in pieces (or
+    /// Whether a read with an in-order reply is being sent in pieces (or
     /// waits to be): the connection takes no new request meanwhile.
-    pub(super) fn simple_chunked_read(&self) -> bool {
-        self.chunked.iter().flatten().any(|cr| cr.simple)
+    pub(super) fn in_order_chunked_read(&self) -> bool {
+        self.chunked.iter().flatten().any(|cr| cr.in_order)
     }
 
     /// Starts the next pieces of chunked read `id` while it has fewer than
@@ -217,12 +221,12 @@ impl Tx {
             // A piece needs room in the reply queue (counting what is in
             // flight); without it the read waits until a send drains the
             // queue or an operation finishes (`resume_chunked_reads`).
-            if out.len() + held >= OUT_HIGH_WATER {
+            if out.len() + held >= self.share.limit() {
                 self.chunks_waiting = true;
                 return;
             }
             let (req, next) = (cr.req, cr.next);
-            let n = READ_CHUNK.min(cr.end - next);
+            let n = cr.piece.min(cr.end - next);
             cr.next += n;
             cr.inflight += 1;
             let mut buf = self.io_buf(n as usize, pool);
@@ -271,7 +275,7 @@ impl Tx {
                 recycle(pool, buf);
             }
             Ok(()) if cr.failed.is_some() => recycle(pool, buf),
-            Ok(()) if cr.simple => {
+            Ok(()) if cr.in_order => {
                 // In order, the header with the first piece.
                 cr.stash.push((offset, buf));
                 while let Some(i) = cr.stash.iter().position(|(o, _)| *o == cr.sent_to) {
@@ -302,7 +306,7 @@ impl Tx {
         match cr.failed {
             None => {}
             // Nothing of a simple reply went out yet: an ordinary error.
-            Some(e) if !cr.simple || cr.sent_to == req.offset => self.backend_error(&req, &e, out),
+            Some(e) if !cr.in_order || cr.sent_to == req.offset => self.backend_error(&req, &e, out),
             Some(e) => {
                 log::warn(format_args!(
                     "export {:?}: {e}; the reply's header already said success, so the connection ends",
@@ -315,13 +319,13 @@ impl Tx {
             recycle(pool, b);
         }
         out.reply_done();
-        // A simple chunked read that waited for this one may start.
-        if self.simple_chunked_read() {
+        // An in-order chunked read that waited for this one may start.
+        if self.in_order_chunked_read() {
             self.resume_chunked_reads(out, pool);
         }
     }
 
-    /// Takes a large write to write in pieces ([`WRITE_CHUNK`]); returns
+    /// Takes a large write to write in pieces ([`Share::piece`]); returns
     /// its id.
     pub(super) fn start_chunked_write(&mut self, req: Request) -> u32 {
         let cw = ChunkedWrite { req, inflight: 0, received_all: false, failed: None };
@@ -348,13 +352,13 @@ impl Tx {
     }
 
     /// Writes `piece` (payload bytes at `start`), the whole payload of a
-    /// write or, with `parent`, one piece of a chunked write; `left`:
-    /// payload bytes still to come.
+    /// write or, with `parent`, one piece of a chunked write (pieces of
+    /// `piece_len`); `left`: payload bytes still to come.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn write_piece(
         &mut self,
         req: Request,
-        parent: Option<u32>,
+        (parent, piece_len): (Option<u32>, u64),
         start: u64,
         fua: bool,
         left: u64,
@@ -372,7 +376,7 @@ impl Tx {
             cw.received_all = left == 0;
         }
         if left > 0 {
-            let next = self.io_buf(left.min(WRITE_CHUNK) as usize, pool);
+            let next = self.io_buf(left.min(piece_len) as usize, pool);
             if let Rx::Write { collect: Some(b), .. } = &mut self.rx {
                 *b = next;
             }
@@ -408,8 +412,8 @@ impl Tx {
 
     /// Bytes the connection holds outside its reply queue: what a send has
     /// taken and not handed back, and the buffers of file operations in
-    /// flight (a read's become its reply). They count against
-    /// [`OUT_HIGH_WATER`] with the queue.
+    /// flight (a read's become its reply). They count against the queue's
+    /// limit ([`Share::limit`]) with the queue.
     pub(super) fn held(&self) -> usize {
         self.sending.saturating_add(usize::try_from(self.pending_bytes).unwrap_or(usize::MAX))
     }
@@ -419,7 +423,7 @@ impl Tx {
     pub(super) fn io_room(&self) -> bool {
         self.pending_count < MAX_PENDING
             && self.pending_bytes < MAX_PENDING_BYTES
-            && !self.simple_chunked_read()
+            && !self.in_order_chunked_read()
             && !self.write_pieces_full()
     }
 

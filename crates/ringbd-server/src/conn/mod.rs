@@ -31,6 +31,7 @@ use ringbd_io::buf::{Arena, IoBuf};
 use ringbd_io::fs::{fallocate_unsupported, Fallocate};
 use ringbd_io::uring::FileOp;
 
+use crate::budget::Share;
 use crate::exports::{nbd_errno, Exports};
 use crate::log;
 use crate::out::OutBuf;
@@ -40,7 +41,7 @@ mod file_io;
 mod ktls_io;
 mod reply;
 mod tls_io;
-use file_io::{ChunkedRead, ChunkedWrite, Pend, READ_CHUNK, WRITE_CHUNK};
+use file_io::{ChunkedRead, ChunkedWrite, Pend};
 pub use file_io::{IoOp, IoRequest};
 use ktls_io::KtlsState;
 
@@ -50,7 +51,9 @@ const COPY_LIMIT: usize = 16 * 1024;
 /// Stop taking requests while this many reply bytes wait to be sent,
 /// counting the bytes of file operations in flight (they become replies or
 /// were payloads) and what a send has taken (backpressure: a client that
-/// does not read cannot grow the queue).
+/// does not read cannot grow the queue). The most a connection's share of
+/// the server's reply budget can be ([`crate::budget`]): with many
+/// connections the limit is smaller.
 pub const OUT_HIGH_WATER: usize = 8 * 1024 * 1024;
 
 /// Counters a connection keeps for the engine's statistics.
@@ -163,6 +166,7 @@ impl Connection {
 
     /// A file operation finished: continue it (short transfer) or reply.
     pub fn io_complete(&mut self, token: u32, result: std::io::Result<usize>, buf: IoBuf) {
+        self.trim_pool();
         if let Phase::Transmission(tx) = &mut self.phase {
             tx.io_complete(token, result, buf, &mut self.out, &mut self.pool);
             if tx.chunks_waiting {
@@ -171,7 +175,7 @@ impl Connection {
                 tx.resume_chunked_reads(&mut self.out, &mut self.pool);
             }
             if tx.pending_count == 0 {
-                if tx.simple_chunked_read() {
+                if tx.in_order_chunked_read() {
                     // A large read with a simple reply waited for the others.
                     tx.resume_chunked_reads(&mut self.out, &mut self.pool);
                 } else if tx.closed {
@@ -203,17 +207,36 @@ impl Connection {
 
     /// Whether the connection can take more input now (see [`OUT_HIGH_WATER`]).
     pub fn wants_input(&self) -> bool {
-        let (io_room, held) = match &self.phase {
-            Phase::Transmission(tx) => (tx.io_room(), tx.held()),
-            _ => (true, 0),
+        let (io_room, held, limit) = match &self.phase {
+            Phase::Transmission(tx) => (tx.io_room(), tx.held(), tx.share.limit()),
+            _ => (true, 0, OUT_HIGH_WATER),
         };
         let wire = self.out();
         !self.is_closed()
             && io_room
-            && self.out.len() < OUT_HIGH_WATER
+            && self.out.len() < limit
             && self.out.replies() < self.reply_limit
-            && wire.len() + held < OUT_HIGH_WATER
+            && wire.len() + held < limit
             && wire.replies() < self.reply_limit
+    }
+
+    /// The most one arming of this connection's receive should take from
+    /// its socket: the engine's `configured` limit, or the connection's
+    /// share of the reply budget if that is smaller (docs/engine.md,
+    /// "Resource model").
+    pub fn receive_share(&self, configured: u32) -> u32 {
+        match &self.phase {
+            Phase::Transmission(tx) => configured.min(u32::try_from(tx.share.limit()).unwrap_or(u32::MAX)),
+            _ => configured,
+        }
+    }
+
+    /// The reply queue's limit now (its share of the reply budget).
+    pub fn queue_limit(&self) -> usize {
+        match &self.phase {
+            Phase::Transmission(tx) => tx.share.limit(),
+            _ => OUT_HIGH_WATER,
+        }
     }
 
     /// Bytes waiting to be sent: the replies, or with TLS their records.
@@ -273,6 +296,19 @@ impl Connection {
                 tx.resume_chunked_reads(&mut self.out, &mut self.pool);
                 self.seal();
             }
+        }
+        self.trim_pool();
+    }
+
+    /// Keeps the recycled payload buffers within a quarter of the
+    /// connection's share: they are memory it holds too (`crate::budget`).
+    fn trim_pool(&mut self) {
+        let Phase::Transmission(tx) = &self.phase else { return };
+        let cap = tx.share.limit() / 4;
+        let mut kept: usize = self.pool.iter().map(IoBuf::capacity).sum();
+        while kept > cap {
+            let Some(b) = self.pool.pop() else { break };
+            kept -= b.capacity();
         }
     }
 
@@ -393,6 +429,7 @@ impl Connection {
             chunked_writes: Vec::new(),
             chunks_waiting: false,
             sending: 0,
+            share: self.exports.budget().join(),
         }));
         // `leftover` came out of `data`: it is its tail. Consume only what
         // precedes it, so the caller hands the rest to the new phase.
@@ -425,9 +462,11 @@ enum Rx {
         fua: bool,
         failed: Option<ringbd_backend::Error>,
         collect: Option<IoBuf>,
-        /// A write larger than [`WRITE_CHUNK`], gathered and written in
-        /// pieces (`Tx::chunked_writes`).
+        /// A write larger than a piece ([`Share::piece`]), gathered and
+        /// written in pieces (`Tx::chunked_writes`).
         parent: Option<u32>,
+        /// The size of those pieces (the share when the write began).
+        piece_len: u64,
     },
     /// A small payload collected whole (block-status filter).
     Payload {
@@ -461,15 +500,18 @@ struct Tx {
     free_tokens: Vec<u32>,
     pending_count: usize,
     pending_bytes: u64,
-    /// Large reads being read and sent in pieces ([`READ_CHUNK`]).
+    /// Large reads being read and sent in pieces ([`Share::piece`]).
     chunked: Vec<Option<ChunkedRead>>,
-    /// Large writes being gathered and written in pieces ([`WRITE_CHUNK`]).
+    /// Large writes being gathered and written in pieces ([`Share::piece`]).
     chunked_writes: Vec<Option<ChunkedWrite>>,
     /// Some chunked read waits for room in the reply queue.
     chunks_waiting: bool,
     /// Bytes of the queue an engine took to send and has not handed back
     /// (`Connection::take_out`): they count against [`OUT_HIGH_WATER`].
     sending: usize,
+    /// This connection's share of the server's reply budget: the limit of
+    /// its queue and the size of its large reads' and writes' pieces.
+    share: Share,
 }
 
 impl Tx {
@@ -482,9 +524,10 @@ impl Tx {
         reply_limit: u32,
     ) -> usize {
         let mut used = 0;
+        let limit = self.share.limit();
         while used < data.len()
             && !self.closed
-            && out.len() + self.held() < OUT_HIGH_WATER
+            && out.len() + self.held() < limit
             && out.replies() < reply_limit
         {
             let rest = &data[used..];
@@ -510,23 +553,24 @@ impl Tx {
                         self.header(out, pool);
                     }
                 }
-                Rx::Write { req, offset, left, fua, collect: Some(buf), parent, .. } => {
+                Rx::Write { req, offset, left, fua, collect: Some(buf), parent, piece_len, .. } => {
                     let room = match parent {
-                        Some(_) => WRITE_CHUNK - buf.len() as u64,
+                        Some(_) => *piece_len - buf.len() as u64,
                         None => u64::MAX,
                     };
                     let n = (*left).min(rest.len() as u64).min(room) as usize;
                     *left -= n as u64;
                     buf.extend_from_slice(&rest[..n]);
                     used += n;
-                    if *left == 0 || (parent.is_some() && buf.len() as u64 == WRITE_CHUNK) {
-                        let (req, start, left, fua, parent) = (*req, *offset, *left, *fua, *parent);
+                    if *left == 0 || (parent.is_some() && buf.len() as u64 == *piece_len) {
+                        let (req, start, left, fua, parent, piece_len) =
+                            (*req, *offset, *left, *fua, *parent, *piece_len);
                         let piece = std::mem::take(buf);
                         *offset += piece.len() as u64;
                         if left == 0 {
                             self.rx = Rx::Header;
                         }
-                        self.write_piece(req, parent, start, fua, left, piece, pool);
+                        self.write_piece(req, (parent, piece_len), start, fua, left, piece, pool);
                     }
                 }
                 Rx::Write { req, offset, left, fua, failed, collect: None, .. } => {
@@ -621,10 +665,12 @@ impl Tx {
                 if len == 0 {
                     b.write(offset, &[], fua)
                 } else {
-                    let parent = (self.async_io && len > WRITE_CHUNK).then(|| self.start_chunked_write(req));
-                    let first = len.min(WRITE_CHUNK) as usize;
+                    let piece_len = self.share.piece();
+                    let parent = (self.async_io && len > piece_len).then(|| self.start_chunked_write(req));
+                    let first = len.min(piece_len) as usize;
                     let collect = self.async_io.then(|| self.io_buf(first, pool));
-                    self.rx = Rx::Write { req, offset, left: len, fua, failed: None, collect, parent };
+                    self.rx =
+                        Rx::Write { req, offset, left: len, fua, failed: None, collect, parent, piece_len };
                     return;
                 }
             }
@@ -633,10 +679,8 @@ impl Tx {
                 self.rx = Rx::Payload { req, buf: Vec::with_capacity(want), want };
                 return;
             }
-            Command::Read { offset, len, df }
-                if self.async_io && (!df || !self.session.structured()) && len > READ_CHUNK =>
-            {
-                self.start_chunked_read(req, offset, len, out, pool);
+            Command::Read { offset, len, df } if self.async_io && len > self.share.piece() => {
+                self.start_chunked_read(req, offset, len, df, out, pool);
                 return;
             }
             Command::Read { offset, len, .. } if self.async_io && len > 0 => {
@@ -669,7 +713,7 @@ impl Tx {
                 if answered {
                     out.reply_done();
                 } else {
-                    self.start_chunked_read(req, offset, len, out, pool);
+                    self.start_chunked_read(req, offset, len, df, out, pool);
                 }
                 return;
             }

@@ -14,11 +14,9 @@ impl Tx {
         self.session.write_error(out.bytes(), req, errno, &e.to_string());
     }
 
-    /// Answers a read of `(offset, len, df)`.
     /// Answers a read of `(offset, len, df)` inline; false (nothing
-    /// queued) when it is to be read and sent in pieces instead
-    /// ([`READ_CHUNK`]: a large read through a buffer that DF allows to
-    /// split).
+    /// queued) when it is to be read and sent in pieces instead (a read
+    /// through a buffer larger than a piece, [`Share::piece`]).
     pub(super) fn read(
         &self,
         req: &Request,
@@ -31,7 +29,6 @@ impl Tx {
             self.session.write_ok(out.bytes(), req);
             return true;
         }
-        let s = &self.session;
         // Backends whose data sits in memory hand out their pages: the reply
         // is sent straight from them, with no staging copy.
         pieces.clear();
@@ -46,7 +43,7 @@ impl Tx {
                 return true;
             }
         }
-        if len as u64 > READ_CHUNK && (!df || !s.structured()) {
+        if len as u64 > self.share.piece() {
             return false;
         }
         self.read_through_buffer(req, (offset, len, df), out, pool);

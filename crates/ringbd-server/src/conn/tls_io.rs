@@ -3,7 +3,7 @@
 //! turn's plaintext replies into records. A child module of `conn`, so it
 //! works on the connection's own fields.
 
-use super::{Connection, Phase, OUT_HIGH_WATER};
+use super::{Connection, Phase};
 use crate::log;
 use crate::tls::TlsLayer;
 
@@ -43,7 +43,9 @@ impl Connection {
             used = t.held.min(data.len());
         }
         t.held = 0;
-        while used < data.len() && !self.is_closed() && self.wants_input() && room(t, self.reply_limit) {
+        let limit = self.queue_limit();
+        while used < data.len() && !self.is_closed() && self.wants_input() && room(t, self.reply_limit, limit)
+        {
             let n = match t.session.read_tls(&data[used..], &mut t.plain) {
                 Ok(n) => n,
                 Err(e) => {
@@ -115,6 +117,6 @@ impl Connection {
 }
 
 /// Whether the wire queue has room for more records.
-fn room(t: &TlsLayer, reply_limit: u32) -> bool {
-    t.wire.len() < OUT_HIGH_WATER && t.wire.replies() < reply_limit
+fn room(t: &TlsLayer, reply_limit: u32, limit: usize) -> bool {
+    t.wire.len() < limit && t.wire.replies() < reply_limit
 }

@@ -5,16 +5,23 @@
 # prints the server's peak RSS (VmHWM). Then HOLD_CONNS (default 1000)
 # connections that each send the most they can have in flight and never
 # read a reply (bench/hold.py: small and large reads of a 256 MiB memory
-# export with 128 MiB written), printing the server's RSS before, at the
-# peak and after (docs/engine.md, "Resource model").
-# Usage: bench/memory.sh [JOBS] [QD]
+# export with 128 MiB written, then of a 256 MiB file on a disk filesystem,
+# under /var/tmp, whose reads are the engine's file operations), printing
+# the server's RSS before, at the peak and after (docs/engine.md,
+# "Resource model"; the bound is --reply-memory, default 256M, plus a
+# share's worth of pieces and received input per connection).
+# Usage: bench/memory.sh [JOBS] [QD]   (HOLD_ONLY=1: only the held loads;
+# REPLY_MEMORY=SIZE: passed as --reply-memory)
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 RINGBD_BIN=${RINGBD_BIN:-$HERE/../target/release/ringbd}
 JOBS=${1:-64}
 QD=${2:-128}
 WORK=$(mktemp -d /tmp/ringbd-memory.XXXXXX)
-trap 'rm -rf "$WORK"' EXIT
+FILE_DIR=$(mktemp -d /var/tmp/ringbd-memory.XXXXXX)
+trap 'rm -rf "$WORK" "$FILE_DIR"' EXIT
+EXTRA=()
+[[ -n ${REPLY_MEMORY:-} ]] && EXTRA=(--reply-memory "$REPLY_MEMORY")
 cat >"$WORK/load.sh" <<LOAD
 pid=\$(cat "$WORK/pid")
 fio --name=w --ioengine=nbd --uri="\$uri" --rw=write --bs=1M --iodepth=$QD --numjobs=$JOBS --size=1G \
@@ -23,6 +30,7 @@ fio --name=w --ioengine=nbd --uri="\$uri" --rw=write --bs=1M --iodepth=$QD --num
 grep VmHWM /proc/\$pid/status >&2
 LOAD
 for engine in uring threads; do
+    [[ -n ${HOLD_ONLY:-} ]] && break
     echo "== $engine: $JOBS connections x qd $QD x 1 MiB writes"
     # The shell records its pid, then becomes ringbd (exec keeps the pid).
     sh -c 'echo $$ > "$1"; shift; exec "$@"' sh "$WORK/pid" \
@@ -41,6 +49,13 @@ HOLD
 for engine in uring threads; do
     echo "== $engine: $HOLD_CONNS connections holding their maximum in flight (memory export)"
     sh -c 'echo $$ > "$1"; shift; exec "$@"' sh "$WORK/pid" \
-        "$RINGBD_BIN" serve --engine "$engine" memory:256M --unix "$WORK/h.sock" --run "sh $WORK/hold.sh" \
-        2>&1 >/dev/null | grep -E 'connections, '
+        "$RINGBD_BIN" serve --engine "$engine" "${EXTRA[@]}" memory:256M --unix "$WORK/h.sock" \
+        --run "sh $WORK/hold.sh" 2>&1 >/dev/null | grep -E 'connections, '
+done
+truncate -s 256M "$FILE_DIR/disk.img"
+for engine in uring threads; do
+    echo "== $engine: $HOLD_CONNS connections holding their maximum in flight (file export on $(stat -f -c %T "$FILE_DIR"))"
+    sh -c 'echo $$ > "$1"; shift; exec "$@"' sh "$WORK/pid" \
+        "$RINGBD_BIN" serve --engine "$engine" "${EXTRA[@]}" "file:$FILE_DIR/disk.img" --unix "$WORK/f.sock" \
+        --run "sh $WORK/hold.sh" 2>&1 >/dev/null | grep -E 'connections, '
 done

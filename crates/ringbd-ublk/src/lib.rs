@@ -3,12 +3,15 @@
 //! commands, the mmapped descriptors and the buffers are `ringbd_io::ublk`.
 //!
 //! - [`target`]: the [`Target`] / [`QueueHandler`] traits a backing implements.
-//! - [`null`], [`file`](mod@file), [`nbd`]: the null, file and NBD targets.
+//! - [`null`], [`file`](mod@file), [`nbd`]: the null, file and NBD targets;
+//!   [`backend`]: any other export backend of `ringbd serve` (memory, fault).
 //! - [`queue`]: a queue's thread and loop.
 //! - [`device`]: attach, recover, serve, tear down; detach and list.
-//! - [`spec`]: `null:SIZE`, `file:PATH[,direct]`, NBD URIs.
+//! - [`spec`]: `null:SIZE`, `file:PATH[,direct]`, NBD URIs, `memory:SIZE`,
+//!   `fault:RULES:SPEC`.
 #![forbid(unsafe_code)]
 
+pub mod backend;
 pub mod device;
 pub mod error;
 pub mod file;

@@ -18,6 +18,11 @@ TARGET is one of:
                         the server allows multi-conn); size, block size, read-only,
                         flush/FUA/trim/write-zeroes come from the export; a lost
                         connection is re-opened and unanswered requests sent again
+  memory:SIZE           a memory export, as `ringbd serve` has it (gone when this
+                        process ends: such a device is never recoverable)
+  fault:RULES:SPEC      SPEC (memory:, file:, null:) with injected errors and delays,
+                        e.g. fault:write=1%@ENOSPC:memory:1G (errors reach the writer
+                        with their errno; delays hold the queue)
 
 The block device path (/dev/ublkbN) is printed on stdout once the device is live;
 attach then serves it in the foreground until SIGINT/SIGTERM or `ringbd detach`.
@@ -92,6 +97,13 @@ pub fn attach(a: AttachArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(format!("signalfd: {e}")),
     };
+    let volatile = a.target.is_volatile();
+    if volatile && a.recover.is_some() {
+        return fail(
+            "a memory export lives only in the process that served it: a new one starts empty, so \
+                     there is no data to recover the device with (detach it, or attach a new one)",
+        );
+    }
     let target = match a.target.open(a.read_only) {
         Ok(t) => t,
         Err(e) => return fail(e),
@@ -129,7 +141,9 @@ pub fn attach(a: AttachArgs) -> ExitCode {
                 max_io,
                 read_only: a.read_only,
                 dev_id: a.id,
-                recovery: !a.no_recovery,
+                // A device whose data died with this process must go away
+                // with it, not wait for a recovery that cannot bring it back.
+                recovery: !a.no_recovery && !volatile,
                 zero_copy: !a.no_zero_copy,
             };
             Device::attach(target.clone(), &o)

@@ -8,7 +8,7 @@
 //! - [`engine_uring`]: the io_uring engine (a ring per worker thread).
 //! - [`engine_threads`]: the portable blocking engine (a thread per connection).
 //! - [`tls`]: STARTTLS credentials and the per-connection TLS layer (rustls
-//!   with certificates, OpenSSL with pre-shared keys); `tls_authz`: the
+//!   with certificates, OpenSSL with pre-shared keys); [`tls_authz`]: the
 //!   `--tls-authz` allow list of client certificate subjects.
 //! - [`ktls`]: kernel TLS: the probe, the counters, rustls keys as crypto_info.
 //! - [`server`]: start-up, the accept loop, captive `--run`, clean shutdown.
@@ -25,6 +25,6 @@ pub mod log;
 pub mod out;
 pub mod server;
 pub mod tls;
-mod tls_authz;
+pub mod tls_authz;
 
 pub use server::{run, Config, ServeError, DEFAULT_LISTEN};

@@ -7,8 +7,8 @@
 //! against the CA (it wraps rustls' verifier): a client that is not listed
 //! gets an `access_denied` alert and never reaches option haggling.
 //!
-//! The subject is read with a small DER reader (certificate, TBS
-//! certificate, subject `Name`); nothing else of the certificate is parsed.
+//! The certificate is parsed with x509-parser; this module only prints
+//! the subject's distinguished name the way qemu does.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -17,6 +17,8 @@ use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
+use x509_parser::der_parser::asn1_rs::{Any, Oid, Tag, ToDer};
+use x509_parser::x509::X509Name;
 
 use crate::log;
 
@@ -98,97 +100,35 @@ pub(crate) fn parse_list(text: &str) -> Vec<String> {
     text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned).collect()
 }
 
-const SEQUENCE: u8 = 0x30;
-const SET: u8 = 0x31;
-const OID: u8 = 0x06;
-const VERSION: u8 = 0xa0;
-
-/// One DER element: tag, contents, and the whole encoding.
-struct Tlv<'a> {
-    tag: u8,
-    body: &'a [u8],
-    raw: &'a [u8],
+/// The subject of a DER certificate as an RFC 4514 string. The certificate
+/// is parsed by x509-parser (the peer controls these bytes: no hand-written
+/// DER reader); only the printing of the name, in the form qemu and GnuTLS
+/// use, is ours.
+pub fn subject_dn(cert: &[u8]) -> Result<String, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert).map_err(|e| e.to_string())?;
+    Ok(name_to_string(cert.subject()))
 }
 
-/// A cursor over DER elements; every read is bounds-checked.
-struct Der<'a>(&'a [u8]);
-
-impl<'a> Der<'a> {
-    fn next(&mut self) -> Result<Tlv<'a>, &'static str> {
-        let d = self.0;
-        let (&tag, rest) = d.split_first().ok_or("truncated DER")?;
-        if tag & 0x1f == 0x1f {
-            return Err("DER tag in the long form");
-        }
-        let (&first, mut rest) = rest.split_first().ok_or("truncated DER length")?;
-        let len = match first {
-            0..=0x7f => usize::from(first),
-            0x81..=0x84 => {
-                let n = usize::from(first & 0x7f);
-                if rest.len() < n {
-                    return Err("truncated DER length");
-                }
-                let len = rest[..n].iter().fold(0usize, |a, &b| (a << 8) | usize::from(b));
-                rest = &rest[n..];
-                len
-            }
-            _ => return Err("unsupported DER length"),
-        };
-        if rest.len() < len {
-            return Err("DER element runs past its container");
-        }
-        let header = d.len() - rest.len();
-        self.0 = &rest[len..];
-        Ok(Tlv { tag, body: &rest[..len], raw: &d[..header + len] })
-    }
-
-    fn expect(&mut self, tag: u8, what: &'static str) -> Result<Tlv<'a>, &'static str> {
-        let t = self.next()?;
-        if t.tag != tag {
-            return Err(what);
-        }
-        Ok(t)
-    }
-}
-
-/// The subject of a DER certificate as an RFC 4514 string.
-pub fn subject_dn(cert: &[u8]) -> Result<String, &'static str> {
-    let cert = Der(cert).expect(SEQUENCE, "certificate is not a SEQUENCE")?;
-    let mut tbs = Der(Der(cert.body).expect(SEQUENCE, "TBS certificate is not a SEQUENCE")?.body);
-    if tbs.next()?.tag == VERSION {
-        tbs.next()?; // the serial number follows the version
-    }
-    tbs.expect(SEQUENCE, "signature algorithm is not a SEQUENCE")?;
-    tbs.expect(SEQUENCE, "issuer is not a SEQUENCE")?;
-    tbs.expect(SEQUENCE, "validity is not a SEQUENCE")?;
-    let subject = tbs.expect(SEQUENCE, "subject is not a SEQUENCE")?;
-    name_to_string(subject.body)
-}
-
-/// An RDNSequence's contents in RFC 4514 form: RDNs last to first, joined
-/// by `,`; the attributes of a multi-valued RDN joined by `+`.
-fn name_to_string(rdns: &[u8]) -> Result<String, &'static str> {
-    let mut parts = Vec::new();
-    let mut seq = Der(rdns);
-    while !seq.0.is_empty() {
-        let rdn = seq.expect(SET, "RDN is not a SET")?;
-        let mut atvs = Der(rdn.body);
-        let mut one = Vec::new();
-        while !atvs.0.is_empty() {
-            let atv = atvs.expect(SEQUENCE, "attribute is not a SEQUENCE")?;
-            let mut a = Der(atv.body);
-            let oid = a.expect(OID, "attribute type is not an OID")?;
-            let value = a.next()?;
-            one.push(format!("{}={}", attribute_name(oid.body)?, attribute_value(&value)));
-        }
-        parts.push(one.join("+"));
-    }
+/// A Name in RFC 4514 form: RDNs last to first, joined by `,`; the
+/// attributes of a multi-valued RDN joined by `+`.
+fn name_to_string(name: &X509Name<'_>) -> String {
+    let mut parts: Vec<String> = name
+        .iter()
+        .map(|rdn| {
+            rdn.iter()
+                .map(|atv| {
+                    format!("{}={}", attribute_name(atv.attr_type()), attribute_value(atv.attr_value()))
+                })
+                .collect::<Vec<_>>()
+                .join("+")
+        })
+        .collect();
     parts.reverse();
-    Ok(parts.join(","))
+    parts.join(",")
 }
 
 /// The short names GnuTLS (and so qemu) prints; others are dotted OIDs.
-fn attribute_name(oid: &[u8]) -> Result<String, &'static str> {
+fn attribute_name(oid: &Oid<'_>) -> String {
     let known: &[(&[u8], &str)] = &[
         (&[0x55, 0x04, 0x03], "CN"),
         (&[0x55, 0x04, 0x06], "C"),
@@ -201,47 +141,24 @@ fn attribute_name(oid: &[u8]) -> Result<String, &'static str> {
         (&[0x09, 0x92, 0x26, 0x89, 0x93, 0xf2, 0x2c, 0x64, 0x01, 0x01], "UID"),
         (&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x09, 0x01], "EMAIL"),
     ];
-    if let Some((_, name)) = known.iter().find(|(o, _)| *o == oid) {
-        return Ok((*name).to_owned());
+    match known.iter().find(|(o, _)| *o == oid.as_bytes()) {
+        Some((_, name)) => (*name).to_owned(),
+        None => oid.to_id_string(),
     }
-    dotted(oid)
-}
-
-fn dotted(oid: &[u8]) -> Result<String, &'static str> {
-    let mut arcs: Vec<u64> = Vec::new();
-    let mut v: u64 = 0;
-    for (i, &b) in oid.iter().enumerate() {
-        if v > u64::MAX >> 8 {
-            return Err("OID arc too large");
-        }
-        v = (v << 7) | u64::from(b & 0x7f);
-        if b & 0x80 == 0 {
-            arcs.push(v);
-            v = 0;
-        } else if i + 1 == oid.len() {
-            return Err("truncated OID");
-        }
-    }
-    let Some(&first) = arcs.first() else { return Err("empty OID") };
-    let (a, b) = if first < 80 { (first / 40, first % 40) } else { (2, first - 80) };
-    let mut s = format!("{a}.{b}");
-    for arc in &arcs[1..] {
-        let _ = write!(s, ".{arc}");
-    }
-    Ok(s)
 }
 
 /// A string value escaped as RFC 4514 says; other types as `#` and the hex
 /// of their DER encoding.
-fn attribute_value(v: &Tlv<'_>) -> String {
-    let text = match v.tag {
-        // UTF8String, PrintableString, IA5String, VisibleString
-        0x0c | 0x13 | 0x16 | 0x1a => std::str::from_utf8(v.body).ok().map(str::to_owned),
+fn attribute_value(v: &Any<'_>) -> String {
+    let text = match v.tag() {
+        Tag::Utf8String | Tag::PrintableString | Tag::Ia5String | Tag::VisibleString => {
+            std::str::from_utf8(v.data).ok().map(str::to_owned)
+        }
         // TeletexString (in practice Latin-1)
-        0x14 => Some(v.body.iter().map(|&b| char::from(b)).collect()),
+        Tag::T61String => Some(v.data.iter().map(|&b| char::from(b)).collect()),
         // BMPString (UCS-2, big endian)
-        0x1e if v.body.len().is_multiple_of(2) => {
-            char::decode_utf16(v.body.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])))
+        Tag::BmpString if v.data.len().is_multiple_of(2) => {
+            char::decode_utf16(v.data.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])))
                 .collect::<Result<String, _>>()
                 .ok()
         }
@@ -249,7 +166,7 @@ fn attribute_value(v: &Tlv<'_>) -> String {
     };
     let Some(text) = text else {
         let mut s = String::from("#");
-        for b in v.raw {
+        for b in v.to_der_vec().unwrap_or_default() {
             let _ = write!(s, "{b:02x}");
         }
         return s;
@@ -274,10 +191,18 @@ fn attribute_value(v: &Tlv<'_>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use x509_parser::prelude::FromDer;
 
     fn hex(s: &str) -> Vec<u8> {
         let s: String = s.split_whitespace().collect();
         (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    }
+
+    fn name(der_hex: &str) -> String {
+        let der = hex(der_hex);
+        let (rest, n) = X509Name::from_der(&der).unwrap();
+        assert!(rest.is_empty());
+        name_to_string(&n)
     }
 
     /// A Name SEQUENCE: O=ringbd tests, CN=client (in DER order).
@@ -287,54 +212,43 @@ mod tests {
 
     #[test]
     fn names_are_printed_most_specific_first() {
-        let name = hex(NAME);
-        let Tlv { body, .. } = Der(&name).next().unwrap();
-        assert_eq!(name_to_string(body).unwrap(), "CN=client,O=ringbd tests");
+        assert_eq!(name(NAME), "CN=client,O=ringbd tests");
     }
 
     #[test]
-    fn a_certificate_subject_is_found_after_the_issuer() {
-        // Certificate { TBS { [0] v3, serial 1, alg, issuer CN=ca, validity, subject, ... } }
-        let issuer = "300d 310b 3009 0603 550403 0c02 6361";
-        let tbs_body = format!("a003 020102 020101 3005 0603 2a0304 {issuer} 3000 {NAME} 3000");
-        let tbs_len = hex(&tbs_body).len();
-        let cert_body = format!("30{tbs_len:02x} {tbs_body}");
-        let cert = format!("30{:02x} {cert_body}", hex(&cert_body).len());
-        assert_eq!(subject_dn(&hex(&cert)).unwrap(), "CN=client,O=ringbd tests");
-        // Without the optional version field too.
-        let tbs_body = format!("020101 3005 0603 2a0304 {issuer} 3000 {NAME}");
-        let cert_body = format!("30{:02x} {tbs_body}", hex(&tbs_body).len());
-        let cert = format!("30{:02x} {cert_body}", hex(&cert_body).len());
-        assert_eq!(subject_dn(&hex(&cert)).unwrap(), "CN=client,O=ringbd tests");
+    fn the_subject_of_a_real_certificate() {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        let mut dn = rcgen::DistinguishedName::new();
+        dn.push(rcgen::DnType::OrganizationName, "Example, Inc.");
+        dn.push(rcgen::DnType::CommonName, "backup-host");
+        params.distinguished_name = dn;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        assert_eq!(subject_dn(cert.der()).unwrap(), "CN=backup-host,O=Example\\, Inc.");
     }
 
     #[test]
     fn special_characters_multi_valued_rdns_and_unknown_types() {
-        // SET { CN="#a,b+c ", OU=x } ; SET { 1.2.3.4 = INTEGER 5 } ; SET { EMAIL=IA5 "a@b" }
-        let name = hex("3114 3008 0603 550403 0c01 23 3008 0603 55040b 1301 78 \
+        // SET { CN="#", OU=x } ; SET { 1.2.3.4 = INTEGER 5 } ; SET { EMAIL=IA5 "a@b" }
+        let n = "3036 3114 3008 0603 550403 0c01 23 3008 0603 55040b 1301 78 \
              310a 3008 0603 2a0304 020105 \
-             3112 3010 0609 2a864886f70d010901 1603 614062");
-        assert_eq!(name_to_string(&name).unwrap(), "EMAIL=a@b,1.2.3.4=#020105,CN=\\#+OU=x");
-        let name = hex("310f 300d 0603 550403 0c06 612c622b6320");
-        assert_eq!(name_to_string(&name).unwrap(), "CN=a\\,b\\+c\\ ");
+             3112 3010 0609 2a864886f70d010901 1603 614062";
+        assert_eq!(name(n), "EMAIL=a@b,1.2.3.4=#020105,CN=\\#+OU=x");
+        assert_eq!(name("3011 310f 300d 0603 550403 0c06 612c622b6320"), "CN=a\\,b\\+c\\ ");
     }
 
     #[test]
-    fn broken_der_is_an_error_not_a_panic() {
+    fn broken_certificates_are_an_error_not_a_panic() {
         for bad in ["", "30", "3005 3003", "3084ffffffff", "1f00", "3080", "3103 0601"] {
-            let b = hex(bad);
-            assert!(subject_dn(&b).is_err(), "{bad}");
-            if !b.is_empty() {
-                let _ = name_to_string(&b);
-            }
+            assert!(subject_dn(&hex(bad)).is_err(), "{bad}");
         }
-        assert!(dotted(&[0x81]).is_err());
-        assert!(dotted(&[]).is_err());
-        assert_eq!(dotted(&[0x2a, 0x86, 0x48]).unwrap(), "1.2.840");
-        // Truncations of a real name never panic.
-        let name = hex(NAME);
-        for n in 0..name.len() {
-            let _ = name_to_string(&name[2..n.max(2)]);
+        // Truncations of a real certificate never panic.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["x".to_owned()]).unwrap().self_signed(&key).unwrap();
+        let der = cert.der().to_vec();
+        assert!(subject_dn(&der).is_ok());
+        for n in 0..der.len() {
+            assert!(subject_dn(&der[..n]).is_err(), "a certificate cut at {n} bytes parsed");
         }
     }
 

@@ -11,9 +11,9 @@ use std::io::{IsTerminal, Read, Write};
 use std::ops::Range;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
 
 use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use nbd_proto::wire::{state_flags, tx_flags, CmdType};
 use ringbd_client::{ClientConfig, Cmd, Completion, Engine, NbdUri};
 
@@ -383,37 +383,25 @@ impl Copier<'_> {
     }
 }
 
-struct Progress {
-    on: bool,
-    last: Instant,
-    start: Instant,
-}
-
-impl Progress {
-    fn show(&mut self, done: u64, total: Option<u64>, force: bool) {
-        if !self.on || (!force && self.last.elapsed() < Duration::from_millis(200)) {
-            return;
-        }
-        self.last = Instant::now();
-        let rate = done as f64 / self.start.elapsed().as_secs_f64().max(1e-3) / (1 << 20) as f64;
-        let line = match total {
-            Some(t) if t > 0 => {
-                let frac = done as f64 / t as f64;
-                let n = (frac * 40.0) as usize;
-                format!(
-                    "\r[{}{}] {:5.1}% {rate:.0} MiB/s",
-                    "#".repeat(n.min(40)),
-                    " ".repeat(40 - n.min(40)),
-                    frac * 100.0
-                )
-            }
-            _ => format!("\r{} MiB {rate:.0} MiB/s", done >> 20),
-        };
-        eprint!("{line}");
-        if force {
-            eprintln!();
-        }
+/// The progress bar (indicatif): on stderr, only when it is a terminal
+/// and `--no-progress` was not given; a byte count and rate when the size
+/// is unknown (stdin).
+fn progress_bar(on: bool, total: Option<u64>) -> ProgressBar {
+    if !on {
+        return ProgressBar::hidden();
     }
+    let (pb, template) = match total {
+        Some(t) if t > 0 => (
+            ProgressBar::new(t),
+            "[{bar:40}] {percent:>3}% {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta}",
+        ),
+        _ => (ProgressBar::no_length(), "{binary_bytes} {binary_bytes_per_sec}"),
+    };
+    pb.set_draw_target(ProgressDrawTarget::stderr_with_hz(5));
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        pb.set_style(style.progress_chars("#> "));
+    }
+    pb
 }
 
 fn copy(a: &CopyArgs) -> Result<(), String> {
@@ -438,11 +426,7 @@ fn copy(a: &CopyArgs) -> Result<(), String> {
     }
     let dst_zero = dst_zero_map(&dst, &mut e)?;
     let mut c = Copier { a, e, dst, dst_zero, pool: Vec::new(), done_bytes: 0, zero_bytes: 0 };
-    let mut progress = Progress {
-        on: !a.no_progress && std::io::stderr().is_terminal(),
-        last: Instant::now(),
-        start: Instant::now(),
-    };
+    let progress = progress_bar(!a.no_progress && std::io::stderr().is_terminal(), size);
     let mut stdin_off = 0u64;
     let mut stdin_eof = false;
     let mut done = Vec::new();
@@ -503,7 +487,7 @@ fn copy(a: &CopyArgs) -> Result<(), String> {
         for comp in done.drain(..) {
             c.completion(comp)?;
         }
-        progress.show(c.done_bytes, size, false);
+        progress.set_position(c.done_bytes);
     }
     let total = size.unwrap_or(stdin_off);
     if let Dst::Stdout { out, waiting, .. } = &mut c.dst {
@@ -526,7 +510,8 @@ fn copy(a: &CopyArgs) -> Result<(), String> {
             Dst::Stdout { .. } => {}
         }
     }
-    progress.show(total, Some(total), true);
+    progress.set_position(total);
+    progress.finish();
     if let Some(eng) = c.e.take() {
         eng.disconnect().map_err(err)?;
     }

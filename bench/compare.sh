@@ -52,6 +52,12 @@ server qemu-nbd       qemu-nbd
 # Before/after rows: the same engines from RINGBD_BASE_BIN.
 server ringbd-base          ringbd   --engine uring
 server ringbd-threads-base  ringbd   --engine threads
+# Proxy rows: the server serves another ringbd's memory export over a Unix
+# socket (ringbd: `serve nbd+unix:///?socket=UP`; nbdkit: its nbd plugin).
+# Server CPU is the proxy's alone; the upstream runs beside it.
+server ringbd-proxy ringbd   --engine uring
+server nbdkit-proxy nbdkit
+declare -A SERVER_PROXY=([ringbd-proxy]=1 [nbdkit-proxy]=1)
 declare -A SERVER_BIN=()
 SERVER_BIN[ringbd-base]=${RINGBD_BASE_BIN:-}
 SERVER_BIN[ringbd-threads-base]=${RINGBD_BASE_BIN:-}
@@ -221,17 +227,40 @@ cpu_ticks() {
 tag_of() { tr -c 'A-Za-z0-9_.\n-' _ <<<"$1-$2"; }    # LABEL TRANSPORT -> file-name stem
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
+# start_upstream TAG: a ringbd memory export on a Unix socket for a proxy row;
+# sets UP_PID and UP_SOCK.
+start_upstream() {
+    local out line
+    UP_SOCK=$WORK/$1-upstream.sock
+    exec {out}< <(exec setsid "$RINGBD_BIN" serve "memory:$EXPORT_SIZE" --unix "$UP_SOCK" </dev/null \
+        2>"$WORK/$1-upstream.stderr")
+    UP_PID=$!
+    LIVE_PIDS+=("$UP_PID")
+    read -r -t "$READY_TIMEOUT" -u "$out" line || die "the upstream of $1 gave no ready line: $(cat "$WORK/$1-upstream.stderr")"
+    cat <&"$out" >/dev/null &
+    LIVE_PIDS+=("$!")
+    exec {out}<&-
+}
+
 # start_server LABEL TRANSPORT: sets SRV_PID, SRV_DRAIN, SRV_URI and SRV_STDERR,
 # records the command line.
 start_server() {
     local label=$1 transport=$2 kind=${SERVER_KIND[$1]} tag line
     tag=$(tag_of "$label" "$transport")
     local sock=$WORK/$tag.sock activate=1 kind_args=() extra=() cmd=()
+    local export_ringbd=("memory:$EXPORT_SIZE") export_nbdkit=(memory "$EXPORT_SIZE")
+    UP_PID=
+    if [[ -n ${SERVER_PROXY[$label]:-} ]]; then
+        [[ -z $PKI ]] || die "$label: proxy rows do not run with --tls"
+        start_upstream "$tag"
+        export_ringbd=("nbd+unix:///?socket=$UP_SOCK")
+        export_nbdkit=(nbd "socket=$UP_SOCK")
+    fi
     read -ra extra <<<"${SERVER_ARGS[$label]}"
     case $kind in
         ringbd)
             read -ra kind_args <<<"${RINGBD_ARGS:-}"
-            cmd=("${SERVER_BIN[$label]:-$RINGBD_BIN}" serve "memory:$EXPORT_SIZE" "${kind_args[@]}" "${extra[@]}")
+            cmd=("${SERVER_BIN[$label]:-$RINGBD_BIN}" serve "${export_ringbd[@]}" "${kind_args[@]}" "${extra[@]}")
             [[ -z $PKI ]] || cmd+=(--tls require --tls-certificates "$PKI/server")
             if [[ ${RINGBD_LAUNCH:-native} == native ]]; then
                 activate=
@@ -241,7 +270,7 @@ start_server() {
         nbdkit)
             read -ra kind_args <<<"${NBDKIT_ARGS:-}"
             [[ -z $PKI ]] || kind_args+=(--tls=require "--tls-certificates=$PKI/server")
-            cmd=(nbdkit -f --exit-with-parent "${kind_args[@]}" "${extra[@]}" memory "$EXPORT_SIZE") ;;
+            cmd=(nbdkit -f --exit-with-parent "${kind_args[@]}" "${extra[@]}" "${export_nbdkit[@]}") ;;
         qemu-nbd)
             read -ra kind_args <<<"${QEMU_NBD_ARGS:-}"
             local img=/dev/shm/ringbd-bench.$$.$tag.img
@@ -285,8 +314,10 @@ stop_server() {
     local pid keep=()
     stop_pid "$SRV_PID"
     stop_pid "$SRV_DRAIN"
+    # A proxy's upstream after the proxy (its final flush goes there).
+    [[ -z ${UP_PID:-} ]] || stop_pid "$UP_PID"
     for pid in "${LIVE_PIDS[@]}"; do
-        [[ $pid == "$SRV_PID" || $pid == "$SRV_DRAIN" ]] || keep+=("$pid")
+        [[ $pid == "$SRV_PID" || $pid == "$SRV_DRAIN" || $pid == "${UP_PID:-}" ]] || keep+=("$pid")
     done
     LIVE_PIDS=("${keep[@]}")
 }

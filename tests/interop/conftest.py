@@ -108,7 +108,13 @@ def parse_size(text):
     return int(text)
 
 
+NBD_URI_SCHEMES = ("nbd://", "nbds://", "nbd+unix://", "nbds+unix://")
+
+
 def parse_spec(spec):
+    if spec.startswith(NBD_URI_SCHEMES):
+        # Another server's export: a proxy (nbdkit: its nbd plugin).
+        return "nbd", spec
     kind, sep, arg = spec.partition(":")
     if not sep or kind not in ("memory", "file", "null", "fault", "rbd"):
         raise ValueError("bad export spec %r" % spec)
@@ -160,6 +166,12 @@ def nbdkit_argv(exports, read_only, workdir):
         kind, arg = parse_spec(exports[""])
         if kind == "fault":
             raise ValueError("fault: specs are ringbd's own (mark the test ringbd_only)")
+        if kind == "nbd":
+            u = urllib.parse.urlsplit(arg)
+            q = urllib.parse.parse_qs(u.query)
+            assert u.scheme == "nbd+unix" and "socket" in q, "nbdkit translation: nbd+unix URIs only: %s" % arg
+            plugin = ["nbd", "socket=%s" % q["socket"][0], "export=%s" % urllib.parse.unquote(u.path[1:])]
+            return argv + filters + plugin + params
         plugin = [kind, arg]  # memory SIZE | file PATH | null SIZE
         return argv + filters + plugin + params
 

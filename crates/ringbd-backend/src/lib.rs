@@ -5,16 +5,21 @@
 //! - [`null`]: discards writes, reads zeroes.
 //! - [`fault`]: a wrapper that injects errors and delays into another backend.
 //! - [`rbd`]: Ceph RBD images through librbd (feature `rbd`; spec parsing always).
+//! - [`nbd`]: another server's NBD export (a proxy), through ringbd's client.
 //! - [`spec`]: parses export specs (`memory:1G`, `file:PATH[,direct]`, `null:1G`,
-//!   `rbd:POOL/IMAGE[@SNAP]`, `fault:RULES:SPEC`).
+//!   `rbd:POOL/IMAGE[@SNAP]`, `fault:RULES:SPEC`, NBD URIs).
 //!
 //! A backend declares what it can do in [`Caps`]; the server advertises
 //! exactly that and never calls what is not declared.
+//!
+//! No `unsafe` here: system calls and C libraries are `ringbd_io`'s.
+#![forbid(unsafe_code)]
 
 pub mod error;
 pub mod fault;
 pub mod file;
 pub mod memory;
+pub mod nbd;
 pub mod null;
 pub mod rbd;
 pub mod spec;

@@ -30,6 +30,9 @@ pub enum Spec {
         plan: FaultPlan,
         inner: Box<Spec>,
     },
+    /// `nbd://`, `nbds://`, `nbd+unix://`, `nbds+unix://`: another server's
+    /// export (a proxy).
+    Nbd(ringbd_client::NbdUri),
 }
 
 /// Why a spec could not be used.
@@ -81,6 +84,12 @@ impl std::str::FromStr for Spec {
     type Err = SpecError;
 
     fn from_str(s: &str) -> Result<Self, SpecError> {
+        if ringbd_client::uri::is_nbd_uri(s) {
+            return s
+                .parse::<ringbd_client::NbdUri>()
+                .map(Spec::Nbd)
+                .map_err(|e| SpecError::Syntax(format!("export spec {s:?}: {e}")));
+        }
         let (kind, arg) = s.split_once(':').ok_or_else(|| {
             SpecError::Syntax(format!(
                 "export spec {s:?} must look like memory:SIZE, file:PATH[,direct], null:SIZE or rbd:POOL/IMAGE"
@@ -139,6 +148,7 @@ pub fn open_with(spec: &Spec, read_only: bool, ceph: &CephConfig) -> Result<Arc<
             Arc::new(FaultBackend::new(open_with(inner, read_only, ceph)?, plan.clone()))
         }
         Spec::Rbd(r) => open_rbd(r, read_only, ceph)?,
+        Spec::Nbd(uri) => Arc::new(crate::nbd::NbdBackend::open(uri, read_only).map_err(SpecError::Open)?),
     })
 }
 

@@ -404,6 +404,14 @@ impl Engine {
         Ok(())
     }
 
+    /// Lets another thread end a [`Engine::poll`] wait early: signalling
+    /// `fd` makes the poll return, with no completions if none finished (a
+    /// proxy's worker takes new requests that way while others are in
+    /// flight).
+    pub fn set_wake(&mut self, fd: ringbd_io::eventfd::EventFd) {
+        self.ring.set_wake(fd);
+    }
+
     /// Sends what was submitted, waits for at least one event when `wait`
     /// and requests are in flight, and appends finished requests to `out`.
     pub fn poll(&mut self, out: &mut Vec<Completion>, wait: bool) -> Result<()> {
@@ -411,6 +419,7 @@ impl Engine {
         let had = !self.done.is_empty();
         out.append(&mut self.done);
         self.arm()?;
+        self.ring.arm_wake().map_err(|e| Error::io(format!("io_uring wake poll ({})", self.uri), e))?;
         let want = usize::from(wait && !had && self.ring.inflight() > 0);
         self.ring.submit_and_wait(want).map_err(|e| Error::io(format!("io_uring wait ({})", self.uri), e))?;
         let mut events = std::mem::take(&mut self.events);
@@ -497,6 +506,7 @@ impl Engine {
     fn event(&mut self, ev: RingEvent, out: &mut Vec<Completion>) -> Result<()> {
         let uri = &self.uri;
         match ev {
+            RingEvent::Woken => {}
             RingEvent::Sent { sock, mut batch, result } => {
                 let Some(ci) = self.conns.iter().position(|c| c.sock == sock) else { return Ok(()) };
                 result.map_err(|e| Error::io(format!("send to {uri} (connection {ci})"), e))?;

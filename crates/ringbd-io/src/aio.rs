@@ -12,11 +12,11 @@
 //! never missed: a push after the take finds the list empty and signals.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use crate::buf::IoBuf;
-use crate::cvt;
+use crate::eventfd::EventFd;
 
 /// A finished asynchronous operation.
 #[derive(Debug)]
@@ -32,17 +32,13 @@ pub struct AioDone {
 /// Finished operations of one ring worker, signalled through an eventfd.
 #[derive(Debug)]
 pub struct CompletionQueue {
-    fd: OwnedFd,
+    fd: EventFd,
     done: Mutex<Vec<AioDone>>,
 }
 
 impl CompletionQueue {
     pub fn new() -> io::Result<CompletionQueue> {
-        // SAFETY: eventfd takes no pointers; it returns a new descriptor or -1.
-        let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
-        // SAFETY: eventfd returned a new descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(CompletionQueue { fd, done: Mutex::new(Vec::new()) })
+        Ok(CompletionQueue { fd: EventFd::new()?, done: Mutex::new(Vec::new()) })
     }
 
     fn list(&self) -> MutexGuard<'_, Vec<AioDone>> {
@@ -63,40 +59,12 @@ impl CompletionQueue {
         if !was_empty {
             return Ok(());
         }
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: `one` is a live 8-byte buffer, the size eventfd requires.
-        let n = unsafe { libc::write(self.fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
-        match n {
-            8 => Ok(()),
-            -1 => {
-                let e = io::Error::last_os_error();
-                // EAGAIN: the counter is saturated, i.e. already signalled.
-                if e.kind() == io::ErrorKind::WouldBlock {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            }
-            _ => Err(io::Error::other("short write to an eventfd")),
-        }
+        self.fd.signal()
     }
 
     /// Clears the eventfd and moves every finished operation into `out`.
     pub fn drain(&self, out: &mut Vec<AioDone>) -> io::Result<()> {
-        let mut b = [0u8; 8];
-        // SAFETY: `b` is a live 8-byte buffer, the size eventfd requires.
-        let n = unsafe { libc::read(self.fd.as_raw_fd(), b.as_mut_ptr().cast(), b.len()) };
-        let r = if n == -1 {
-            let e = io::Error::last_os_error();
-            // EAGAIN: nothing was signalled (a spurious wake-up).
-            if e.kind() == io::ErrorKind::WouldBlock {
-                Ok(())
-            } else {
-                Err(e)
-            }
-        } else {
-            Ok(())
-        };
+        let r = self.fd.clear();
         out.append(&mut self.list());
         r
     }

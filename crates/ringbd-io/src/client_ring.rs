@@ -7,14 +7,19 @@
 //! ring) and a receive buffer per socket, calls [`ClientRing::submit_and_wait`],
 //! and takes the finished operations from [`ClientRing::completions`], which
 //! hands the buffers back.
+//!
+//! Another thread can end a wait early: [`ClientRing::set_wake`] gives the
+//! ring an eventfd, [`ClientRing::arm_wake`] polls it, and a write to it
+//! completes the poll as [`RingEvent::Woken`] (the ring clears the eventfd).
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use io_uring::{opcode, squeue, types, IoUring};
 
 const KIND_SEND: u64 = 1;
 const KIND_RECV: u64 = 2;
+const KIND_WAKE: u64 = 3;
 
 /// One piece of a send: `len` bytes from `start` of buffer `buf`
 /// ([`SendBatch::HEAD`] is the header buffer, others index `bufs`).
@@ -127,6 +132,8 @@ pub enum RingEvent {
     Received { sock: usize, buf: Vec<u8>, result: io::Result<usize> },
     /// Received bytes were written at the start of `range` in `buf`.
     ReceivedInto { sock: usize, buf: Vec<u8>, range: std::ops::Range<usize>, result: io::Result<usize> },
+    /// The wake eventfd was written ([`ClientRing::set_wake`]).
+    Woken,
 }
 
 /// The client ring; owns its sockets.
@@ -136,6 +143,10 @@ pub struct ClientRing {
     inflight: usize,
     /// Spare iovec vectors, reused across sends.
     spare_iov: Vec<Vec<libc::iovec>>,
+    /// The eventfd another thread writes to end a wait, and whether its
+    /// poll is in the ring (not counted in `inflight`: it holds no memory).
+    wake: Option<crate::eventfd::EventFd>,
+    wake_armed: bool,
 }
 
 impl ClientRing {
@@ -145,7 +156,14 @@ impl ClientRing {
             Ok(r) => r,
             Err(_) => IoUring::new(entries)?,
         };
-        Ok(ClientRing { ring, socks: Vec::new(), inflight: 0, spare_iov: Vec::new() })
+        Ok(ClientRing {
+            ring,
+            socks: Vec::new(),
+            inflight: 0,
+            spare_iov: Vec::new(),
+            wake: None,
+            wake_armed: false,
+        })
     }
 
     /// Hands a connected socket to the ring; returns its index.
@@ -265,6 +283,36 @@ impl ClientRing {
         })
     }
 
+    /// Gives the ring an eventfd that other threads signal to end a wait:
+    /// once armed ([`ClientRing::arm_wake`]), a signal completes as
+    /// [`RingEvent::Woken`].
+    pub fn set_wake(&mut self, fd: crate::eventfd::EventFd) {
+        self.wake = Some(fd);
+        self.wake_armed = false;
+    }
+
+    /// Polls the wake eventfd for readability, unless that poll is already
+    /// in the ring (or there is no eventfd).
+    pub fn arm_wake(&mut self) -> io::Result<()> {
+        let Some(fd) = &self.wake else { return Ok(()) };
+        if self.wake_armed {
+            return Ok(());
+        }
+        let e = opcode::PollAdd::new(types::Fd(fd.as_fd().as_raw_fd()), libc::POLLIN as u32)
+            .build()
+            .user_data(KIND_WAKE << 32);
+        // SAFETY: a poll refers to no memory, only to the eventfd, which
+        // `self.wake` keeps open while the ring exists.
+        if unsafe { self.ring.submission().push(&e) }.is_err() {
+            self.ring.submit()?;
+            // SAFETY: as above.
+            unsafe { self.ring.submission().push(&e) }
+                .map_err(|_| io::Error::other("io_uring submission queue full after submit"))?;
+        }
+        self.wake_armed = true;
+        Ok(())
+    }
+
     /// Submits queued operations and waits for at least `want` completions.
     pub fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {
         match self.ring.submit_and_wait(want) {
@@ -279,10 +327,18 @@ impl ClientRing {
         let mut resubmit = Vec::new();
         loop {
             let Some(cqe) = self.ring.completion().next() else { break };
-            self.inflight = self.inflight.saturating_sub(1);
             let ud = cqe.user_data();
             let (kind, sock) = (ud >> 32, (ud & 0xffff_ffff) as usize);
             let res = cqe.result();
+            if kind == KIND_WAKE {
+                self.wake_armed = false;
+                out.push(RingEvent::Woken);
+                if let Some(fd) = &self.wake {
+                    fd.clear()?;
+                }
+                continue;
+            }
+            self.inflight = self.inflight.saturating_sub(1);
             let Some(s) = self.socks.get_mut(sock) else { continue };
             match kind {
                 KIND_SEND => {

@@ -6,6 +6,7 @@
 //!   worker through an eventfd (librbd's callbacks).
 //! - [`buf`]: page-aligned I/O buffers and registered-buffer arenas.
 //! - [`client_ring`]: the NBD client's ring (vectored sends, receives).
+//! - [`eventfd`]: a non-blocking eventfd, to wake a thread or a ring.
 //! - [`fs`]: file and block-device calls (fallocate, SEEK_DATA/SEEK_HOLE,
 //!   BLKGETSIZE64, fadvise).
 //! - [`ktls`]: kernel TLS: handing a TLS session's keys to the socket,
@@ -21,6 +22,7 @@
 pub mod aio;
 pub mod buf;
 pub mod client_ring;
+pub mod eventfd;
 pub mod fs;
 pub mod ktls;
 pub mod mem;

@@ -50,6 +50,8 @@ SPEC is one of:
   file:PATH,direct
                 the same with O_DIRECT for aligned reads and writes (no page cache)
   null:SIZE     discards writes, reads zeroes
+  nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH (and nbds://, nbds+unix://)
+                another server's export: ringbd serves it as a proxy (docs/proxy.md)
   rbd:POOL/IMAGE[@SNAPSHOT]
                 a Ceph RBD image through librbd (a snapshot is read-only); see --ceph-conf,
                 --ceph-id, --ceph-timeout and docs/rbd.md

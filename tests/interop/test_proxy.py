@@ -1,0 +1,147 @@
+"""A served NBD URI: a proxy in front of another server's export.
+
+ringbd: `ringbd serve nbd+unix:///EXPORT?socket=UPSTREAM`; the reference
+(nbdkit): `nbdkit nbd socket=UPSTREAM export=EXPORT`. The upstream is a
+plain ringbd memory export (and qemu-nbd on a file, whose NBD client side
+negotiates extended headers with ringbd's client). Every test checks the
+data on the upstream too, not only through the proxy.
+"""
+
+import os
+import subprocess
+import time
+
+import nbd
+import pytest
+
+import conftest
+from helpers import MiB
+
+SIZE = 64 * MiB
+
+
+@pytest.fixture
+def upstream():
+    """A ringbd memory export; tests take it before `start_server`, so the
+    proxy stops first (its final flush goes upstream)."""
+    srv = conftest.start("ringbd", exports={"": "memory:%d" % SIZE})
+    yield srv
+    srv.stop(check=False)
+
+
+def connect(uri):
+    h = nbd.NBD()
+    h.add_meta_context("base:allocation")
+    h.connect_uri(uri)
+    return h
+
+
+def test_proxy_round_trip_with_multi_conn(upstream, start_server, shm_tmp):
+    proxy = start_server({"": upstream.uri()})
+    src = os.path.join(shm_tmp, "src")
+    with open(src, "wb") as f:
+        f.write(os.urandom(40 * MiB))
+        f.truncate(SIZE)
+    subprocess.run(["nbdcopy", "--connections=4", src, proxy.uri()], check=True, timeout=120)
+    for via, uri in (("the proxy", proxy.uri()), ("the upstream", upstream.uri())):
+        back = os.path.join(shm_tmp, "back")
+        subprocess.run(["nbdcopy", uri, back], check=True, timeout=120)
+        with open(src, "rb") as a, open(back, "rb") as b:
+            assert a.read() == b.read(), "data read back through %s differs" % via
+
+
+def test_proxy_commands_reach_the_upstream(upstream, start_server):
+    proxy = start_server({"": upstream.uri()})
+    p, u = connect(proxy.uri()), connect(upstream.uri())
+    assert p.get_size() == SIZE
+    assert p.can_flush() and p.can_fua() and p.can_trim() and p.can_zero()
+    assert p.can_multi_conn(), "one upstream connection pool: a flush covers every client"
+    data = os.urandom(1 * MiB)
+    p.pwrite(data, 3 * MiB, nbd.CMD_FLAG_FUA)
+    assert u.pread(len(data), 3 * MiB) == data, "a FUA write did not reach the upstream"
+    p.pwrite(b"\xab" * 65536, 8 * MiB)
+    p.flush()
+    assert u.pread(65536, 8 * MiB) == b"\xab" * 65536
+    # (libnbd's argument order: count, then offset.)
+    p.zero(MiB, 3 * MiB + MiB // 2)
+    assert u.pread(MiB // 2, 3 * MiB + MiB // 2) == bytes(MiB // 2), "write-zeroes did not reach the upstream"
+    assert u.pread(MiB // 2, 3 * MiB) == data[:MiB // 2], "write-zeroes went past its range"
+    p.pwrite(b"\xcd" * MiB, 10 * MiB)
+    p.trim(MiB, 10 * MiB)
+    assert u.pread(MiB, 10 * MiB) == bytes(MiB), "trimmed memory should read as zeroes upstream"
+    p.shutdown()
+    u.shutdown()
+
+
+def extents(h, off, length):
+    got = []
+
+    def cb(meta, offset, entries, err):
+        if meta == "base:allocation":
+            got.extend(zip(entries[0::2], entries[1::2]))
+        return 0
+
+    h.block_status(length, off, cb)
+    return got
+
+
+def test_proxy_passes_block_status_through(upstream, start_server):
+    u = connect(upstream.uri())
+    u.pwrite(b"\x01" * (2 * MiB), 4 * MiB)
+    proxy = start_server({"": upstream.uri()})
+    p = connect(proxy.uri())
+    assert p.can_meta_context("base:allocation")
+    via_proxy = extents(p, 0, 16 * MiB)
+    direct = extents(u, 0, 16 * MiB)
+    assert via_proxy, "no extents through the proxy"
+    assert via_proxy == direct, "block status through the proxy %s, upstream %s" % (via_proxy, direct)
+    assert any(flags & 1 for _, flags in via_proxy), "no hole reported"
+    p.shutdown()
+    u.shutdown()
+
+
+def test_proxy_qemu_img_against_a_qemu_nbd_upstream(start_server, shm_tmp):
+    """qemu-nbd 10 upstream (extended headers with ringbd's client): qemu-img
+    converts into the proxy and compares; the file behind qemu-nbd holds it."""
+    img = os.path.join(shm_tmp, "up.img")
+    with open(img, "wb") as f:
+        f.truncate(SIZE)
+    up = conftest.start("qemu-nbd", exports={"": img})
+    try:
+        proxy = start_server({"": up.uri()})
+        src = os.path.join(shm_tmp, "src.raw")
+        with open(src, "wb") as f:
+            f.write(os.urandom(8 * MiB))
+            f.truncate(SIZE)
+        subprocess.run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", src, proxy.uri()],
+                       check=True, timeout=120)
+        r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", src, proxy.uri()],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        proxy.stop()  # before its upstream: its final flush goes there
+    finally:
+        up.stop(check=False)
+    with open(src, "rb") as a, open(img, "rb") as b:
+        assert a.read() == b.read(), "the upstream's file does not hold what was written through the proxy"
+
+
+@pytest.mark.ringbd_only  # ringbd's failure behaviour (nbdkit's plugin retries differently)
+def test_proxy_upstream_gone_fails_requests_fast(upstream, start_server):
+    proxy = start_server({"": upstream.uri()})
+    p = connect(proxy.uri())
+    p.pwrite(b"x" * 4096, 0)
+    upstream.stop(check=False)
+    t0 = time.monotonic()
+    with pytest.raises(nbd.Error) as e:
+        for _ in range(3):
+            p.pread(4096, 0)
+    took = time.monotonic() - t0
+    assert took < 5, "a request waited %.1f s on a dead upstream" % took
+    assert e.value.errno in (5, None) or "Input/output" in str(e.value), e.value
+    assert proxy.alive(), "the proxy died with its upstream"
+    assert "upstream failed" in proxy.stderr(), proxy.stderr()
+    p.shutdown()
+    # Its final flush cannot reach the upstream: it says so and exits 1.
+    rc = proxy.stop(check=False)
+    assert rc == 1, "exit status %s after a shutdown whose flush failed" % rc
+    assert "could not flush every export" in proxy.stderr(), proxy.stderr()

@@ -22,13 +22,16 @@
 //! upstream side as negotiated. Not passed through: `NO_HOLE` and
 //! `FAST_ZERO` on write-zeroes (the engines' operations do not carry them:
 //! a zeroing may punch holes, and fast zero is not offered), `CACHE`.
-//! A lost upstream connection fails every request in flight and every
-//! later one with EIO (no reconnect yet); the export says so in the log.
+//! A lost upstream is reconnected (every second): the requests it had not
+//! answered are sent again, and requests wait for it up to 30 s, then fail
+//! with EIO, as do later ones until it is back; the log says each step.
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use nbd_proto::wire::{cmd_flags, state_flags, tx_flags};
 use ringbd_client::{ClientConfig, Cmd, Completion, Engine, NbdUri};
@@ -310,6 +313,8 @@ struct InFlight {
     /// Where a read's data goes in `buf`, and the bytes moved.
     at: usize,
     kind: InFlightKind,
+    /// What to send again if the connection is lost before the reply.
+    resend: Resend,
 }
 
 enum InFlightKind {
@@ -319,30 +324,37 @@ enum InFlightKind {
     Extents,
 }
 
-/// The worker: the handshake, then requests in, replies out, until the
-/// backend is dropped (and nothing is in flight) or the upstream fails.
-fn worker(
-    uri: NbdUri,
-    wake: EventFd,
-    jobs: Receiver<Job>,
-    ready: Sender<std::result::Result<Upstream, String>>,
-    failed: Arc<AtomicBool>,
-) {
-    let cfg = ClientConfig::new(&uri.export);
-    let mut engine = match Engine::connect(&uri, &cfg, 1) {
-        Ok(e) => e,
-        Err(e) => {
-            // (`open` waits on `ready`; if it is gone, nobody asked.)
-            ready.send(Err(e.to_string())).ok();
-            return;
+#[derive(Clone, Copy)]
+enum Resend {
+    Io(FileOp),
+    Extents { offset: u64, len: u64 },
+}
+
+impl InFlight {
+    /// The job again, for a new connection.
+    fn into_job(self) -> Job {
+        match self.resend {
+            Resend::Io(op) => Job::Io { op, buf: self.buf, sink: self.sink },
+            Resend::Extents { offset, len } => Job::Extents { offset, len, sink: self.sink },
         }
-    };
+    }
+}
+
+/// How long requests wait for a lost upstream to come back before they
+/// fail with EIO (later ones then fail at once until it is back), and how
+/// often the worker tries it (nbdkit's nbd plugin `retry=` and qemu's
+/// `reconnect-delay` play the same part).
+const RECONNECT_WINDOW: Duration = Duration::from_secs(30);
+const RECONNECT_EVERY: Duration = Duration::from_secs(1);
+
+/// Opens the client's connections (the first, then more if the upstream
+/// allows multi-conn) and hooks up the wake-up.
+fn connect(uri: &NbdUri, wake: &EventFd) -> std::result::Result<(Engine, Upstream), String> {
+    let cfg = ClientConfig::new(&uri.export);
+    let mut engine = Engine::connect(uri, &cfg, 1).map_err(|e| e.to_string())?;
     let conns = if engine.has(tx_flags::CAN_MULTI_CONN) { MULTI_CONNS } else { 1 };
     if conns > 1 {
-        if let Err(e) = engine.add(&uri, &cfg, conns - 1) {
-            ready.send(Err(format!("opening connection 2 of {conns}: {e}"))).ok();
-            return;
-        }
+        engine.add(uri, &cfg, conns - 1).map_err(|e| format!("opening connection 2 of {conns}: {e}"))?;
     }
     let neg = engine.negotiated().cloned();
     let up = Upstream {
@@ -352,11 +364,34 @@ fn worker(
         max_request: engine.max_request(),
         preferred: neg.and_then(|n| n.block_sizes).map(|b| b.preferred),
     };
-    engine.set_wake(wake);
+    engine.set_wake(wake.try_clone().map_err(|e| format!("the wake-up eventfd: {e}"))?);
+    Ok((engine, up))
+}
+
+/// The worker: the handshake, then requests in, replies out, until the
+/// backend is dropped (and nothing is in flight). A lost upstream is
+/// reconnected: the requests it had not answered are sent again (an NBD
+/// request may be repeated: each says what its range must hold), and
+/// requests wait for it up to [`RECONNECT_WINDOW`].
+fn worker(
+    uri: NbdUri,
+    wake: EventFd,
+    jobs: Receiver<Job>,
+    ready: Sender<std::result::Result<Upstream, String>>,
+    failed: Arc<AtomicBool>,
+) {
+    let (mut engine, up) = match connect(&uri, &wake) {
+        Ok(c) => c,
+        Err(e) => {
+            // (`open` waits on `ready`; if it is gone, nobody asked.)
+            ready.send(Err(e)).ok();
+            return;
+        }
+    };
     if ready.send(Ok(up)).is_err() {
         return;
     }
-    let mut inflight: std::collections::HashMap<u64, InFlight> = std::collections::HashMap::new();
+    let mut inflight: HashMap<u64, InFlight> = HashMap::new();
     let mut next_tag: u64 = 0;
     let mut done: Vec<Completion> = Vec::new();
     let mut pool = Pool::default();
@@ -396,22 +431,107 @@ fn worker(
         }
         if let Err(e) = engine.poll(&mut done, true) {
             warn(format_args!(
-                "NBD export {uri}: the upstream failed: {e}; {} request(s) in flight fail, and every later one",
+                "NBD export {uri}: the upstream failed: {e}; reconnecting ({} request(s) to send again)",
                 inflight.len()
             ));
-            failed.store(true, Ordering::Relaxed);
-            for (_, f) in inflight.drain() {
-                deliver(f.sink, Err(gone()), f.buf);
+            let mut retry: Vec<Job> = inflight.drain().map(|(_, f)| f.into_job()).collect();
+            match reconnect(&uri, &wake, &up, &jobs, &mut retry, &failed) {
+                Some(e) => engine = e,
+                None => return,
             }
-            // Answer whatever still comes until the backend is dropped.
-            while let Ok(job) = jobs.recv() {
-                fail_job(job, gone());
+            for job in retry {
+                next_tag = next_tag.wrapping_add(1);
+                if let Err((job, e)) = start(&mut engine, &up, next_tag, job, &mut inflight, &mut pool) {
+                    fail_job(job, e);
+                }
             }
-            return;
+            continue;
         }
         for c in done.drain(..) {
             let Some(f) = inflight.remove(&c.tag) else { continue };
             finish(f, c, &mut pool);
+        }
+    }
+}
+
+/// Tries to reach the upstream again every [`RECONNECT_EVERY`]. Requests
+/// (`retry`, and new ones) wait for up to [`RECONNECT_WINDOW`], then fail
+/// with EIO, as do later ones (`failed`) until a connection succeeds. An
+/// upstream that comes back with another size is not the same export: the
+/// worker stops there. `None`: the backend was dropped meanwhile, or the
+/// upstream changed.
+fn reconnect(
+    uri: &NbdUri,
+    wake: &EventFd,
+    up: &Upstream,
+    jobs: &Receiver<Job>,
+    retry: &mut Vec<Job>,
+    failed: &AtomicBool,
+) -> Option<Engine> {
+    let since = Instant::now();
+    let mut tries = 0u64;
+    loop {
+        tries += 1;
+        match connect(uri, wake) {
+            Ok((engine, now)) if now.size == up.size => {
+                failed.store(false, Ordering::Relaxed);
+                warn(format_args!(
+                    "NBD export {uri}: reconnected after {:.1} s ({tries} attempt(s)); {} request(s) sent again",
+                    since.elapsed().as_secs_f64(),
+                    retry.len()
+                ));
+                return Some(engine);
+            }
+            Ok((_, now)) => {
+                warn(format_args!(
+                    "NBD export {uri}: the upstream came back with {} bytes instead of {}: not the same \
+                     export; every request fails from now on",
+                    now.size, up.size
+                ));
+                failed.store(true, Ordering::Relaxed);
+                for job in retry.drain(..) {
+                    fail_job(job, gone());
+                }
+                while let Ok(job) = jobs.recv() {
+                    fail_job(job, gone());
+                }
+                return None;
+            }
+            Err(e) if tries == 1 || tries.is_multiple_of(30) => {
+                warn(format_args!("NBD export {uri}: reconnecting: {e}"));
+            }
+            Err(_) => {}
+        }
+        if since.elapsed() >= RECONNECT_WINDOW && !failed.swap(true, Ordering::Relaxed) {
+            warn(format_args!(
+                "NBD export {uri}: no upstream for {} s: {} waiting request(s) fail, and new ones until it is back",
+                RECONNECT_WINDOW.as_secs(),
+                retry.len()
+            ));
+        }
+        if failed.load(Ordering::Relaxed) {
+            for job in retry.drain(..) {
+                fail_job(job, gone());
+            }
+        }
+        // Wait for the next try, taking (or failing) new requests meanwhile.
+        let next = Instant::now() + RECONNECT_EVERY;
+        loop {
+            let left = next.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match jobs.recv_timeout(left) {
+                Ok(job) if failed.load(Ordering::Relaxed) => fail_job(job, gone()),
+                Ok(job) => retry.push(job),
+                Err(mpsc::RecvTimeoutError::Timeout) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    for job in retry.drain(..) {
+                        fail_job(job, gone());
+                    }
+                    return None;
+                }
+            }
         }
     }
 }
@@ -422,7 +542,7 @@ fn start(
     up: &Upstream,
     tag: u64,
     job: Job,
-    inflight: &mut std::collections::HashMap<u64, InFlight>,
+    inflight: &mut HashMap<u64, InFlight>,
     pool: &mut Pool,
 ) -> std::result::Result<(), (Job, io::Error)> {
     let (op, buf, sink) = match job {
@@ -431,10 +551,9 @@ fn start(
             let len = len.min(up.size.saturating_sub(offset)).min(u64::from(u32::MAX));
             return match engine.submit(conn, tag, Cmd::block_status(offset, len), Vec::new()) {
                 Ok(()) => {
-                    inflight.insert(
-                        tag,
-                        InFlight { sink, buf: IoBuf::new(), at: 0, kind: InFlightKind::Extents },
-                    );
+                    let resend = Resend::Extents { offset, len };
+                    let f = InFlight { sink, buf: IoBuf::new(), at: 0, kind: InFlightKind::Extents, resend };
+                    inflight.insert(tag, f);
                     Ok(())
                 }
                 Err(e) => Err((Job::Extents { offset, len, sink }, to_io(&e))),
@@ -470,7 +589,7 @@ fn start(
     let conn = engine.least_busy();
     match engine.submit(conn, tag, cmd, payload) {
         Ok(()) => {
-            inflight.insert(tag, InFlight { sink, buf, at, kind });
+            inflight.insert(tag, InFlight { sink, buf, at, kind, resend: Resend::Io(op) });
             Ok(())
         }
         Err(e) => Err((Job::Io { op, buf, sink }, to_io(&e))),
@@ -479,7 +598,7 @@ fn start(
 
 /// Hands a reply to the operation's sink.
 fn finish(f: InFlight, c: Completion, pool: &mut Pool) {
-    let InFlight { sink, mut buf, at, kind } = f;
+    let InFlight { sink, mut buf, at, kind, .. } = f;
     let result = match (&c.result, kind) {
         (Err(e), _) => Err(to_io(e)),
         (Ok(()), InFlightKind::Read) => {

@@ -169,8 +169,14 @@ def nbdkit_argv(exports, read_only, workdir):
         if kind == "nbd":
             u = urllib.parse.urlsplit(arg)
             q = urllib.parse.parse_qs(u.query)
-            assert u.scheme == "nbd+unix" and "socket" in q, "nbdkit translation: nbd+unix URIs only: %s" % arg
-            plugin = ["nbd", "socket=%s" % q["socket"][0], "export=%s" % urllib.parse.unquote(u.path[1:])]
+            plugin = ["nbd", "export=%s" % urllib.parse.unquote(u.path[1:])]
+            if u.scheme == "nbd+unix":
+                plugin.append("socket=%s" % q["socket"][0])
+            else:
+                assert u.scheme in ("nbd", "nbds"), "nbdkit translation: %s" % arg
+                plugin += ["hostname=%s" % u.hostname, "port=%d" % (u.port or 10809)]
+                if u.scheme == "nbds":
+                    plugin += ["tls=require", "tls-certificates=%s" % q["tls-certificates"][0]]
             return argv + filters + plugin + params
         plugin = [kind, arg]  # memory SIZE | file PATH | null SIZE
         return argv + filters + plugin + params

@@ -16,6 +16,7 @@ import pytest
 
 import conftest
 from helpers import MiB
+from test_tls import pki, tls_uri  # noqa: F401 (pki is a fixture)
 
 SIZE = 64 * MiB
 
@@ -48,6 +49,30 @@ def test_proxy_round_trip_with_multi_conn(upstream, start_server, shm_tmp):
         subprocess.run(["nbdcopy", uri, back], check=True, timeout=120)
         with open(src, "rb") as a, open(back, "rb") as b:
             assert a.read() == b.read(), "data read back through %s differs" % via
+
+
+def test_proxy_tls_on_both_sides(start_server, pki, shm_tmp):
+    """X.509 TLS from the client to the proxy and from the proxy to the
+    upstream (nbds:// in the export spec)."""
+    up = conftest.start("ringbd", exports={"": "memory:%d" % SIZE},
+                        tls={"mode": "require", "dir": pki["server"]})
+    try:
+        proxy = start_server({"": tls_uri(up, pki["client"])}, tls={"mode": "require", "dir": pki["server"]})
+        src = os.path.join(shm_tmp, "src")
+        with open(src, "wb") as f:
+            f.write(os.urandom(8 * MiB))
+            f.truncate(SIZE)
+        subprocess.run(["nbdcopy", src, tls_uri(proxy, pki["client"])], check=True, timeout=120)
+        back = os.path.join(shm_tmp, "back")
+        subprocess.run(["nbdcopy", tls_uri(up, pki["client"]), back], check=True, timeout=120)
+        with open(src, "rb") as a, open(back, "rb") as b:
+            assert a.read() == b.read(), "the upstream does not hold what went through the TLS proxy"
+        r = subprocess.run(["nbdinfo", "nbd://127.0.0.1:%d/" % proxy.port], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode != 0, "the proxy served a plaintext client under --tls require"
+        proxy.stop()  # before its upstream: its final flush goes there
+    finally:
+        up.stop(check=False)
 
 
 def test_proxy_commands_reach_the_upstream(upstream, start_server):

@@ -171,6 +171,17 @@ ublk_attach() {
     [ -b "$UBLK_DEV" ] || fail "$UBLK_DEV is not a block device"
     log "ringbd attach $* -> $UBLK_DEV (pid $UBLK_PID)"
 }
+# ublk_mkfs_counts: ringbd's last request counts (in attach.err, printed
+# when the device went away) show that mkfs's discards and write-zeroes and
+# flushes reached it and that no request failed
+ublk_mkfs_counts() {
+    counts=$(grep 'requests (' attach.err | tail -n1)
+    log "$counts"
+    echo "$counts" | grep -q ' [1-9][0-9]* discards' || fail "mkfs sent no discard through ringbd"
+    echo "$counts" | grep -q ' [1-9][0-9]* write-zeroes' || fail "mkfs sent no write-zeroes through ringbd"
+    echo "$counts" | grep -q ' [1-9][0-9]* flushes' || fail "no flush reached ringbd"
+    echo "$counts" | grep -q ', 0 failed' || fail "requests failed: $counts"
+}
 # ublk_detach: `ringbd detach` must make the attach process exit 0 and the
 # device disappear
 ublk_detach() {

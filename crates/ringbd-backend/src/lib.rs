@@ -15,6 +15,7 @@
 //! No `unsafe` here: system calls and C libraries are `ringbd_io`'s.
 #![forbid(unsafe_code)]
 
+pub mod blocking;
 pub mod error;
 pub mod fault;
 pub mod file;

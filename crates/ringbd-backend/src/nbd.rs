@@ -41,7 +41,9 @@ use ringbd_io::eventfd::EventFd;
 use ringbd_io::fs::Fallocate;
 use ringbd_io::uring::FileOp;
 
-use crate::{extents_to_buf, AsyncIo, Backend, Caps, Error, ErrorKind, Extent, Holes, Op, Result, ZeroFlags};
+use crate::{
+    blocking, extents_to_buf, AsyncIo, Backend, Caps, Error, ErrorKind, Extent, Holes, Op, Result, ZeroFlags,
+};
 
 /// Upstream connections when the upstream allows several.
 const MULTI_CONNS: usize = 4;
@@ -144,16 +146,6 @@ impl NbdBackend {
             Err(mpsc::SendError(job)) => fail_job(job, gone()),
         }
     }
-
-    fn run(&self, op: FileOp, buf: IoBuf) -> (io::Result<usize>, IoBuf) {
-        let w = Arc::new(Waiter::default());
-        self.send(Job::Io { op, buf, sink: Sink::Wait(w.clone()) });
-        w.wait()
-    }
-
-    fn simple(&self, what: Op, op: FileOp, offset: u64, len: u64) -> Result<()> {
-        self.run(op, IoBuf::new()).0.map(drop).map_err(|e| Error::new(what, offset, len, e))
-    }
 }
 
 /// ringbd-backend has no logger of its own (as rbd.rs): warnings go to
@@ -230,42 +222,29 @@ impl Backend for NbdBackend {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<Holes> {
-        let mut b = IoBuf::with_capacity(buf.len());
-        b.set_len(buf.len());
-        let (r, b) = self.run(FileOp::Read { offset, at: 0 }, b);
-        r.map_err(|e| Error::new(Op::Read, offset, buf.len() as u64, e))?;
-        buf.copy_from_slice(&b);
-        Ok(Holes::default())
+        blocking::read(self, offset, buf)
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
-        let (r, _) = self.run(FileOp::Write { offset, at: 0, dsync: fua }, IoBuf::from_slice(data));
-        r.map(drop).map_err(|e| Error::new(Op::Write, offset, data.len() as u64, e))
+        blocking::write(self, offset, data, fua)
     }
 
     fn flush(&self) -> Result<()> {
-        self.simple(Op::Flush, FileOp::Fsync, 0, 0)
+        blocking::flush(self)
     }
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
-        self.simple(Op::Trim, FileOp::Fallocate { mode: Fallocate::PunchHole, offset, len }, offset, len)?;
-        if fua {
-            self.simple(Op::Trim, FileOp::Fsync, offset, len)?;
-        }
-        Ok(())
+        blocking::trim(self, offset, len, fua)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        if flags.fast {
-            let why = "fast zeroing is not passed through to the upstream export";
-            return Err(Error::other(ErrorKind::Unsupported, Op::WriteZeroes, offset, len, why));
-        }
-        let op = FileOp::Fallocate { mode: Fallocate::ZeroRange, offset, len };
-        self.simple(Op::WriteZeroes, op, offset, len)?;
-        if flags.fua {
-            self.simple(Op::WriteZeroes, FileOp::Fsync, offset, len)?;
-        }
-        Ok(())
+        blocking::write_zeroes(
+            self,
+            offset,
+            len,
+            flags,
+            "fast zeroing is not passed through to the upstream export",
+        )
     }
 
     fn cache(&self, _offset: u64, _len: u64) -> Result<()> {

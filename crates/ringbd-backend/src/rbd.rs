@@ -122,7 +122,7 @@ mod imp {
     use std::sync::{mpsc, Arc};
     use std::thread::JoinHandle;
 
-    use ringbd_io::aio::{Sink, Waiter};
+    use ringbd_io::aio::Sink;
     use ringbd_io::buf::IoBuf;
     use ringbd_io::fs::Fallocate;
     use ringbd_io::rbd::{AioOp, CallError, Cluster, ClusterConfig, Image, Pool};
@@ -130,8 +130,8 @@ mod imp {
 
     use super::{extents_from_diff, CephConfig, RbdSpec};
     use crate::{
-        extents_to_buf, AsyncIo, Backend, Caps, Error, ErrorKind, Extent, Holes, Op, Result, ZeroFlags,
-        MAX_EXTENTS,
+        blocking, extents_to_buf, AsyncIo, Backend, Caps, Error, ErrorKind, Extent, Holes, Op, Result,
+        ZeroFlags, MAX_EXTENTS,
     };
 
     /// Most bytes one block-status call asks librbd about when the object
@@ -348,17 +348,6 @@ mod imp {
             })?;
             Ok(RbdBackend { image, status, spec: spec.clone(), object_size, read_only, locked })
         }
-
-        /// Runs one operation and waits for it.
-        fn run(&self, op: AioOp, buf: IoBuf) -> (io::Result<usize>, IoBuf) {
-            let w = Arc::new(Waiter::default());
-            self.image.submit(op, buf, Sink::Wait(w.clone()));
-            w.wait()
-        }
-
-        fn simple(&self, what: Op, op: AioOp, offset: u64, len: u64) -> Result<()> {
-            self.run(op, IoBuf::new()).0.map(drop).map_err(|e| Error::new(what, offset, len, e))
-        }
     }
 
     impl Backend for RbdBackend {
@@ -403,46 +392,23 @@ mod imp {
         }
 
         fn read(&self, offset: u64, buf: &mut [u8]) -> Result<Holes> {
-            let mut b = IoBuf::with_capacity(buf.len());
-            b.set_len(buf.len());
-            let (r, b) = self.run(AioOp::Read { offset, at: 0 }, b);
-            r.map_err(|e| Error::new(Op::Read, offset, buf.len() as u64, e))?;
-            buf.copy_from_slice(&b);
-            Ok(Holes::default())
+            blocking::read(self, offset, buf)
         }
 
         fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
-            let (r, _) = self.run(AioOp::Write { offset, at: 0, fua }, IoBuf::from_slice(data));
-            r.map(drop).map_err(|e| Error::new(Op::Write, offset, data.len() as u64, e))
+            blocking::write(self, offset, data, fua)
         }
 
         fn flush(&self) -> Result<()> {
-            self.simple(Op::Flush, AioOp::Flush, 0, 0)
+            blocking::flush(self)
         }
 
         fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
-            self.simple(Op::Trim, AioOp::Discard { offset, len }, offset, len)?;
-            if fua {
-                self.simple(Op::Trim, AioOp::Flush, offset, len)?;
-            }
-            Ok(())
+            blocking::trim(self, offset, len, fua)
         }
 
         fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-            if flags.fast {
-                return Err(Error::other(
-                    ErrorKind::Unsupported,
-                    Op::WriteZeroes,
-                    offset,
-                    len,
-                    "RBD cannot promise fast zeroing",
-                ));
-            }
-            self.simple(Op::WriteZeroes, AioOp::WriteZeroes { offset, len }, offset, len)?;
-            if flags.fua {
-                self.simple(Op::WriteZeroes, AioOp::Flush, offset, len)?;
-            }
-            Ok(())
+            blocking::write_zeroes(self, offset, len, flags, "RBD cannot promise fast zeroing")
         }
 
         fn cache(&self, _offset: u64, _len: u64) -> Result<()> {

@@ -383,3 +383,32 @@ def test_direct_on_a_filesystem_without_o_direct_is_a_clear_error(ringbd, server
                        timeout=30)
     assert p.returncode != 0
     assert "does not support O_DIRECT" in p.stderr, p.stderr
+
+
+def test_generate_man_pages_and_completions(ringbd, server_kind, tmp_path):
+    """`ringbd generate man DIR`: a page per subcommand that man renders
+    without warnings and that lists every flag `--help` lists; `generate
+    completions SHELL`: scripts that know the subcommands and flags (bash's
+    parses with `bash -n`)."""
+    subprocess.run([ringbd, "generate", "man", str(tmp_path)], check=True, timeout=30)
+    pages = {p.name for p in tmp_path.iterdir()}
+    subs = ["serve", "attach", "detach", "list", "info", "copy", "bench", "generate"]
+    assert pages == {"ringbd.1"} | {"ringbd-%s.1" % s for s in subs}, pages
+    env = dict(os.environ, MANWIDTH="200", LANG="C", LC_ALL="C")
+    for sub in ("serve", "attach", "copy"):
+        r = subprocess.run(["man", "--warnings", "-l", str(tmp_path / ("ringbd-%s.1" % sub))],
+                           capture_output=True, text=True, env=env, timeout=30)
+        assert r.returncode == 0 and not r.stderr.strip(), "man ringbd-%s: %s" % (sub, r.stderr)
+        helptext = subprocess.run([ringbd, sub, "--help"], capture_output=True, text=True, timeout=30).stdout
+        flags = set(re.findall(r"^\s+(?:-\w, )?(--[a-z][a-z0-9-]*)", helptext, re.M))
+        assert flags, "no flags in `ringbd %s --help`" % sub
+        missing = sorted(f for f in flags if f not in r.stdout)
+        assert not missing, "ringbd-%s.1 lacks %s" % (sub, missing)
+    for shell in ("bash", "zsh", "fish"):
+        script = subprocess.run([ringbd, "generate", "completions", shell], capture_output=True,
+                                text=True, check=True, timeout=30).stdout
+        # (fish names long options without their dashes: `-l reply-memory`)
+        assert "attach" in script and "reply-memory" in script, "%s completions" % shell
+    bash = subprocess.run([ringbd, "generate", "completions", "bash"], capture_output=True,
+                          text=True, check=True, timeout=30).stdout
+    subprocess.run(["bash", "-n"], input=bash, text=True, check=True, timeout=30)

@@ -3,6 +3,7 @@
 
 mod cmd_bench;
 mod cmd_copy;
+mod cmd_generate;
 mod cmd_info;
 
 use std::path::PathBuf;
@@ -40,6 +41,8 @@ enum Cmd {
     Copy(cmd_copy::CopyArgs),
     /// Measure an export: IOPS, MiB/s, latency percentiles, client CPU per I/O; --verify checks data.
     Bench(cmd_bench::BenchArgs),
+    /// Write man pages, or print shell completions, made from these definitions (for packages).
+    Generate(cmd_generate::GenerateArgs),
 }
 
 #[derive(Args)]
@@ -249,6 +252,7 @@ fn main() -> ExitCode {
         Cmd::Info(a) => cmd_info::run(a),
         Cmd::Copy(a) => cmd_copy::run(a),
         Cmd::Bench(a) => cmd_bench::run(a),
+        Cmd::Generate(a) => cmd_generate::run(a, <Cli as clap::CommandFactory>::command()),
     }
 }
 

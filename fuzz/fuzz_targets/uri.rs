@@ -1,6 +1,7 @@
-//! NBD URI parsing (`NbdUri::from_str`, doc/uri.md): any string either
-//! parses or is refused with a reason; a parsed URI prints as a URI that
-//! parses back to the same address and export.
+//! NBD URI parsing (`NbdUri::from_str` in crates/ringbd-client/src/uri.rs;
+//! the syntax is docs/client.md's, after the NBD project's doc/uri.md): any
+//! string either parses or is refused with a reason; a parsed URI prints as
+//! a URI that parses back to the same address and export.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

@@ -208,6 +208,10 @@ impl Backend for FileBackend {
         (!self.memory_fs || self.direct.is_some()).then(|| self.file.as_fd())
     }
 
+    fn backing_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(self.file.as_fd())
+    }
+
     fn direct_io(&self) -> Option<DirectIo<'_>> {
         FileBackend::direct_io(self)
     }

@@ -151,6 +151,15 @@ pub trait Backend: Send + Sync {
         None
     }
 
+    /// The open file behind the export, on whatever filesystem (unlike
+    /// [`Backend::file_fd`], also on memory filesystems): for a frontend that
+    /// runs reads and writes as ring operations even where they never wait
+    /// (ublk's zero-copy moves a request's own pages only that way). `None`
+    /// for backends without one, and for wrappers that must see every call.
+    fn backing_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.file_fd()
+    }
+
     /// For `file:PATH,direct`: the `O_DIRECT` descriptor that aligned reads
     /// and writes should use instead of [`Backend::file_fd`].
     fn direct_io(&self) -> Option<file::DirectIo<'_>> {

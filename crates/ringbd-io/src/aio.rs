@@ -62,6 +62,12 @@ impl CompletionQueue {
         self.fd.signal()
     }
 
+    /// Makes the descriptor readable without queueing anything: wakes the
+    /// worker (e.g. to end a poll it has in flight when it stops).
+    pub fn wake(&self) -> io::Result<()> {
+        self.fd.signal()
+    }
+
     /// Clears the eventfd and moves every finished operation into `out`.
     pub fn drain(&self, out: &mut Vec<AioDone>) -> io::Result<()> {
         let r = self.fd.clear();

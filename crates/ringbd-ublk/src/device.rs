@@ -138,9 +138,9 @@ fn check_options(o: &AttachOptions, t: &dyn Target) -> Result<()> {
 }
 
 fn device_size(o: &AttachOptions, t: &dyn Target) -> Result<u64> {
-    let (avail, any_size) = (t.info().size, t.info().any_size);
+    let avail = t.info().size;
     let size = match o.size {
-        Some(s) if s > avail && !any_size => {
+        Some(s) if s > avail => {
             return Err(Error::msg(
                 format!("--size {s}: {} has only {avail} bytes", t.describe()),
                 libc::EINVAL,
@@ -199,7 +199,8 @@ fn build_params(o: &AttachOptions, t: &dyn Target, size: u64, max_io: u32) -> Pa
             discard_alignment: 0,
             discard_granularity: o.block_size,
             max_discard_sectors: if info.discard { u32::MAX >> 9 } else { 0 },
-            // One buffer, so a target can fall back to writing zeroes.
+            // At most one buffer's worth per request: a backend that cannot
+            // zero a range writes zeroes, holding its queue that long.
             max_write_zeroes_sectors: if info.write_zeroes { max_io >> 9 } else { 0 },
             max_discard_segments: 1,
             reserved0: 0,
@@ -606,7 +607,12 @@ pub fn feature_names(flags: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::null::NullTarget;
+    use crate::backend::BackendTarget;
+
+    /// A null backend of `size` bytes as a target.
+    fn null(size: u64) -> BackendTarget {
+        BackendTarget::new(std::sync::Arc::new(ringbd_backend::null::NullBackend::new(size)), false)
+    }
 
     fn opts() -> AttachOptions {
         AttachOptions::default()
@@ -625,7 +631,7 @@ mod tests {
 
     #[test]
     fn options_are_checked() {
-        let t = NullTarget::new(1 << 30);
+        let t = null(1 << 30);
         assert!(check_options(&opts(), &t).is_ok());
         for bs in [256, 1000, 8192] {
             let e = check_options(&AttachOptions { block_size: bs, ..opts() }, &t).unwrap_err();
@@ -639,31 +645,32 @@ mod tests {
     }
 
     #[test]
-    fn size_is_rounded_to_the_block_size_and_bounded_for_files() {
-        let t = NullTarget::new((1 << 20) + 1000);
+    fn size_is_rounded_to_the_block_size_and_bounded_by_the_backend() {
+        let t = null((1 << 20) + 1000);
         assert_eq!(device_size(&opts(), &t).unwrap(), (1 << 20) + 512);
         let o = AttachOptions { block_size: 4096, ..opts() };
         assert_eq!(device_size(&o, &t).unwrap(), 1 << 20);
-        // null may be made larger than its spec, a file may not
-        let o = AttachOptions { size: Some(1 << 30), ..opts() };
-        assert_eq!(device_size(&o, &t).unwrap(), 1 << 30);
+        let o = AttachOptions { size: Some(1 << 19), ..opts() };
+        assert_eq!(device_size(&o, &t).unwrap(), 1 << 19);
+        let e = device_size(&AttachOptions { size: Some(1 << 30), ..opts() }, &t).unwrap_err();
+        assert!(e.to_string().contains("has only"), "{e}");
         assert!(device_size(&AttachOptions { size: Some(100), ..opts() }, &t).is_err());
     }
 
     #[test]
     fn params_describe_the_target() {
-        let t = NullTarget::new(1 << 30);
+        let t = null(1 << 30);
         let o = AttachOptions { block_size: 4096, ..opts() };
         let p = build_params(&o, &t, 1 << 30, 512 << 10);
         assert_eq!(p.basic.logical_bs_shift, 12);
         assert_eq!(p.basic.physical_bs_shift, 12);
         assert_eq!(p.basic.dev_sectors, 1 << 21);
         assert_eq!(p.basic.max_sectors, 1024);
-        assert_eq!(p.basic.attrs & sys::UBLK_ATTR_VOLATILE_CACHE, 0, "null has no cache to flush");
+        assert_ne!(p.basic.attrs & sys::UBLK_ATTR_VOLATILE_CACHE, 0, "null takes flushes, as over NBD");
         assert_ne!(p.types & sys::UBLK_PARAM_TYPE_DISCARD, 0);
         assert_eq!(p.discard.max_discard_segments, 1);
         assert_eq!(p.discard.discard_granularity, 4096);
-        assert_eq!(p.discard.max_write_zeroes_sectors, 1024, "one buffer: the write-of-zeroes fallback");
+        assert_eq!(p.discard.max_write_zeroes_sectors, 1024, "one buffer");
         let ro = build_params(&AttachOptions { read_only: true, ..o }, &t, 1 << 30, 512 << 10);
         assert_ne!(ro.basic.attrs & sys::UBLK_ATTR_READ_ONLY, 0);
         assert_eq!(ro.types & sys::UBLK_PARAM_TYPE_DISCARD, 0);
@@ -701,7 +708,7 @@ mod tests {
         );
         assert_eq!(p.basic.io_opt_shift, 16);
         assert_eq!(p.basic.io_min_shift, 9);
-        let p = build_params(&opts(), &NullTarget::new(1 << 30), 1 << 30, 512 << 10);
+        let p = build_params(&opts(), &null(1 << 30), 1 << 30, 512 << 10);
         assert_eq!(p.basic.io_opt_shift, 9, "no preferred size: the block size");
     }
 

@@ -2,16 +2,14 @@
 //!
 //! A [`Target`] describes the device (size, what it supports) and makes one
 //! [`QueueHandler`] per queue, on that queue's thread. The handler serves
-//! requests: it either answers at once (null) or queues operations on the
-//! queue's own ring (a file's reads, writes, fsyncs and fallocates) and
-//! answers when they complete. Anything a handler needs registered with the
-//! ring (a file, later an NBD connection's socket) it returns from
+//! requests: it either answers at once or queues operations on the queue's
+//! own ring (a file's reads, writes, fsyncs and fallocates; a poll of an
+//! asynchronous backend's completions) and answers when they complete.
+//! Anything a handler needs registered with the ring it returns from
 //! [`Target::queue`]; the `n`th becomes `FileSlot(n + 1)`.
 //!
-//! An NBD target fits the same shape: one connection per queue, opened in
-//! [`Target::queue`], its socket registered with the queue's ring, requests
-//! sent and replies received as ring operations, each carrying the request's
-//! tag.
+//! The one implementation is [`crate::backend::BackendTarget`]: every
+//! export backend of `ringbd serve`, driven as the server drives it.
 
 use std::os::fd::OwnedFd;
 
@@ -22,13 +20,8 @@ use crate::error::{Error, Result};
 /// What a target offers; becomes the device's parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TargetInfo {
-    /// Largest request the target takes (bytes; 0: no limit of its own).
-    pub max_io: u32,
     /// Preferred I/O size (bytes, a power of two; 0: the block size).
     pub opt_io: u32,
-    /// Most queues the target can serve (0: any); an NBD export without
-    /// `CAN_MULTI_CONN` gets one connection, so one queue.
-    pub max_queues: u16,
     /// Bytes.
     pub size: u64,
     pub read_only: bool,
@@ -42,8 +35,6 @@ pub struct TargetInfo {
     pub write_zeroes: bool,
     /// The smallest block size the target accepts (e.g. O_DIRECT's).
     pub min_block_size: u32,
-    /// `--size` may exceed `size` (null has no end).
-    pub any_size: bool,
     /// The handler moves read and write data with [`QueueRing::read_data`]
     /// / [`QueueRing::write_data`] only (never through `ring.buf(tag)`), so
     /// the device may be created zero-copy (`UBLK_F_AUTO_BUF_REG`).

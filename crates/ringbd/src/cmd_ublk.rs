@@ -5,24 +5,30 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
+use ringbd_ublk::backend::{is_volatile, BackendTarget};
 use ringbd_ublk::device::{self, block_path, state_name};
-use ringbd_ublk::{AttachOptions, Device, TargetSpec, TermSignals};
+use ringbd_ublk::{AttachOptions, Device, TermSignals};
 
 #[derive(Args)]
 #[command(after_help = "\
-TARGET is one of:
+TARGET is any export spec of `ringbd serve`, driven through the same backend layer:
+  memory:SIZE           a memory export (gone when this process ends: such a device
+                        is never recoverable)
+  file:PATH[,direct]    a regular file or block device (direct: O_DIRECT); reads,
+                        writes, flushes and fallocates run on the queue's ring
   null:SIZE             reads zeroes, drops writes, e.g. null:1G
-  file:PATH[,direct]    a regular file or block device (direct: O_DIRECT)
-  nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH
-                        an NBD export: a connection per queue (one queue unless
-                        the server allows multi-conn); size, block size, read-only,
-                        flush/FUA/trim/write-zeroes come from the export; a lost
-                        connection is re-opened and unanswered requests sent again
-  memory:SIZE           a memory export, as `ringbd serve` has it (gone when this
-                        process ends: such a device is never recoverable)
-  fault:RULES:SPEC      SPEC (memory:, file:, null:) with injected errors and delays,
-                        e.g. fault:write=1%@ENOSPC:memory:1G (errors reach the writer
-                        with their errno; delays hold the queue)
+  rbd:POOL/IMAGE[@SNAPSHOT]
+                        a Ceph RBD image through librbd's asynchronous API (one process,
+                        no kernel nbd driver; see --ceph-conf and docs/rbd.md)
+  nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH (and nbds://, nbds+unix://)
+                        another server's export through ringbd's client (up to 4
+                        connections with multi-conn); size, read-only, flush/FUA/trim/
+                        write-zeroes come from the export; a lost server is reconnected
+                        every second and unanswered requests sent again; after 30 s
+                        they fail with EIO (docs/proxy.md)
+  fault:RULES:SPEC      SPEC with injected errors and delays, e.g.
+                        fault:write=1%@ENOSPC:memory:1G (errors reach the writer with
+                        their errno; delays hold the queue)
 
 The block device path (/dev/ublkbN) is printed on stdout once the device is live;
 attach then serves it in the foreground until SIGINT/SIGTERM or `ringbd detach`.
@@ -34,10 +40,11 @@ Examples:
   ringbd attach null:1G --block-size 4096
   ringbd attach file:/srv/disk.img --queues 2 --depth 128
   ringbd attach file:/srv/disk.img --recover 0
+  ringbd attach rbd:rbd/disk --ceph-id admin
   ringbd attach nbd+unix:///disk?socket=/run/ringbd.sock")]
 pub struct AttachArgs {
     /// What backs the device.
-    target: TargetSpec,
+    target: ringbd_backend::Spec,
     /// Queues (a thread and ring each) [default: CPUs, at most 4].
     #[arg(long, value_name = "N")]
     queues: Option<u16>,
@@ -45,14 +52,13 @@ pub struct AttachArgs {
     #[arg(long, value_name = "N", default_value = "64")]
     depth: u16,
     /// Logical and physical block size: 512, 1024, 2048 or 4096 [default: 512,
-    /// or the target's minimum: an NBD export's INFO_BLOCK_SIZE, O_DIRECT's 4096].
+    /// or the target's minimum: the alignment O_DIRECT needs].
     #[arg(long, value_name = "BYTES")]
     block_size: Option<u32>,
     /// Device size [default: the target's, rounded down to the block size].
     #[arg(long, value_name = "SIZE", value_parser = ringbd_backend::parse_size)]
     size: Option<u64>,
-    /// Largest request, and the buffer per tag [default: 512K, or less where the
-    /// target's maximum is smaller].
+    /// Largest request, and the buffer per tag [default: 512K].
     #[arg(long, value_name = "SIZE", value_parser = ringbd_backend::parse_size)]
     max_io: Option<u64>,
     /// Refuse writes, discards and write-zeroes.
@@ -71,6 +77,8 @@ pub struct AttachArgs {
     /// Re-attach device N (ID or /dev/ublkbN), whose previous server died.
     #[arg(long, value_name = "ID", value_parser = device::parse_device)]
     recover: Option<u32>,
+    #[command(flatten)]
+    ceph: crate::CephArgs,
 }
 
 #[derive(Args)]
@@ -97,25 +105,25 @@ pub fn attach(a: AttachArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(format!("signalfd: {e}")),
     };
-    let volatile = a.target.is_volatile();
+    let volatile = is_volatile(&a.target);
     if volatile && a.recover.is_some() {
         return fail(
             "a memory export lives only in the process that served it: a new one starts empty, so \
                      there is no data to recover the device with (detach it, or attach a new one)",
         );
     }
-    let target = match a.target.open(a.read_only) {
+    let target = match BackendTarget::open(&a.target, a.read_only, &a.ceph.config()) {
         Ok(t) => t,
         Err(e) => return fail(e),
     };
+    let path = target.path();
+    let target: std::sync::Arc<dyn ringbd_ublk::Target> = std::sync::Arc::new(target);
     let info = target.info();
     let max_io = match a.max_io {
         Some(m) => match u32::try_from(m) {
             Ok(v) => v,
             Err(_) => return fail(format!("--max-io {m} is too large")),
         },
-        // The export's maximum request, in whole pages (at least one).
-        None if info.max_io > 0 => (info.max_io.min(512 << 10) & !4095).max(4096),
         None => 512 << 10,
     };
     let block_size = a.block_size.unwrap_or(info.min_block_size.max(512));
@@ -123,16 +131,7 @@ pub fn attach(a: AttachArgs) -> ExitCode {
         Some(id) => Device::recover(target.clone(), id),
         None => {
             let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4) as u16;
-            let mut queues = a.queues.unwrap_or(cpus);
-            if info.max_queues > 0 && queues > info.max_queues {
-                eprintln!(
-                    "ringbd: {} allows {} connection(s) (no CAN_MULTI_CONN): {} queue(s), not {queues}",
-                    target.describe(),
-                    info.max_queues,
-                    info.max_queues
-                );
-                queues = info.max_queues;
-            }
+            let queues = a.queues.unwrap_or(cpus);
             let o = AttachOptions {
                 queues,
                 depth: a.depth,
@@ -171,7 +170,7 @@ pub fn attach(a: AttachArgs) -> ExitCode {
         i.dev_id,
         ringbd_ublk::device::data_path(i.flags, dev.features, &info, !a.no_zero_copy)
     );
-    eprintln!("ringbd: serving {} on {}", target.describe(), block_path(i.dev_id));
+    eprintln!("ringbd: serving {} on {} ({})", target.describe(), block_path(i.dev_id), path.name());
     let mut out = std::io::stdout();
     if let Err(e) = writeln!(out, "{}", block_path(i.dev_id)).and_then(|()| out.flush()) {
         eprintln!("ringbd: writing the device path to stdout: {e}");

@@ -171,6 +171,16 @@ struct ServeArgs {
     /// TLS with pre-shared keys instead of certificates: a psktool file of username:hexkey lines (as nbdkit --tls-psk and qemu's keys.psk).
     #[arg(long, value_name = "FILE", conflicts_with_all = ["tls_certificates", "tls_verify_peer"])]
     tls_psk: Option<PathBuf>,
+    #[command(flatten)]
+    ceph: CephArgs,
+    /// A/B switch: keep TLS in userspace (rustls) even where the kernel has kTLS.
+    #[arg(long)]
+    no_ktls: bool,
+}
+
+/// How to reach the Ceph cluster of `rbd:` specs (`serve` and `attach`).
+#[derive(clap::Args)]
+pub struct CephArgs {
     /// rbd: exports: the ceph.conf to read [default: librados' search: $CEPH_CONF, /etc/ceph/ceph.conf, ...].
     #[arg(long, value_name = "PATH")]
     ceph_conf: Option<PathBuf>,
@@ -180,9 +190,16 @@ struct ServeArgs {
     /// rbd: exports: bound on connecting, monitor commands and each OSD operation (0 = librados' defaults: OSD operations wait forever).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_timeout)]
     ceph_timeout: Duration,
-    /// A/B switch: keep TLS in userspace (rustls) even where the kernel has kTLS.
-    #[arg(long)]
-    no_ktls: bool,
+}
+
+impl CephArgs {
+    pub fn config(self) -> ringbd_backend::CephConfig {
+        ringbd_backend::CephConfig {
+            conf: self.ceph_conf,
+            id: self.ceph_id,
+            timeout: (!self.ceph_timeout.is_zero()).then_some(self.ceph_timeout),
+        }
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -314,11 +331,7 @@ fn serve(a: ServeArgs) -> ExitCode {
             user: a.user,
             group: a.group,
         },
-        ceph: ringbd_backend::CephConfig {
-            conf: a.ceph_conf,
-            id: a.ceph_id,
-            timeout: (!a.ceph_timeout.is_zero()).then_some(a.ceph_timeout),
-        },
+        ceph: a.ceph.config(),
     };
     match ringbd_server::run(config) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

@@ -1,6 +1,7 @@
 #!/bin/sh
-# The export backends of `ringbd serve` through ublk (the backend layer,
-# crates/ringbd-ublk/src/backend.rs): `ringbd attach memory:256M` gets an
+# The export backends of `ringbd serve` that answer from memory, through
+# ublk (crates/ringbd-ublk/src/backend/inline.rs; files: ublk-file, NBD
+# exports: ublk-nbd*): `ringbd attach memory:256M` gets an
 # ext4 made, filled, synced, checked with e2fsck and verified, with mkfs's
 # discards, write-zeroes and flushes reaching ringbd and none failing; the
 # memory device is made without USER_RECOVERY (its data dies with the

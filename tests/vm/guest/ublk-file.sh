@@ -1,5 +1,6 @@
 #!/bin/sh
-# The ublk frontend with the file target: `ringbd attach file:disk.img`
+# The ublk frontend on the file backend (its reads, writes, flushes and
+# fallocates as operations on the queue's ring): `ringbd attach file:disk.img`
 # (on the guest's tmpfs) gets an ext4 made, filled, synced, unmounted,
 # checked with e2fsck and verified through /dev/ublkbN; after detach the
 # backing file itself must hold exactly what the device showed (same
@@ -7,7 +8,7 @@
 # (its journal) must have reached ringbd as such. Then discard (punched
 # holes read back as zeroes, in the file too), an O_DIRECT attach with
 # 4 KiB blocks whose writes land in the file, a --read-only attach, and
-# ENOSPC from a target on a full filesystem reaching the writer.
+# ENOSPC from a file on a full filesystem reaching the writer.
 . /vmtest/lib.sh
 
 step "load ublk_drv"

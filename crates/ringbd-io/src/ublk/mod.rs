@@ -5,8 +5,8 @@
 //! - [`ctrl`]: `/dev/ublk-control` commands (add, parameters, start, stop,
 //!   delete, info, features, user recovery).
 //! - [`queue`]: one queue's ring, mmapped request descriptors and per-tag
-//!   buffers; FETCH_REQ / COMMIT_AND_FETCH_REQ and the target's file
-//!   operations on the same ring.
+//!   buffers; FETCH_REQ / COMMIT_AND_FETCH_REQ, the target's file
+//!   operations and polls on the same ring.
 //!
 //! The frontend itself (targets, queue threads, device lifecycle) is the
 //! `ringbd-ublk` crate, which has no `unsafe`.
@@ -16,8 +16,5 @@ pub mod queue;
 pub mod sys;
 
 pub use ctrl::{signal_process, Control, CONTROL_PATH};
-pub use queue::{
-    pin_current_thread, AllocMode, Event, FileIo, FileSlot, QueueConfig, QueueRing, SendPart,
-    RECV_HEADER_MAX, SEND_BATCH_MAX, SEND_HEADER_MAX,
-};
+pub use queue::{pin_current_thread, AllocMode, Event, FileIo, FileSlot, QueueConfig, QueueRing};
 pub use sys::{DevInfo, IoDesc, Params};

@@ -31,18 +31,9 @@ use super::sys::{self, IoCmd, IoDesc};
 
 /// user_data bit that marks a target operation (clear: a ublk command).
 const OP_BIT: u64 = 1 << 63;
-/// The tag field of a connection operation (no tag: a batched send or a
-/// reply header's receive); real tags are below `UBLK_MAX_QUEUE_DEPTH`.
+/// The tag field of an operation tied to no tag (a poll); real tags are
+/// below `UBLK_MAX_QUEUE_DEPTH`.
 const NO_TAG: u64 = 0xffff;
-/// With `NO_TAG`: which connection operation.
-const CONN_SEND: u64 = 1 << 48;
-const CONN_RECV: u64 = 1 << 49;
-/// Bytes of the ring's reply-header receive area.
-pub const RECV_HEADER_MAX: usize = 64;
-/// Bytes of one request header in a batched send.
-pub const SEND_HEADER_MAX: usize = 32;
-/// Requests in one batched send (two iovecs each, below IOV_MAX).
-pub const SEND_BATCH_MAX: usize = 256;
 /// Fixed-file slot of /dev/ublkcN; target files follow from 1.
 const CDEV_SLOT: u32 = 0;
 
@@ -69,42 +60,10 @@ pub enum Event {
     CommandFailed { tag: u16, error: io::Error },
     /// A target operation for `tag` finished: bytes moved, or the error.
     Op { tag: u16, cookie: u32, result: io::Result<u32> },
-    /// A connection operation ([`QueueRing::send_requests`],
-    /// [`QueueRing::recv_header`]) finished: bytes moved, or the error.
+    /// An operation tied to no tag ([`QueueRing::poll_readable`]) finished:
+    /// the ready events, or the error.
     ConnOp { cookie: u32, result: io::Result<u32> },
 }
-
-/// One request of a batched send: `header_len` bytes of the headers
-/// passed along, then `payload` bytes from the start of `tag`'s buffer.
-#[derive(Debug, Clone, Copy)]
-pub struct SendPart {
-    pub tag: u16,
-    pub header_len: usize,
-    pub payload: u32,
-}
-
-/// The memory a batched send points at; owned by the ring, reused, and
-/// never resized while a send is in flight.
-struct SendArea {
-    headers: Vec<u8>,
-    iov: Vec<libc::iovec>,
-    msg: Box<libc::msghdr>,
-    /// Tags whose buffers the send in flight reads.
-    tags: Vec<u16>,
-    busy: bool,
-}
-
-/// Where a reply header, or a stream of bytes, is received; one receive
-/// at a time.
-struct RecvArea {
-    buf: Box<[u8; RECV_HEADER_MAX]>,
-    /// For [`QueueRing::recv_stream`] (TLS records); allocated on first use.
-    stream: Vec<u8>,
-    busy: bool,
-}
-
-/// Bytes of the stream receive area.
-pub const RECV_STREAM_MAX: usize = 256 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TagState {
@@ -169,8 +128,6 @@ pub struct QueueRing {
     tags: Vec<TagState>,
     /// Ring operations submitted and not yet completed (commands + ops).
     inflight: usize,
-    send: SendArea,
-    recv: RecvArea,
     /// READ_FIXED / WRITE_FIXED operations on request buffers (zero-copy).
     fixed_ops: u64,
 }
@@ -276,15 +233,6 @@ impl QueueRing {
                 .register_buffers_sparse(u32::from(cfg.depth))
                 .map_err(|e| ctx("registering a sparse buffer table (zero-copy)", e))?;
         }
-        // SAFETY: msghdr is plain old data; all-zero is a valid empty message.
-        let msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
-        let send = SendArea {
-            headers: Vec::with_capacity(SEND_BATCH_MAX * SEND_HEADER_MAX),
-            iov: Vec::with_capacity(SEND_BATCH_MAX * 2),
-            msg,
-            tags: Vec::with_capacity(SEND_BATCH_MAX),
-            busy: false,
-        };
         Ok(QueueRing {
             ring,
             cfg,
@@ -292,8 +240,6 @@ impl QueueRing {
             bufs,
             tags: vec![TagState::Idle; usize::from(cfg.depth)],
             inflight: 0,
-            send,
-            recv: RecvArea { buf: Box::new([0; RECV_HEADER_MAX]), stream: Vec::new(), busy: false },
             fixed_ops: 0,
         })
     }
@@ -310,10 +256,7 @@ impl QueueRing {
     fn push(&mut self, e: squeue::Entry128) -> io::Result<()> {
         // SAFETY: every SQE made by this type points only at memory owned
         // by self (tag buffers, which stay allocated while any operation on
-        // them is in flight, see Drop; the send area's headers, iovecs and
-        // msghdr and the receive area, which are heap memory that is neither
-        // freed nor resized while their operation is in flight), at a
-        // request buffer the driver registered in the ring's buffer table
+        // them is in flight, see Drop), at a request buffer the driver registered in the ring's buffer table
         // (READ_FIXED/WRITE_FIXED: `addr` is then a byte offset into that
         // kernel buffer, which the kernel bounds-checks, not a pointer into
         // our memory), or at nothing.
@@ -552,242 +495,22 @@ impl QueueRing {
         self.push_op(tag, e.user_data(Self::op_data(tag, cookie)).into())
     }
 
-    /// Points registered slot `slot` at `fd` instead (a reconnected socket);
-    /// operations already in flight keep the file they started with.
-    pub fn replace_file(&mut self, slot: FileSlot, fd: BorrowedFd<'_>) -> io::Result<()> {
-        let n = self.ring.submitter().register_files_update(slot.0, &[fd.as_raw_fd()])?;
-        if n != 1 {
-            return Err(io::Error::other(format!("registered file update replaced {n} slots, not 1")));
-        }
-        Ok(())
-    }
-
-    /// Whether a ring operation (a send of its payload, a receive into its
-    /// buffer, a file operation) still uses `tag`'s buffer: its request
-    /// cannot be committed yet.
+    /// Whether a ring operation (a file operation on its buffer) still uses
+    /// `tag`'s buffer: its request cannot be committed yet.
     pub fn tag_busy(&self, tag: u16) -> bool {
         matches!(self.tags.get(usize::from(tag)), Some(TagState::Ours { ops }) if *ops > 0)
     }
 
-    /// Whether a batched send is in flight (one at a time).
-    pub fn sending(&self) -> bool {
-        self.send.busy
-    }
-
-    /// Whether a header receive is in flight (one at a time).
-    pub fn receiving(&self) -> bool {
-        self.recv.busy
-    }
-
-    /// Sends `parts` on the socket in `sock` as one `sendmsg` (headers
-    /// copied into the ring's send area, payloads read from the tags'
-    /// buffers, which must be held with no operation using them; they are
-    /// then in use until the send completes). Completes as [`Event::ConnOp`] with `cookie`;
-    /// the result is the bytes sent (all of them unless the connection
-    /// failed: `MSG_WAITALL`).
-    pub fn send_requests(
-        &mut self,
-        sock: FileSlot,
-        headers: &[u8],
-        parts: &[SendPart],
-        cookie: u32,
-    ) -> io::Result<()> {
-        let (dev, q, size) = (self.cfg.dev_id, self.cfg.q_id, self.bufs.buf_size);
-        let err = |what: String| {
-            io::Error::new(io::ErrorKind::InvalidInput, format!("ublk device {dev} queue {q}: send: {what}"))
-        };
-        if self.send.busy {
-            return Err(err("a send is already in flight".into()));
-        }
-        if parts.is_empty() || parts.len() > SEND_BATCH_MAX {
-            return Err(err(format!("{} requests in one send (1..={SEND_BATCH_MAX})", parts.len())));
-        }
-        let hsum: usize = parts.iter().map(|p| p.header_len).sum();
-        if hsum != headers.len() || parts.iter().any(|p| p.header_len > SEND_HEADER_MAX) {
-            return Err(err(format!("header lengths add up to {hsum}, not {}", headers.len())));
-        }
-        for p in parts.iter().filter(|p| p.payload > 0) {
-            if p.payload as usize > size {
-                return Err(err(format!(
-                    "tag {}: {}-byte payload exceeds the {size}-byte buffer",
-                    p.tag, p.payload
-                )));
-            }
-            match self.tags.get(usize::from(p.tag)) {
-                Some(TagState::Ours { ops: 0 }) => {}
-                other => return Err(err(format!("tag {}: payload in state {other:?}", p.tag))),
-            }
-        }
-        // Checked: nothing fails from here on, so the tag counts stay right.
-        let area = &mut self.send;
-        area.headers.clear();
-        area.headers.extend_from_slice(headers);
-        area.iov.clear();
-        area.tags.clear();
-        let mut off = 0;
-        for p in parts {
-            let h = area.headers[off..off + p.header_len].as_ptr();
-            off += p.header_len;
-            area.iov.push(libc::iovec { iov_base: h as *mut libc::c_void, iov_len: p.header_len });
-            if p.payload > 0 {
-                let b = self.bufs.ptr.as_ptr().wrapping_add(usize::from(p.tag) * self.bufs.buf_size);
-                area.iov.push(libc::iovec { iov_base: b as *mut libc::c_void, iov_len: p.payload as usize });
-                area.tags.push(p.tag);
-                if let Some(TagState::Ours { ops }) = self.tags.get_mut(usize::from(p.tag)) {
-                    *ops += 1;
-                }
-            }
-        }
-        area.msg.msg_iov = area.iov.as_mut_ptr();
-        area.msg.msg_iovlen = area.iov.len() as _;
-        area.busy = true;
-        let e = opcode::SendMsg::new(types::Fixed(sock.0), &*area.msg as *const libc::msghdr)
-            .flags((libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32)
+    /// Waits (one shot) until the registered file in `slot` is readable:
+    /// an eventfd that another thread signals when operations it runs for
+    /// this queue finish (an asynchronous backend's completion queue).
+    /// Completes as [`Event::ConnOp`] with `cookie`. Nothing of the ring's
+    /// memory is involved, so any number may be in flight.
+    pub fn poll_readable(&mut self, slot: FileSlot, cookie: u32) -> io::Result<()> {
+        let e = opcode::PollAdd::new(types::Fixed(slot.0), libc::POLLIN as u32)
             .build()
-            .user_data(OP_BIT | CONN_SEND | (u64::from(cookie) << 16) | NO_TAG);
-        let pushed = self.push(e.into());
-        if pushed.is_err() {
-            // Nothing was queued: the area is free and no payload is in
-            // flight, so the tags' counts go back.
-            self.send.busy = false;
-            for t in self.send.tags.drain(..) {
-                if let Some(TagState::Ours { ops }) = self.tags.get_mut(usize::from(t)) {
-                    *ops = ops.saturating_sub(1);
-                }
-            }
-        }
-        pushed
-    }
-
-    /// Sends all of `data` on the socket in `sock` as one send (TLS records
-    /// the caller built): `data` is swapped with the ring's send area, so
-    /// the caller gets back an empty buffer to fill next time and nothing
-    /// is copied. Completes as [`Event::ConnOp`] with `cookie`; the result
-    /// is the bytes sent (all of them unless the connection failed).
-    pub fn send_owned(&mut self, sock: FileSlot, data: &mut Vec<u8>, cookie: u32) -> io::Result<()> {
-        let (dev, q) = (self.cfg.dev_id, self.cfg.q_id);
-        if self.send.busy || data.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "ublk device {dev} queue {q}: send of {} bytes (busy: {})",
-                    data.len(),
-                    self.send.busy
-                ),
-            ));
-        }
-        let area = &mut self.send;
-        std::mem::swap(&mut area.headers, data);
-        data.clear();
-        area.iov.clear();
-        area.tags.clear();
-        area.iov.push(libc::iovec {
-            iov_base: area.headers.as_ptr() as *mut libc::c_void,
-            iov_len: area.headers.len(),
-        });
-        area.msg.msg_iov = area.iov.as_mut_ptr();
-        area.msg.msg_iovlen = area.iov.len() as _;
-        area.busy = true;
-        let e = opcode::SendMsg::new(types::Fixed(sock.0), &*area.msg as *const libc::msghdr)
-            .flags((libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32)
-            .build()
-            .user_data(OP_BIT | CONN_SEND | (u64::from(cookie) << 16) | NO_TAG);
-        let pushed = self.push(e.into());
-        if pushed.is_err() {
-            // Nothing was queued: the caller gets its bytes back.
-            self.send.busy = false;
-            std::mem::swap(&mut self.send.headers, data);
-        }
-        pushed
-    }
-
-    /// Receives whatever arrives (up to [`RECV_STREAM_MAX`] bytes) from the
-    /// socket in `sock` into the ring's stream area. Completes as
-    /// [`Event::ConnOp`] with `cookie` and the byte count; the bytes are
-    /// then at the front of [`QueueRing::stream`].
-    pub fn recv_stream(&mut self, sock: FileSlot, cookie: u32) -> io::Result<()> {
-        let (dev, q) = (self.cfg.dev_id, self.cfg.q_id);
-        if self.recv.busy {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("ublk device {dev} queue {q}: stream receive while a receive is in flight"),
-            ));
-        }
-        if self.recv.stream.len() != RECV_STREAM_MAX {
-            self.recv.stream = vec![0; RECV_STREAM_MAX];
-        }
-        let p = self.recv.stream.as_mut_ptr();
-        self.recv.busy = true;
-        let e = opcode::Recv::new(types::Fixed(sock.0), p, RECV_STREAM_MAX as u32)
-            .build()
-            .user_data(OP_BIT | CONN_RECV | (u64::from(cookie) << 16) | NO_TAG);
-        self.push_recv(e.into())
-    }
-
-    /// Queues a receive into the receive area, which stays free if the
-    /// push fails.
-    fn push_recv(&mut self, e: squeue::Entry128) -> io::Result<()> {
-        let pushed = self.push(e);
-        if pushed.is_err() {
-            self.recv.busy = false;
-        }
-        pushed
-    }
-
-    /// The stream area, while no receive into it is in flight.
-    pub fn stream(&self) -> Option<&[u8]> {
-        (!self.recv.busy).then_some(&self.recv.stream[..])
-    }
-
-    /// Receives into `range` of the ring's header area from the socket in
-    /// `sock` (`MSG_WAITALL`: all of it unless the connection ends).
-    /// Completes as [`Event::ConnOp`] with `cookie`; the bytes are then in
-    /// [`QueueRing::header`].
-    pub fn recv_header(
-        &mut self,
-        sock: FileSlot,
-        range: std::ops::Range<usize>,
-        cookie: u32,
-    ) -> io::Result<()> {
-        let (dev, q) = (self.cfg.dev_id, self.cfg.q_id);
-        if self.recv.busy || range.start >= range.end || range.end > RECV_HEADER_MAX {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "ublk device {dev} queue {q}: header receive into {range:?} (busy: {})",
-                    self.recv.busy
-                ),
-            ));
-        }
-        let p = self.recv.buf.as_mut_ptr().wrapping_add(range.start);
-        let len = (range.end - range.start) as u32;
-        self.recv.busy = true;
-        let e = opcode::Recv::new(types::Fixed(sock.0), p, len)
-            .flags(libc::MSG_WAITALL)
-            .build()
-            .user_data(OP_BIT | CONN_RECV | (u64::from(cookie) << 16) | NO_TAG);
-        self.push_recv(e.into())
-    }
-
-    /// The header area, while no receive into it is in flight.
-    pub fn header(&self) -> Option<&[u8]> {
-        (!self.recv.busy).then_some(&self.recv.buf[..])
-    }
-
-    /// Receives `len` bytes from the socket in `sock` into `tag`'s buffer
-    /// at `buf_off` (`MSG_WAITALL`); completes as [`Event::Op`] for `tag`.
-    pub fn recv_into(
-        &mut self,
-        tag: u16,
-        sock: FileSlot,
-        buf_off: usize,
-        len: u32,
-        cookie: u32,
-    ) -> io::Result<()> {
-        self.start_op(tag, Some((buf_off, len as usize)))?;
-        let p = self.buf_ptr(tag).wrapping_add(buf_off);
-        let e = opcode::Recv::new(types::Fixed(sock.0), p, len).flags(libc::MSG_WAITALL).build();
-        self.push_op(tag, e.user_data(Self::op_data(tag, cookie)).into())
+            .user_data(OP_BIT | (u64::from(cookie) << 16) | NO_TAG);
+        self.push(e.into())
     }
 
     /// Submits what was queued and waits for at least `want` completions.
@@ -815,16 +538,6 @@ impl QueueRing {
             let tag = (ud & 0xffff) as u16;
             let result = || if res < 0 { Err(io::Error::from_raw_os_error(-res)) } else { Ok(res as u32) };
             if ud & OP_BIT != 0 && ud & 0xffff == NO_TAG {
-                if ud & CONN_SEND != 0 {
-                    self.send.busy = false;
-                    for t in self.send.tags.drain(..) {
-                        if let Some(TagState::Ours { ops }) = self.tags.get_mut(usize::from(t)) {
-                            *ops = ops.saturating_sub(1);
-                        }
-                    }
-                } else if ud & CONN_RECV != 0 {
-                    self.recv.busy = false;
-                }
                 let cookie = ((ud >> 16) & 0xffff_ffff) as u32;
                 out.push(Event::ConnOp { cookie, result: result() });
                 continue;
@@ -860,7 +573,7 @@ impl QueueRing {
     }
 
     /// Whether every tag's command has ended (the device is going away),
-    /// whatever connection operations are still in flight.
+    /// whatever untagged operations (polls) are still in flight.
     pub fn tags_finished(&self) -> bool {
         self.tags.iter().all(|t| matches!(t, TagState::Done | TagState::Idle))
     }
@@ -882,19 +595,7 @@ impl Drop for QueueRing {
         if self.inflight != 0 {
             // The kernel may still copy request data into the buffers (or
             // complete operations into them) after the ring is closed: keep
-            // the memory and the mapping for the life of the process, and
-            // the send and receive areas with them.
-            let send = std::mem::take(&mut self.send.headers);
-            std::mem::forget(send);
-            let iov = std::mem::take(&mut self.send.iov);
-            std::mem::forget(iov);
-            // SAFETY: msghdr is plain old data; all-zero is a valid empty message.
-            let msg = std::mem::replace(&mut self.send.msg, Box::new(unsafe { std::mem::zeroed() }));
-            std::mem::forget(msg);
-            let recv = std::mem::replace(&mut self.recv.buf, Box::new([0; RECV_HEADER_MAX]));
-            std::mem::forget(recv);
-            let stream = std::mem::take(&mut self.recv.stream);
-            std::mem::forget(stream);
+            // the memory and the mapping for the life of the process.
             return;
         }
         // SAFETY: nothing is in flight, so the kernel holds no pointer into

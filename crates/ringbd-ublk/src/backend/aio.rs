@@ -1,0 +1,260 @@
+//! Backends that run their I/O asynchronously themselves (Ceph RBD
+//! through librbd's aio, NBD exports through the client's worker): each
+//! request becomes one submitted operation ([`AsyncIo::submit`], the
+//! vocabulary the server's engines use), whose completion arrives, from
+//! the backend's thread, in this queue's [`CompletionQueue`]. The queue's
+//! ring polls that queue's eventfd (registered as the ring's file 1), so a
+//! completion wakes the queue's loop like any ring completion; no thread
+//! waits per request.
+//!
+//! Data is copied between the tag's buffer and the operation's buffer
+//! (the backends take owned buffers, which outlive the request if the
+//! device goes away): the device is never zero-copy on this path.
+//! Buffers are kept for reuse, within [`SPARE_BYTES`].
+//!
+//! The same choices as the server's engine: a discard is a punched hole, a
+//! write-zeroes the backend's zeroing mode ([`Backend::zero_mode`]), each
+//! with FUA followed by a flush; where the backend refuses the mode as
+//! unsupported, its own blocking `write_zeroes` runs (a discard is a hint
+//! and succeeds).
+
+use std::io;
+use std::sync::Arc;
+
+use ringbd_backend::{Backend, ZeroFlags};
+use ringbd_io::aio::{AioDone, CompletionQueue, Sink};
+use ringbd_io::buf::IoBuf;
+use ringbd_io::fs::Fallocate;
+use ringbd_io::ublk::{FileSlot, QueueRing};
+use ringbd_io::uring::FileOp;
+
+use super::{backend_failure, fallocate_unsupported};
+use crate::error::{Error, Result};
+use crate::target::{Op, QueueHandler, Request, Step};
+
+/// The completion queue's eventfd in the ring's file table.
+const EVENTS: FileSlot = FileSlot(1);
+/// Cookie of the poll on it.
+const C_POLL: u32 = 1;
+/// Bytes of operation buffers kept for reuse per queue.
+const SPARE_BYTES: usize = 8 << 20;
+
+/// A request waiting for its operation.
+#[derive(Debug, Clone, Copy)]
+struct Waiting {
+    req: Request,
+    /// The flush after a FUA discard or write-zeroes is in flight.
+    sync_after: bool,
+}
+
+pub struct AioQueue {
+    backend: Arc<dyn Backend>,
+    completions: Arc<CompletionQueue>,
+    reqs: Vec<Option<Waiting>>,
+    /// Finished requests, handed to the loop at the end of the turn.
+    finished: Vec<(u16, Step)>,
+    /// Completions taken from the queue (reused).
+    taken: Vec<AioDone>,
+    spare: Vec<IoBuf>,
+    spare_bytes: usize,
+    /// A poll of the eventfd is in flight.
+    polling: bool,
+    /// The device is going away: no new poll.
+    stopped: bool,
+}
+
+impl AioQueue {
+    pub fn new(backend: Arc<dyn Backend>, depth: u16) -> Result<AioQueue> {
+        let completions = CompletionQueue::new()
+            .map_err(|e| Error::new(format!("{}: completion queue eventfd", backend.describe()), e))?;
+        Ok(AioQueue {
+            backend,
+            completions: Arc::new(completions),
+            reqs: vec![None; usize::from(depth)],
+            finished: Vec::new(),
+            taken: Vec::new(),
+            spare: Vec::new(),
+            spare_bytes: 0,
+            polling: false,
+            stopped: false,
+        })
+    }
+
+    pub fn completions(&self) -> &CompletionQueue {
+        &self.completions
+    }
+
+    fn buffer(&mut self, len: usize) -> IoBuf {
+        match self.spare.iter().position(|b| b.capacity() >= len) {
+            Some(i) => {
+                let mut b = self.spare.swap_remove(i);
+                self.spare_bytes -= b.capacity();
+                b.clear();
+                b
+            }
+            None => IoBuf::with_capacity(len),
+        }
+    }
+
+    fn recycle(&mut self, b: IoBuf) {
+        if b.capacity() > 0 && self.spare_bytes + b.capacity() <= SPARE_BYTES {
+            self.spare_bytes += b.capacity();
+            self.spare.push(b);
+        }
+    }
+
+    fn submit(&mut self, tag: u16, w: Waiting, op: FileOp, buf: IoBuf) -> Step {
+        let Some(aio) = self.backend.aio() else {
+            return Step::Failed(Error::msg(format!("tag {tag}: the backend lost its aio"), libc::EIO));
+        };
+        self.reqs[usize::from(tag)] = Some(w);
+        // The tag travels with the operation and comes back in AioDone.
+        aio.submit(op, buf, Sink::Queue { queue: self.completions.clone(), tag: u64::from(tag) });
+        Step::Pending
+    }
+
+    fn arm(&mut self, ring: &mut QueueRing) {
+        if self.polling || self.stopped {
+            return;
+        }
+        match ring.poll_readable(EVENTS, C_POLL) {
+            Ok(()) => self.polling = true,
+            // Tried again at the end of the next turn; a completion
+            // meanwhile waits in the queue (its eventfd stays readable).
+            Err(e) => eprintln!("ringbd: {}: polling the completion queue: {e}", self.backend.describe()),
+        }
+    }
+
+    /// A submitted operation finished.
+    fn complete(&mut self, ring: &mut QueueRing, d: AioDone) {
+        let Ok(tag) = u16::try_from(d.tag) else { return };
+        let Some(w) = self.reqs.get_mut(usize::from(tag)).and_then(Option::take) else {
+            eprintln!("ringbd: {}: completion for tag {tag}, which has no request", self.backend.describe());
+            return;
+        };
+        let req = w.req;
+        let len = req.len as usize;
+        let step = match (req.op, d.result) {
+            (_, Err(e)) if w.sync_after => self.fail(tag, &req, e),
+            (_, Ok(_)) if w.sync_after => Step::Done(0),
+            (Op::Read, Ok(n)) if n == len => match ring.buf_mut(tag).and_then(|b| b.get_mut(..len)) {
+                Some(dst) if d.buf.len() >= len => {
+                    dst.copy_from_slice(&d.buf[..len]);
+                    Step::Done(req.len)
+                }
+                _ => self.fail(tag, &req, io::Error::other("no buffer for the data read")),
+            },
+            (Op::Write, Ok(n)) if n == len => Step::Done(req.len),
+            (Op::Read | Op::Write, Ok(n)) => {
+                self.fail(tag, &req, io::Error::new(io::ErrorKind::UnexpectedEof, format!("{n} bytes moved")))
+            }
+            (Op::Discard | Op::WriteZeroes, Ok(_)) => self.settled(tag, req),
+            (Op::Discard, Err(e)) if fallocate_unsupported(&e) => self.settled(tag, req),
+            (Op::WriteZeroes, Err(e)) if fallocate_unsupported(&e) => {
+                let flags = ZeroFlags { fua: req.fua, no_hole: req.no_unmap, fast: false };
+                match self.backend.write_zeroes(req.offset, u64::from(req.len), flags) {
+                    Ok(()) => Step::Done(0),
+                    Err(e) => Step::Failed(backend_failure(tag, &e)),
+                }
+            }
+            (_, Ok(_)) => Step::Done(0),
+            (_, Err(e)) => self.fail(tag, &req, e),
+        };
+        self.recycle(d.buf);
+        if !matches!(step, Step::Pending) {
+            self.finished.push((tag, step));
+        }
+    }
+
+    /// A discard or write-zeroes is done: with FUA, flush first.
+    fn settled(&mut self, tag: u16, req: Request) -> Step {
+        if !req.fua {
+            return Step::Done(0);
+        }
+        self.submit(tag, Waiting { req, sync_after: true }, FileOp::Fsync, IoBuf::new())
+    }
+
+    fn fail(&self, tag: u16, req: &Request, e: io::Error) -> Step {
+        Step::Failed(Error::new(format!("tag {tag}: {} of {}", req.describe(), self.backend.describe()), e))
+    }
+}
+
+impl QueueHandler for AioQueue {
+    fn start(&mut self, ring: &mut QueueRing, tag: u16, req: &Request) -> Step {
+        let req = *req;
+        let len = req.len as usize;
+        let (offset, w) = (req.offset, Waiting { req, sync_after: false });
+        let step = match req.op {
+            Op::Read | Op::Write if len == 0 => return Step::Done(0),
+            Op::Read => {
+                let mut buf = self.buffer(len);
+                buf.set_len(len);
+                self.submit(tag, w, FileOp::Read { offset, at: 0 }, buf)
+            }
+            Op::Write => {
+                let mut buf = self.buffer(len);
+                match ring.buf(tag).and_then(|b| b.get(..len)) {
+                    Some(data) => buf.extend_from_slice(data),
+                    None => return self.fail(tag, &req, io::Error::other("no buffer for the data to write")),
+                }
+                self.submit(tag, w, FileOp::Write { offset, at: 0, dsync: req.fua }, buf)
+            }
+            Op::Flush => self.submit(tag, w, FileOp::Fsync, IoBuf::new()),
+            Op::Discard => {
+                let op = FileOp::Fallocate { mode: Fallocate::PunchHole, offset, len: u64::from(req.len) };
+                self.submit(tag, w, op, IoBuf::new())
+            }
+            Op::WriteZeroes => {
+                let mode = self.backend.zero_mode(req.no_unmap).unwrap_or(Fallocate::ZeroRange);
+                self.submit(tag, w, FileOp::Fallocate { mode, offset, len: u64::from(req.len) }, IoBuf::new())
+            }
+            Op::Other(_) => {
+                return Step::Failed(Error::msg(format!("tag {tag}: {}", req.describe()), libc::EOPNOTSUPP))
+            }
+        };
+        self.arm(ring);
+        step
+    }
+
+    fn op_done(&mut self, _ring: &mut QueueRing, tag: u16, cookie: u32, _r: io::Result<u32>) -> Step {
+        Step::Failed(Error::msg(
+            format!("tag {tag}: an aio backend got a ring completion it never asked for ({cookie})"),
+            libc::EIO,
+        ))
+    }
+
+    fn conn_op_done(&mut self, ring: &mut QueueRing, cookie: u32, result: io::Result<u32>) {
+        if cookie != C_POLL {
+            return;
+        }
+        self.polling = false;
+        if let Err(e) = result {
+            eprintln!("ringbd: {}: poll of the completion queue: {e}", self.backend.describe());
+        }
+        let mut taken = std::mem::take(&mut self.taken);
+        if let Err(e) = self.completions.drain(&mut taken) {
+            eprintln!("ringbd: {}: clearing the completion queue's eventfd: {e}", self.backend.describe());
+        }
+        for d in taken.drain(..) {
+            self.complete(ring, d);
+        }
+        self.taken = taken;
+    }
+
+    fn end_turn(&mut self, ring: &mut QueueRing, done: &mut Vec<(u16, Step)>) {
+        done.append(&mut self.finished);
+        if self.reqs.iter().any(Option::is_some) {
+            self.arm(ring);
+        }
+    }
+
+    fn stop(&mut self, _ring: &mut QueueRing) {
+        self.stopped = true;
+        if self.polling {
+            // End the poll in flight: the queue finishes once it completes.
+            if let Err(e) = self.completions.wake() {
+                eprintln!("ringbd: {}: waking the completion queue to stop: {e}", self.backend.describe());
+            }
+        }
+    }
+}

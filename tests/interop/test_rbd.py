@@ -324,6 +324,41 @@ def test_rbd_start_up_errors_are_clear_and_bounded(server_kind, ceph, shm_tmp):
 
 
 @pytest.mark.ringbd_only
+def test_rbd_attach_opens_images_through_the_shared_backend(server_kind, ceph, shm_tmp):
+    """`ringbd attach rbd:...` opens the image with the same backend code and
+    --ceph-* options as `ringbd serve`: the same errors for a missing pool
+    or image, and an existing image opens before the ublk step (which this
+    host's kernel lacks: then attach fails there, naming ublk_drv)."""
+    image = ceph.image("4M")
+
+    def attach(spec):
+        return run([ringbd_bin(), "attach", "--ceph-conf", ceph.conf, "--ceph-timeout", "3s", "--queues", "1",
+                    spec], check=False, timeout=60)
+
+    p = attach("rbd:nopool/x")
+    assert p.returncode != 0 and 'opening pool "nopool"' in p.stderr, p
+    p = attach("rbd:%s/missing" % POOL)
+    assert p.returncode != 0 and "no such image" in p.stderr, p
+    if os.path.exists("/dev/ublk-control"):
+        # A kernel with the driver (and root): the device appears; detach it.
+        proc = subprocess.Popen([ringbd_bin(), "attach", "--ceph-conf", ceph.conf, "--queues", "1", "rbd:" + image],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            dev = proc.stdout.readline().strip()
+            assert dev.startswith("/dev/ublkb"), (dev, proc.stderr.read() if proc.poll() is not None else "")
+            run([ringbd_bin(), "detach", dev], timeout=60)
+            assert proc.wait(timeout=60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    else:
+        p = attach("rbd:" + image)
+        assert p.returncode != 0 and "ublk_drv not loaded" in p.stderr, p
+        assert "opening" not in p.stderr and "no such image" not in p.stderr, p.stderr
+
+
+@pytest.mark.ringbd_only
 def test_rbd_exclusive_lock_keeps_a_second_writer_out(server_kind, serve_rbd, ceph, rbd_handle, shm_tmp):
     image = ceph.image("16M")
     srv = serve_rbd("ringbd", image)

@@ -3,8 +3,11 @@
 
 use super::*;
 use crate::codec::hex;
+use crate::export::{BlockSizes, ExportListing};
 use crate::handshake::tests::catalog;
 use crate::handshake::{Outcome, ServerHandshake};
+use crate::transmission::Extent;
+use crate::wire::{cmd_flags, tx_flags, CmdType, OptCode, RepType};
 
 /// Drives client and server handshakes against each other, byte by byte
 /// where `trickle`, until the client has an outcome (bounded).

@@ -134,6 +134,18 @@ mod imp {
         ZeroFlags, MAX_EXTENTS,
     };
 
+    /// librbd settings ringbd changes from librbd's defaults. `rados_conf_set`
+    /// outranks ceph.conf and `CEPH_ARGS` whatever the order, so these hold;
+    /// docs/rbd.md names the settings that undo their effect:
+    /// - `rbd_cache_writethrough_until_flush = false`: librbd's cache writes
+    ///   back from the first write instead of staying writethrough until the
+    ///   client's first flush (a guard for guests that never flush). NBD's
+    ///   contract is that acknowledged writes are durable after FLUSH or FUA,
+    ///   which ringbd passes to librbd as `rbd_aio_flush`; file exports work
+    ///   the same way through the page cache.
+    const CLIENT_DEFAULTS: [(&std::ffi::CStr, &std::ffi::CStr); 1] =
+        [(c"rbd_cache_writethrough_until_flush", c"false")];
+
     /// Most bytes one block-status call asks librbd about when the object
     /// map answers (fast-diff).
     const MAX_STATUS_SPAN: u64 = 4 << 30;
@@ -262,8 +274,12 @@ mod imp {
         /// snapshot or `read_only`). A writable image with the
         /// exclusive-lock feature is locked for as long as it is served.
         pub fn open(spec: &RbdSpec, read_only: bool, ceph: &CephConfig) -> Result<RbdBackend> {
-            let cfg =
-                ClusterConfig { conf: ceph.conf.as_deref(), id: ceph.id.as_deref(), timeout: ceph.timeout };
+            let cfg = ClusterConfig {
+                conf: ceph.conf.as_deref(),
+                id: ceph.id.as_deref(),
+                timeout: ceph.timeout,
+                settings: &CLIENT_DEFAULTS,
+            };
             // The client as the cluster names it (and as keyring paths do).
             let id = ceph.id.as_deref().unwrap_or("admin");
             let client = if id.starts_with("client.") { id.to_owned() } else { format!("client.{id}") };

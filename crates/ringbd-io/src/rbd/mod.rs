@@ -9,18 +9,18 @@
 //!   buffer to a [`Sink`]: a ring worker's eventfd-signalled queue, or a
 //!   waiting thread. FUA is the write, then a flush, before the sink hears.
 //!
-//! The declarations are in `ffi.rs`; every call into them is here, each
-//! with its `SAFETY` reasoning.
+//! The declarations are in the `librbd-sys` crate; every call into them is
+//! here, each with its `SAFETY` reasoning.
 
-mod ffi;
-
-use std::ffi::{c_int, c_void, CString};
+use std::ffi::{c_int, c_void, CStr, CString};
 use std::fmt;
 use std::io;
 use std::path::Path;
 use std::ptr;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
+
+use librbd_sys as ffi;
 
 use crate::aio::Sink;
 use crate::buf::IoBuf;
@@ -70,23 +70,15 @@ pub struct ClusterConfig<'a> {
     /// (`client_mount_timeout`, `rados_mon_op_timeout`, `rados_osd_op_timeout`);
     /// `None` leaves librados' defaults (OSD operations wait forever).
     pub timeout: Option<Duration>,
+    /// Settings the caller changes from librados' and librbd's defaults
+    /// (`rados_conf_set`, before ceph.conf is read: it outranks ceph.conf
+    /// and `CEPH_ARGS` whatever the order).
+    pub settings: &'a [(&'a CStr, &'a CStr)],
 }
-
-/// librbd settings ringbd changes from librbd's defaults. `rados_conf_set`
-/// outranks ceph.conf and `CEPH_ARGS` whatever the order, so these hold;
-/// docs/rbd.md names the settings that undo their effect:
-/// - `rbd_cache_writethrough_until_flush = false`: librbd's cache writes
-///   back from the first write instead of staying writethrough until the
-///   client's first flush (a guard for guests that never flush). NBD's
-///   contract is that acknowledged writes are durable after FLUSH or FUA,
-///   which ringbd passes to librbd as `rbd_aio_flush`; file exports work
-///   the same way through the page cache.
-const CLIENT_DEFAULTS: [(&std::ffi::CStr, &std::ffi::CStr); 1] =
-    [(c"rbd_cache_writethrough_until_flush", c"false")];
 
 /// A connected librados cluster handle.
 pub struct Cluster {
-    raw: ffi::RadosT,
+    raw: ffi::rados_t,
 }
 
 // SAFETY: a rados_t is safe to use from any thread (librados locks
@@ -101,7 +93,7 @@ impl Cluster {
         let name = if id.starts_with("client.") { id.to_owned() } else { format!("client.{id}") };
         let name = cstring("client name", &name)?;
         let cluster_name = c"ceph";
-        let mut raw: ffi::RadosT = ptr::null_mut();
+        let mut raw: ffi::rados_t = ptr::null_mut();
         // SAFETY: raw is a live out-pointer; both strings are NUL-terminated
         // and outlive the call (librados copies them).
         CallError::check("rados_create2", unsafe {
@@ -109,8 +101,8 @@ impl Cluster {
         })?;
         // From here on the handle is shut down by Drop, on every path.
         let c = Cluster { raw };
-        // ringbd's own settings (see CLIENT_DEFAULTS).
-        for (key, value) in CLIENT_DEFAULTS {
+        // The caller's settings (ringbd's: the rbd backend's CLIENT_DEFAULTS).
+        for &(key, value) in cfg.settings {
             // SAFETY: both strings are NUL terminated; librados copies them.
             CallError::check("rados_conf_set", unsafe {
                 ffi::rados_conf_set(c.raw, key.as_ptr(), value.as_ptr())
@@ -152,7 +144,7 @@ impl Drop for Cluster {
 
 /// An I/O context on one pool.
 pub struct Pool {
-    raw: ffi::RadosIoctxT,
+    raw: ffi::rados_ioctx_t,
     _cluster: Arc<Cluster>,
 }
 
@@ -165,7 +157,7 @@ unsafe impl Sync for Pool {}
 impl Pool {
     pub fn open(cluster: &Arc<Cluster>, name: &str) -> Result<Arc<Pool>, CallError> {
         let cname = cstring("pool name", name)?;
-        let mut raw: ffi::RadosIoctxT = ptr::null_mut();
+        let mut raw: ffi::rados_ioctx_t = ptr::null_mut();
         // SAFETY: a connected cluster handle, a NUL-terminated name, a live
         // out-pointer.
         CallError::check("rados_ioctx_create", unsafe {
@@ -199,7 +191,7 @@ pub enum AioOp {
 
 /// What an open image shares with its in-flight operations.
 struct Shared {
-    raw: ffi::RbdImageT,
+    raw: ffi::rbd_image_t,
     /// Operations started and not yet delivered; close waits for zero.
     inflight: Mutex<usize>,
     idle: Condvar,
@@ -274,7 +266,7 @@ impl Image {
             None => None,
         };
         let snap_ptr = csnap.as_ref().map_or(ptr::null(), |s| s.as_ptr());
-        let mut raw: ffi::RbdImageT = ptr::null_mut();
+        let mut raw: ffi::rbd_image_t = ptr::null_mut();
         let ret = if read_only || snap.is_some() {
             // SAFETY: an open ioctx, NUL-terminated names (or null: no
             // snapshot), a live out-pointer.
@@ -292,11 +284,11 @@ impl Image {
 
     /// Size and object size in bytes.
     pub fn stat(&self) -> Result<(u64, u64), CallError> {
-        // SAFETY: RbdImageInfo is plain old data; all-zero is a valid value.
-        let mut info: ffi::RbdImageInfo = unsafe { std::mem::zeroed() };
+        // SAFETY: rbd_image_info_t is plain old data; all-zero is a valid value.
+        let mut info: ffi::rbd_image_info_t = unsafe { std::mem::zeroed() };
         // SAFETY: an open image; info is a live struct of the size passed.
         CallError::check("rbd_stat", unsafe {
-            ffi::rbd_stat(self.shared.raw, &mut info, std::mem::size_of::<ffi::RbdImageInfo>())
+            ffi::rbd_stat(self.shared.raw, &mut info, std::mem::size_of::<ffi::rbd_image_info_t>())
         })?;
         Ok((info.size, info.obj_size))
     }
@@ -388,7 +380,7 @@ fn start(p: Box<Pending>) {
     let image = p.shared.raw;
     let op = p.op;
     let raw = Box::into_raw(p);
-    let mut c: ffi::RbdCompletionT = ptr::null_mut();
+    let mut c: ffi::rbd_completion_t = ptr::null_mut();
     // SAFETY: raw is a live Box<Pending> that the callback takes back
     // exactly once; c is a live out-pointer.
     let r = unsafe { ffi::rbd_aio_create_completion(raw.cast(), on_complete, &mut c) };
@@ -428,7 +420,7 @@ fn start(p: Box<Pending>) {
 }
 
 /// librbd's completion callback (runs on a librbd thread).
-extern "C" fn on_complete(c: ffi::RbdCompletionT, arg: *mut c_void) {
+extern "C" fn on_complete(c: ffi::rbd_completion_t, arg: *mut c_void) {
     // SAFETY: c is the completion being reported, released once, here.
     let ret = unsafe { ffi::rbd_aio_get_return_value(c) };
     // SAFETY: as above; nothing uses c afterwards.

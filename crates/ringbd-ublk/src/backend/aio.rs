@@ -1,6 +1,6 @@
 //! Backends that run their I/O asynchronously themselves (Ceph RBD
 //! through librbd's aio, NBD exports through the client's worker): each
-//! request becomes one submitted operation ([`AsyncIo::submit`], the
+//! request becomes one submitted operation ([`ringbd_backend::AsyncIo::submit`], the
 //! vocabulary the server's engines use), whose completion arrives, from
 //! the backend's thread, in this queue's [`CompletionQueue`]. The queue's
 //! ring polls that queue's eventfd (registered as the ring's file 1), so a
@@ -10,7 +10,7 @@
 //! Data is copied between the tag's buffer and the operation's buffer
 //! (the backends take owned buffers, which outlive the request if the
 //! device goes away): the device is never zero-copy on this path.
-//! Buffers are kept for reuse, within [`SPARE_BYTES`].
+//! Buffers are kept for reuse, within `SPARE_BYTES` (8 MiB).
 //!
 //! The same choices as the server's engine: a discard is a punched hole, a
 //! write-zeroes the backend's zeroing mode ([`Backend::zero_mode`]), each

@@ -20,9 +20,9 @@
 //! error's own where it has one, else the errno of its kind (a fault rule's
 //! `@ENOSPC` reaches the writer as ENOSPC).
 
-mod aio;
-mod inline;
-mod ring;
+pub mod aio;
+pub mod inline;
+pub mod ring;
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;

@@ -12,6 +12,10 @@
 //!   `--tls-authz` allow list of client certificate subjects.
 //! - [`ktls`]: kernel TLS: the probe, the counters, rustls keys as crypto_info.
 //! - [`server`]: start-up, the accept loop, captive `--run`, clean shutdown.
+//!
+//! No `unsafe` but one `unsafe impl` (the io_uring engine's send module:
+//! the reply queue as memory zero-copy sends read).
+#![deny(unsafe_code)]
 
 pub mod access;
 pub mod budget;

@@ -1,6 +1,8 @@
 //! `ringbd`: command-line entry point. Parsing only; the work is in the
 //! library crates.
 
+#![forbid(unsafe_code)]
+
 mod cmd_bench;
 mod cmd_copy;
 mod cmd_generate;

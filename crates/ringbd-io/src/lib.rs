@@ -16,7 +16,6 @@
 //! - [`net`]: socket activation (LISTEN_FDS) and readiness polling.
 //! - `rbd` (feature `rbd`): Ceph RBD images through librbd's asynchronous C API.
 //! - [`signal`]: SIGINT/SIGTERM delivered as a readable fd.
-//! - [`ublk`]: the ublk driver's control and queue commands.
 //! - [`user`]: user and group lookups, dropping privileges, the umask.
 //!
 //! `unsafe` is denied at the crate root; each module that needs it says so
@@ -44,8 +43,6 @@ pub mod net;
 pub mod rbd;
 #[allow(unsafe_code)]
 pub mod signal;
-#[allow(unsafe_code)]
-pub mod ublk;
 #[allow(unsafe_code)]
 pub mod uring;
 #[allow(unsafe_code)]

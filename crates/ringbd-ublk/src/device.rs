@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::kernel::{sys, Control, DevInfo, Params, QueueConfig};
 use ringbd_io::signal::TermSignals;
-use ringbd_io::ublk::{sys, Control, DevInfo, Params, QueueConfig};
 
 use crate::error::{Context, Error, Result};
 use crate::queue::{self, QueueStats};
@@ -532,7 +532,7 @@ pub fn detach(id: u32, timeout: Duration) -> Result<()> {
     let serving =
         pid > 0 && pid as u32 != std::process::id() && std::path::Path::new(&format!("/proc/{pid}")).exists();
     if serving {
-        ringbd_io::ublk::signal_process(pid, libc::SIGTERM)
+        crate::kernel::signal_process(pid, libc::SIGTERM)
             .context(|| format!("ublk device {id}: SIGTERM to its server, pid {pid}"))?;
         let deadline = Instant::now() + timeout;
         loop {

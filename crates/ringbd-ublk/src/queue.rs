@@ -9,7 +9,7 @@ use std::os::fd::AsFd;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
-use ringbd_io::ublk::{Event, QueueConfig, QueueRing};
+use crate::kernel::{Event, QueueConfig, QueueRing};
 
 use crate::error::{Context, Error, Result};
 use crate::target::{Op, QueueHandler, Request, Step, Target};
@@ -89,7 +89,7 @@ pub fn run(
     let where_ = format!("ublk device {} queue {}", cfg.dev_id, cfg.q_id);
     if !cpus.is_empty() {
         // Before the ring exists, so its memory is allocated near those CPUs.
-        if let Err(e) = ringbd_io::ublk::pin_current_thread(cpus) {
+        if let Err(e) = crate::kernel::pin_current_thread(cpus) {
             eprintln!("ringbd: {where_}: pinning to CPUs {cpus:?}: {e}; running unpinned");
         }
     }

@@ -13,7 +13,7 @@
 
 use std::os::fd::OwnedFd;
 
-use ringbd_io::ublk::{sys, IoDesc, QueueRing};
+use crate::kernel::{sys, IoDesc, QueueRing};
 
 use crate::error::{Error, Result};
 

@@ -21,11 +21,11 @@
 use std::io;
 use std::sync::Arc;
 
+use crate::kernel::{FileSlot, QueueRing};
 use ringbd_backend::{Backend, ZeroFlags};
 use ringbd_io::aio::{AioDone, CompletionQueue, Sink};
 use ringbd_io::buf::IoBuf;
 use ringbd_io::fs::Fallocate;
-use ringbd_io::ublk::{FileSlot, QueueRing};
 use ringbd_io::uring::FileOp;
 
 use super::{backend_failure, fallocate_unsupported};

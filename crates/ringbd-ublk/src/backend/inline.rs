@@ -5,8 +5,8 @@
 use std::io;
 use std::sync::Arc;
 
+use crate::kernel::QueueRing;
 use ringbd_backend::{Backend, ZeroFlags};
-use ringbd_io::ublk::QueueRing;
 
 use super::{backend_failure, kind_errno};
 use crate::error::Error;

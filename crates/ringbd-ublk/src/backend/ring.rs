@@ -15,9 +15,9 @@
 use std::io;
 use std::sync::Arc;
 
+use crate::kernel::{AllocMode, FileIo, FileSlot, QueueRing};
 use ringbd_backend::{Backend, ZeroFlags};
 use ringbd_io::fs::Fallocate;
-use ringbd_io::ublk::{AllocMode, FileIo, FileSlot, QueueRing};
 
 use super::{backend_failure, fallocate_unsupported};
 use crate::error::Error;

@@ -19,6 +19,7 @@
 //! byte offset; nothing is copied through the tag's buffer, which stays for
 //! the other uses (a target's write of zeroes, the copy path).
 
+use super::cvt;
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -153,7 +154,7 @@ pub fn pin_current_thread(cpus: &[usize]) -> io::Result<()> {
     }
     // SAFETY: pid 0 is the calling thread; set is a live, initialised cpu_set_t
     // of the size passed.
-    crate::cvt(unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) })?;
+    cvt(unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) })?;
     Ok(())
 }
 

@@ -10,6 +10,7 @@
 //! kernel may still write to it. Errors are the driver's errno, unwrapped
 //! (callers test for `EBUSY`, `ENODEV`) and given context by the caller.
 
+use super::cvt;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -218,7 +219,7 @@ pub fn signal_process(pid: i32, sig: i32) -> io::Result<()> {
         return Err(io::Error::from_raw_os_error(libc::ESRCH));
     }
     // SAFETY: kill takes integers and has no memory effects.
-    crate::cvt(unsafe { libc::kill(pid, sig) })?;
+    cvt(unsafe { libc::kill(pid, sig) })?;
     Ok(())
 }
 

@@ -8,8 +8,8 @@
 //!   buffers; FETCH_REQ / COMMIT_AND_FETCH_REQ, the target's file
 //!   operations and polls on the same ring.
 //!
-//! The frontend itself (targets, queue threads, device lifecycle) is the
-//! `ringbd-ublk` crate, which has no `unsafe`.
+//! Every `unsafe` line of the ublk frontend is here, next to its one user:
+//! the rest of the crate (targets, queue threads, device lifecycle) has none.
 
 pub mod ctrl;
 pub mod queue;
@@ -18,3 +18,12 @@ pub mod sys;
 pub use ctrl::{signal_process, Control, CONTROL_PATH};
 pub use queue::{pin_current_thread, AllocMode, Event, FileIo, FileSlot, QueueConfig, QueueRing};
 pub use sys::{DevInfo, IoDesc, Params};
+
+/// Turns a `-1` return into the thread's `errno`.
+fn cvt(ret: libc::c_int) -> std::io::Result<libc::c_int> {
+    if ret == -1 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}

@@ -8,7 +8,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|der: &[u8]| {
-    match ringbd_server::tls_authz::subject_dn(der) {
+    match ringbd_server::tls::authz::subject_dn(der) {
         Ok(s) => assert!(!s.contains('\0'), "a NUL in the subject {s:?}"),
         Err(e) => assert!(!e.is_empty(), "an error without a reason"),
     }

@@ -9,8 +9,6 @@
 //! - [`eventfd`]: a non-blocking eventfd, to wake a thread or a ring.
 //! - [`fs`]: file and block-device calls (fallocate, SEEK_DATA/SEEK_HOLE,
 //!   BLKGETSIZE64, fadvise).
-//! - [`ktls`]: kernel TLS: handing a TLS session's keys to the socket,
-//!   and alert records under it.
 //! - [`mem`]: heap thresholds that keep per-request buffers from being
 //!   returned to the kernel and faulted back in.
 //! - [`net`]: socket activation (LISTEN_FDS) and readiness polling.
@@ -32,8 +30,6 @@ pub mod client_ring;
 pub mod eventfd;
 #[allow(unsafe_code)]
 pub mod fs;
-#[allow(unsafe_code)]
-pub mod ktls;
 #[allow(unsafe_code)]
 pub mod mem;
 #[allow(unsafe_code)]

@@ -7,10 +7,12 @@
 //! - [`out`]: the reply queue, sent as one vectored write.
 //! - [`engine_uring`]: the io_uring engine (a ring per worker thread).
 //! - [`engine_threads`]: the portable blocking engine (a thread per connection).
-//! - [`tls`]: STARTTLS credentials and the per-connection TLS layer (rustls
-//!   with certificates, OpenSSL with pre-shared keys); [`tls_authz`]: the
-//!   `--tls-authz` allow list of client certificate subjects.
-//! - [`ktls`]: kernel TLS: the probe, the counters, rustls keys as crypto_info.
+//! - [`tls`]: all of the server's TLS but the connection's two TLS states
+//!   (`conn/tls_io.rs`, `conn/ktls_io.rs`): STARTTLS credentials and the
+//!   per-connection TLS layer (rustls with certificates, OpenSSL with
+//!   pre-shared keys), the `--tls-authz` allow list ([`tls::authz`]), and
+//!   kernel TLS ([`tls::ktls`]: the probe, the counters, rustls keys as
+//!   crypto_info; [`tls::ktls_sys`]: the socket options and record calls).
 //! - [`server`]: start-up, the accept loop, captive `--run`, clean shutdown.
 //!
 //! No `unsafe` but one `unsafe impl` (the io_uring engine's send module:
@@ -23,12 +25,10 @@ pub mod conn;
 pub mod engine_threads;
 pub mod engine_uring;
 pub mod exports;
-pub mod ktls;
 pub mod listener;
 pub mod log;
 pub mod out;
 pub mod server;
 pub mod tls;
-pub mod tls_authz;
 
 pub use server::{run, Config, ServeError, DEFAULT_LISTEN};

@@ -28,11 +28,11 @@
 use std::io;
 use std::os::fd::BorrowedFd;
 
-use ringbd_io::ktls::{content_type, Version};
+use crate::tls::ktls_sys::{content_type, Version};
 
 use super::{Connection, Phase};
-use crate::ktls::{crypto_info, kernel_suite, version_name, KtlsKeys, KtlsStats};
 use crate::log;
+use crate::tls::ktls::{crypto_info, kernel_suite, version_name, KtlsKeys, KtlsStats};
 use crate::tls::{ServerSession, TlsLayer};
 
 /// Receives stopped for the switch before giving up on kTLS.
@@ -174,7 +174,7 @@ impl Connection {
         }
         // Attaching the ULP alone leaves the data path as it was, so a
         // failure here keeps userspace TLS.
-        if let Err(e) = ringbd_io::ktls::attach_ulp(fd) {
+        if let Err(e) = crate::tls::ktls_sys::attach_ulp(fd) {
             self.ktls_fallback(&format!("setsockopt(TCP_ULP, \"tls\"): {e}"));
             return false;
         }
@@ -185,16 +185,16 @@ impl Connection {
                 return false;
             }
         };
-        if let Err(e) = ringbd_io::ktls::set_tx(fd, &keys.tx) {
+        if let Err(e) = crate::tls::ktls_sys::set_tx(fd, &keys.tx) {
             self.ktls_failed(&format!("setsockopt(TLS_TX): {e}"));
             return false;
         }
-        if let Err(e) = ringbd_io::ktls::set_rx(fd, &keys.rx) {
+        if let Err(e) = crate::tls::ktls_sys::set_rx(fd, &keys.rx) {
             self.ktls_failed(&format!("setsockopt(TLS_RX): {e}"));
             return false;
         }
         if keys.version == Version::Tls13 {
-            if let Err(e) = ringbd_io::ktls::set_rx_expect_no_pad(fd) {
+            if let Err(e) = crate::tls::ktls_sys::set_rx_expect_no_pad(fd) {
                 log::debug(format_args!("{}: TLS_RX_EXPECT_NO_PAD: {e} (an optimization only)", self.peer));
             }
         }
@@ -219,12 +219,12 @@ impl Connection {
     /// close_notify, like end of stream: queued replies still go out),
     /// false for anything else (drop what is queued).
     pub fn ktls_recv_error(&mut self, fd: BorrowedFd<'_>, e: &io::Error) -> bool {
-        let clean = if ringbd_io::ktls::is_control_record(e) {
+        let clean = if crate::tls::ktls_sys::is_control_record(e) {
             self.ktls_control_record(fd)
         } else {
-            let what = if ringbd_io::ktls::is_bad_record(e) {
+            let what = if crate::tls::ktls_sys::is_bad_record(e) {
                 Some("a record failed authentication or is malformed")
-            } else if ringbd_io::ktls::is_key_expired(e) {
+            } else if crate::tls::ktls_sys::is_key_expired(e) {
                 Some("the client updated its keys")
             } else {
                 None
@@ -249,7 +249,7 @@ impl Connection {
     /// Reads the pending non-data record; true if it is close_notify.
     fn ktls_control_record(&mut self, fd: BorrowedFd<'_>) -> bool {
         let mut buf = vec![0u8; 16 * 1024 + 256];
-        let (kind, n) = match ringbd_io::ktls::recv_record(fd, &mut buf) {
+        let (kind, n) = match crate::tls::ktls_sys::recv_record(fd, &mut buf) {
             Ok(r) => r,
             Err(e) => {
                 log::warn(format_args!("{}: kTLS: reading a non-data record: {e}", self.peer));
@@ -290,7 +290,7 @@ impl Connection {
     pub fn ktls_close_notify(&mut self, fd: BorrowedFd<'_>) {
         if let KtlsState::On { close_notify_sent: sent @ false } = &mut self.ktls {
             *sent = true;
-            if let Err(e) = ringbd_io::ktls::send_close_notify(fd) {
+            if let Err(e) = crate::tls::ktls_sys::send_close_notify(fd) {
                 log::debug(format_args!("{}: close_notify: {e}", self.peer));
             }
         }

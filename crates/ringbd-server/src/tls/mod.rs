@@ -10,6 +10,12 @@
 //! into as few 16 KiB records as the bytes allow (the equivalent of
 //! `gnutls_record_cork`); the records then leave in one send.
 
+pub mod authz;
+pub mod ktls;
+// The kernel interface of kTLS: setsockopt and cmsg calls on the socket.
+#[allow(unsafe_code)]
+pub mod ktls_sys;
+
 use std::io::{IoSlice, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,9 +27,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig, ServerConnection};
 
-use crate::ktls::{Ktls, KtlsStats, RecordFramer};
 use crate::log;
 use crate::out::OutBuf;
+use ktls::{Ktls, KtlsStats, RecordFramer};
 
 /// The CA certificate (for `--tls-verify-peer`).
 pub const CA_CERT: &str = "ca-cert.pem";
@@ -108,7 +114,7 @@ impl TlsServer {
         if let Some(f) = &opts.authz_file {
             let text =
                 std::fs::read_to_string(f).map_err(|e| format!("--tls-authz-file {}: {e}", f.display()))?;
-            authz.extend(crate::tls_authz::parse_list(&text));
+            authz.extend(crate::tls::authz::parse_list(&text));
             if authz.is_empty() {
                 return Err(format!("--tls-authz-file {}: no distinguished name in it", f.display()));
             }
@@ -133,7 +139,8 @@ impl TlsServer {
             if authz.is_empty() {
                 builder.with_client_cert_verifier(verifier)
             } else {
-                builder.with_client_cert_verifier(Arc::new(crate::tls_authz::AllowList::new(verifier, authz)))
+                builder
+                    .with_client_cert_verifier(Arc::new(crate::tls::authz::AllowList::new(verifier, authz)))
             }
         } else {
             builder.with_no_client_auth()

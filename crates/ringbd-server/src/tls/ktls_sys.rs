@@ -20,7 +20,14 @@ use std::io;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
-use crate::cvt;
+/// Turns a `-1` return into the thread's `errno`.
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
 
 /// TLS record content types (RFC 8446, 5.1).
 pub mod content_type {

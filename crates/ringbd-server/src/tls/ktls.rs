@@ -1,11 +1,11 @@
 //! kTLS for the server: what the kernel offers (probed once at start), the
 //! counters, and the translation from a rustls session to the kernel's
 //! crypto_info structures. The switch itself is `Connection`'s
-//! (`conn/ktls_io.rs`); the syscalls are `ringbd_io::ktls`.
+//! (`conn/ktls_io.rs`); the syscalls are [`super::ktls_sys`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ringbd_io::ktls::{Cipher, CryptoInfo, Probe, Version};
+use crate::tls::ktls_sys::{Cipher, CryptoInfo, Probe, Version};
 use rustls::{CipherSuite, ConnectionTrafficSecrets, ServerConnection};
 
 /// What the kernel's kTLS offers, probed once at start.
@@ -50,7 +50,7 @@ impl KtlsStats {
 impl Ktls {
     /// Probes the kernel; the line says what was found (for `-v`).
     pub fn probe() -> (Ktls, String) {
-        let probe = ringbd_io::ktls::probe();
+        let probe = crate::tls::ktls_sys::probe();
         let line = match &probe.unavailable {
             Some(why) => format!("kTLS unavailable ({why}); TLS stays in userspace (rustls)"),
             None if probe.supported.is_empty() => {

@@ -12,8 +12,9 @@
 //! A backend declares what it can do in [`Caps`]; the server advertises
 //! exactly that and never calls what is not declared.
 //!
-//! No `unsafe` here: system calls and C libraries are `ringbd_io`'s.
-#![forbid(unsafe_code)]
+//! No `unsafe` here but in `rbd/librbd.rs`, librbd's C API made safe
+//! (`#[allow(unsafe_code)]`, feature `rbd`); system calls are `ringbd_io`'s.
+#![deny(unsafe_code)]
 
 pub mod blocking;
 pub mod error;

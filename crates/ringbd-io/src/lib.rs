@@ -12,7 +12,6 @@
 //! - [`mem`]: heap thresholds that keep per-request buffers from being
 //!   returned to the kernel and faulted back in.
 //! - [`net`]: socket activation (LISTEN_FDS) and readiness polling.
-//! - `rbd` (feature `rbd`): Ceph RBD images through librbd's asynchronous C API.
 //! - [`signal`]: SIGINT/SIGTERM delivered as a readable fd.
 //! - [`user`]: user and group lookups, dropping privileges, the umask.
 //!
@@ -34,9 +33,6 @@ pub mod fs;
 pub mod mem;
 #[allow(unsafe_code)]
 pub mod net;
-#[cfg(feature = "rbd")]
-#[allow(unsafe_code)]
-pub mod rbd;
 #[allow(unsafe_code)]
 pub mod signal;
 #[allow(unsafe_code)]

@@ -113,6 +113,11 @@ pub fn extents_from_diff(start: u64, end: u64, runs: &[(u64, u64, bool)], trunca
     out
 }
 
+// librbd's C API made safe: the one module of this crate with `unsafe`.
+#[cfg(feature = "rbd")]
+#[allow(unsafe_code)]
+mod librbd;
+
 #[cfg(feature = "rbd")]
 pub use imp::RbdBackend;
 
@@ -122,10 +127,10 @@ mod imp {
     use std::sync::{mpsc, Arc};
     use std::thread::JoinHandle;
 
+    use super::librbd::{AioOp, CallError, Cluster, ClusterConfig, Image, Pool};
     use ringbd_io::aio::Sink;
     use ringbd_io::buf::IoBuf;
     use ringbd_io::fs::Fallocate;
-    use ringbd_io::rbd::{AioOp, CallError, Cluster, ClusterConfig, Image, Pool};
     use ringbd_io::uring::FileOp;
 
     use super::{extents_from_diff, CephConfig, RbdSpec};

@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use librbd_sys as ffi;
 
-use crate::aio::Sink;
-use crate::buf::IoBuf;
+use ringbd_io::aio::Sink;
+use ringbd_io::buf::IoBuf;
 
 /// A failed librados/librbd call: which call, and the errno it returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -98,6 +98,37 @@ def test_proxy_commands_reach_the_upstream(upstream, start_server):
     u.shutdown()
 
 
+def test_proxy_passes_write_zeroes_flags_through(start_server, shm_tmp):
+    """NO_HOLE and FAST_ZERO reach the upstream (a file export there: a
+    zeroing without NO_HOLE punches a hole in the file, one with NO_HOLE
+    leaves the range allocated), and fast zero is offered as the upstream
+    offers it."""
+    img = os.path.join(shm_tmp, "up.img")
+    with open(img, "wb") as f:
+        f.truncate(16 * MiB)
+    up = conftest.start("ringbd", exports={"": "file:" + img})
+    try:
+        proxy = start_server({"": up.uri()})
+        p, u = connect(proxy.uri()), connect(up.uri())
+        assert u.can_fast_zero() and p.can_fast_zero(), "fast zero not offered through the proxy"
+        for off in (0, 4 * MiB, 8 * MiB):
+            p.pwrite(b"\x5a" * MiB, off)
+        p.flush()
+        p.zero(MiB, 0)
+        p.zero(MiB, 4 * MiB, nbd.CMD_FLAG_NO_HOLE)
+        p.zero(MiB, 8 * MiB, nbd.CMD_FLAG_FAST_ZERO)
+        for off in (0, 4 * MiB, 8 * MiB):
+            assert u.pread(MiB, off) == bytes(MiB), "zeroing at %d MiB did not reach the upstream" % (off // MiB)
+        hole = lambda off: all(flags & 1 for _, flags in extents(u, off, MiB))  # noqa: E731
+        assert hole(0), "a zeroing without NO_HOLE left the upstream's range allocated"
+        assert not hole(4 * MiB), "NO_HOLE did not reach the upstream: its range was deallocated"
+        p.shutdown()
+        u.shutdown()
+        proxy.stop()  # before its upstream: its final flush goes there
+    finally:
+        up.stop(check=False)
+
+
 def extents(h, off, length):
     got = []
 

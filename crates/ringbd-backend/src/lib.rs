@@ -172,14 +172,16 @@ pub trait Backend: Send + Sync {
     /// (a trim is always a punched hole). Where that mode is refused as
     /// unsupported, the engine falls back to calling the backend, which
     /// knows the other ways. `None`: never run them outside the backend.
+    /// (Asynchronous backends take zeroing as a [`BlockOp`], flags and all.)
     fn zero_mode(&self, no_hole: bool) -> Option<ringbd_io::fs::Fallocate> {
         let _ = no_hole;
         None
     }
 
     /// For backends whose I/O runs asynchronously in a library of their own
-    /// (RBD): engines start reads, writes, flushes, trims and zeroing there
-    /// ([`AsyncIo::submit`]) instead of calling the blocking methods.
+    /// (RBD, the NBD client): engines start reads, writes, flushes, trims
+    /// and zeroing there ([`AsyncIo::submit`]) instead of calling the
+    /// blocking methods.
     fn aio(&self) -> Option<&dyn AsyncIo> {
         None
     }
@@ -205,14 +207,32 @@ pub trait Backend: Send + Sync {
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>>;
 }
 
+/// One operation of a backend's asynchronous I/O ([`AsyncIo::submit`]), in
+/// the block layer's words: what the client asked for, flags and all, not
+/// how a file would run it (that is [`ringbd_io::uring::FileOp`], for
+/// engines that run a file's operations on their own ring).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockOp {
+    /// Fill `buf[at..]` from `offset`.
+    Read { offset: u64, at: usize },
+    /// Write `buf[at..]` at `offset`; with `fua`, durable before completion.
+    Write { offset: u64, at: usize, fua: bool },
+    /// Make every completed write durable.
+    Flush,
+    /// Discard a range (a hint).
+    Trim { offset: u64, len: u64 },
+    /// Make a range read as zeroes. `no_hole`: keep it allocated; `fast`:
+    /// fail with `EOPNOTSUPP`, touching nothing, unless that is quick.
+    /// (FUA is a following [`BlockOp::Flush`], as for trims.)
+    WriteZeroes { offset: u64, len: u64, no_hole: bool, fast: bool },
+}
+
 /// Asynchronous operations of a backend ([`Backend::aio`]).
 pub trait AsyncIo: Send + Sync {
-    /// Starts `op` on `buf`, as a ring would run it on a file: `Read` fills
-    /// `buf[at..]`, `Write` (FUA with `dsync`) writes it, `Fsync` flushes,
-    /// `Fallocate` `PunchHole` trims and `ZeroRange` zeroes. The result (bytes
-    /// of `buf[at..]` moved, or 0) and `buf` go to `sink`, from any thread,
-    /// or at once from this one if the operation cannot start.
-    fn submit(&self, op: ringbd_io::uring::FileOp, buf: ringbd_io::buf::IoBuf, sink: ringbd_io::aio::Sink);
+    /// Starts `op` on `buf`. The result (bytes of `buf[at..]` moved for
+    /// reads and writes, else 0, or the errno) and `buf` go to `sink`, from
+    /// any thread, or at once from this one if the operation cannot start.
+    fn submit(&self, op: BlockOp, buf: ringbd_io::buf::IoBuf, sink: ringbd_io::aio::Sink);
 
     /// Starts [`Backend::extents`]`(offset, len)`, which may have to wait for
     /// the storage (RBD without its object map lists objects on the OSDs).

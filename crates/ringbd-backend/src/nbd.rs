@@ -19,9 +19,9 @@
 //! Passed through: reads, writes with FUA, flush, trim, write-zeroes (with
 //! FUA as a following flush), block status (`base:allocation`, where the
 //! upstream agreed to it), structured replies and extended headers on the
-//! upstream side as negotiated. Not passed through: `NO_HOLE` and
-//! `FAST_ZERO` on write-zeroes (the engines' operations do not carry them:
-//! a zeroing may punch holes, and fast zero is not offered), `CACHE`.
+//! upstream side as negotiated, and write-zeroes' `NO_HOLE` and
+//! `FAST_ZERO` (offered where the upstream offers it). Not passed through:
+//! `CACHE`.
 //! A lost upstream is reconnected (every second): the requests it had not
 //! answered are sent again, and requests wait for it up to 30 s, then fail
 //! with EIO, as do later ones until it is back; the log says each step.
@@ -38,11 +38,10 @@ use ringbd_client::{ClientConfig, Cmd, Completion, Engine, NbdUri};
 use ringbd_io::aio::{Sink, Waiter};
 use ringbd_io::buf::IoBuf;
 use ringbd_io::eventfd::EventFd;
-use ringbd_io::fs::Fallocate;
-use ringbd_io::uring::FileOp;
 
 use crate::{
-    blocking, extents_to_buf, AsyncIo, Backend, Caps, Error, ErrorKind, Extent, Holes, Op, Result, ZeroFlags,
+    blocking, extents_to_buf, AsyncIo, Backend, BlockOp, Caps, Error, ErrorKind, Extent, Holes, Op, Result,
+    ZeroFlags,
 };
 
 /// Upstream connections when the upstream allows several.
@@ -85,7 +84,7 @@ impl Pool {
 
 /// One operation for the worker.
 enum Job {
-    Io { op: FileOp, buf: IoBuf, sink: Sink },
+    Io { op: BlockOp, buf: IoBuf, sink: Sink },
     Extents { offset: u64, len: u64, sink: Sink },
 }
 
@@ -196,7 +195,7 @@ impl Backend for NbdBackend {
             fua: has(tx_flags::SEND_FUA),
             trim: has(tx_flags::SEND_TRIM),
             write_zeroes: has(tx_flags::SEND_WRITE_ZEROES),
-            fast_zero: false,
+            fast_zero: has(tx_flags::SEND_WRITE_ZEROES) && has(tx_flags::SEND_FAST_ZERO),
             cache: false,
             multi_conn: true,
             extents: self.up.extents,
@@ -213,12 +212,6 @@ impl Backend for NbdBackend {
 
     fn aio(&self) -> Option<&dyn AsyncIo> {
         Some(self)
-    }
-
-    fn zero_mode(&self, _no_hole: bool) -> Option<Fallocate> {
-        // For the engines, ZeroRange names NBD_CMD_WRITE_ZEROES (a
-        // PunchHole is a trim, which need not read back as zeroes).
-        Some(Fallocate::ZeroRange)
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<Holes> {
@@ -238,13 +231,16 @@ impl Backend for NbdBackend {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        blocking::write_zeroes(
-            self,
-            offset,
-            len,
-            flags,
-            "fast zeroing is not passed through to the upstream export",
-        )
+        if flags.fast && !self.caps().fast_zero {
+            return Err(Error::other(
+                ErrorKind::Unsupported,
+                Op::WriteZeroes,
+                offset,
+                len,
+                "the upstream export does not offer fast zeroing",
+            ));
+        }
+        blocking::write_zeroes(self, offset, len, flags)
     }
 
     fn cache(&self, _offset: u64, _len: u64) -> Result<()> {
@@ -261,7 +257,7 @@ impl Backend for NbdBackend {
 }
 
 impl AsyncIo for NbdBackend {
-    fn submit(&self, op: FileOp, buf: IoBuf, sink: Sink) {
+    fn submit(&self, op: BlockOp, buf: IoBuf, sink: Sink) {
         if self.failed.load(Ordering::Relaxed) {
             return fail_job(Job::Io { op, buf, sink }, gone());
         }
@@ -305,7 +301,7 @@ enum InFlightKind {
 
 #[derive(Clone, Copy)]
 enum Resend {
-    Io(FileOp),
+    Io(BlockOp),
     Extents { offset: u64, len: u64 },
 }
 
@@ -541,21 +537,21 @@ fn start(
         Job::Io { op, buf, sink } => (op, buf, sink),
     };
     let (cmd, payload, at, kind) = match op {
-        FileOp::Read { offset, at } => {
+        BlockOp::Read { offset, at } => {
             let n = buf.len().saturating_sub(at);
             (Cmd::read(offset, n as u64), pool.for_read(n), at, InFlightKind::Read)
         }
-        FileOp::Write { offset, at, dsync } => {
+        BlockOp::Write { offset, at, fua } => {
             let data = pool.with(buf.get(at..).unwrap_or_default());
-            let flags = if dsync { cmd_flags::FUA } else { 0 };
+            let flags = if fua { cmd_flags::FUA } else { 0 };
             (Cmd::write(offset, data.len() as u64).with_flags(flags), data, at, InFlightKind::Write)
         }
-        FileOp::Fsync => (Cmd::flush(), Vec::new(), 0, InFlightKind::Other),
-        FileOp::Fallocate { mode: Fallocate::PunchHole, offset, len } => {
-            (Cmd::trim(offset, len), Vec::new(), 0, InFlightKind::Other)
-        }
-        FileOp::Fallocate { mode: Fallocate::ZeroRange, offset, len } => {
-            (Cmd::zero(offset, len), Vec::new(), 0, InFlightKind::Other)
+        BlockOp::Flush => (Cmd::flush(), Vec::new(), 0, InFlightKind::Other),
+        BlockOp::Trim { offset, len } => (Cmd::trim(offset, len), Vec::new(), 0, InFlightKind::Other),
+        BlockOp::WriteZeroes { offset, len, no_hole, fast } => {
+            let flags =
+                if no_hole { cmd_flags::NO_HOLE } else { 0 } | if fast { cmd_flags::FAST_ZERO } else { 0 };
+            (Cmd::zero(offset, len).with_flags(flags), Vec::new(), 0, InFlightKind::Other)
         }
     };
     if matches!(kind, InFlightKind::Read | InFlightKind::Write) && cmd.len > up.max_request {

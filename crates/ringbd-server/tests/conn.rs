@@ -355,7 +355,7 @@ impl Backend for AsyncStatus {
 
 impl ringbd_backend::AsyncIo for AsyncStatus {
     // The test plays the engine: nothing is submitted here.
-    fn submit(&self, _: ringbd_io::uring::FileOp, buf: ringbd_io::buf::IoBuf, sink: ringbd_io::aio::Sink) {
+    fn submit(&self, _: ringbd_backend::BlockOp, buf: ringbd_io::buf::IoBuf, sink: ringbd_io::aio::Sink) {
         sink.deliver(Err(std::io::Error::from_raw_os_error(EIO)), buf).unwrap();
     }
     fn submit_extents(&self, _: u64, _: u64, sink: ringbd_io::aio::Sink) {
@@ -383,8 +383,7 @@ fn structured_replies(bytes: &[u8], cookie: u64) -> Vec<(u16, Vec<u8>)> {
 
 #[test]
 fn block_status_of_an_asynchronous_backend_waits_for_its_completion_not_the_ring() {
-    use ringbd_backend::{extents_to_buf, Extent};
-    use ringbd_io::uring::FileOp;
+    use ringbd_backend::{extents_to_buf, BlockOp, Extent};
     let mut e = Exports::default();
     e.add(Export::new("", Arc::new(AsyncStatus(MemoryBackend::new(1 << 20))), false)).unwrap();
     let mut c = Connection::new(Arc::new(e), "test".into());
@@ -405,7 +404,7 @@ fn block_status_of_an_asynchronous_backend_waits_for_its_completion_not_the_ring
     assert_eq!(io.len(), 3, "both queries and the flush went to the engine");
     assert!(matches!(io[0].op, IoOp::Extents { offset: 0, len: 65536 }), "{:?}", io[0].op);
     assert!(matches!(io[1].op, IoOp::Extents { offset: 4096, len: 4096 }), "{:?}", io[1].op);
-    assert!(matches!(io[2].op, IoOp::File(FileOp::Fsync)), "{:?}", io[2].op);
+    assert!(matches!(io[2].op, IoOp::Block(BlockOp::Flush)), "{:?}", io[2].op);
     // The flush finishes first: its reply does not wait behind block status.
     let f = io.pop().unwrap();
     c.io_complete(f.token, Ok(0), f.buf);
@@ -640,4 +639,34 @@ fn a_large_write_to_a_file_export_goes_in_pieces_as_its_payload_arrives() {
     assert_eq!(all, payload, "every byte written once, in place");
     assert_eq!(simple_reply_errno(&queued(&c), 4), Some(0), "one reply, after the last piece");
     assert_eq!(simple_reply_errno(&queued(&c), 5), Some(0), "and the flush behind it");
+}
+
+#[test]
+fn write_zeroes_keep_their_flags_on_the_way_to_an_asynchronous_backend() {
+    use ringbd_backend::BlockOp;
+    let mut e = Exports::default();
+    e.add(Export::new("", Arc::new(AsyncStatus(MemoryBackend::new(1 << 20))), false)).unwrap();
+    let mut c = Connection::new(Arc::new(e), "test".into());
+    c.enable_async_file_io(None);
+    let mut s = 3u32.to_be_bytes().to_vec();
+    s.extend(option(7, &[0, 0, 0, 0, 0, 0]));
+    // WRITE_ZEROES (6): NO_HOLE (bit 1), FAST_ZERO (bit 4), both, neither.
+    s.extend(request_with_flags(1 << 1, 6, 1, 0, 4096, &[]));
+    s.extend(request_with_flags(1 << 4, 6, 2, 4096, 4096, &[]));
+    s.extend(request_with_flags(1 << 1 | 1 << 4, 6, 3, 8192, 4096, &[]));
+    s.extend(request_with_flags(0, 6, 4, 12288, 4096, &[]));
+    assert_eq!(c.receive(&s), s.len());
+    c.sent();
+    let mut io = Vec::new();
+    c.take_io(&mut io);
+    let ops: Vec<_> = io.iter().map(|r| r.op).collect();
+    let want = [(0, true, false), (4096, false, true), (8192, true, true), (12288, false, false)];
+    assert_eq!(ops.len(), want.len(), "{ops:?}");
+    for (op, (offset, no_hole, fast)) in ops.iter().zip(want) {
+        assert!(
+            matches!(op, IoOp::Block(BlockOp::WriteZeroes { offset: o, len: 4096, no_hole: n, fast: f })
+                if *o == offset && *n == no_hole && *f == fast),
+            "{op:?}, want offset {offset} no_hole {no_hole} fast {fast}"
+        );
+    }
 }

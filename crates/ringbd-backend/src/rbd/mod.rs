@@ -130,13 +130,11 @@ mod imp {
     use super::librbd::{AioOp, CallError, Cluster, ClusterConfig, Image, Pool};
     use ringbd_io::aio::Sink;
     use ringbd_io::buf::IoBuf;
-    use ringbd_io::fs::Fallocate;
-    use ringbd_io::uring::FileOp;
 
     use super::{extents_from_diff, CephConfig, RbdSpec};
     use crate::{
-        blocking, extents_to_buf, AsyncIo, Backend, Caps, Error, ErrorKind, Extent, Holes, Op, Result,
-        ZeroFlags, MAX_EXTENTS,
+        blocking, extents_to_buf, AsyncIo, Backend, BlockOp, Caps, Error, ErrorKind, Extent, Holes, Op,
+        Result, ZeroFlags, MAX_EXTENTS,
     };
 
     /// librbd settings ringbd changes from librbd's defaults. `rados_conf_set`
@@ -406,12 +404,6 @@ mod imp {
             Some(self)
         }
 
-        fn zero_mode(&self, _no_hole: bool) -> Option<Fallocate> {
-            // For the engine, ZeroRange names rbd_aio_write_zeroes (a
-            // PunchHole is a discard, which may leave partial objects).
-            Some(Fallocate::ZeroRange)
-        }
-
         fn read(&self, offset: u64, buf: &mut [u8]) -> Result<Holes> {
             blocking::read(self, offset, buf)
         }
@@ -429,7 +421,7 @@ mod imp {
         }
 
         fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-            blocking::write_zeroes(self, offset, len, flags, "RBD cannot promise fast zeroing")
+            blocking::write_zeroes(self, offset, len, flags)
         }
 
         fn cache(&self, _offset: u64, _len: u64) -> Result<()> {
@@ -442,17 +434,23 @@ mod imp {
     }
 
     impl AsyncIo for RbdBackend {
-        fn submit(&self, op: FileOp, buf: IoBuf, sink: Sink) {
+        fn submit(&self, op: BlockOp, buf: IoBuf, sink: Sink) {
             let op = match op {
-                FileOp::Read { offset, at } => AioOp::Read { offset, at },
-                FileOp::Write { offset, at, dsync } => AioOp::Write { offset, at, fua: dsync },
-                FileOp::Fsync => AioOp::Flush,
-                FileOp::Fallocate { mode: Fallocate::PunchHole, offset, len } => {
-                    AioOp::Discard { offset, len }
+                BlockOp::Read { offset, at } => AioOp::Read { offset, at },
+                BlockOp::Write { offset, at, fua } => AioOp::Write { offset, at, fua },
+                BlockOp::Flush => AioOp::Flush,
+                BlockOp::Trim { offset, len } => AioOp::Discard { offset, len },
+                // librbd cannot promise a quick zeroing (caps: no fast_zero).
+                BlockOp::WriteZeroes { fast: true, .. } => {
+                    let refused = Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+                    if let Err(e) = sink.deliver(refused, buf) {
+                        eprintln!("ringbd: {}: delivering a refused fast zero: {e}", self.spec);
+                    }
+                    return;
                 }
-                FileOp::Fallocate { mode: Fallocate::ZeroRange, offset, len } => {
-                    AioOp::WriteZeroes { offset, len }
-                }
+                // rbd_aio_write_zeroes never leaves a hole's old data behind
+                // (a discard could); whether it deallocates is librbd's choice.
+                BlockOp::WriteZeroes { offset, len, .. } => AioOp::WriteZeroes { offset, len },
             };
             self.image.submit(op, buf, sink)
         }

@@ -17,13 +17,16 @@ pub struct IoRequest {
     pub direct: bool,
 }
 
-/// What the engine runs: a file operation (on the ring, or for an
-/// asynchronous backend, [`AsyncIo::submit`](ringbd_backend::AsyncIo::submit)),
-/// or a block-status query ([`AsyncIo::submit_extents`](ringbd_backend::AsyncIo::submit_extents),
+/// What the engine runs: a file operation on its ring (file exports), an
+/// operation of an asynchronous backend
+/// ([`AsyncIo::submit`](ringbd_backend::AsyncIo::submit), in the block
+/// layer's words: write-zeroes keep their `NO_HOLE` and `FAST_ZERO`), or a
+/// block-status query ([`AsyncIo::submit_extents`](ringbd_backend::AsyncIo::submit_extents),
 /// asynchronous backends only).
 #[derive(Debug, Clone, Copy)]
 pub enum IoOp {
     File(FileOp),
+    Block(BlockOp),
     Extents { offset: u64, len: u64 },
 }
 
@@ -63,13 +66,15 @@ pub(super) enum Pend {
         len: u64,
         fua: bool,
     },
-    /// `fallocate` in the backend's first zeroing mode; the other ways are
-    /// the backend's own, inline, if this one is unsupported.
+    /// A file's zeroing: `fallocate` in the backend's first zeroing mode
+    /// (`mode`); the other ways are the backend's own, inline, if this one
+    /// is unsupported. An asynchronous backend's (`mode` `None`): its
+    /// write-zeroes, with the request's flags.
     Zero {
         offset: u64,
         len: u64,
         flags: ZeroFlags,
-        mode: Fallocate,
+        mode: Option<Fallocate>,
     },
     /// The fsync that makes a FUA trim or zeroing durable.
     SyncAfter {
@@ -455,6 +460,27 @@ impl Tx {
     }
 
     pub(super) fn queue_op(&mut self, token: u32, pend: Pend, buf: IoBuf) {
+        if self.backend.aio().is_some() {
+            let op = match pend {
+                Pend::Read { offset, done, .. } | Pend::ReadChunk { offset, done, .. } => {
+                    IoOp::Block(BlockOp::Read { offset: offset + done, at: done as usize })
+                }
+                Pend::Write { offset, fua, done, .. } | Pend::WriteChunk { offset, fua, done, .. } => {
+                    IoOp::Block(BlockOp::Write { offset: offset + done, at: done as usize, fua })
+                }
+                Pend::Flush | Pend::SyncAfter { .. } => IoOp::Block(BlockOp::Flush),
+                Pend::Trim { offset, len, .. } => IoOp::Block(BlockOp::Trim { offset, len }),
+                Pend::Zero { offset, len, flags, .. } => IoOp::Block(BlockOp::WriteZeroes {
+                    offset,
+                    len,
+                    no_hole: flags.no_hole,
+                    fast: flags.fast,
+                }),
+                Pend::Status { offset, len, .. } => IoOp::Extents { offset, len },
+            };
+            self.io_out.push(IoRequest { token, op, buf, direct: false });
+            return;
+        }
         let (op, range) = match pend {
             Pend::Read { offset, len, done } | Pend::ReadChunk { offset, len, done, .. } => {
                 (FileOp::Read { offset: offset + done, at: done as usize }, Some((offset, len, done)))
@@ -467,7 +493,10 @@ impl Tx {
             Pend::Trim { offset, len, .. } => {
                 (FileOp::Fallocate { mode: Fallocate::PunchHole, offset, len }, None)
             }
-            Pend::Zero { offset, len, mode, .. } => (FileOp::Fallocate { mode, offset, len }, None),
+            Pend::Zero { offset, len, mode, .. } => {
+                let mode = mode.unwrap_or(Fallocate::ZeroRange);
+                (FileOp::Fallocate { mode, offset, len }, None)
+            }
             Pend::Status { offset, len, .. } => {
                 let op = IoOp::Extents { offset, len };
                 self.io_out.push(IoRequest { token, op, buf, direct: false });
@@ -643,9 +672,10 @@ impl Tx {
             (_, Ok(_)) => Ok(()),
             // Trim is a hint: where holes cannot be punched, nothing is lost.
             (Pend::Trim { .. }, Err(e)) if fallocate_unsupported(&e) => Ok(()),
-            // The backend knows the other ways to zero (and how to refuse a
-            // fast zero); they run inline, as without the ring.
-            (Pend::Zero { offset, len, flags, .. }, Err(e)) if fallocate_unsupported(&e) => {
+            // A file's backend knows the other ways to zero (and how to
+            // refuse a fast zero); they run inline, as without the ring. (An
+            // asynchronous backend's refusal is its answer.)
+            (Pend::Zero { offset, len, flags, mode: Some(_) }, Err(e)) if fallocate_unsupported(&e) => {
                 match self.backend.write_zeroes(offset, len, flags) {
                     Ok(()) => self.session.write_ok(out.bytes(), req),
                     Err(e) => self.backend_error(req, &e, out),

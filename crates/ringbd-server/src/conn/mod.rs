@@ -26,7 +26,7 @@ use nbd_proto::wire::state_flags;
 use nbd_proto::{
     clip_extents, Command, Errno, Extent, FramingError, Outcome, Request, ServerHandshake, Session,
 };
-use ringbd_backend::{Backend, ZeroFlags};
+use ringbd_backend::{Backend, BlockOp, ZeroFlags};
 use ringbd_io::buf::{Arena, IoBuf};
 use ringbd_io::fs::{fallocate_unsupported, Fallocate};
 use ringbd_io::uring::FileOp;
@@ -699,12 +699,15 @@ impl Tx {
                 return;
             }
             Command::WriteZeroes { offset, len, fua, no_hole, fast } if self.async_io && len > 0 => {
-                if let Some(mode) = self.backend.zero_mode(no_hole) {
-                    let flags = ZeroFlags { fua, no_hole, fast };
+                let flags = ZeroFlags { fua, no_hole, fast };
+                // A file: fallocate in the backend's first mode; an
+                // asynchronous backend: its own write-zeroes, flags and all.
+                let mode = self.backend.zero_mode(no_hole);
+                if mode.is_some() || self.backend.aio().is_some() {
                     self.submit(req, Pend::Zero { offset, len, flags, mode }, IoBuf::new());
                     return;
                 }
-                b.write_zeroes(offset, len, ZeroFlags { fua, no_hole, fast })
+                b.write_zeroes(offset, len, flags)
             }
             Command::Read { offset, len, df } => {
                 let mut pieces = std::mem::take(&mut self.pieces);

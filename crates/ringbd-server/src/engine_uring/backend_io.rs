@@ -42,16 +42,26 @@ impl State {
             return false;
         }
         if let (Some(aio), Some(q)) = (c.conn.aio(), &self.aio) {
-            // The backend runs them (librbd); completions come back
-            // through the queue's eventfd.
+            // The backend runs them (librbd, the NBD client); completions
+            // come back through the queue's eventfd.
+            let mut misrouted = Vec::new();
             for io in self.io_scratch.drain(..) {
                 let tag = (id as u64) << 32 | u64::from(io.token);
                 let sink = Sink::Queue { queue: q.clone(), tag };
                 match io.op {
-                    IoOp::File(op) => aio.submit(op, io.buf, sink),
+                    IoOp::Block(op) => aio.submit(op, io.buf, sink),
                     IoOp::Extents { offset, len } => aio.submit_extents(offset, len, sink),
+                    // Connections queue file operations only for files.
+                    IoOp::File(_) => {
+                        misrouted.push(io.token);
+                        continue;
+                    }
                 }
                 self.local.aio += 1;
+            }
+            for token in misrouted {
+                let e = io::Error::other("a file operation for an asynchronous backend");
+                c.conn.io_complete(token, Err(e), IoBuf::new());
             }
             return false;
         }
@@ -61,8 +71,8 @@ impl State {
                 (Some(fd), IoOp::File(op)) => ring.file_op(fd, id as u32, io.token, op, io.buf),
                 (None, _) => Err(io::Error::other("no file behind this export")),
                 // Connections only queue these for asynchronous backends.
-                (Some(_), IoOp::Extents { .. }) => {
-                    Err(io::Error::other("block status is not a ring operation"))
+                (Some(_), IoOp::Extents { .. } | IoOp::Block(_)) => {
+                    Err(io::Error::other("not a ring operation"))
                 }
             };
             match r {

@@ -1,7 +1,7 @@
 //! Backends that run their I/O asynchronously themselves (Ceph RBD
 //! through librbd's aio, NBD exports through the client's worker): each
-//! request becomes one submitted operation ([`ringbd_backend::AsyncIo::submit`], the
-//! vocabulary the server's engines use), whose completion arrives, from
+//! request becomes one submitted operation ([`ringbd_backend::AsyncIo::submit`]
+//! of a [`BlockOp`], as the server's engine submits them), whose completion arrives, from
 //! the backend's thread, in this queue's [`CompletionQueue`]. The queue's
 //! ring polls that queue's eventfd (registered as the ring's file 1), so a
 //! completion wakes the queue's loop like any ring completion; no thread
@@ -12,23 +12,20 @@
 //! device goes away): the device is never zero-copy on this path.
 //! Buffers are kept for reuse, within `SPARE_BYTES` (8 MiB).
 //!
-//! The same choices as the server's engine: a discard is a punched hole, a
-//! write-zeroes the backend's zeroing mode ([`Backend::zero_mode`]), each
-//! with FUA followed by a flush; where the backend refuses the mode as
-//! unsupported, its own blocking `write_zeroes` runs (a discard is a hint
-//! and succeeds).
+//! The same choices as the server's engine: a discard is a trim, a
+//! write-zeroes the backend's write-zeroes (keeping the range allocated when
+//! the request says not to unmap), each with FUA followed by a flush; a
+//! discard the backend refuses as unsupported succeeds (it is a hint).
 
 use std::io;
 use std::sync::Arc;
 
 use crate::kernel::{FileSlot, QueueRing};
-use ringbd_backend::{Backend, ZeroFlags};
+use ringbd_backend::{Backend, BlockOp};
 use ringbd_io::aio::{AioDone, CompletionQueue, Sink};
 use ringbd_io::buf::IoBuf;
-use ringbd_io::fs::Fallocate;
-use ringbd_io::uring::FileOp;
 
-use super::{backend_failure, fallocate_unsupported};
+use super::fallocate_unsupported;
 use crate::error::{Error, Result};
 use crate::target::{Op, QueueHandler, Request, Step};
 
@@ -103,7 +100,7 @@ impl AioQueue {
         }
     }
 
-    fn submit(&mut self, tag: u16, w: Waiting, op: FileOp, buf: IoBuf) -> Step {
+    fn submit(&mut self, tag: u16, w: Waiting, op: BlockOp, buf: IoBuf) -> Step {
         let Some(aio) = self.backend.aio() else {
             return Step::Failed(Error::msg(format!("tag {tag}: the backend lost its aio"), libc::EIO));
         };
@@ -150,13 +147,6 @@ impl AioQueue {
             }
             (Op::Discard | Op::WriteZeroes, Ok(_)) => self.settled(tag, req),
             (Op::Discard, Err(e)) if fallocate_unsupported(&e) => self.settled(tag, req),
-            (Op::WriteZeroes, Err(e)) if fallocate_unsupported(&e) => {
-                let flags = ZeroFlags { fua: req.fua, no_hole: req.no_unmap, fast: false };
-                match self.backend.write_zeroes(req.offset, u64::from(req.len), flags) {
-                    Ok(()) => Step::Done(0),
-                    Err(e) => Step::Failed(backend_failure(tag, &e)),
-                }
-            }
             (_, Ok(_)) => Step::Done(0),
             (_, Err(e)) => self.fail(tag, &req, e),
         };
@@ -171,7 +161,7 @@ impl AioQueue {
         if !req.fua {
             return Step::Done(0);
         }
-        self.submit(tag, Waiting { req, sync_after: true }, FileOp::Fsync, IoBuf::new())
+        self.submit(tag, Waiting { req, sync_after: true }, BlockOp::Flush, IoBuf::new())
     }
 
     fn fail(&self, tag: u16, req: &Request, e: io::Error) -> Step {
@@ -189,7 +179,7 @@ impl QueueHandler for AioQueue {
             Op::Read => {
                 let mut buf = self.buffer(len);
                 buf.set_len(len);
-                self.submit(tag, w, FileOp::Read { offset, at: 0 }, buf)
+                self.submit(tag, w, BlockOp::Read { offset, at: 0 }, buf)
             }
             Op::Write => {
                 let mut buf = self.buffer(len);
@@ -197,16 +187,20 @@ impl QueueHandler for AioQueue {
                     Some(data) => buf.extend_from_slice(data),
                     None => return self.fail(tag, &req, io::Error::other("no buffer for the data to write")),
                 }
-                self.submit(tag, w, FileOp::Write { offset, at: 0, dsync: req.fua }, buf)
+                self.submit(tag, w, BlockOp::Write { offset, at: 0, fua: req.fua }, buf)
             }
-            Op::Flush => self.submit(tag, w, FileOp::Fsync, IoBuf::new()),
+            Op::Flush => self.submit(tag, w, BlockOp::Flush, IoBuf::new()),
             Op::Discard => {
-                let op = FileOp::Fallocate { mode: Fallocate::PunchHole, offset, len: u64::from(req.len) };
-                self.submit(tag, w, op, IoBuf::new())
+                self.submit(tag, w, BlockOp::Trim { offset, len: u64::from(req.len) }, IoBuf::new())
             }
             Op::WriteZeroes => {
-                let mode = self.backend.zero_mode(req.no_unmap).unwrap_or(Fallocate::ZeroRange);
-                self.submit(tag, w, FileOp::Fallocate { mode, offset, len: u64::from(req.len) }, IoBuf::new())
+                let op = BlockOp::WriteZeroes {
+                    offset,
+                    len: u64::from(req.len),
+                    no_hole: req.no_unmap,
+                    fast: false,
+                };
+                self.submit(tag, w, op, IoBuf::new())
             }
             Op::Other(_) => {
                 return Step::Failed(Error::msg(format!("tag {tag}: {}", req.describe()), libc::EOPNOTSUPP))

@@ -1,7 +1,14 @@
-//! ringbd's syscall layer. Every `unsafe` block of the project lives in this
-//! crate, each with the reasoning that makes it sound; callers get safe
-//! functions that return `io::Result` and never drop a syscall's result.
+//! ringbd's io_uring crate: the server's and the client's rings, provided
+//! buffer rings, registered and page-aligned buffers, the completion queue
+//! of asynchronous backends, and the few system calls several crates share.
+//! Each `unsafe` block carries the reasoning that makes it sound; callers get
+//! safe functions that return `io::Result` and never drop a syscall's
+//! result. Kernel and C interfaces with one user live next to that user
+//! instead (the ublk driver in `ringbd-ublk`, kTLS and privilege dropping in
+//! `ringbd-server`, librbd in `ringbd-backend`).
 //!
+//! - [`uring`]: the server's ring: accept, provided-buffer receives, sends
+//!   (zero-copy included), file operations, registered files and buffers.
 //! - [`aio`]: completions from other libraries' threads, delivered to a ring
 //!   worker through an eventfd (librbd's callbacks).
 //! - [`buf`]: page-aligned I/O buffers and registered-buffer arenas.
@@ -13,7 +20,6 @@
 //!   returned to the kernel and faulted back in.
 //! - [`net`]: socket activation (LISTEN_FDS) and readiness polling.
 //! - [`signal`]: SIGINT/SIGTERM delivered as a readable fd.
-//! - [`user`]: user and group lookups, dropping privileges, the umask.
 //!
 //! `unsafe` is denied at the crate root; each module that needs it says so
 //! with an allow of `unsafe_code` on its `mod` line below, so that grepping
@@ -37,8 +43,6 @@ pub mod net;
 pub mod signal;
 #[allow(unsafe_code)]
 pub mod uring;
-#[allow(unsafe_code)]
-pub mod user;
 
 use std::io;
 

@@ -14,9 +14,11 @@
 //!   kernel TLS ([`tls::ktls`]: the probe, the counters, rustls keys as
 //!   crypto_info; [`tls::ktls_sys`]: the socket options and record calls).
 //! - [`server`]: start-up, the accept loop, captive `--run`, clean shutdown.
+//! - [`user`]: user and group lookups, dropping privileges, the umask.
 //!
-//! No `unsafe` but one `unsafe impl` (the io_uring engine's send module:
-//! the reply queue as memory zero-copy sends read).
+//! `unsafe` only in modules marked `#[allow(unsafe_code)]`, each next to its
+//! one user: [`user`], kTLS's socket calls ([`tls::ktls_sys`]), and the io_uring
+//! engine's send module (the reply queue as memory zero-copy sends read).
 #![deny(unsafe_code)]
 
 pub mod access;
@@ -30,5 +32,8 @@ pub mod log;
 pub mod out;
 pub mod server;
 pub mod tls;
+// getpwnam/getgrnam, setgroups/setgid/setuid and the umask for --user/--group.
+#[allow(unsafe_code)]
+pub mod user;
 
 pub use server::{run, Config, ServeError, DEFAULT_LISTEN};

@@ -411,7 +411,7 @@ fn bind(config: &Config) -> Result<Vec<Listener>, ServeError> {
         // umask set to the complement, it has exactly the mode asked for,
         // with no window of wider permissions (a chmod after would leave one).
         let mode = config.access.unix_mode & 0o777;
-        let l = ringbd_io::user::with_umask(!mode & 0o777, || Listener::bind_unix(path))
+        let l = crate::user::with_umask(!mode & 0o777, || Listener::bind_unix(path))
             .map_err(|e| err(e.to_string()))?;
         out.push(l);
     }

@@ -5,7 +5,14 @@
 use std::ffi::CString;
 use std::io;
 
-use crate::cvt;
+/// Turns a `-1` return into the thread's `errno`.
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
 
 /// A user's id and primary group, from the password database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,6 +2,7 @@
 //! builds field by field and that encode with the right magic numbers and
 //! lengths (mostly), so the fuzzer gets past the framing into the state
 //! machines instead of stalling at a 64-bit magic.
+#![forbid(unsafe_code)]
 
 use arbitrary::Arbitrary;
 use nbd_proto::wire::{EXTENDED_REQUEST_MAGIC, IHAVEOPT, REQUEST_MAGIC};

@@ -1,6 +1,7 @@
 //! `ringbd`: command-line entry point. Parsing only; the work is in the
 //! library crates.
 
+mod bench_plot;
 mod cmd_bench;
 mod cmd_copy;
 mod cmd_generate;

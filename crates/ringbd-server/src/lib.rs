@@ -11,6 +11,8 @@
 //!   with certificates, OpenSSL with pre-shared keys); [`tls_authz`]: the
 //!   `--tls-authz` allow list of client certificate subjects.
 //! - [`ktls`]: kernel TLS: the probe, the counters, rustls keys as crypto_info.
+//! - [`metrics`]: per-export counters and latency histograms, and the
+//!   `--metrics` listener that serves them to Prometheus.
 //! - [`server`]: start-up, the accept loop, captive `--run`, clean shutdown.
 
 pub mod access;
@@ -22,6 +24,7 @@ pub mod exports;
 pub mod ktls;
 pub mod listener;
 pub mod log;
+pub mod metrics;
 pub mod out;
 pub mod server;
 pub mod tls;

@@ -27,7 +27,6 @@ have ceph-mgr || need+=(ceph-mgr)
 have rbd      || need+=(ceph-common)
 /usr/bin/python3 -c 'import nbd' 2>/dev/null   || need+=(python3-libnbd)
 /usr/bin/python3 -c 'import pytest' 2>/dev/null || need+=(python3-pytest)
-/usr/bin/python3 -c 'import matplotlib' 2>/dev/null || need+=(python3-matplotlib)
 
 if ((${#need[@]})); then
     mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)
@@ -50,4 +49,4 @@ pkg-config --exists openssl || { echo "install-deps: libssl-dev is still missing
     || { echo "install-deps: librbd-dev/librados-dev missing" >&2; exit 1; }
 # The Ceph benchmark (bench/rbd.sh) compares with fio's own rbd engine.
 fio --enghelp 2>/dev/null | grep -qw rbd || { echo "install-deps: this fio has no rbd engine" >&2; exit 1; }
-/usr/bin/python3 -c 'import nbd, pytest, matplotlib' || { echo "install-deps: python3-libnbd/pytest/matplotlib missing" >&2; exit 1; }
+/usr/bin/python3 -c 'import nbd, pytest' || { echo "install-deps: python3-libnbd/pytest missing" >&2; exit 1; }

@@ -6,6 +6,7 @@ corrupting server (flipserver.py).  Copies are checked with
 
 import json
 import os
+import struct
 import signal
 import socket
 import subprocess
@@ -206,8 +207,13 @@ def test_bench_sweep_table_json_and_plot(server, shm_tmp):
     p = ringbd("bench", server.uri(), "--rw", "randwrite", "--sweep-bs", "4k,16k", "--time", "200ms",
                "--json", "--plot", png)
     assert [r["bs"] for r in json.loads(p.stdout)["results"]] == [4096, 16384]
+    # Drawn in-process (plotters): no Python or matplotlib involved.
     with open(png, "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        data = f.read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data[8:16] == b"\x00\x00\x00\x0dIHDR"
+    assert struct.unpack(">II", data[16:24]) == (800, 450)
+    assert len(data) > 8000  # bars, a line and text, not a blank image
 
 
 class FlipServer:

@@ -6,6 +6,7 @@ use nbd_proto::{BlockSizes, Errno, ExportCaps, ExportCatalog, ExportDescriptor, 
 use ringbd_backend::{Backend, ErrorKind, Op};
 
 use crate::budget::ReplyBudget;
+use crate::metrics::ExportMetrics;
 use crate::tls::TlsServer;
 
 /// One named export.
@@ -14,12 +15,16 @@ pub struct Export {
     pub description: String,
     pub backend: Arc<dyn Backend>,
     pub read_only: bool,
+    /// Its connections' counters (`--metrics`).
+    pub metrics: Arc<ExportMetrics>,
 }
 
 impl Export {
     pub fn new(name: impl Into<String>, backend: Arc<dyn Backend>, read_only: bool) -> Self {
         let read_only = read_only || backend.caps().read_only;
-        Export { name: name.into(), description: backend.describe(), backend, read_only }
+        let name = name.into();
+        let metrics = ExportMetrics::new(name.clone());
+        Export { name, description: backend.describe(), backend, read_only, metrics }
     }
 
     pub fn descriptor(&self) -> ExportDescriptor {

@@ -13,6 +13,8 @@
 //!   pre-shared keys), the `--tls-authz` allow list ([`tls::authz`]), and
 //!   kernel TLS ([`tls::ktls`]: the probe, the counters, rustls keys as
 //!   crypto_info; [`tls::ktls_sys`]: the socket options and record calls).
+//! - [`metrics`]: per-export counters and latency histograms, and the
+//!   `--metrics` listener that serves them to Prometheus.
 //! - [`server`]: start-up, the accept loop, captive `--run`, clean shutdown.
 //! - [`user`]: user and group lookups, dropping privileges, the umask.
 //!
@@ -29,6 +31,7 @@ pub mod engine_uring;
 pub mod exports;
 pub mod listener;
 pub mod log;
+pub mod metrics;
 pub mod out;
 pub mod server;
 pub mod tls;

@@ -49,6 +49,8 @@ pub struct Config {
     pub access: AccessOptions,
     /// How `rbd:` exports reach their Ceph cluster.
     pub ceph: ringbd_backend::CephConfig,
+    /// Serve Prometheus metrics on this TCP address (`--metrics`).
+    pub metrics: Option<String>,
 }
 
 /// Which engine serves connections.
@@ -150,6 +152,7 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
     let exports = Arc::new(exports);
 
     let listeners = bind(&config)?;
+    let metrics = config.metrics.as_deref().map(crate::metrics::http::bind).transpose().map_err(err)?;
     for l in &listeners {
         l.set_nonblocking().map_err(|e| err(format!("listener: {e}")))?;
     }
@@ -244,6 +247,9 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
         let listeners = Arc::new(listeners);
         let eng = Engine::start(listeners, exports.clone(), config.uring, features, limits.clone())
             .map_err(|e| err(format!("io_uring engine: {e}")))?;
+        if let Some(l) = metrics {
+            serve_metrics(l, &exports, Some(eng.stats.clone()))?;
+        }
         wait_for_stop(&signals, &wake_rx, config.stats_interval, &eng.stats)?;
         let stats = eng.stats.clone();
         let stopped = eng.stop();
@@ -251,6 +257,9 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
         stopped.map_err(|e| err(format!("io_uring engine: {e}")))?;
     } else {
         log::debug(format_args!("engine threads: one thread per connection"));
+        if let Some(l) = metrics {
+            serve_metrics(l, &exports, None)?;
+        }
         serve_threads(listeners, &exports, &signals, &wake_rx, &limits)?;
         if let Some(t) = exports.tls() {
             log::warn(format_args!("stats: {}", t.stats.summary()));
@@ -281,6 +290,19 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
         // Stopped by a signal before the command finished.
         (true, None) => 1,
     })
+}
+
+/// Starts the `--metrics` thread on its bound listener.
+fn serve_metrics(
+    l: std::net::TcpListener,
+    exports: &Arc<Exports>,
+    engine: Option<Arc<EngineStats>>,
+) -> Result<(), ServeError> {
+    let addr = l.local_addr().map_err(|e| err(format!("--metrics: {e}")))?;
+    crate::metrics::http::spawn(l, exports.clone(), engine)
+        .map_err(|e| err(format!("--metrics: cannot start its thread: {e}")))?;
+    log::debug(format_args!("metrics on http://{addr}/metrics"));
+    Ok(())
 }
 
 /// The threaded engine's accept loop: a thread per connection until a

@@ -54,7 +54,7 @@ pub struct BenchArgs {
     /// Print results as JSON.
     #[arg(long)]
     json: bool,
-    /// Draw IOPS and MiB/s per block size into a PNG (python3-matplotlib).
+    /// Draw IOPS and MiB/s per block size into a PNG.
     #[arg(long, value_name = "FILE.png")]
     plot: Option<PathBuf>,
 }
@@ -571,68 +571,16 @@ fn json(a: &BenchArgs, region: u64, rs: &[Stats]) -> String {
     o
 }
 
-const PLOT_PY: &str = r#"
-import json, sys
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-d = json.load(sys.stdin)
-rs = d["results"]
-labels = [str(r["bs"]) if r["bs"] < 1024 else ("%dk" % (r["bs"] // 1024) if r["bs"] < 1 << 20 else "%dm" % (r["bs"] >> 20)) for r in rs]
-fig, ax1 = plt.subplots(figsize=(8, 4.5))
-ax1.bar(range(len(rs)), [r["iops"] for r in rs], color="tab:blue", label="IOPS")
-ax1.set_ylabel("IOPS")
-ax1.set_xticks(range(len(rs)))
-ax1.set_xticklabels(labels)
-ax1.set_xlabel("block size")
-ax2 = ax1.twinx()
-ax2.plot(range(len(rs)), [r["mib_per_s"] for r in rs], color="tab:red", marker="o", label="MiB/s")
-ax2.set_ylabel("MiB/s")
-ax1.set_title("ringbd bench %s qd=%d conns=%d" % (d["rw"], d["qd"], d["conns"]))
-fig.tight_layout()
-fig.savefig(sys.argv[1])
-"#;
-
-/// Runs the plot script with the first Python that has matplotlib:
-/// `$RINGBD_PYTHON`, then `python3` on the PATH, then `/usr/bin/python3`.
+/// Draws IOPS and MiB/s per block size into the PNG `path`.
 fn plot(a: &BenchArgs, rs: &[Stats], path: &std::path::Path) -> Result<(), String> {
-    let data = json(a, 0, rs);
-    let mut tried = Vec::new();
-    let candidates =
-        std::env::var("RINGBD_PYTHON").ok().into_iter().chain(["python3".into(), "/usr/bin/python3".into()]);
-    for py in candidates {
-        match plot_with(&py, &data, path) {
-            Ok(()) => {
-                eprintln!("ringbd bench: plot written to {}", path.display());
-                return Ok(());
-            }
-            Err(e) => tried.push(format!("{py}: {e}")),
-        }
-    }
-    Err(format!("--plot needs python3 with matplotlib (python3-matplotlib); tried {}", tried.join("; ")))
-}
-
-fn plot_with(py: &str, data: &str, path: &std::path::Path) -> Result<(), String> {
-    use std::io::Write;
-    let mut child = std::process::Command::new(py)
-        .arg("-c")
-        .arg(PLOT_PY)
-        .arg(path)
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let written = match child.stdin.take() {
-        Some(mut stdin) => stdin.write_all(data.as_bytes()).map_err(|e| format!("write to it: {e}")),
-        None => Err("no stdin".into()),
-    };
-    let st = child.wait().map_err(|e| format!("wait: {e}"))?;
-    written?;
-    if st.success() {
-        Ok(())
-    } else {
-        Err(format!("failed with {st}"))
-    }
+    let title = format!("ringbd bench {} qd={} conns={}", a.rw.name(), a.qd, a.conns);
+    let points: Vec<_> = rs
+        .iter()
+        .map(|s| crate::bench_plot::Point { label: human(s.bs), iops: s.iops(), mibs: s.mibs() })
+        .collect();
+    crate::bench_plot::draw(&title, &points, path)?;
+    eprintln!("ringbd bench: plot written to {}", path.display());
+    Ok(())
 }
 
 #[cfg(test)]

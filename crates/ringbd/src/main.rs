@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+mod bench_plot;
 mod cmd_bench;
 mod cmd_copy;
 mod cmd_generate;
@@ -178,6 +179,9 @@ struct ServeArgs {
     /// A/B switch: keep TLS in userspace (rustls) even where the kernel has kTLS.
     #[arg(long)]
     no_ktls: bool,
+    /// Serve Prometheus metrics (requests, bytes, errors, latency per export and operation; the engine's counters) at http://ADDR:PORT/metrics, e.g. 127.0.0.1:9100 (docs/metrics.md).
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<String>,
 }
 
 /// How to reach the Ceph cluster of `rbd:` specs (`serve` and `attach`).
@@ -334,6 +338,7 @@ fn serve(a: ServeArgs) -> ExitCode {
             group: a.group,
         },
         ceph: a.ceph.config(),
+        metrics: a.metrics,
     };
     match ringbd_server::run(config) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

@@ -128,6 +128,7 @@ const READ_CHUNKS_AHEAD: u32 = 2;
 /// after the header said success, can only end the connection.
 pub(super) struct ChunkedRead {
     req: Request,
+    t0: Instant,
     /// The size of its pieces (the share when the read began).
     piece: u64,
     /// Next byte to read, and the end of the request.
@@ -154,6 +155,7 @@ const WRITE_CHUNKS_AHEAD: u32 = 2;
 /// when the last piece is written (the first failure is the reply's).
 pub(super) struct ChunkedWrite {
     req: Request,
+    t0: Instant,
     inflight: u32,
     /// The whole payload has arrived (and gone into pieces).
     received_all: bool,
@@ -169,7 +171,7 @@ impl Tx {
     /// Takes a large read to answer in pieces ([`Share::piece`]).
     pub(super) fn start_chunked_read(
         &mut self,
-        req: Request,
+        (req, t0): (Request, Instant),
         offset: u64,
         len: u64,
         df: bool,
@@ -179,6 +181,7 @@ impl Tx {
         let in_order = df || !self.session.structured();
         let cr = ChunkedRead {
             req,
+            t0,
             piece: self.share.piece(),
             next: offset,
             end: offset + len,
@@ -230,7 +233,7 @@ impl Tx {
                 self.chunks_waiting = true;
                 return;
             }
-            let (req, next) = (cr.req, cr.next);
+            let (req, t0, next) = (cr.req, cr.t0, cr.next);
             let n = cr.piece.min(cr.end - next);
             cr.next += n;
             cr.inflight += 1;
@@ -238,7 +241,11 @@ impl Tx {
             // The file fills it; a failed read never sends it.
             buf.set_len(n as usize);
             if self.async_io {
-                self.submit(req, Pend::ReadChunk { parent: id as u32, offset: next, len: n, done: 0 }, buf);
+                self.submit(
+                    (req, t0),
+                    Pend::ReadChunk { parent: id as u32, offset: next, len: n, done: 0 },
+                    buf,
+                );
             } else {
                 // A backend read inline (tmpfs files, the threaded engine):
                 // the piece is ready at once.
@@ -323,7 +330,7 @@ impl Tx {
         for (_, b) in cr.stash {
             recycle(pool, b);
         }
-        out.reply_done();
+        self.reply_done(&req, cr.t0, out);
         // An in-order chunked read that waited for this one may start.
         if self.in_order_chunked_read() {
             self.resume_chunked_reads(out, pool);
@@ -332,8 +339,8 @@ impl Tx {
 
     /// Takes a large write to write in pieces ([`Share::piece`]); returns
     /// its id.
-    pub(super) fn start_chunked_write(&mut self, req: Request) -> u32 {
-        let cw = ChunkedWrite { req, inflight: 0, received_all: false, failed: None };
+    pub(super) fn start_chunked_write(&mut self, req: Request, t0: Instant) -> u32 {
+        let cw = ChunkedWrite { req, t0, inflight: 0, received_all: false, failed: None };
         let id = match self.chunked_writes.iter().position(Option::is_none) {
             Some(i) => i,
             None => {
@@ -362,7 +369,7 @@ impl Tx {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn write_piece(
         &mut self,
-        req: Request,
+        (req, t0): (Request, Instant),
         (parent, piece_len): (Option<u32>, u64),
         start: u64,
         fua: bool,
@@ -372,10 +379,10 @@ impl Tx {
     ) {
         let len = piece.len() as u64;
         let Some(p) = parent else {
-            self.submit(req, Pend::Write { offset: start, len, fua, done: 0 }, piece);
+            self.submit((req, t0), Pend::Write { offset: start, len, fua, done: 0 }, piece);
             return;
         };
-        self.submit(req, Pend::WriteChunk { parent: p, offset: start, len, fua, done: 0 }, piece);
+        self.submit((req, t0), Pend::WriteChunk { parent: p, offset: start, len, fua, done: 0 }, piece);
         if let Some(Some(cw)) = self.chunked_writes.get_mut(p as usize) {
             cw.inflight += 1;
             cw.received_all = left == 0;
@@ -412,7 +419,7 @@ impl Tx {
             None => self.session.write_ok(out.bytes(), &cw.req),
             Some(e) => self.backend_error(&cw.req, &e, out),
         }
-        out.reply_done();
+        self.reply_done(&cw.req, cw.t0, out);
     }
 
     /// Bytes the connection holds outside its reply queue: what a send has
@@ -445,11 +452,17 @@ impl Tx {
     }
 
     /// Queues a file operation for the engine.
-    pub(super) fn submit(&mut self, req: Request, pend: Pend, buf: IoBuf) {
+    /// Queues a file operation for the engine; `t0`: when the request it
+    /// serves was parsed.
+    pub(super) fn submit(&mut self, (req, t0): (Request, Instant), pend: Pend, buf: IoBuf) {
         let token = match self.free_tokens.pop() {
-            Some(t) => t,
+            Some(t) => {
+                self.started[t as usize] = t0;
+                t
+            }
             None => {
                 self.pending.push(None);
+                self.started.push(t0);
                 (self.pending.len() - 1) as u32
             }
         };
@@ -523,6 +536,8 @@ impl Tx {
         pool: &mut Vec<IoBuf>,
     ) {
         let Some((req, pend)) = self.pending.get_mut(token as usize).and_then(Option::take) else { return };
+        // (`started` grows with `pending`.)
+        let t0 = self.started.get(token as usize).copied().unwrap_or_else(Instant::now);
         let finish = |this: &mut Self| {
             this.pending_count -= 1;
             this.pending_bytes = this.pending_bytes.saturating_sub(pend.bytes());
@@ -537,7 +552,7 @@ impl Tx {
                     self.backend_error(&req, &ringbd_backend::Error::new(Op::Extents, offset, len, e), out)
                 }
             }
-            out.reply_done();
+            self.reply_done(&req, t0, out);
             return;
         }
         let fallocate = match pend {
@@ -554,7 +569,7 @@ impl Tx {
         if let Some(what) = fallocate {
             if self.fallocate_complete(token, &req, pend, what, result, out) {
                 finish(self);
-                out.reply_done();
+                self.reply_done(&req, t0, out);
             }
             return;
         }
@@ -600,7 +615,7 @@ impl Tx {
                     return self.write_chunk_complete(parent, Err(e), buf, out, pool);
                 }
                 self.backend_error(&req, &e, out);
-                out.reply_done();
+                self.reply_done(&req, t0, out);
                 recycle(pool, buf);
                 return;
             }
@@ -653,7 +668,7 @@ impl Tx {
                 recycle(pool, buf);
             }
         }
-        out.reply_done();
+        self.reply_done(&req, t0, out);
     }
 
     /// Completion of a trim, a zeroing or the fsync after one: true when

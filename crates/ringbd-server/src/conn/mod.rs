@@ -17,8 +17,10 @@
 //! moved to the kernel (kTLS, `conn/ktls_io.rs`), the connection is plaintext
 //! again as far as it and the engine know.
 
+use std::cell::Cell;
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
+use std::time::Instant;
 
 use nbd_proto::handshake::BASE_ALLOCATION_ID;
 use nbd_proto::transmission::EXTENDED_REQUEST_LEN;
@@ -34,6 +36,7 @@ use ringbd_io::uring::FileOp;
 use crate::budget::Share;
 use crate::exports::{nbd_errno, Exports};
 use crate::log;
+use crate::metrics::ConnMetrics;
 use crate::out::OutBuf;
 use crate::tls::{TlsLayer, TlsServer};
 
@@ -430,6 +433,9 @@ impl Connection {
             chunks_waiting: false,
             sending: 0,
             share: self.exports.budget().join(),
+            metrics: export.metrics.connect(),
+            reply_error: Cell::new(None),
+            started: Vec::new(),
         }));
         // `leftover` came out of `data`: it is its tail. Consume only what
         // precedes it, so the caller hands the rest to the new phase.
@@ -457,6 +463,8 @@ enum Rx {
     /// with asynchronous file I/O, into `collect` for one ring write.
     Write {
         req: Request,
+        /// When its header was parsed (the metrics' latency starts there).
+        t0: Instant,
         offset: u64,
         left: u64,
         fua: bool,
@@ -471,6 +479,7 @@ enum Rx {
     /// A small payload collected whole (block-status filter).
     Payload {
         req: Request,
+        t0: Instant,
         buf: Vec<u8>,
         want: usize,
     },
@@ -512,6 +521,13 @@ struct Tx {
     /// This connection's share of the server's reply budget: the limit of
     /// its queue and the size of its large reads' and writes' pieces.
     share: Share,
+    /// Its counters in the export's metrics.
+    metrics: ConnMetrics,
+    /// The error the reply being built carries ([`Tx::error_reply`]),
+    /// taken by [`Tx::reply_done`].
+    reply_error: Cell<Option<Errno>>,
+    /// When the request waiting on each token's file operation was parsed.
+    started: Vec<Instant>,
 }
 
 impl Tx {
@@ -553,7 +569,7 @@ impl Tx {
                         self.header(out, pool);
                     }
                 }
-                Rx::Write { req, offset, left, fua, collect: Some(buf), parent, piece_len, .. } => {
+                Rx::Write { req, t0, offset, left, fua, collect: Some(buf), parent, piece_len, .. } => {
                     let room = match parent {
                         Some(_) => *piece_len - buf.len() as u64,
                         None => u64::MAX,
@@ -563,17 +579,17 @@ impl Tx {
                     buf.extend_from_slice(&rest[..n]);
                     used += n;
                     if *left == 0 || (parent.is_some() && buf.len() as u64 == *piece_len) {
-                        let (req, start, left, fua, parent, piece_len) =
-                            (*req, *offset, *left, *fua, *parent, *piece_len);
+                        let (req, t0, start, left, fua, parent, piece_len) =
+                            (*req, *t0, *offset, *left, *fua, *parent, *piece_len);
                         let piece = std::mem::take(buf);
                         *offset += piece.len() as u64;
                         if left == 0 {
                             self.rx = Rx::Header;
                         }
-                        self.write_piece(req, (parent, piece_len), start, fua, left, piece, pool);
+                        self.write_piece((req, t0), (parent, piece_len), start, fua, left, piece, pool);
                     }
                 }
-                Rx::Write { req, offset, left, fua, failed, collect: None, .. } => {
+                Rx::Write { req, t0, offset, left, fua, failed, collect: None, .. } => {
                     let n = (*left).min(rest.len() as u64) as usize;
                     *left -= n as u64;
                     if failed.is_none() {
@@ -586,33 +602,33 @@ impl Tx {
                     *offset += n as u64;
                     used += n;
                     if *left == 0 {
-                        let (req, failed) = (*req, failed.take());
+                        let (req, t0, failed) = (*req, *t0, failed.take());
                         self.rx = Rx::Header;
                         match failed {
                             None => self.session.write_ok(out.bytes(), &req),
                             Some(e) => self.backend_error(&req, &e, out),
                         }
-                        out.reply_done();
+                        self.reply_done(&req, t0, out);
                     }
                 }
-                Rx::Payload { req, buf, want } => {
+                Rx::Payload { req, t0, buf, want } => {
                     let n = (*want - buf.len()).min(rest.len());
                     buf.extend_from_slice(&rest[..n]);
                     used += n;
                     if buf.len() == *want {
-                        let (req, buf) = (*req, std::mem::take(buf));
+                        let (req, t0, buf) = (*req, *t0, std::mem::take(buf));
                         self.rx = Rx::Header;
                         match self.session.check_block_status_payload(&req, &buf) {
                             Ok(Command::BlockStatus { offset, len, req_one }) => {
-                                self.status(req, offset, len, req_one, out);
+                                self.status((req, t0), offset, len, req_one, out);
                             }
                             Ok(_) => {
-                                self.session.write_error(out.bytes(), &req, Errno::EINVAL, "bad payload");
-                                out.reply_done();
+                                self.error_reply(&req, Errno::EINVAL, "bad payload", out);
+                                self.reply_done(&req, t0, out);
                             }
                             Err(rej) => {
-                                self.session.write_error(out.bytes(), &req, rej.errno, &rej.message);
-                                out.reply_done();
+                                self.error_reply(&req, rej.errno, &rej.message, out);
+                                self.reply_done(&req, t0, out);
                             }
                         }
                     }
@@ -632,6 +648,7 @@ impl Tx {
 
     /// A complete header is in `self.hdr`.
     fn header(&mut self, out: &mut OutBuf, pool: &mut Vec<IoBuf>) {
+        let t0 = Instant::now();
         let hlen = self.session.request_len();
         let req = match self.session.decode(&self.hdr[..hlen]) {
             Ok(r) => r,
@@ -644,8 +661,8 @@ impl Tx {
         let cmd = match self.session.check(&req) {
             Ok(c) => c,
             Err(rej) => {
-                self.session.write_error(out.bytes(), &req, rej.errno, &rej.message);
-                out.reply_done();
+                self.error_reply(&req, rej.errno, &rej.message, out);
+                self.reply_done(&req, t0, out);
                 if rej.disconnect {
                     log::warn(format_args!("export {:?}: {}, disconnecting", self.name, rej.message));
                     self.closed = true;
@@ -666,36 +683,46 @@ impl Tx {
                     b.write(offset, &[], fua)
                 } else {
                     let piece_len = self.share.piece();
-                    let parent = (self.async_io && len > piece_len).then(|| self.start_chunked_write(req));
+                    let parent =
+                        (self.async_io && len > piece_len).then(|| self.start_chunked_write(req, t0));
                     let first = len.min(piece_len) as usize;
                     let collect = self.async_io.then(|| self.io_buf(first, pool));
-                    self.rx =
-                        Rx::Write { req, offset, left: len, fua, failed: None, collect, parent, piece_len };
+                    self.rx = Rx::Write {
+                        req,
+                        t0,
+                        offset,
+                        left: len,
+                        fua,
+                        failed: None,
+                        collect,
+                        parent,
+                        piece_len,
+                    };
                     return;
                 }
             }
             Command::BlockStatusPayload { payload } => {
                 let want = payload as usize;
-                self.rx = Rx::Payload { req, buf: Vec::with_capacity(want), want };
+                self.rx = Rx::Payload { req, t0, buf: Vec::with_capacity(want), want };
                 return;
             }
             Command::Read { offset, len, df } if self.async_io && len > self.share.piece() => {
-                self.start_chunked_read(req, offset, len, df, out, pool);
+                self.start_chunked_read((req, t0), offset, len, df, out, pool);
                 return;
             }
             Command::Read { offset, len, .. } if self.async_io && len > 0 => {
                 let mut buf = self.io_buf(len as usize, pool);
                 // The file fills it; a failed read never sends it.
                 buf.set_len(len as usize);
-                self.submit(req, Pend::Read { offset, len, done: 0 }, buf);
+                self.submit((req, t0), Pend::Read { offset, len, done: 0 }, buf);
                 return;
             }
             Command::Flush if self.async_io => {
-                self.submit(req, Pend::Flush, IoBuf::new());
+                self.submit((req, t0), Pend::Flush, IoBuf::new());
                 return;
             }
             Command::Trim { offset, len, fua } if self.async_io && len > 0 => {
-                self.submit(req, Pend::Trim { offset, len, fua }, IoBuf::new());
+                self.submit((req, t0), Pend::Trim { offset, len, fua }, IoBuf::new());
                 return;
             }
             Command::WriteZeroes { offset, len, fua, no_hole, fast } if self.async_io && len > 0 => {
@@ -704,7 +731,7 @@ impl Tx {
                 // asynchronous backend: its own write-zeroes, flags and all.
                 let mode = self.backend.zero_mode(no_hole);
                 if mode.is_some() || self.backend.aio().is_some() {
-                    self.submit(req, Pend::Zero { offset, len, flags, mode }, IoBuf::new());
+                    self.submit((req, t0), Pend::Zero { offset, len, flags, mode }, IoBuf::new());
                     return;
                 }
                 b.write_zeroes(offset, len, flags)
@@ -714,14 +741,14 @@ impl Tx {
                 let answered = self.read(&req, (offset, len as usize, df), out, pool, &mut pieces);
                 self.pieces = pieces;
                 if answered {
-                    out.reply_done();
+                    self.reply_done(&req, t0, out);
                 } else {
-                    self.start_chunked_read(req, offset, len, df, out, pool);
+                    self.start_chunked_read((req, t0), offset, len, df, out, pool);
                 }
                 return;
             }
             Command::BlockStatus { offset, len, req_one } => {
-                self.status(req, offset, len, req_one, out);
+                self.status((req, t0), offset, len, req_one, out);
                 return;
             }
             Command::Flush => b.flush(),
@@ -735,6 +762,6 @@ impl Tx {
             Ok(()) => self.session.write_ok(out.bytes(), &req),
             Err(e) => self.backend_error(&req, &e, out),
         }
-        out.reply_done();
+        self.reply_done(&req, t0, out);
     }
 }

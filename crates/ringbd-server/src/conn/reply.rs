@@ -11,7 +11,26 @@ impl Tx {
         if errno != Errno::ENOTSUP {
             log::warn(format_args!("export {:?}: {e}", self.name));
         }
-        self.session.write_error(out.bytes(), req, errno, &e.to_string());
+        self.error_reply(req, errno, &e.to_string(), out);
+    }
+
+    /// Queues an error reply to `req`; every error reply goes through
+    /// here, so the metrics count it (in [`Tx::reply_done`]).
+    pub(super) fn error_reply(&self, req: &Request, errno: Errno, msg: &str, out: &mut OutBuf) {
+        self.reply_error.set(Some(errno));
+        self.session.write_error(out.bytes(), req, errno, msg);
+    }
+
+    /// The reply to `req`, whose header was parsed at `t0`, is complete in
+    /// `out`: counts it in the queue and in the export's metrics.
+    pub(super) fn reply_done(&self, req: &Request, t0: Instant, out: &mut OutBuf) {
+        out.reply_done();
+        let error = self.reply_error.take();
+        let bytes = match req.typ {
+            nbd_proto::CmdType::READ | nbd_proto::CmdType::WRITE => req.length,
+            _ => 0,
+        };
+        self.metrics.answered(req.typ, bytes, t0.elapsed(), error);
     }
 
     /// Answers a read of `(offset, len, df)` inline; false (nothing
@@ -191,19 +210,26 @@ impl Tx {
     /// Answers a block-status request: through the backend's own
     /// asynchronous query where it has one (the reply follows in
     /// [`Tx::io_complete`]), else at once.
-    pub(super) fn status(&mut self, req: Request, offset: u64, len: u64, req_one: bool, out: &mut OutBuf) {
+    pub(super) fn status(
+        &mut self,
+        (req, t0): (Request, Instant),
+        offset: u64,
+        len: u64,
+        req_one: bool,
+        out: &mut OutBuf,
+    ) {
         if len > 0 && self.async_io && self.backend.aio().is_some() {
-            return self.submit(req, Pend::Status { offset, len, req_one }, IoBuf::new());
+            return self.submit((req, t0), Pend::Status { offset, len, req_one }, IoBuf::new());
         }
         if len == 0 {
-            self.session.write_error(out.bytes(), &req, Errno::EINVAL, "block status of zero length");
+            self.error_reply(&req, Errno::EINVAL, "block status of zero length", out);
         } else {
             match self.backend.extents(offset, len) {
                 Ok(e) => self.status_reply(&req, len, req_one, &e, out),
                 Err(e) => self.backend_error(&req, &e, out),
             }
         }
-        out.reply_done();
+        self.reply_done(&req, t0, out);
     }
 
     pub(super) fn status_reply(

@@ -11,7 +11,8 @@
 //!   with certificates, OpenSSL with pre-shared keys); [`tls_authz`]: the
 //!   `--tls-authz` allow list of client certificate subjects.
 //! - [`ktls`]: kernel TLS: the probe, the counters, rustls keys as crypto_info.
-//! - [`server`]: start-up, the accept loop, captive `--run`, clean shutdown.
+//! - [`server`]: start-up, the accept loop, captive `--run`, clean shutdown;
+//!   [`reload`]: SIGHUP, the exports opened again.
 
 pub mod access;
 pub mod budget;
@@ -23,8 +24,11 @@ pub mod ktls;
 pub mod listener;
 pub mod log;
 pub mod out;
+pub mod reload;
 pub mod server;
 pub mod tls;
 pub mod tls_authz;
 
+pub use exports::ExportConfig;
+pub use reload::Reload;
 pub use server::{run, Config, ServeError, DEFAULT_LISTEN};

@@ -277,13 +277,16 @@ fn serve(a: ServeArgs) -> ExitCode {
     ringbd_server::log::set_verbose(a.verbose);
     let mut exports = Vec::new();
     match a.spec {
-        Some(spec) => exports.push((String::new(), spec)),
-        None if a.exports.is_empty() => exports.push((String::new(), Spec::Memory(1 << 30))),
+        Some(spec) => exports.push(ringbd_server::ExportConfig::new("", spec)),
+        None if a.exports.is_empty() => {
+            exports.push(ringbd_server::ExportConfig::new("", Spec::Memory(1 << 30)))
+        }
         None => {}
     }
-    exports.extend(a.exports);
+    exports.extend(a.exports.into_iter().map(|(n, s)| ringbd_server::ExportConfig::new(n, s)));
     let config = ringbd_server::Config {
         exports,
+        reload: None,
         listen: a.listen,
         unix: a.unix,
         read_only: a.read_only,

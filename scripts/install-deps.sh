@@ -25,6 +25,11 @@ have ceph-mon || need+=(ceph-mon)
 have ceph-osd || need+=(ceph-osd)
 have ceph-mgr || need+=(ceph-mgr)
 have rbd      || need+=(ceph-common)
+# The Debian package (scripts/package.sh, tests/package/test.sh): its
+# dependencies (dpkg-shlibdeps), the unit checks and socket activation.
+have dpkg-shlibdeps || need+=(dpkg-dev)
+have systemd-analyze || need+=(systemd)
+have systemd-socket-activate || need+=(systemd)
 /usr/bin/python3 -c 'import nbd' 2>/dev/null   || need+=(python3-libnbd)
 /usr/bin/python3 -c 'import pytest' 2>/dev/null || need+=(python3-pytest)
 
@@ -41,7 +46,7 @@ fi
 
 # Fail loudly rather than let a test skip: every tool must be here now.
 for t in nbdkit nbdinfo nbdsh nbdcopy fio qemu-img qemu-io qemu-nbd nbd-server openssl pkg-config \
-         ceph-mon ceph-osd ceph-mgr ceph rbd monmaptool; do
+         ceph-mon ceph-osd ceph-mgr ceph rbd monmaptool dpkg-shlibdeps systemd-analyze systemd-socket-activate; do
     have "$t" || { echo "install-deps: $t is still missing" >&2; exit 1; }
 done
 pkg-config --exists openssl || { echo "install-deps: libssl-dev is still missing (pkg-config openssl)" >&2; exit 1; }

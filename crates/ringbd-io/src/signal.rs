@@ -5,7 +5,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use crate::cvt;
 
-/// SIGINT and SIGTERM, blocked for normal delivery and read from an fd.
+/// SIGINT and SIGTERM (and SIGHUP with [`TermSignals::with_hangup`]),
+/// blocked for normal delivery and read from an fd.
 ///
 /// Create it on the main thread before spawning any other thread: threads
 /// inherit the blocked mask, so the signals reach only this fd. Child
@@ -14,8 +15,21 @@ pub struct TermSignals {
     fd: OwnedFd,
 }
 
+/// The signal number [`TermSignals::take`] returns for SIGHUP.
+pub const HANGUP: i32 = libc::SIGHUP;
+
 impl TermSignals {
+    /// SIGINT and SIGTERM.
     pub fn new() -> io::Result<Self> {
+        Self::with(false)
+    }
+
+    /// SIGINT, SIGTERM and SIGHUP (a daemon's "reload your configuration").
+    pub fn with_hangup() -> io::Result<Self> {
+        Self::with(true)
+    }
+
+    fn with(hangup: bool) -> io::Result<Self> {
         // SAFETY: sigset_t is plain old data; sigemptyset initialises it.
         let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
         // SAFETY: set is a live sigset_t; these calls only write into it.
@@ -23,6 +37,9 @@ impl TermSignals {
             libc::sigemptyset(&mut set);
             libc::sigaddset(&mut set, libc::SIGINT);
             libc::sigaddset(&mut set, libc::SIGTERM);
+            if hangup {
+                libc::sigaddset(&mut set, libc::SIGHUP);
+            }
         }
         // SAFETY: set is initialised; the old mask is not wanted (null).
         let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };

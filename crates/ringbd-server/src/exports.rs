@@ -1,13 +1,33 @@
-//! The server's exports: names bound to opened backends.
+//! The server's exports: names bound to opened backends, and the table of
+//! them that a reload replaces ([`ExportTable`]).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use nbd_proto::{BlockSizes, Errno, ExportCaps, ExportCatalog, ExportDescriptor, ExportListing};
-use ringbd_backend::{Backend, ErrorKind, Op};
+use ringbd_backend::{Backend, ErrorKind, Op, Spec};
 
 use crate::budget::ReplyBudget;
 use crate::metrics::ExportMetrics;
 use crate::tls::TlsServer;
+
+/// What `ringbd serve` was asked to serve under one name (from the
+/// command line or the configuration file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportConfig {
+    pub name: String,
+    pub spec: Spec,
+    /// This export only (`--read-only` makes every export read-only).
+    pub read_only: bool,
+    /// What `NBD_INFO_DESCRIPTION` and `nbdinfo --list` show; `None`: the
+    /// backend's own description (e.g. "memory 1 GiB").
+    pub description: Option<String>,
+}
+
+impl ExportConfig {
+    pub fn new(name: impl Into<String>, spec: Spec) -> Self {
+        ExportConfig { name: name.into(), spec, read_only: false, description: None }
+    }
+}
 
 /// One named export.
 pub struct Export {
@@ -25,6 +45,21 @@ impl Export {
         let name = name.into();
         let metrics = ExportMetrics::new(name.clone());
         Export { name, description: backend.describe(), backend, read_only, metrics }
+    }
+
+    /// Counts into `metrics` (an export kept across a reload keeps its
+    /// counters) instead of new ones.
+    pub fn with_metrics(mut self, metrics: Arc<ExportMetrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Replaces the backend's own description.
+    pub fn describe_as(mut self, description: Option<&str>) -> Self {
+        if let Some(d) = description {
+            self.description = d.to_owned();
+        }
+        self
     }
 
     pub fn descriptor(&self) -> ExportDescriptor {
@@ -79,6 +114,12 @@ impl Exports {
         Ok(())
     }
 
+    /// An empty table with the same TLS policy and reply budget (the
+    /// budget is shared: connections of both tables draw on one total).
+    pub fn empty_like(&self) -> Exports {
+        Exports { list: Vec::new(), tls: self.tls.clone(), budget: self.budget.clone() }
+    }
+
     /// Serves these exports with this TLS policy.
     pub fn set_tls(&mut self, tls: Option<TlsServer>) {
         self.tls = tls.map(Arc::new);
@@ -124,6 +165,32 @@ impl ExportCatalog for Exports {
     }
 }
 
+/// The exports new connections see. Each connection takes the table current
+/// at its accept and keeps it to the end ([`crate::conn::Connection`] holds
+/// an `Arc<Exports>`): a reload that replaces the table changes what new
+/// connections can choose, never the export an existing connection is
+/// using. Read once per accepted connection, so a mutex is cheap enough.
+pub struct ExportTable {
+    current: Mutex<Arc<Exports>>,
+}
+
+impl ExportTable {
+    pub fn new(exports: Exports) -> Self {
+        ExportTable { current: Mutex::new(Arc::new(exports)) }
+    }
+
+    /// The current table.
+    pub fn load(&self) -> Arc<Exports> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Makes `exports` the table of every later [`ExportTable::load`];
+    /// returns the one it replaces.
+    pub fn replace(&self, exports: Exports) -> Arc<Exports> {
+        std::mem::replace(&mut *self.current.lock().unwrap_or_else(|p| p.into_inner()), Arc::new(exports))
+    }
+}
+
 /// The NBD error a backend failure is reported as.
 pub fn nbd_errno(e: &ringbd_backend::Error) -> Errno {
     match e.kind {
@@ -147,6 +214,22 @@ mod tests {
         let mut x = Exports::default();
         x.add(Export::new("a", Arc::new(MemoryBackend::new(1)), false)).unwrap();
         assert!(x.add(Export::new("a", Arc::new(MemoryBackend::new(1)), false)).is_err());
+    }
+
+    #[test]
+    fn a_replaced_table_leaves_loaded_ones_alone() {
+        let mut x = Exports::default();
+        x.add(Export::new("a", Arc::new(MemoryBackend::new(1)), false)).unwrap();
+        let table = ExportTable::new(x);
+        let before = table.load();
+        let mut y = before.empty_like();
+        y.add(Export::new("b", Arc::new(MemoryBackend::new(1)), false).describe_as(Some("bee"))).unwrap();
+        let old = table.replace(y);
+        assert!(old.get("a").is_some() && before.get("a").is_some());
+        let now = table.load();
+        assert!(now.get("a").is_none());
+        assert_eq!(now.get("b").map(|e| e.description.as_str()), Some("bee"));
+        assert!(Arc::ptr_eq(now.budget(), before.budget()));
     }
 
     #[test]

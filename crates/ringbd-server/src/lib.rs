@@ -15,7 +15,8 @@
 //!   crypto_info; [`tls::ktls_sys`]: the socket options and record calls).
 //! - [`metrics`]: per-export counters and latency histograms, and the
 //!   `--metrics` listener that serves them to Prometheus.
-//! - [`server`]: start-up, the accept loop, captive `--run`, clean shutdown.
+//! - [`server`]: start-up, the accept loop, captive `--run`, clean shutdown;
+//!   [`reload`]: SIGHUP, the exports opened again.
 //! - [`user`]: user and group lookups, dropping privileges, the umask.
 //!
 //! `unsafe` only in modules marked `#[allow(unsafe_code)]`, each next to its
@@ -33,10 +34,13 @@ pub mod listener;
 pub mod log;
 pub mod metrics;
 pub mod out;
+pub mod reload;
 pub mod server;
 pub mod tls;
 // getpwnam/getgrnam, setgroups/setgid/setuid and the umask for --user/--group.
 #[allow(unsafe_code)]
 pub mod user;
 
+pub use exports::ExportConfig;
+pub use reload::Reload;
 pub use server::{run, Config, ServeError, DEFAULT_LISTEN};

@@ -11,17 +11,17 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ringbd_backend::Spec;
 use ringbd_io::net::{poll_readable, take_activated_listeners};
-use ringbd_io::signal::TermSignals;
+use ringbd_io::signal::{TermSignals, HANGUP};
 use ringbd_io::uring::Features;
 
 use crate::access::{AccessOptions, Limits};
 use crate::engine_threads;
 use crate::engine_uring::{Engine, EngineStats, UringOptions};
-use crate::exports::{Export, Exports};
+use crate::exports::{ExportConfig, ExportTable, Exports};
 use crate::listener::{Listener, Stream};
 use crate::log;
+use crate::reload::{Reload, Served};
 
 /// Default listen address: loopback only, the IANA NBD port.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
@@ -32,10 +32,11 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// What `ringbd serve` was asked to do.
 #[derive(Debug, Clone, Default)]
 pub struct Config {
-    /// Export name and spec, in order.
-    pub exports: Vec<(String, Spec)>,
+    /// The exports, in order.
+    pub exports: Vec<ExportConfig>,
     pub listen: Vec<String>,
     pub unix: Option<PathBuf>,
+    /// Every export read-only, whatever its own setting.
     pub read_only: bool,
     /// Captive mode: run this shell command, stop when it exits.
     pub run: Option<String>,
@@ -51,6 +52,9 @@ pub struct Config {
     pub ceph: ringbd_backend::CephConfig,
     /// Serve Prometheus metrics on this TCP address (`--metrics`).
     pub metrics: Option<String>,
+    /// SIGHUP reads the exports again from here (`None`: SIGHUP keeps its
+    /// default action). See [`crate::reload`].
+    pub reload: Option<Reload>,
 }
 
 /// Which engine serves connections.
@@ -124,17 +128,17 @@ impl Registry {
 }
 
 /// Runs the server until SIGINT/SIGTERM (exit code 0) or, in captive mode,
-/// until the command exits (its exit code). Must be called before the
-/// process starts any other thread (signals are routed to a signalfd).
+/// until the command exits (its exit code); with `config.reload`, SIGHUP
+/// reloads the exports. Must be called before the process starts any other
+/// thread (signals are routed to a signalfd).
 pub fn run(config: Config) -> Result<i32, ServeError> {
-    let signals = TermSignals::new().map_err(|e| err(format!("cannot set up signal handling: {e}")))?;
+    let signals = if config.reload.is_some() { TermSignals::with_hangup() } else { TermSignals::new() }
+        .map_err(|e| err(format!("cannot set up signal handling: {e}")))?;
 
     let mut exports = Exports::default();
-    for (name, spec) in &config.exports {
-        let backend = ringbd_backend::open_with(spec, config.read_only, &config.ceph)
-            .map_err(|e| err(format!("export {name:?}: {e}")))?;
-        exports.add(Export::new(name.clone(), backend, config.read_only)).map_err(err)?;
-    }
+    let served = Served::open(config.exports.clone(), config.read_only, config.ceph.clone(), &mut exports)
+        .map_err(err)?;
+    let mut reloader = Reloader { served, source: config.reload.clone() };
     let tls = crate::tls::TlsServer::load(&config.tls).map_err(|e| err(format!("TLS: {e}")))?;
     if let Some(t) = &tls {
         let from = config.tls.psk.as_deref().or(config.tls.certificates.as_deref());
@@ -149,7 +153,7 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
     let tls_required = tls.as_ref().is_some_and(|t| t.mode == nbd_proto::TlsMode::Require);
     exports.set_tls(tls);
     exports.set_reply_memory(config.access.reply_memory);
-    let exports = Arc::new(exports);
+    let exports = Arc::new(ExportTable::new(exports));
 
     let listeners = bind(&config)?;
     let metrics = config.metrics.as_deref().map(crate::metrics::http::bind).transpose().map_err(err)?;
@@ -250,7 +254,7 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
         if let Some(l) = metrics {
             serve_metrics(l, &exports, Some(eng.stats.clone()))?;
         }
-        wait_for_stop(&signals, &wake_rx, config.stats_interval, &eng.stats)?;
+        wait_for_stop(&signals, &wake_rx, config.stats_interval, &eng.stats, &mut reloader, &exports)?;
         let stats = eng.stats.clone();
         let stopped = eng.stop();
         log::warn(format_args!("stats: {}", stats.summary()));
@@ -260,8 +264,8 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
         if let Some(l) = metrics {
             serve_metrics(l, &exports, None)?;
         }
-        serve_threads(listeners, &exports, &signals, &wake_rx, &limits)?;
-        if let Some(t) = exports.tls() {
+        serve_threads(listeners, &exports, &signals, &wake_rx, &limits, &mut reloader)?;
+        if let Some(t) = exports.load().tls() {
             log::warn(format_args!("stats: {}", t.stats.summary()));
         }
     }
@@ -274,9 +278,9 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
     }
 
     let mut flush_failed = false;
-    for e in exports.iter() {
-        if let Err(x) = e.backend.flush() {
-            log::warn(format_args!("export {:?}: final {x}", e.name));
+    for (name, backend) in reloader.served.backends() {
+        if let Err(x) = backend.flush() {
+            log::warn(format_args!("export {name:?}: final {x}"));
             flush_failed = true;
         }
     }
@@ -295,7 +299,7 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
 /// Starts the `--metrics` thread on its bound listener.
 fn serve_metrics(
     l: std::net::TcpListener,
-    exports: &Arc<Exports>,
+    exports: &Arc<ExportTable>,
     engine: Option<Arc<EngineStats>>,
 ) -> Result<(), ServeError> {
     let addr = l.local_addr().map_err(|e| err(format!("--metrics: {e}")))?;
@@ -305,14 +309,37 @@ fn serve_metrics(
     Ok(())
 }
 
+/// The exports being served and where SIGHUP reloads them from.
+struct Reloader {
+    served: Served,
+    source: Option<Reload>,
+}
+
+impl Reloader {
+    /// Handles a signal from `signals`: returns whether it asks to stop
+    /// (SIGHUP reloads and does not).
+    fn on_signal(&mut self, sig: i32, table: &ExportTable) -> bool {
+        if sig != HANGUP {
+            log::debug(format_args!("signal {sig}: stopping"));
+            return true;
+        }
+        match &self.source {
+            Some(source) => self.served.reload(table, source),
+            None => log::warn(format_args!("SIGHUP: no configuration file to reload")),
+        }
+        false
+    }
+}
+
 /// The threaded engine's accept loop: a thread per connection until a
 /// signal or the captive command's exit, then a drain.
 fn serve_threads(
     listeners: Vec<Listener>,
-    exports: &Arc<Exports>,
+    exports: &Arc<ExportTable>,
     signals: &TermSignals,
     wake_rx: &io::PipeReader,
     limits: &Limits,
+    reloader: &mut Reloader,
 ) -> Result<(), ServeError> {
     let registry = Arc::new(Registry::default());
     let mut next_id = 0u64;
@@ -324,8 +351,9 @@ fn serve_threads(
         let ready = poll_readable(&fds, None).map_err(|e| err(format!("poll: {e}")))?;
         if ready[listeners.len()] {
             if let Ok(Some(sig)) = signals.take() {
-                log::debug(format_args!("signal {sig}: stopping"));
-                break 'accept;
+                if reloader.on_signal(sig, exports) {
+                    break 'accept;
+                }
             }
         }
         if ready[listeners.len() + 1] {
@@ -363,7 +391,8 @@ fn serve_threads(
                         continue;
                     }
                 }
-                let (exports, registry2) = (exports.clone(), registry.clone());
+                // The table current at accept, for this connection's life.
+                let (exports, registry2) = (exports.load(), registry.clone());
                 let timeouts = engine_threads::Timeouts {
                     handshake: limits.handshake_timeout,
                     reply: limits.reply_timeout,
@@ -397,20 +426,24 @@ fn serve_threads(
 }
 
 /// Blocks until SIGINT/SIGTERM or the captive command's exit, printing the
-/// engine's counters every `interval`.
+/// engine's counters every `interval` and reloading on SIGHUP.
 fn wait_for_stop(
     signals: &TermSignals,
     wake_rx: &io::PipeReader,
     interval: Option<Duration>,
     stats: &EngineStats,
+    reloader: &mut Reloader,
+    table: &ExportTable,
 ) -> Result<(), ServeError> {
     loop {
         let ready = poll_readable(&[signals.as_fd(), wake_rx.as_fd()], interval)
             .map_err(|e| err(format!("poll: {e}")))?;
         if ready[0] {
             if let Ok(Some(sig)) = signals.take() {
-                log::debug(format_args!("signal {sig}: stopping"));
-                return Ok(());
+                if reloader.on_signal(sig, table) {
+                    return Ok(());
+                }
+                continue;
             }
         }
         if ready[1] {

@@ -8,6 +8,7 @@ mod cmd_bench;
 mod cmd_copy;
 mod cmd_generate;
 mod cmd_info;
+mod config;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,7 +16,8 @@ use std::time::Duration;
 
 mod cmd_ublk;
 
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use nbd_proto::TlsMode;
 use ringbd_backend::Spec;
 use ringbd_server::engine_uring::UringOptions;
@@ -74,16 +76,29 @@ SPEC is one of:
 Each listener's URI is printed on stdout once it is ready.
 With LISTEN_PID/LISTEN_FDS set (socket activation), the passed sockets are used instead.
 
+--config FILE reads the settings from a TOML file (docs/daemon.md); flags given on the
+command line win, and their exports are added to the file's. SIGHUP reads the file's
+exports again: added ones are served to new connections, removed ones to no new
+connection, unchanged ones keep their backend and connections.
+
 Examples:
   ringbd serve memory:1G
   ringbd serve --unix /tmp/nbd.sock file:/var/lib/disk.img
   ringbd serve --export a=memory:1G --export b=null:1T --listen [::1]:10809
   ringbd serve memory:256M --run 'qemu-img info \"$uri\"'
+  ringbd serve --config /etc/ringbd/disks.toml
+  ringbd serve --check-config /etc/ringbd/disks.toml
   ringbd serve --ceph-conf /etc/ceph/ceph.conf --ceph-id admin rbd:rbd/disk
   ringbd serve fault:read=0.1@EIO,write=5%@ENOSPC,delay-flush=5ms:memory:1G")]
 struct ServeArgs {
     /// The default export (the one named "").
     spec: Option<Spec>,
+    /// Read the settings and exports from this TOML file (flags given here win; SIGHUP reloads its exports).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Check this configuration file (and the other flags) and exit: 0 with a summary, or 1 with the error.
+    #[arg(long, value_name = "FILE", conflicts_with = "config")]
+    check_config: Option<PathBuf>,
     /// A named export; repeatable.
     #[arg(long = "export", value_name = "NAME=SPEC", value_parser = parse_named_export)]
     exports: Vec<(String, Spec)>,
@@ -208,14 +223,16 @@ impl CephArgs {
     }
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 enum TlsArg {
     Off,
     On,
     Require,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 enum EngineArg {
     Auto,
     Uring,
@@ -262,13 +279,16 @@ fn parse_named_export(s: &str) -> Result<(String, Spec), String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // The matches say which flags were given, so that they win over a
+    // configuration file's settings.
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // Before any worker thread exists (see ringbd_io::mem).
     if let Err(e) = ringbd_io::mem::retain_heap() {
         eprintln!("ringbd: warning: heap settings: {e} (TLS replies may be slower)");
     }
     match cli.command {
-        Cmd::Serve(a) => serve(*a),
+        Cmd::Serve(a) => serve(*a, matches.subcommand_matches("serve")),
         Cmd::Attach(a) => cmd_ublk::attach(a),
         Cmd::Detach(a) => cmd_ublk::detach(a),
         Cmd::List(a) => cmd_ublk::list(a),
@@ -279,17 +299,53 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(a: ServeArgs) -> ExitCode {
+fn serve(mut a: ServeArgs, matches: Option<&ArgMatches>) -> ExitCode {
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("ringbd: error: {e}");
+        ExitCode::FAILURE
+    };
+    let flags = config::FlagExports { default: a.spec.take(), named: std::mem::take(&mut a.exports) };
+    let file_path = a.config.clone().or(a.check_config.clone());
+    let (exports, reload) = match &file_path {
+        Some(path) => {
+            let file = match config::load(path) {
+                Ok(f) => f,
+                Err(e) => return fail(&e),
+            };
+            let given = |id: &str| matches.and_then(|m| m.value_source(id)) == Some(ValueSource::CommandLine);
+            config::apply(&file, &mut a, &given);
+            let exports = config::exports(&file, &flags);
+            if exports.is_empty() {
+                return fail(&format_args!(
+                    "{}: no exports: the file has no [[export]] and the command line none",
+                    path.display()
+                ));
+            }
+            let (path, flags) = (path.clone(), flags.clone());
+            let reload = ringbd_server::Reload::new(move || {
+                let file = config::load(&path).map_err(|e| e.to_string())?;
+                Ok(config::exports(&file, &flags))
+            });
+            (exports, Some(reload))
+        }
+        None => {
+            let mut exports = Vec::new();
+            match flags.default {
+                Some(spec) => exports.push(ringbd_server::ExportConfig::new("", spec)),
+                None if flags.named.is_empty() => {
+                    exports.push(ringbd_server::ExportConfig::new("", Spec::Memory(1 << 30)))
+                }
+                None => {}
+            }
+            exports.extend(flags.named.into_iter().map(|(n, s)| ringbd_server::ExportConfig::new(n, s)));
+            (exports, None)
+        }
+    };
     ringbd_server::log::set_verbose(a.verbose);
-    let mut exports = Vec::new();
-    match a.spec {
-        Some(spec) => exports.push((String::new(), spec)),
-        None if a.exports.is_empty() => exports.push((String::new(), Spec::Memory(1 << 30))),
-        None => {}
-    }
-    exports.extend(a.exports);
+    let check = a.check_config.clone();
     let config = ringbd_server::Config {
         exports,
+        reload,
         listen: a.listen,
         unix: a.unix,
         read_only: a.read_only,
@@ -340,6 +396,15 @@ fn serve(a: ServeArgs) -> ExitCode {
         ceph: a.ceph.config(),
         metrics: a.metrics,
     };
+    if let Some(path) = check {
+        return match config::check(&path, &config) {
+            Ok(summary) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        };
+    }
     match ringbd_server::run(config) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {

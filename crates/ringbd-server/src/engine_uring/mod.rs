@@ -50,7 +50,7 @@ use ringbd_io::uring::{BufPiece, Features, Ring, RingConfig, RingStats, Sock};
 
 use crate::access::{Limits, Ticket};
 use crate::conn::Connection;
-use crate::exports::Exports;
+use crate::exports::ExportTable;
 use crate::listener::{Listener, Stream};
 use crate::log;
 use crate::out::OutBuf;
@@ -199,12 +199,12 @@ impl Engine {
     /// Starts `opts.threads` workers serving `listeners`.
     pub fn start(
         listeners: Arc<Vec<Listener>>,
-        exports: Arc<Exports>,
+        exports: Arc<ExportTable>,
         opts: UringOptions,
         features: Features,
         limits: Limits,
     ) -> io::Result<Engine> {
-        let stats = Arc::new(EngineStats { tls: exports.tls(), ..EngineStats::default() });
+        let stats = Arc::new(EngineStats { tls: exports.load().tls(), ..EngineStats::default() });
         let n = opts.threads.max(1);
         let mut ctl = Vec::with_capacity(n);
         let mut inboxes = Vec::with_capacity(n);
@@ -216,11 +216,17 @@ impl Engine {
         }
         let peers = Arc::new(Peers { ctl, next: AtomicUsize::new(0) });
         // Exports whose backend runs its own asynchronous I/O (RBD) complete
-        // onto an eventfd-signalled queue per ring.
-        let aio = exports.iter().any(|e| e.backend.aio().is_some());
-        // Registered buffers only serve file exports' ring operations.
-        let buffers =
-            if exports.iter().any(|e| e.backend.file_fd().is_some()) { opts.registered_buffers } else { 0 };
+        // onto an eventfd-signalled queue per ring. Every ring has one (an
+        // eventfd and a poll that never fires without such exports): a
+        // reload may add one.
+        // Registered buffers only serve file exports' ring operations (a
+        // file export added by a reload to a server that had none uses
+        // plain buffers).
+        let buffers = if exports.load().iter().any(|e| e.backend.file_fd().is_some()) {
+            opts.registered_buffers
+        } else {
+            0
+        };
         let mut workers = Vec::new();
         for (i, (ctl_rx, wake_rx)) in inboxes.into_iter().enumerate() {
             let cfg = RingConfig {
@@ -256,7 +262,7 @@ impl Engine {
                 local: Local::default(),
                 seen: RingStats::default(),
                 io_scratch: Vec::new(),
-                aio: if aio { Some(Arc::new(CompletionQueue::new()?)) } else { None },
+                aio: Some(Arc::new(CompletionQueue::new()?)),
                 aio_done: Vec::new(),
             };
             // The ring is created on its own thread: a SINGLE_ISSUER ring
@@ -385,7 +391,8 @@ struct State {
     ctl_rx: mpsc::Receiver<Ctl>,
     wake_rx: std::io::PipeReader,
     listeners: Arc<Vec<Listener>>,
-    exports: Arc<Exports>,
+    /// Each new connection takes the table current at its accept.
+    exports: Arc<ExportTable>,
     conns: Vec<Option<Conn>>,
     free: Vec<u32>,
     live: usize,

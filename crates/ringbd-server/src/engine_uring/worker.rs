@@ -228,7 +228,7 @@ impl State {
             }
             _ => Stream::Unix(UnixStream::from(fd)),
         };
-        let mut conn = Connection::new(self.exports.clone(), stream.peer());
+        let mut conn = Connection::new(self.exports.load(), stream.peer());
         if tcp {
             conn.allow_ktls();
         }

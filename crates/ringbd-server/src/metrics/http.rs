@@ -22,7 +22,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::engine_uring::EngineStats;
-use crate::exports::Exports;
+use crate::exports::ExportTable;
 use crate::log;
 
 /// The most bytes of a request head (request line and headers) read.
@@ -43,17 +43,18 @@ pub fn bind(addr: &str) -> Result<TcpListener, String> {
 }
 
 /// Serves scrapes on `listener` from a thread of its own, for the life of
-/// the process; `engine`: the io_uring engine's counters, if it runs.
+/// the process, of the exports in `exports` at each scrape (a SIGHUP reload
+/// changes them); `engine`: the io_uring engine's counters, if it runs.
 pub fn spawn(
     listener: TcpListener,
-    exports: Arc<Exports>,
+    exports: Arc<ExportTable>,
     engine: Option<Arc<EngineStats>>,
 ) -> io::Result<thread::JoinHandle<()>> {
     thread::Builder::new().name("metrics".into()).spawn(move || {
         for stream in listener.incoming() {
             match stream {
                 Ok(s) => {
-                    let body = || super::render(&exports, engine.as_deref());
+                    let body = || super::render(&exports.load(), engine.as_deref());
                     if let Err(e) = serve_one(s, HEAD_TIMEOUT, body) {
                         log::debug(format_args!("metrics: {e}"));
                     }

@@ -44,6 +44,9 @@ export RINGBD_BIN="$PWD/target/release/ringbd"
 export RINGBD_SOAK_SECONDS="${RINGBD_SOAK_SECONDS:-20}"
 export RINGBD_DURABILITY_ITERATIONS="${RINGBD_DURABILITY_ITERATIONS:-20}"
 
+step "Debian package: build, install, verify units, serve under socket activation, purge"
+tests/package/test.sh
+
 step "interop suite: ringbd's threaded engine"
 RINGBD_ARGS="--engine threads" INTEROP_SERVERS=ringbd \
     /usr/bin/python3 -m pytest tests/interop -q -p no:cacheprovider "$@"

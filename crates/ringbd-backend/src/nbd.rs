@@ -138,7 +138,7 @@ impl NbdBackend {
         match sent {
             Ok(()) => {
                 if let Err(e) = self.wake.signal() {
-                    warn(format_args!("NBD export {}: waking the client thread: {e}", self.uri));
+                    tracing::warn!("NBD export {}: waking the client thread: {e}", self.uri);
                 }
             }
             // The worker is gone (the upstream failed): answer at once.
@@ -147,17 +147,11 @@ impl NbdBackend {
     }
 }
 
-/// ringbd-backend has no logger of its own (as rbd.rs): warnings go to
-/// stderr with the program's prefix.
-fn warn(args: std::fmt::Arguments<'_>) {
-    eprintln!("ringbd: {args}");
-}
-
 /// Delivers a result; a sink that cannot be woken is logged (its waiter
 /// finds the result at its next wake-up, as `CompletionQueue::push` says).
 fn deliver(sink: Sink, result: io::Result<usize>, buf: IoBuf) {
     if let Err(e) = sink.deliver(result, buf) {
-        warn(format_args!("NBD export: waking the engine with a reply: {e}"));
+        tracing::warn!("NBD export: waking the engine with a reply: {e}");
     }
 }
 
@@ -276,7 +270,7 @@ impl Drop for NbdBackend {
         let (tx, _rx) = mpsc::channel();
         drop(std::mem::replace(self.jobs.get_mut().unwrap_or_else(|p| p.into_inner()), tx));
         if let Err(e) = self.wake.signal() {
-            warn(format_args!("NBD export {}: waking the client thread to stop: {e}", self.uri));
+            tracing::warn!("NBD export {}: waking the client thread to stop: {e}", self.uri);
         }
     }
 }
@@ -400,15 +394,15 @@ fn worker(
         }
         if !open && inflight.is_empty() {
             if let Err(e) = engine.disconnect() {
-                warn(format_args!("NBD export {uri}: disconnecting: {e}"));
+                tracing::warn!("NBD export {uri}: disconnecting: {e}");
             }
             return;
         }
         if let Err(e) = engine.poll(&mut done, true) {
-            warn(format_args!(
+            tracing::warn!(
                 "NBD export {uri}: the upstream failed: {e}; reconnecting ({} request(s) to send again)",
                 inflight.len()
-            ));
+            );
             let mut retry: Vec<Job> = inflight.drain().map(|(_, f)| f.into_job()).collect();
             match reconnect(&uri, &wake, &up, &jobs, &mut retry, &failed) {
                 Some(e) => engine = e,
@@ -450,19 +444,20 @@ fn reconnect(
         match connect(uri, wake) {
             Ok((engine, now)) if now.size == up.size => {
                 failed.store(false, Ordering::Relaxed);
-                warn(format_args!(
+                tracing::warn!(
                     "NBD export {uri}: reconnected after {:.1} s ({tries} attempt(s)); {} request(s) sent again",
                     since.elapsed().as_secs_f64(),
                     retry.len()
-                ));
+                );
                 return Some(engine);
             }
             Ok((_, now)) => {
-                warn(format_args!(
+                tracing::warn!(
                     "NBD export {uri}: the upstream came back with {} bytes instead of {}: not the same \
                      export; every request fails from now on",
-                    now.size, up.size
-                ));
+                    now.size,
+                    up.size
+                );
                 failed.store(true, Ordering::Relaxed);
                 for job in retry.drain(..) {
                     fail_job(job, gone());
@@ -473,16 +468,16 @@ fn reconnect(
                 return None;
             }
             Err(e) if tries == 1 || tries.is_multiple_of(30) => {
-                warn(format_args!("NBD export {uri}: reconnecting: {e}"));
+                tracing::warn!("NBD export {uri}: reconnecting: {e}");
             }
             Err(_) => {}
         }
         if since.elapsed() >= RECONNECT_WINDOW && !failed.swap(true, Ordering::Relaxed) {
-            warn(format_args!(
+            tracing::warn!(
                 "NBD export {uri}: no upstream for {} s: {} waiting request(s) fail, and new ones until it is back",
                 RECONNECT_WINDOW.as_secs(),
                 retry.len()
-            ));
+            );
         }
         if failed.load(Ordering::Relaxed) {
             for job in retry.drain(..) {

@@ -10,8 +10,6 @@ use std::time::Duration;
 
 use crate::user;
 
-use crate::log;
-
 /// The default handshake deadline, as qemu-nbd's and nbdkit's 10 s for
 /// the TLS handshake (ringbd's covers all of option haggling).
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -96,7 +94,7 @@ impl Gate {
             Some(max) if before >= max => {
                 drop(ticket);
                 let n = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
-                log::debug(format_args!("connection refused: {max} open (--max-connections); {n} refused"));
+                tracing::debug!("connection refused: {max} open (--max-connections); {n} refused");
                 None
             }
             _ => Some(ticket),
@@ -151,7 +149,7 @@ pub fn drop_privileges(opts: &AccessOptions) -> Result<(), String> {
     };
     user::drop_privileges(uid, gid)
         .map_err(|e| format!("cannot switch to uid {uid} gid {gid} (--user/--group): {e}"))?;
-    log::debug(format_args!("running as uid {uid} gid {gid}"));
+    tracing::debug!("running as uid {uid} gid {gid}");
     Ok(())
 }
 

@@ -31,7 +31,6 @@ pub mod engine_threads;
 pub mod engine_uring;
 pub mod exports;
 pub mod listener;
-pub mod log;
 pub mod metrics;
 pub mod out;
 pub mod reload;

@@ -23,7 +23,6 @@ use std::sync::Arc;
 use ringbd_backend::{Backend, CephConfig};
 
 use crate::exports::{Export, ExportConfig, ExportTable, Exports};
-use crate::log;
 
 /// Where a reload gets the export list: a function the binary provides
 /// (it re-reads its configuration file and adds the command line's
@@ -151,7 +150,7 @@ impl Served {
         let defs = match (source.0)() {
             Ok(d) => d,
             Err(e) => {
-                log::warn(format_args!("reload: {e}; exports unchanged"));
+                tracing::warn!("reload: {e}; exports unchanged");
                 return;
             }
         };
@@ -160,7 +159,7 @@ impl Served {
         let (exports, changes) = match self.build(defs, &mut next, Some(&current)) {
             Ok(x) => x,
             Err(e) => {
-                log::warn(format_args!("reload: {e}; exports unchanged"));
+                tracing::warn!("reload: {e}; exports unchanged");
                 return;
             }
         };
@@ -171,12 +170,12 @@ impl Served {
             let gone = changes.removed.contains(&d.name) || changes.replaced.contains(&d.name);
             if gone {
                 if let Err(e) = b.flush() {
-                    log::warn(format_args!("reload: export {:?} (removed): {e}", d.name));
+                    tracing::warn!("reload: export {:?} (removed): {e}", d.name);
                 }
             }
         }
         self.exports = exports;
-        log::warn(format_args!("reload: {changes}"));
+        tracing::info!("reload: {changes}");
     }
 
     /// Every backend being served, for the final flush.

@@ -20,7 +20,6 @@ use crate::engine_threads;
 use crate::engine_uring::{Engine, EngineStats, UringOptions};
 use crate::exports::{ExportConfig, ExportTable, Exports};
 use crate::listener::{Listener, Stream};
-use crate::log;
 use crate::reload::{Reload, Served};
 
 /// Default listen address: loopback only, the IANA NBD port.
@@ -116,7 +115,7 @@ impl Registry {
         while !c.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                log::warn(format_args!("{} connection(s) did not finish in time; closing them", c.len()));
+                tracing::warn!("{} connection(s) did not finish in time; closing them", c.len());
                 for s in c.values() {
                     s.shutdown(Shutdown::Both).ok();
                 }
@@ -142,13 +141,13 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
     let tls = crate::tls::TlsServer::load(&config.tls).map_err(|e| err(format!("TLS: {e}")))?;
     if let Some(t) = &tls {
         let from = config.tls.psk.as_deref().or(config.tls.certificates.as_deref());
-        log::debug(format_args!(
+        tracing::debug!(
             "TLS {:?} with the {} in {:?}{}",
             t.mode,
             t.kind(),
             from.unwrap_or(std::path::Path::new("")),
             if config.tls.verify_peer { ", client certificates required" } else { "" }
-        ));
+        );
     }
     let tls_required = tls.as_ref().is_some_and(|t| t.mode == nbd_proto::TlsMode::Require);
     exports.set_tls(tls);
@@ -209,9 +208,7 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
         EngineKind::Uring => EngineKind::Uring,
         EngineKind::Auto if usable => EngineKind::Uring,
         EngineKind::Auto => {
-            log::warn(format_args!(
-                "io_uring unavailable or too old here ({features:?}); using the threaded engine"
-            ));
+            tracing::warn!("io_uring unavailable or too old here ({features:?}); using the threaded engine");
             EngineKind::Threads
         }
     };
@@ -227,7 +224,7 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
             (true, false) => " (incremental consumption unavailable)",
             (false, _) => "",
         };
-        log::warn(format_args!(
+        tracing::info!(
             "engine io_uring: {} ring(s) (single issuer + defer taskrun: {}), multishot accept, multishot recv over \
              {} x {} KiB provided buffers{inc}, {}, bundles {bundle}, replies {}, zero-copy sends {}",
             o.threads,
@@ -247,7 +244,7 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
                 (true, false) => "unavailable".to_owned(),
                 (false, _) => "off".to_owned(),
             },
-        ));
+        );
         let listeners = Arc::new(listeners);
         let eng = Engine::start(listeners, exports.clone(), config.uring, features, limits.clone())
             .map_err(|e| err(format!("io_uring engine: {e}")))?;
@@ -257,30 +254,30 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
         wait_for_stop(&signals, &wake_rx, config.stats_interval, &eng.stats, &mut reloader, &exports)?;
         let stats = eng.stats.clone();
         let stopped = eng.stop();
-        log::warn(format_args!("stats: {}", stats.summary()));
+        tracing::info!("stats: {}", stats.summary());
         stopped.map_err(|e| err(format!("io_uring engine: {e}")))?;
     } else {
-        log::debug(format_args!("engine threads: one thread per connection"));
+        tracing::debug!("engine threads: one thread per connection");
         if let Some(l) = metrics {
             serve_metrics(l, &exports, None)?;
         }
         serve_threads(listeners, &exports, &signals, &wake_rx, &limits, &mut reloader)?;
         if let Some(t) = exports.load().tls() {
-            log::warn(format_args!("stats: {}", t.stats.summary()));
+            tracing::info!("stats: {}", t.stats.summary());
         }
     }
     if limits.gate.refused() > 0 {
-        log::warn(format_args!(
+        tracing::warn!(
             "{} connection(s) refused over --max-connections {}",
             limits.gate.refused(),
             config.access.max_connections.unwrap_or_default()
-        ));
+        );
     }
 
     let mut flush_failed = false;
     for (name, backend) in reloader.served.backends() {
         if let Err(x) = backend.flush() {
-            log::warn(format_args!("export {name:?}: final {x}"));
+            tracing::warn!("export {name:?}: final {x}");
             flush_failed = true;
         }
     }
@@ -305,7 +302,7 @@ fn serve_metrics(
     let addr = l.local_addr().map_err(|e| err(format!("--metrics: {e}")))?;
     crate::metrics::http::spawn(l, exports.clone(), engine)
         .map_err(|e| err(format!("--metrics: cannot start its thread: {e}")))?;
-    log::debug(format_args!("metrics on http://{addr}/metrics"));
+    tracing::debug!("metrics on http://{addr}/metrics");
     Ok(())
 }
 
@@ -320,12 +317,12 @@ impl Reloader {
     /// (SIGHUP reloads and does not).
     fn on_signal(&mut self, sig: i32, table: &ExportTable) -> bool {
         if sig != HANGUP {
-            log::debug(format_args!("signal {sig}: stopping"));
+            tracing::debug!("signal {sig}: stopping");
             return true;
         }
         match &self.source {
             Some(source) => self.served.reload(table, source),
-            None => log::warn(format_args!("SIGHUP: no configuration file to reload")),
+            None => tracing::warn!("SIGHUP: no configuration file to reload"),
         }
         false
     }
@@ -371,7 +368,7 @@ fn serve_threads(
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         // EMFILE and friends: report, keep serving others.
-                        log::warn(format_args!("accept: {e}"));
+                        tracing::warn!("accept: {e}");
                         break;
                     }
                 };
@@ -387,7 +384,7 @@ fn serve_threads(
                         registry.lock().insert(id, handle);
                     }
                     Err(e) => {
-                        log::warn(format_args!("connection setup: {e}"));
+                        tracing::warn!("connection setup: {e}");
                         continue;
                     }
                 }
@@ -400,7 +397,7 @@ fn serve_threads(
                 let spawned = thread::Builder::new().name(format!("conn-{id}")).spawn(move || {
                     let peer = stream.peer();
                     if let Err(e) = engine_threads::serve_limited(stream, exports, timeouts) {
-                        log::warn(format_args!("{peer}: connection ended with error: {e}"));
+                        tracing::warn!("{peer}: connection ended with error: {e}");
                     }
                     registry2.remove(id);
                     drop(ticket);
@@ -408,7 +405,7 @@ fn serve_threads(
                 match spawned {
                     Ok(h) => workers.push(h),
                     Err(e) => {
-                        log::warn(format_args!("cannot start connection thread: {e}"));
+                        tracing::warn!("cannot start connection thread: {e}");
                         registry.remove(id);
                     }
                 }
@@ -450,7 +447,7 @@ fn wait_for_stop(
             return Ok(());
         }
         if interval.is_some() && !ready.iter().any(|&r| r) {
-            log::warn(format_args!("stats: {}", stats.summary()));
+            tracing::info!("stats: {}", stats.summary());
         }
     }
 }

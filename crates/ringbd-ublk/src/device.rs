@@ -237,10 +237,7 @@ fn queue_cpus(ctrl: &mut Control, info: &DevInfo) -> Vec<Vec<usize>> {
         match ctrl.get_queue_affinity(info.dev_id, q) {
             Ok(cpus) => all.push(cpus),
             Err(e) => {
-                eprintln!(
-                    "ringbd: ublk device {} queue {q}: GET_QUEUE_AFFINITY: {e}; not pinning",
-                    info.dev_id
-                );
+                tracing::warn!("ublk device {} queue {q}: GET_QUEUE_AFFINITY: {e}; not pinning", info.dev_id);
                 return Vec::new();
             }
         }
@@ -259,7 +256,7 @@ fn start_queues(
     if !cpus.is_empty() {
         let list: Vec<String> =
             cpus.iter().enumerate().map(|(q, c)| format!("queue {q}: {}", cpu_list(c))).collect();
-        eprintln!("ringbd: ublk device {}: queue threads pinned to CPUs ({})", info.dev_id, list.join("; "));
+        tracing::info!("ublk device {}: queue threads pinned to CPUs ({})", info.dev_id, list.join("; "));
     }
     let cdev = Arc::new(open_char(info.dev_id)?);
     let (tx, rx) = mpsc::channel();
@@ -420,7 +417,7 @@ impl Device {
             }
         };
         if signal.is_none() {
-            eprintln!("ringbd: ublk device {}: a queue ended; tearing down", self.id());
+            tracing::warn!("ublk device {}: a queue ended; tearing down", self.id());
         }
         self.teardown()
     }
@@ -452,7 +449,7 @@ impl Device {
             }
         }
         if had_queues {
-            eprintln!("ringbd: ublk device {id}: {total}");
+            tracing::info!("ublk device {id}: {total}");
         }
         if self.created {
             self.created = false;
@@ -478,7 +475,7 @@ impl Drop for Device {
         // for another --recover: the queue threads end with the process.
         if self.created {
             if let Err(e) = self.teardown() {
-                eprintln!("ringbd: cleaning up: {e}");
+                tracing::warn!("cleaning up: {e}");
             }
         }
     }

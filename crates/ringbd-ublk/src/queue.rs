@@ -90,7 +90,7 @@ pub fn run(
     if !cpus.is_empty() {
         // Before the ring exists, so its memory is allocated near those CPUs.
         if let Err(e) = crate::kernel::pin_current_thread(cpus) {
-            eprintln!("ringbd: {where_}: pinning to CPUs {cpus:?}: {e}; running unpinned");
+            tracing::warn!("{where_}: pinning to CPUs {cpus:?}: {e}; running unpinned");
         }
     }
     let setup: Result<(QueueRing, Box<dyn QueueHandler>)> = (|| {
@@ -151,7 +151,7 @@ fn serve(ring: &mut QueueRing, handler: &mut dyn QueueHandler, where_: &str) -> 
                     // The tag is lost to this queue; the device cannot go on
                     // serving it, so report and let teardown happen.
                     let e = Error::new(format!("{where_} tag {tag}: FETCH/COMMIT command"), error);
-                    eprintln!("ringbd: {e}");
+                    tracing::warn!("{e}");
                     failure.get_or_insert(e);
                     continue;
                 }
@@ -165,7 +165,7 @@ fn serve(ring: &mut QueueRing, handler: &mut dyn QueueHandler, where_: &str) -> 
                 Step::Done(n) => i32::try_from(n).unwrap_or(i32::MAX),
                 Step::Failed(e) => {
                     stats.errors += 1;
-                    eprintln!("ringbd: {where_}: {e}");
+                    tracing::warn!("{where_}: {e}");
                     -e.errno()
                 }
             };

@@ -79,6 +79,15 @@ pub struct AttachArgs {
     recover: Option<u32>,
     #[command(flatten)]
     ceph: crate::CephArgs,
+    /// Log debug events too (see -q, RUST_LOG).
+    #[arg(short, long)]
+    verbose: bool,
+}
+
+impl AttachArgs {
+    pub fn verbose(&self) -> bool {
+        self.verbose
+    }
 }
 
 #[derive(Args)]
@@ -153,8 +162,8 @@ pub fn attach(a: AttachArgs) -> ExitCode {
         Err(e) => return fail(e),
     };
     let (i, p) = (&dev.info, &dev.params.basic);
-    eprintln!(
-        "ringbd: ublk device {} {}: {} bytes, {}-byte blocks, {} queue(s) x {} deep, {} KiB max I/O, device flags {}; driver features {}",
+    tracing::info!(
+        "ublk device {} {}: {} bytes, {}-byte blocks, {} queue(s) x {} deep, {} KiB max I/O, device flags {}; driver features {}",
         i.dev_id,
         if a.recover.is_some() { "recovered" } else { "started" },
         p.dev_sectors << 9,
@@ -165,20 +174,20 @@ pub fn attach(a: AttachArgs) -> ExitCode {
         ringbd_io_names(i.flags),
         ringbd_io_names(dev.features),
     );
-    eprintln!(
-        "ringbd: ublk device {} data path: {}",
+    tracing::info!(
+        "ublk device {} data path: {}",
         i.dev_id,
         ringbd_ublk::device::data_path(i.flags, dev.features, &info, !a.no_zero_copy)
     );
-    eprintln!("ringbd: serving {} on {} ({})", target.describe(), block_path(i.dev_id), path.name());
+    tracing::info!("serving {} on {} ({})", target.describe(), block_path(i.dev_id), path.name());
     let mut out = std::io::stdout();
     if let Err(e) = writeln!(out, "{}", block_path(i.dev_id)).and_then(|()| out.flush()) {
-        eprintln!("ringbd: writing the device path to stdout: {e}");
+        tracing::warn!("writing the device path to stdout: {e}");
     }
     let id = dev.id();
     match dev.run(&signals) {
         Ok(()) => {
-            eprintln!("ringbd: ublk device {id} removed");
+            tracing::info!("ublk device {id} removed");
             ExitCode::SUCCESS
         }
         Err(e) => fail(e),

@@ -9,6 +9,7 @@ mod cmd_copy;
 mod cmd_generate;
 mod cmd_info;
 mod config;
+mod logging;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +29,9 @@ use ringbd_server::server::EngineKind;
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+    /// Log warnings and errors only (RUST_LOG, in tracing's filter syntax, replaces -q and -v).
+    #[arg(short, long, global = true)]
+    quiet: bool,
 }
 
 #[derive(Subcommand)]
@@ -114,7 +118,7 @@ struct ServeArgs {
     /// Captive mode: run CMD under sh with $uri, $unixsocket and $port set; stop when it exits and exit with its status.
     #[arg(long, value_name = "CMD")]
     run: Option<String>,
-    /// Log each connection's negotiation to stderr.
+    /// Log debug events too: each connection's negotiation, TLS, kTLS (see -q, RUST_LOG).
     #[arg(short, long)]
     verbose: bool,
     /// Engine: io_uring (a ring per worker thread), threads (a blocking thread per connection), or auto (io_uring when the kernel has it).
@@ -287,8 +291,13 @@ fn main() -> ExitCode {
     if let Err(e) = ringbd_io::mem::retain_heap() {
         eprintln!("ringbd: warning: heap settings: {e} (TLS replies may be slower)");
     }
+    // `serve` installs it once its configuration file said how verbose.
+    if !matches!(cli.command, Cmd::Serve(_)) {
+        let verbose = matches!(&cli.command, Cmd::Attach(a) if a.verbose());
+        logging::init(logging::Level::from_flags(verbose, cli.quiet));
+    }
     match cli.command {
-        Cmd::Serve(a) => serve(*a, matches.subcommand_matches("serve")),
+        Cmd::Serve(a) => serve(*a, matches.subcommand_matches("serve"), cli.quiet),
         Cmd::Attach(a) => cmd_ublk::attach(a),
         Cmd::Detach(a) => cmd_ublk::detach(a),
         Cmd::List(a) => cmd_ublk::list(a),
@@ -299,7 +308,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(mut a: ServeArgs, matches: Option<&ArgMatches>) -> ExitCode {
+fn serve(mut a: ServeArgs, matches: Option<&ArgMatches>, quiet: bool) -> ExitCode {
     let fail = |e: &dyn std::fmt::Display| {
         eprintln!("ringbd: error: {e}");
         ExitCode::FAILURE
@@ -341,7 +350,7 @@ fn serve(mut a: ServeArgs, matches: Option<&ArgMatches>) -> ExitCode {
             (exports, None)
         }
     };
-    ringbd_server::log::set_verbose(a.verbose);
+    logging::init(logging::Level::from_flags(a.verbose, quiet));
     let check = a.check_config.clone();
     let config = ringbd_server::Config {
         exports,

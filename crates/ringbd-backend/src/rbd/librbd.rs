@@ -447,7 +447,7 @@ impl Pending {
         let buf = std::mem::take(&mut self.buf);
         if let Some(sink) = self.sink.take() {
             if let Err(e) = sink.deliver(result, buf) {
-                eprintln!("ringbd: rbd: waking the ring worker after a completion: {e}");
+                tracing::warn!("rbd: waking the ring worker after a completion: {e}");
             }
         }
         let shared = self.shared.clone();
@@ -470,7 +470,7 @@ impl Drop for Image {
         // flushes librbd's cache and releases the exclusive lock.
         let r = unsafe { ffi::rbd_close(self.shared.raw) };
         if r < 0 {
-            eprintln!("ringbd: rbd: closing the image: {}", io::Error::from_raw_os_error(-r));
+            tracing::warn!("rbd: closing the image: {}", io::Error::from_raw_os_error(-r));
         }
     }
 }

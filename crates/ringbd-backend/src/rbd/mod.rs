@@ -243,7 +243,7 @@ mod imp {
                 Err(e) => (Err(e.source), IoBuf::new()),
             };
             if let Err(e) = self.sink.deliver(result, buf) {
-                eprintln!("ringbd: rbd: waking the ring worker after a block status: {e}");
+                tracing::warn!("rbd: waking the ring worker after a block status: {e}");
             }
         }
     }
@@ -253,7 +253,7 @@ mod imp {
             drop(self.tx.take());
             if let Some(t) = self.thread.take() {
                 if t.join().is_err() {
-                    eprintln!("ringbd: rbd: the status thread panicked");
+                    tracing::warn!("rbd: the status thread panicked");
                 }
             }
         }
@@ -444,7 +444,7 @@ mod imp {
                 BlockOp::WriteZeroes { fast: true, .. } => {
                     let refused = Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
                     if let Err(e) = sink.deliver(refused, buf) {
-                        eprintln!("ringbd: {}: delivering a refused fast zero: {e}", self.spec);
+                        tracing::warn!("{}: delivering a refused fast zero: {e}", self.spec);
                     }
                     return;
                 }

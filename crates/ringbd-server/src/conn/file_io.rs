@@ -320,10 +320,10 @@ impl Tx {
             // Nothing of a simple reply went out yet: an ordinary error.
             Some(e) if !cr.in_order || cr.sent_to == req.offset => self.backend_error(&req, &e, out),
             Some(e) => {
-                log::warn(format_args!(
+                tracing::warn!(
                     "export {:?}: {e}; the reply's header already said success, so the connection ends",
                     self.name
-                ));
+                );
                 self.closed = true;
             }
         }

@@ -31,7 +31,6 @@ use std::os::fd::BorrowedFd;
 use crate::tls::ktls_sys::{content_type, Version};
 
 use super::{Connection, Phase};
-use crate::log;
 use crate::tls::ktls::{crypto_info, kernel_suite, version_name, KtlsKeys, KtlsStats};
 use crate::tls::{ServerSession, TlsLayer};
 
@@ -131,7 +130,7 @@ impl Connection {
     }
 
     fn ktls_fallback(&mut self, why: &str) {
-        log::debug(format_args!("{}: TLS stays in userspace: {why}", self.peer));
+        tracing::debug!("{}: TLS stays in userspace: {why}", self.peer);
         self.ktls = KtlsState::Userspace;
         if let Some(s) = &self.tls_server {
             KtlsStats::bump(&s.stats.fallbacks);
@@ -139,7 +138,7 @@ impl Connection {
     }
 
     fn ktls_failed(&mut self, why: &str) {
-        log::warn(format_args!("{}: kTLS: {why}; closing the connection", self.peer));
+        tracing::warn!("{}: kTLS: {why}; closing the connection", self.peer);
         self.ktls = KtlsState::Failed;
         self.phase = Phase::Closed;
         if let Some(s) = &self.tls_server {
@@ -195,21 +194,21 @@ impl Connection {
         }
         if keys.version == Version::Tls13 {
             if let Err(e) = crate::tls::ktls_sys::set_rx_expect_no_pad(fd) {
-                log::debug(format_args!("{}: TLS_RX_EXPECT_NO_PAD: {e} (an optimization only)", self.peer));
+                tracing::debug!("{}: TLS_RX_EXPECT_NO_PAD: {e} (an optimization only)", self.peer);
             }
         }
         self.ktls = KtlsState::On { close_notify_sent: false };
         if let Some(s) = &self.tls_server {
             KtlsStats::bump(&s.stats.ktls);
         }
-        log::debug(format_args!(
+        tracing::debug!(
             "{}: kTLS on: {} {}, next records tx {} rx {}",
             self.peer,
             version_name(keys.version),
             keys.cipher.name(),
             keys.tx_seq,
             keys.rx_seq
-        ));
+        );
         true
     }
 
@@ -231,10 +230,10 @@ impl Connection {
             };
             match what {
                 Some(what) => {
-                    log::warn(format_args!("{}: kTLS: {what} ({e}); closing the connection", self.peer))
+                    tracing::warn!("{}: kTLS: {what} ({e}); closing the connection", self.peer)
                 }
                 // A reset or the like: as quiet as without kTLS.
-                None => log::debug(format_args!("{}: receive: {e}", self.peer)),
+                None => tracing::debug!("{}: receive: {e}", self.peer),
             }
             false
         };
@@ -252,35 +251,35 @@ impl Connection {
         let (kind, n) = match crate::tls::ktls_sys::recv_record(fd, &mut buf) {
             Ok(r) => r,
             Err(e) => {
-                log::warn(format_args!("{}: kTLS: reading a non-data record: {e}", self.peer));
+                tracing::warn!("{}: kTLS: reading a non-data record: {e}", self.peer);
                 return false;
             }
         };
         let body = buf.get(..n).unwrap_or_default();
         match (kind, body) {
             (content_type::ALERT, [_, 0, ..]) => {
-                log::debug(format_args!("{}: the client sent close_notify", self.peer));
+                tracing::debug!("{}: the client sent close_notify", self.peer);
                 return true;
             }
-            (content_type::ALERT, [level, desc, ..]) => log::warn(format_args!(
+            (content_type::ALERT, [level, desc, ..]) => tracing::warn!(
                 "{}: TLS alert from the client (level {level}, description {desc}); closing the connection",
                 self.peer
-            )),
+            ),
             // RFC 8446 4.6.3; rekeying needs the traffic secret, which
             // rustls' buffered API does not hand out.
-            (content_type::HANDSHAKE, [24, ..]) => log::warn(format_args!(
+            (content_type::HANDSHAKE, [24, ..]) => tracing::warn!(
                 "{}: TLS 1.3 KeyUpdate from the client: key updates are not supported with kTLS; \
                  closing the connection (use --no-ktls for clients that update keys)",
                 self.peer
-            )),
-            (content_type::HANDSHAKE, [t, ..]) => log::warn(format_args!(
+            ),
+            (content_type::HANDSHAKE, [t, ..]) => tracing::warn!(
                 "{}: TLS handshake message type {t} after the handshake (kTLS); closing the connection",
                 self.peer
-            )),
-            (t, _) => log::warn(format_args!(
+            ),
+            (t, _) => tracing::warn!(
                 "{}: kTLS: unexpected record (type {t}, {n} bytes); closing the connection",
                 self.peer
-            )),
+            ),
         }
         false
     }
@@ -291,7 +290,7 @@ impl Connection {
         if let KtlsState::On { close_notify_sent: sent @ false } = &mut self.ktls {
             *sent = true;
             if let Err(e) = crate::tls::ktls_sys::send_close_notify(fd) {
-                log::debug(format_args!("{}: close_notify: {e}", self.peer));
+                tracing::debug!("{}: close_notify: {e}", self.peer);
             }
         }
     }

@@ -35,7 +35,6 @@ use ringbd_io::uring::FileOp;
 
 use crate::budget::Share;
 use crate::exports::{nbd_errno, Exports};
-use crate::log;
 use crate::metrics::ConnMetrics;
 use crate::out::OutBuf;
 use crate::tls::{TlsLayer, TlsServer};
@@ -319,7 +318,7 @@ impl Connection {
     pub fn peer_closed(&mut self) {
         if let Phase::Transmission(tx) = &self.phase {
             if !matches!(tx.rx, Rx::Header) || tx.hdr_len > 0 {
-                log::warn(format_args!("{}: export {:?}: client closed mid-request", self.peer, tx.name));
+                tracing::warn!("{}: export {:?}: client closed mid-request", self.peer, tx.name);
             }
         }
         self.phase = Phase::Closed;
@@ -375,7 +374,7 @@ impl Connection {
         let consumed = match result {
             Ok(n) => n,
             Err(e) => {
-                log::warn(format_args!("{}: handshake failed: {e}", self.peer));
+                tracing::warn!("{}: handshake failed: {e}", self.peer);
                 self.phase = Phase::Closed;
                 return data.len();
             }
@@ -402,7 +401,9 @@ impl Connection {
             _ => return data.len(),
         };
         let Some(export) = self.exports.get(&neg.export.name) else { return data.len() };
-        log::debug(format_args!(
+        tracing::debug!(
+            conn = ?self.peer,
+            export = ?neg.export.name,
             "{}: export {:?}: structured replies {}, extended headers {}, base:allocation {}, flags 0x{:04x}",
             self.peer,
             neg.export.name,
@@ -410,11 +411,12 @@ impl Connection {
             neg.extended,
             neg.base_allocation.is_some(),
             neg.flags
-        ));
+        );
         self.phase = Phase::Transmission(Box::new(Tx {
             session: Session::new(neg),
             backend: export.backend.clone(),
             name: export.name.clone(),
+            peer: self.peer.clone(),
             hdr: [0; EXTENDED_REQUEST_LEN],
             hdr_len: 0,
             rx: Rx::Header,
@@ -490,6 +492,8 @@ enum Rx {
 }
 
 struct Tx {
+    /// The client, for log events (`conn=`).
+    peer: String,
     session: Session,
     backend: Arc<dyn Backend>,
     name: String,
@@ -653,7 +657,7 @@ impl Tx {
         let req = match self.session.decode(&self.hdr[..hlen]) {
             Ok(r) => r,
             Err(FramingError::BadMagic(m)) => {
-                log::warn(format_args!("export {:?}: bad request magic 0x{m:08x}, disconnecting", self.name));
+                tracing::warn!("export {:?}: bad request magic 0x{m:08x}, disconnecting", self.name);
                 self.closed = true;
                 return;
             }
@@ -664,7 +668,7 @@ impl Tx {
                 self.error_reply(&req, rej.errno, &rej.message, out);
                 self.reply_done(&req, t0, out);
                 if rej.disconnect {
-                    log::warn(format_args!("export {:?}: {}, disconnecting", self.name, rej.message));
+                    tracing::warn!("export {:?}: {}, disconnecting", self.name, rej.message);
                     self.closed = true;
                 } else if rej.discard > 0 {
                     self.rx = Rx::Discard { left: rej.discard };

@@ -9,7 +9,16 @@ impl Tx {
         let errno = nbd_errno(e);
         // A refused fast zero is the protocol working, not a failure.
         if errno != Errno::ENOTSUP {
-            log::warn(format_args!("export {:?}: {e}", self.name));
+            tracing::warn!(
+                conn = ?self.peer,
+                export = ?self.name,
+                op = %e.op,
+                offset = e.offset,
+                len = e.len,
+                errno = %errno,
+                "export {:?}: {e}",
+                self.name
+            );
         }
         self.error_reply(req, errno, &e.to_string(), out);
     }

@@ -4,7 +4,6 @@
 //! works on the connection's own fields.
 
 use super::{Connection, Phase};
-use crate::log;
 use crate::tls::TlsLayer;
 
 impl Connection {
@@ -14,7 +13,7 @@ impl Connection {
         let session = match self.tls_server.as_ref().map(|s| s.session()) {
             Some(Ok(s)) => s,
             Some(Err(e)) => {
-                log::warn(format_args!("{}: cannot start TLS: {e}", self.peer));
+                tracing::warn!("{}: cannot start TLS: {e}", self.peer);
                 self.phase = Phase::Closed;
                 return false;
             }
@@ -25,7 +24,7 @@ impl Connection {
         };
         let wire = std::mem::take(&mut self.out);
         self.tls = Some(Box::new(TlsLayer::new(session, wire)));
-        log::debug(format_args!("{}: STARTTLS", self.peer));
+        tracing::debug!("{}: STARTTLS", self.peer);
         true
     }
 
@@ -57,7 +56,7 @@ impl Connection {
             t.framer.advance(&data[used..used + n]);
             if !t.established && !t.session.is_handshaking() {
                 t.established = true;
-                log::debug(format_args!("{}: TLS established: {}", self.peer, t.session.describe()));
+                tracing::debug!("{}: TLS established: {}", self.peer, t.session.describe());
                 self.tls_established(t);
             }
             self.feed_plain(t);
@@ -84,7 +83,7 @@ impl Connection {
     }
 
     fn tls_failed(&mut self, why: &str) {
-        log::warn(format_args!("{}: TLS: {why}", self.peer));
+        tracing::warn!("{}: TLS: {why}", self.peer);
         self.phase = Phase::Closed;
     }
 
@@ -102,7 +101,7 @@ impl Connection {
     pub(super) fn seal_into(&mut self, t: &mut TlsLayer) {
         if !self.out.is_empty() {
             if let Err(e) = t.session.write_plain(&self.out, t.wire.bytes()) {
-                log::warn(format_args!("{}: TLS: {e}", self.peer));
+                tracing::warn!("{}: TLS: {e}", self.peer);
                 self.phase = Phase::Closed;
             }
             t.wire.add_replies(self.out.replies());

@@ -11,7 +11,6 @@ use ringbd_io::uring::Ring;
 
 use super::{State, AIO_TOKEN};
 use crate::conn::IoOp;
-use crate::log;
 use crate::out::OutBuf;
 
 impl State {
@@ -93,7 +92,7 @@ impl State {
     pub(super) fn aio_completed(&mut self, ring: &mut Ring<OutBuf>) {
         let Some(q) = self.aio.clone() else { return };
         if let Err(e) = q.drain(&mut self.aio_done) {
-            log::warn(format_args!("reading the completion eventfd: {e}"));
+            tracing::warn!("reading the completion eventfd: {e}");
         }
         for d in self.aio_done.drain(..) {
             let (conn, token) = ((d.tag >> 32) as usize, d.tag as u32);
@@ -105,7 +104,7 @@ impl State {
             }
         }
         if let Err(e) = ring.poll_readable(q.as_fd(), AIO_TOKEN) {
-            log::warn(format_args!("re-arming the completion poll: {e}"));
+            tracing::warn!("re-arming the completion poll: {e}");
         }
     }
 }

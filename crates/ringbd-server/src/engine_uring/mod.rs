@@ -52,7 +52,6 @@ use crate::access::{Limits, Ticket};
 use crate::conn::Connection;
 use crate::exports::ExportTable;
 use crate::listener::{Listener, Stream};
-use crate::log;
 use crate::out::OutBuf;
 
 pub use receive::RECV_SHARE;
@@ -286,7 +285,7 @@ impl Engine {
             match ready_rx.recv() {
                 Ok(Ok(note)) => {
                     if i == 0 {
-                        log::warn(format_args!("io_uring resources per ring: {note}"));
+                        tracing::info!("io_uring resources per ring: {note}");
                     }
                     workers.push(h)
                 }
@@ -348,9 +347,7 @@ fn register(ring: &mut Ring<OutBuf>, index: usize, fixed_files: bool, buffers: u
                 buffers >> 20
             )),
             Err(e) => {
-                log::warn(format_args!(
-                    "ring {index}: registering buffers: {e}; file I/O uses plain buffers"
-                ));
+                tracing::warn!("ring {index}: registering buffers: {e}; file I/O uses plain buffers");
                 said.push("no registered buffers".into());
             }
         }
@@ -463,7 +460,7 @@ impl Conn {
     /// Ends the connection for an error of its socket, saying so.
     fn end(&mut self, why: std::fmt::Arguments<'_>) {
         if !self.broken {
-            log::warn(format_args!("{}: {why}; closing the connection", self.stream.peer()));
+            tracing::warn!("{}: {why}; closing the connection", self.stream.peer());
         }
         self.broken = true;
     }

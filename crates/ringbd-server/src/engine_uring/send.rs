@@ -7,7 +7,6 @@ use std::io::{self, IoSlice};
 use ringbd_io::uring::{is_unsupported, Ring, SendSource};
 
 use super::{Conn, State};
-use crate::log;
 use crate::out::OutBuf;
 
 // SAFETY: an OutBuf's iovecs point into heap memory that moving it does
@@ -84,10 +83,10 @@ impl Conn {
                 self.zc_copied_streak += 1;
                 if self.zc_copied_streak >= ZC_COPIED_LIMIT && self.zc_ok {
                     self.zc_ok = false;
-                    log::debug(format_args!(
+                    tracing::debug!(
                         "the kernel copied {ZC_COPIED_LIMIT} zero-copy sends in a row (a local peer?); \
                          plain sends from now on for this connection"
-                    ));
+                    );
                 }
             }
             Some(false) => self.zc_copied_streak = 0,

@@ -18,7 +18,6 @@ use super::{Conn, Ctl, State, Worker, AIO_TOKEN, DEADLINE_TOKEN, WAKE_TOKEN};
 use crate::access::Ticket;
 use crate::conn::Connection;
 use crate::listener::{Listener, Stream};
-use crate::log;
 use crate::out::OutBuf;
 
 /// How long connections get to finish once a stop is requested.
@@ -28,7 +27,7 @@ impl Worker {
     pub(super) fn run(mut self) -> io::Result<()> {
         let r = self.serve();
         if let Err(e) = &r {
-            log::warn(format_args!("ring worker failed: {e}"));
+            tracing::warn!("ring worker failed: {e}");
         }
         r
     }
@@ -87,10 +86,10 @@ impl State {
                         if target == self.index {
                             self.accepted(ring, listener, fd, ticket);
                         } else if let Err(e) = self.peers.send(target, Ctl::Conn(fd, listener, ticket)) {
-                            log::warn(format_args!("handing a connection to ring {target}: {e}"));
+                            tracing::warn!("handing a connection to ring {target}: {e}");
                         }
                     }
-                    Err(e) => log::warn(format_args!("accept: {e}")),
+                    Err(e) => tracing::warn!("accept: {e}"),
                 }
                 self.rearm_accept(ring, listener, more);
             }
@@ -123,7 +122,7 @@ impl State {
         if !more && self.stopping.is_none() {
             if let Some(l) = self.listeners.get(listener as usize) {
                 if let Err(e) = ring.accept_multi(l.as_fd(), listener) {
-                    log::warn(format_args!("re-arming accept: {e}"));
+                    tracing::warn!("re-arming accept: {e}");
                 }
             }
         }
@@ -142,11 +141,11 @@ impl State {
             if c.serial != serial || !c.conn.in_handshake() || c.broken {
                 continue;
             }
-            log::warn(format_args!(
+            tracing::warn!(
                 "{}: handshake not finished within {:?} (--handshake-timeout); closing",
                 c.stream.peer(),
                 self.limits.handshake_timeout.unwrap_or_default()
-            ));
+            );
             c.broken = true;
             c.stream.shutdown(Shutdown::Both).ok();
             c.dirty = true;
@@ -209,7 +208,7 @@ impl State {
         let Some(after) = after else { return };
         match ring.timer(after, DEADLINE_TOKEN) {
             Ok(armed) => self.timer_armed = armed,
-            Err(e) => log::warn(format_args!("arming the deadline timer: {e}")),
+            Err(e) => tracing::warn!("arming the deadline timer: {e}"),
         }
     }
 
@@ -222,7 +221,7 @@ impl State {
             Some(Listener::Tcp(_)) => {
                 let s = TcpStream::from(fd);
                 if let Err(e) = s.set_nodelay(true) {
-                    log::warn(format_args!("TCP_NODELAY: {e}"));
+                    tracing::warn!("TCP_NODELAY: {e}");
                 }
                 Stream::Tcp(s)
             }
@@ -248,7 +247,7 @@ impl State {
             Ok(Some(s)) => s,
             Ok(None) => Sock::raw(stream.as_fd()),
             Err(e) => {
-                log::debug(format_args!("registering a socket: {e}"));
+                tracing::debug!("registering a socket: {e}");
                 Sock::raw(stream.as_fd())
             }
         };
@@ -363,7 +362,7 @@ impl State {
                     // The table holds a reference: without this the socket
                     // would stay open after the stream is dropped.
                     if let Err(e) = ring.unregister_socket(c.sock) {
-                        log::warn(format_args!("unregistering a socket: {e}"));
+                        tracing::warn!("unregistering a socket: {e}");
                     }
                     self.conns[id] = None;
                     self.free.push(id as u32);
@@ -382,7 +381,7 @@ impl State {
         let mut b = [0u8; 64];
         // The poll said readable, so this read does not block.
         if let Err(e) = (&self.wake_rx).read(&mut b) {
-            log::warn(format_args!("wake-up pipe: {e}"));
+            tracing::warn!("wake-up pipe: {e}");
         }
         while let Ok(msg) = self.ctl_rx.try_recv() {
             match msg {
@@ -391,7 +390,7 @@ impl State {
             }
         }
         if let Err(e) = ring.poll_readable(self.wake_rx.as_fd(), WAKE_TOKEN) {
-            log::warn(format_args!("re-arming the wake-up poll: {e}"));
+            tracing::warn!("re-arming the wake-up poll: {e}");
         }
     }
 

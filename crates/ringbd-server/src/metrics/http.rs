@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 
 use crate::engine_uring::EngineStats;
 use crate::exports::ExportTable;
-use crate::log;
 
 /// The most bytes of a request head (request line and headers) read.
 pub const MAX_HEAD: usize = 8 * 1024;
@@ -56,12 +55,12 @@ pub fn spawn(
                 Ok(s) => {
                     let body = || super::render(&exports.load(), engine.as_deref());
                     if let Err(e) = serve_one(s, HEAD_TIMEOUT, body) {
-                        log::debug(format_args!("metrics: {e}"));
+                        tracing::debug!("metrics: {e}");
                     }
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
-                    log::warn(format_args!("metrics: accept: {e}"));
+                    tracing::warn!("metrics: accept: {e}");
                     thread::sleep(Duration::from_millis(100));
                 }
             }

@@ -194,7 +194,7 @@ fn encode(snaps: &[(&str, Snapshot)], engine: Option<&EngineStats>) -> String {
     // Fails only for a family without series or name, which are left out
     // above; then the scrape is what was written before it.
     if let Err(e) = prometheus::TextEncoder::new().encode(&families, &mut out) {
-        crate::log::warn(format_args!("metrics: {e}"));
+        tracing::warn!("metrics: {e}");
     }
     String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }

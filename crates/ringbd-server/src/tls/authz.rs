@@ -20,8 +20,6 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, 
 use x509_parser::der_parser::asn1_rs::{Any, Oid, Tag, ToDer};
 use x509_parser::x509::X509Name;
 
-use crate::log;
-
 /// A client certificate verifier that also requires the subject to be on
 /// the allow list.
 #[derive(Debug)]
@@ -59,15 +57,15 @@ impl ClientCertVerifier for AllowList {
         let subject = match subject_dn(end_entity) {
             Ok(s) => s,
             Err(e) => {
-                log::warn(format_args!("client certificate: cannot read its subject: {e}"));
+                tracing::warn!("client certificate: cannot read its subject: {e}");
                 return Err(Error::InvalidCertificate(CertificateError::BadEncoding));
             }
         };
         if self.allowed.contains(&subject) {
-            log::debug(format_args!("client certificate {subject:?} is in --tls-authz"));
+            tracing::debug!("client certificate {subject:?} is in --tls-authz");
             return Ok(verified);
         }
-        log::warn(format_args!("client certificate {subject:?} is not in --tls-authz: refused"));
+        tracing::warn!("client certificate {subject:?} is not in --tls-authz: refused");
         Err(Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure))
     }
 

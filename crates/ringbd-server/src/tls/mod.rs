@@ -27,7 +27,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig, ServerConnection};
 
-use crate::log;
 use crate::out::OutBuf;
 use ktls::{Ktls, KtlsStats, RecordFramer};
 
@@ -153,13 +152,13 @@ impl TlsServer {
             .with_single_cert(certs, key)
             .map_err(|e| format!("{} with {}: {e}", dir.join(SERVER_CERT).display(), key_path.display()))?;
         let ktls = if opts.no_ktls {
-            log::debug(format_args!("kTLS off (--no-ktls): TLS stays in userspace (rustls)"));
+            tracing::debug!("kTLS off (--no-ktls): TLS stays in userspace (rustls)");
             None
         } else {
             // The keys leave rustls only for connections that move to kTLS.
             config.enable_secret_extraction = true;
             let (k, line) = Ktls::probe();
-            log::debug(format_args!("{line}"));
+            tracing::debug!("{line}");
             Some(k)
         };
         Ok(Some(TlsServer {

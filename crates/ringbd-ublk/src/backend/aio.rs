@@ -118,7 +118,7 @@ impl AioQueue {
             Ok(()) => self.polling = true,
             // Tried again at the end of the next turn; a completion
             // meanwhile waits in the queue (its eventfd stays readable).
-            Err(e) => eprintln!("ringbd: {}: polling the completion queue: {e}", self.backend.describe()),
+            Err(e) => tracing::warn!("{}: polling the completion queue: {e}", self.backend.describe()),
         }
     }
 
@@ -126,7 +126,7 @@ impl AioQueue {
     fn complete(&mut self, ring: &mut QueueRing, d: AioDone) {
         let Ok(tag) = u16::try_from(d.tag) else { return };
         let Some(w) = self.reqs.get_mut(usize::from(tag)).and_then(Option::take) else {
-            eprintln!("ringbd: {}: completion for tag {tag}, which has no request", self.backend.describe());
+            tracing::warn!("{}: completion for tag {tag}, which has no request", self.backend.describe());
             return;
         };
         let req = w.req;
@@ -223,11 +223,11 @@ impl QueueHandler for AioQueue {
         }
         self.polling = false;
         if let Err(e) = result {
-            eprintln!("ringbd: {}: poll of the completion queue: {e}", self.backend.describe());
+            tracing::warn!("{}: poll of the completion queue: {e}", self.backend.describe());
         }
         let mut taken = std::mem::take(&mut self.taken);
         if let Err(e) = self.completions.drain(&mut taken) {
-            eprintln!("ringbd: {}: clearing the completion queue's eventfd: {e}", self.backend.describe());
+            tracing::warn!("{}: clearing the completion queue's eventfd: {e}", self.backend.describe());
         }
         for d in taken.drain(..) {
             self.complete(ring, d);
@@ -247,7 +247,7 @@ impl QueueHandler for AioQueue {
         if self.polling {
             // End the poll in flight: the queue finishes once it completes.
             if let Err(e) = self.completions.wake() {
-                eprintln!("ringbd: {}: waking the completion queue to stop: {e}", self.backend.describe());
+                tracing::warn!("{}: waking the completion queue to stop: {e}", self.backend.describe());
             }
         }
     }

@@ -606,8 +606,8 @@ impl Drop for QueueRing {
         // referenced by anything else once self is dropped.
         let r = unsafe { libc::munmap(self.descs.ptr.as_ptr() as *mut libc::c_void, self.descs.len) };
         if r != 0 {
-            eprintln!(
-                "ringbd: ublk device {} queue {}: munmap of the descriptor area: {}",
+            tracing::warn!(
+                "ublk device {} queue {}: munmap of the descriptor area: {}",
                 self.cfg.dev_id,
                 self.cfg.q_id,
                 io::Error::last_os_error()

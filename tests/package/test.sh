@@ -80,8 +80,9 @@ unit=/lib/systemd/system/ringbd@.service
 pre="$(sed -n 's/^ExecStartPre=//p' "$unit" | sed "s/%i/$instance/g")"
 start="$(sed -n 's/^ExecStart=//p' "$unit" | sed "s/%i/$instance/g")"
 [ -n "$start" ] || fail "no ExecStart= in $unit"
-printf '[[export]]\nspec = "memory:64M"\n\n[[export]]\nname = "b"\nspec = "null:1G"\nread_only = true\n' \
-    | $sudo tee "$conf" >/dev/null
+metrics_port=$((20000 + RANDOM % 20000))
+printf 'metrics = "127.0.0.1:%d"\n\n[[export]]\nspec = "memory:64M"\n\n[[export]]\nname = "b"\nspec = "null:1G"\nread_only = true\n' \
+    "$metrics_port" | $sudo tee "$conf" >/dev/null
 $sudo chmod 644 "$conf"
 # The unit runs as a dynamic user with no capabilities: nobody is close.
 as_nobody=(setpriv --reuid=nobody --regid=nogroup --clear-groups --no-new-privs)
@@ -102,6 +103,12 @@ timeout 20 nbdinfo --list "$uri" >"$work/list" || fail "nbdinfo --list failed: $
 grep -q 'export="b"' "$work/list" || fail "export b is not listed: $(cat "$work/list")"
 grep -q 'is_read_only: true' "$work/list" || fail "export b is not read-only"
 echo "nbdinfo: size $size, exports: $(grep -c '^export=' "$work/list")"
+# The metrics the config file asked for, counting what nbdinfo just did.
+scrape="$(timeout 20 python3 -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())' \
+    "http://127.0.0.1:$metrics_port/metrics")" || fail "no metrics on 127.0.0.1:$metrics_port: $(cat "$work/err")"
+grep -q '^ringbd_connections_total{export=""} [1-9]' <<<"$scrape" \
+    || fail "the metrics did not count nbdinfo's connections: $(grep connections <<<"$scrape")"
+echo "metrics: $(grep -c '^ringbd_' <<<"$scrape") samples, $(grep '^ringbd_connections_total{export=""}' <<<"$scrape")"
 
 # ExecReload: SIGHUP re-reads the exports.
 printf '[[export]]\nspec = "memory:64M"\n\n[[export]]\nname = "c"\nspec = "memory:1M"\n' | $sudo tee "$conf" >/dev/null

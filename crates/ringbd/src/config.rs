@@ -32,6 +32,10 @@ pub struct FileConfig {
     pub read_only: Option<bool>,
     /// `--verbose`.
     pub verbose: Option<bool>,
+    /// `-q`: warnings and errors only (`verbose` wins).
+    pub quiet: Option<bool>,
+    /// `--metrics`: serve Prometheus metrics at this ADDR:PORT.
+    pub metrics: Option<String>,
     /// `--run`.
     pub run: Option<String>,
     /// `[[export]]`: the exports, in order.
@@ -341,6 +345,7 @@ pub fn apply(file: &FileConfig, a: &mut crate::ServeArgs, given: &dyn Fn(&str) -
     set!("group", a.group, file.group.clone().map(Some));
     set!("verbose", a.verbose, file.verbose);
     set!("run", a.run, file.run.clone().map(Some));
+    set!("metrics", a.metrics, file.metrics.clone().map(Some));
 
     let l = &file.limits;
     set!("max_connections", a.max_connections, l.max_connections.map(Some));
@@ -399,6 +404,13 @@ pub fn check(path: &Path, c: &ringbd_server::Config) -> Result<String, String> {
         }
     }
     checked.push("listen addresses' syntax");
+    if let Some(m) = &c.metrics {
+        let port = m.rsplit_once(':').and_then(|(host, port)| (!host.is_empty()).then_some(port));
+        if port.and_then(|p| p.parse::<u16>().ok()).is_none() {
+            return Err(format!("metrics address {m:?} is not ADDR:PORT"));
+        }
+        checked.push("the metrics address's syntax");
+    }
     if let Some(dir) = c.unix.as_deref().and_then(Path::parent).filter(|d| !d.as_os_str().is_empty()) {
         if !dir.is_dir() {
             return Err(format!("unix socket directory {} does not exist", dir.display()));

@@ -13,6 +13,8 @@ unix = "/run/ringbd/disks.sock"
 unix_mode = "660"
 user = "ringbd"
 read_only = true
+metrics = "127.0.0.1:9100"
+quiet = true
 
 [[export]]
 spec = "memory:1G"
@@ -88,6 +90,8 @@ fn a_good_file_sets_everything() {
     assert_eq!(a.unix.as_deref(), Some(Path::new("/run/ringbd/disks.sock")));
     assert_eq!(a.unix_mode, 0o660);
     assert_eq!(a.user.as_deref(), Some("ringbd"));
+    assert_eq!(a.metrics.as_deref(), Some("127.0.0.1:9100"));
+    assert_eq!(f.quiet, Some(true));
     assert_eq!(a.max_connections, Some(8));
     assert_eq!(a.handshake_timeout, Duration::from_secs(5));
     assert_eq!(a.reply_timeout, Duration::ZERO);
@@ -126,6 +130,8 @@ fn flags_win_and_add_exports() {
         "/k.psk",
         "--handshake-timeout",
         "10s",
+        "--metrics",
+        "[::1]:9101",
     ]);
     apply(&f, &mut a, &given(&m));
     assert_eq!(a.listen, ["0.0.0.0:1"]);
@@ -136,6 +142,7 @@ fn flags_win_and_add_exports() {
     // Keys from the command line replace the file's certificates.
     assert_eq!(a.tls_psk.as_deref(), Some(Path::new("/k.psk")));
     assert!(a.tls_certificates.is_none());
+    assert_eq!(a.metrics.as_deref(), Some("[::1]:9101"));
     // Not given: the file's.
     assert_eq!(a.threads, Some(2));
 

@@ -308,7 +308,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(mut a: ServeArgs, matches: Option<&ArgMatches>, quiet: bool) -> ExitCode {
+fn serve(mut a: ServeArgs, matches: Option<&ArgMatches>, mut quiet: bool) -> ExitCode {
     let fail = |e: &dyn std::fmt::Display| {
         eprintln!("ringbd: error: {e}");
         ExitCode::FAILURE
@@ -323,6 +323,8 @@ fn serve(mut a: ServeArgs, matches: Option<&ArgMatches>, quiet: bool) -> ExitCod
             };
             let given = |id: &str| matches.and_then(|m| m.value_source(id)) == Some(ValueSource::CommandLine);
             config::apply(&file, &mut a, &given);
+            // -q is the top command's (global) flag: the file's counts when it is absent.
+            quiet = quiet || file.quiet.unwrap_or(false);
             let exports = config::exports(&file, &flags);
             if exports.is_empty() {
                 return fail(&format_args!(

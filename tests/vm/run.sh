@@ -213,6 +213,8 @@ cp "$MODDIR"/modules.builtin* "$MODDIR/modules.order" "$STAGE/lib/modules/$KVER/
 cp "$HERE/init" "$STAGE/init"
 cp "$HERE/lib.sh" "$STAGE/vmtest/lib.sh"
 cp "$HERE"/guest/*.sh "$STAGE/vmtest/guest/"
+# ringbd-attach@.service's ExecStart program, where the package installs it.
+install -D -m 755 "$REPO/packaging/attach-or-recover" "$STAGE/usr/libexec/ringbd/attach-or-recover"
 for f in "$HERE"/host/*.guest.sh; do   # a host-driven test's guest side runs as /vmtest/guest/NAME.sh
     [[ -f $f ]] || continue
     t=${f##*/}; cp "$f" "$STAGE/vmtest/guest/${t%.guest.sh}.sh"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark of ringbd against nbdkit and qemu-nbd, all driven by
-# fio's nbd engine (libnbd) in one run; the method is shared/BENCHMARKS.md.
+# fio's nbd engine (libnbd) in one run; the method is docs/benchmarks.md.
 #
 #   bench/compare.sh [--time SECONDS] [--servers LIST] [--transports unix,tcp]
 #                    [--workloads LIST] [--baseline SERVER] [--out FILE]

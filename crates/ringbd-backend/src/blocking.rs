@@ -6,7 +6,7 @@
 use std::io;
 use std::sync::Arc;
 
-use ringbd_io::aio::{Sink, Waiter};
+use crate::aio::{Sink, Waiter};
 use ringbd_io::buf::IoBuf;
 
 use crate::{AsyncIo, BlockOp, Error, Holes, Op, Result, ZeroFlags};

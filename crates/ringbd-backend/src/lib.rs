@@ -16,6 +16,7 @@
 //! (`#[allow(unsafe_code)]`, feature `rbd`); system calls are `ringbd_io`'s.
 #![deny(unsafe_code)]
 
+pub mod aio;
 pub mod blocking;
 pub mod error;
 pub mod fault;
@@ -232,13 +233,13 @@ pub trait AsyncIo: Send + Sync {
     /// Starts `op` on `buf`. The result (bytes of `buf[at..]` moved for
     /// reads and writes, else 0, or the errno) and `buf` go to `sink`, from
     /// any thread, or at once from this one if the operation cannot start.
-    fn submit(&self, op: BlockOp, buf: ringbd_io::buf::IoBuf, sink: ringbd_io::aio::Sink);
+    fn submit(&self, op: BlockOp, buf: ringbd_io::buf::IoBuf, sink: crate::aio::Sink);
 
     /// Starts [`Backend::extents`]`(offset, len)`, which may have to wait for
     /// the storage (RBD without its object map lists objects on the OSDs).
     /// The count of extents and a buffer holding them ([`extents_to_buf`])
     /// go to `sink`, from any thread; an error goes there as the result.
-    fn submit_extents(&self, offset: u64, len: u64, sink: ringbd_io::aio::Sink);
+    fn submit_extents(&self, offset: u64, len: u64, sink: crate::aio::Sink);
 }
 
 /// Bytes of one extent in [`extents_to_buf`]'s layout: the length, then

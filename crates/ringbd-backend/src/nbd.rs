@@ -33,9 +33,9 @@ use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::aio::{Sink, Waiter};
 use nbd_proto::wire::{cmd_flags, state_flags, tx_flags};
 use ringbd_client::{ClientConfig, Cmd, Completion, Engine, NbdUri};
-use ringbd_io::aio::{Sink, Waiter};
 use ringbd_io::buf::IoBuf;
 use ringbd_io::eventfd::EventFd;
 

@@ -1,5 +1,5 @@
 //! A non-blocking eventfd: one thread signals, another (or a ring's poll)
-//! wakes and clears it. Used by [`crate::aio::CompletionQueue`], the client
+//! wakes and clears it. Used by ringbd-backend's `aio::CompletionQueue`, the client
 //! ring's wake-up ([`crate::client_ring::ClientRing::set_wake`]) and the NBD
 //! proxy backend's worker.
 

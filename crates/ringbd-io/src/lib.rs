@@ -1,6 +1,6 @@
 //! ringbd's io_uring crate: the server's and the client's rings, provided
-//! buffer rings, registered and page-aligned buffers, the completion queue
-//! of asynchronous backends, and the few system calls several crates share.
+//! buffer rings, registered and page-aligned buffers, and the few system
+//! calls several crates share.
 //! Each `unsafe` block carries the reasoning that makes it sound; callers get
 //! safe functions that return `io::Result` and never drop a syscall's
 //! result. Kernel and C interfaces with one user live next to that user
@@ -9,8 +9,6 @@
 //!
 //! - [`uring`]: the server's ring: accept, provided-buffer receives, sends
 //!   (zero-copy included), file operations, registered files and buffers.
-//! - [`aio`]: completions from other libraries' threads, delivered to a ring
-//!   worker through an eventfd (librbd's callbacks).
 //! - [`buf`]: page-aligned I/O buffers and registered-buffer arenas.
 //! - [`client_ring`]: the NBD client's ring (vectored sends, receives).
 //! - [`eventfd`]: a non-blocking eventfd, to wake a thread or a ring.
@@ -26,7 +24,6 @@
 //! the crates for that attribute lists every one.
 #![deny(unsafe_code)]
 
-pub mod aio;
 #[allow(unsafe_code)]
 pub mod buf;
 #[allow(unsafe_code)]

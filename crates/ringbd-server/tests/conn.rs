@@ -355,10 +355,15 @@ impl Backend for AsyncStatus {
 
 impl ringbd_backend::AsyncIo for AsyncStatus {
     // The test plays the engine: nothing is submitted here.
-    fn submit(&self, _: ringbd_backend::BlockOp, buf: ringbd_io::buf::IoBuf, sink: ringbd_io::aio::Sink) {
+    fn submit(
+        &self,
+        _: ringbd_backend::BlockOp,
+        buf: ringbd_io::buf::IoBuf,
+        sink: ringbd_backend::aio::Sink,
+    ) {
         sink.deliver(Err(std::io::Error::from_raw_os_error(EIO)), buf).unwrap();
     }
-    fn submit_extents(&self, _: u64, _: u64, sink: ringbd_io::aio::Sink) {
+    fn submit_extents(&self, _: u64, _: u64, sink: ringbd_backend::aio::Sink) {
         sink.deliver(Err(std::io::Error::from_raw_os_error(EIO)), Default::default()).unwrap();
     }
 }

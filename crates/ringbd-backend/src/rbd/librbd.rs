@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use librbd_sys as ffi;
 
-use ringbd_io::aio::Sink;
+use crate::aio::Sink;
 use ringbd_io::buf::IoBuf;
 
 /// A failed librados/librbd call: which call, and the errno it returned.

@@ -128,7 +128,7 @@ mod imp {
     use std::thread::JoinHandle;
 
     use super::librbd::{AioOp, CallError, Cluster, ClusterConfig, Image, Pool};
-    use ringbd_io::aio::Sink;
+    use crate::aio::Sink;
     use ringbd_io::buf::IoBuf;
 
     use super::{extents_from_diff, CephConfig, RbdSpec};

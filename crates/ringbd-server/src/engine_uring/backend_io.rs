@@ -5,7 +5,7 @@
 use std::io;
 use std::os::fd::AsFd;
 
-use ringbd_io::aio::Sink;
+use ringbd_backend::aio::Sink;
 use ringbd_io::buf::IoBuf;
 use ringbd_io::uring::Ring;
 

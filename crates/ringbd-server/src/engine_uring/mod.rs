@@ -44,7 +44,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Instant;
 
-use ringbd_io::aio::{AioDone, CompletionQueue};
+use ringbd_backend::aio::{AioDone, CompletionQueue};
 use ringbd_io::buf::Arena;
 use ringbd_io::uring::{BufPiece, Features, Ring, RingConfig, RingStats, Sock};
 

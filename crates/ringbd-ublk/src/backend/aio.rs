@@ -21,8 +21,8 @@ use std::io;
 use std::sync::Arc;
 
 use crate::kernel::{FileSlot, QueueRing};
+use ringbd_backend::aio::{AioDone, CompletionQueue, Sink};
 use ringbd_backend::{Backend, BlockOp};
-use ringbd_io::aio::{AioDone, CompletionQueue, Sink};
 use ringbd_io::buf::IoBuf;
 
 use super::fallocate_unsupported;

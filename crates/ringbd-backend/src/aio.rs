@@ -1,5 +1,8 @@
-//! Completions of operations that finish on another library's threads
-//! (librbd's callbacks), delivered to a ring worker through an `eventfd`.
+//! Where an asynchronous backend's operations end ([`AsyncIo`](crate::AsyncIo)):
+//! completions that finish on another library's threads (librbd's
+//! callbacks, the NBD client's worker), delivered to a ring worker (a server
+//! ring, a ublk queue) through an `eventfd`, or to a thread that waits.
+//! Part of the block layer's contract, so it lives with the trait.
 //!
 //! A [`CompletionQueue`] belongs to one ring worker, which polls its
 //! descriptor (`AsFd`) on the ring like any other. Foreign
@@ -15,8 +18,8 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
-use crate::buf::IoBuf;
-use crate::eventfd::EventFd;
+use ringbd_io::buf::IoBuf;
+use ringbd_io::eventfd::EventFd;
 
 /// A finished asynchronous operation.
 #[derive(Debug)]
@@ -146,7 +149,7 @@ mod tests {
             .collect();
         hs.into_iter().for_each(|h| h.join().unwrap());
         assert_eq!(
-            crate::net::poll_readable(&[q.as_fd()], Some(std::time::Duration::from_secs(1))).unwrap(),
+            ringbd_io::net::poll_readable(&[q.as_fd()], Some(std::time::Duration::from_secs(1))).unwrap(),
             [true]
         );
         let mut out = Vec::new();
@@ -156,7 +159,7 @@ mod tests {
         assert_eq!(tags, [0, 1, 2, 3]);
         // Cleared: nothing readable, nothing left.
         assert_eq!(
-            crate::net::poll_readable(&[q.as_fd()], Some(std::time::Duration::ZERO)).unwrap(),
+            ringbd_io::net::poll_readable(&[q.as_fd()], Some(std::time::Duration::ZERO)).unwrap(),
             [false]
         );
         out.clear();

@@ -505,10 +505,22 @@ fn fuzz_entry_point_reads_hand_made_images() {
     assert!(fuzz_image(b"QFI\xfb").is_err());
     assert!(fuzz_image(&[]).is_err());
     // A seed for fuzz/seeds/qcow2_header (regenerate with RINGBD_WRITE_SEED=DIR).
+    // Seeds are at most 8 KiB (scripts/fuzz.sh's -max_len): 512-byte clusters.
+    let small = Img::new(3, 9, 64 * 512)
+        .with(0, Entry::Data(pattern(1, 512)))
+        .with(1, Entry::Zero { alloc: false })
+        .with(2, Entry::Zero { alloc: true })
+        .with(3, Entry::Compressed(vec![7; 512]))
+        .with(40, Entry::Data(pattern(2, 512)));
+    assert_eq!(fuzz_image(&small.build()), Ok(5 * 512 + 2 * 4096), "seven extents, up to 4 KiB of each");
     if let Some(d) = std::env::var_os("RINGBD_WRITE_SEED") {
-        std::fs::write(Path::new(&d).join("hand-made-v3-4k"), img.build()).unwrap();
-        let v2 = Img::new(2, 9, 4096).with(1, Entry::Data(vec![5; 512])).build();
-        std::fs::write(Path::new(&d).join("hand-made-v2-512"), v2).unwrap();
+        std::fs::write(Path::new(&d).join("hand-made-v3-512-every-kind"), small.build()).unwrap();
+        let v2 = Img { backing: Some("base.raw".into()), ..Img::new(2, 9, 4096) };
+        std::fs::write(
+            Path::new(&d).join("hand-made-v2-512-backing"),
+            v2.with(1, Entry::Data(vec![5; 512])).build(),
+        )
+        .unwrap();
     }
 }
 

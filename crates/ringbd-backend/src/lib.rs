@@ -6,8 +6,9 @@
 //! - [`fault`]: a wrapper that injects errors and delays into another backend.
 //! - [`rbd`]: Ceph RBD images through librbd (feature `rbd`; spec parsing always).
 //! - [`nbd`]: another server's NBD export (a proxy), through ringbd's client.
+//! - [`qcow2`]: qcow2 images and their backing chains, read-only for now.
 //! - [`spec`]: parses export specs (`memory:1G`, `file:PATH[,direct]`, `null:1G`,
-//!   `rbd:POOL/IMAGE[@SNAP]`, `fault:RULES:SPEC`, NBD URIs).
+//!   `qcow2:PATH`, `rbd:POOL/IMAGE[@SNAP]`, `fault:RULES:SPEC`, NBD URIs).
 //!
 //! A backend declares what it can do in [`Caps`]; the server advertises
 //! exactly that and never calls what is not declared.
@@ -24,6 +25,7 @@ pub mod file;
 pub mod memory;
 pub mod nbd;
 pub mod null;
+pub mod qcow2;
 pub mod rbd;
 pub mod spec;
 

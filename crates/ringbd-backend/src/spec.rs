@@ -1,5 +1,5 @@
 //! Export specs: `memory:SIZE`, `file:PATH[,direct]`, `null:SIZE`,
-//! `rbd:POOL/IMAGE[@SNAPSHOT]` ([`crate::rbd`]), and the fault-injecting
+//! `qcow2:PATH` ([`crate::qcow2`]), `rbd:POOL/IMAGE[@SNAPSHOT]` ([`crate::rbd`]), and the fault-injecting
 //! wrapper `fault:RULES:SPEC` ([`crate::fault`]).
 
 use std::fmt;
@@ -10,6 +10,7 @@ use crate::fault::{FaultBackend, FaultPlan};
 use crate::file::FileBackend;
 use crate::memory::MemoryBackend;
 use crate::null::NullBackend;
+use crate::qcow2::Qcow2Backend;
 use crate::rbd::{CephConfig, RbdSpec};
 use crate::{Backend, Error};
 
@@ -23,6 +24,8 @@ pub enum Spec {
         direct: bool,
     },
     Null(u64),
+    /// `qcow2:PATH`: a qcow2 image and its backing chain (read-only for now).
+    Qcow2(PathBuf),
     /// `rbd:POOL/IMAGE[@SNAPSHOT]`: a Ceph RBD image (a snapshot is read-only).
     Rbd(RbdSpec),
     /// `fault:RULES:SPEC`: another spec with injected errors and delays.
@@ -92,7 +95,7 @@ impl std::str::FromStr for Spec {
         }
         let (kind, arg) = s.split_once(':').ok_or_else(|| {
             SpecError::Syntax(format!(
-                "export spec {s:?} must look like memory:SIZE, file:PATH[,direct], null:SIZE or rbd:POOL/IMAGE"
+                "export spec {s:?} must look like memory:SIZE, file:PATH[,direct], null:SIZE, qcow2:PATH or rbd:POOL/IMAGE"
             ))
         })?;
         let size = |a: &str| parse_size(a).map_err(|e| SpecError::Syntax(format!("export spec {s:?}: {e}")));
@@ -100,6 +103,8 @@ impl std::str::FromStr for Spec {
             "memory" | "mem" => Ok(Spec::Memory(size(arg)?)),
             "null" => Ok(Spec::Null(size(arg)?)),
             "file" => parse_file(s, arg),
+            "qcow2" if arg.is_empty() => Err(SpecError::Syntax(format!("export spec {s:?} names no image"))),
+            "qcow2" => Ok(Spec::Qcow2(PathBuf::from(arg))),
             "rbd" => Ok(Spec::Rbd(
                 RbdSpec::parse(arg).map_err(|e| SpecError::Syntax(format!("export spec {s:?}: {e}")))?,
             )),
@@ -112,7 +117,7 @@ impl std::str::FromStr for Spec {
                 Ok(Spec::Fault { plan, inner: Box::new(inner.parse()?) })
             }
             _ => Err(SpecError::Syntax(format!(
-                "export spec {s:?}: unknown backend {kind:?} (memory, file, null, rbd or fault)"
+                "export spec {s:?}: unknown backend {kind:?} (memory, file, null, qcow2, rbd or fault)"
             ))),
         }
     }
@@ -144,6 +149,7 @@ pub fn open_with(spec: &Spec, read_only: bool, ceph: &CephConfig) -> Result<Arc<
         Spec::File { path, direct } => {
             Arc::new(FileBackend::open(path, read_only, *direct).map_err(SpecError::Open)?)
         }
+        Spec::Qcow2(path) => Arc::new(Qcow2Backend::open(path, read_only).map_err(SpecError::Open)?),
         Spec::Fault { plan, inner } => {
             Arc::new(FaultBackend::new(open_with(inner, read_only, ceph)?, plan.clone()))
         }
@@ -193,6 +199,9 @@ mod tests {
         assert!("file:".parse::<Spec>().is_err());
         let Spec::Rbd(r) = "rbd:pool/img@s".parse::<Spec>().unwrap() else { panic!("not rbd") };
         assert_eq!((r.pool.as_str(), r.image.as_str(), r.snap.as_deref()), ("pool", "img", Some("s")));
+        assert_eq!("qcow2:/a/b.qcow2".parse::<Spec>().unwrap(), Spec::Qcow2("/a/b.qcow2".into()));
+        assert_eq!("qcow2:a,direct".parse::<Spec>().unwrap(), Spec::Qcow2("a,direct".into()));
+        assert!("qcow2:".parse::<Spec>().unwrap_err().to_string().contains("names no image"));
         assert!("rbd:img".parse::<Spec>().unwrap_err().to_string().contains("POOL/IMAGE"));
     }
 

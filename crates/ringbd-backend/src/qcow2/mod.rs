@@ -1,0 +1,287 @@
+//! qcow2 images (`qcow2:PATH`), read-only: the first slice of tracker issue 20.
+//!
+//! - [`header`]: the header and its extensions, parsed from bytes, every
+//!   field checked; images ringbd cannot serve safely are refused here.
+//! - [`table`]: L1 and L2 entries (standard entries; extended L2 is refused).
+//! - `image`: one qcow2 image: the L1 table (read and checked at open), L2
+//!   tables (read on demand, 32 MiB cached per image), clusters (data,
+//!   zero, compressed with raw deflate, unallocated: the backing file's).
+//! - `layer`: what a qcow2 image and a raw backing file share, so a chain
+//!   (`top -> qcow2 -> ... -> raw`) reads through one trait.
+//!
+//! Why not the `qcow2-rs` crate (0.1.6, rublk's): its API is `async` over
+//! its own I/O trait, and its device is neither `Send` nor `Sync` (its tables
+//! sit in `RefCell`s, its recursion is `async_recursion(?Send)`), while a
+//! `Backend` is called from many engine threads at once; it resolves a
+//! relative backing name against the working directory, not the image's
+//! directory as qemu does, and opens only qcow2 backing files; and it
+//! indexes the header buffer and unwraps on paths a bad image reaches
+//! (`Qcow2IoSync::new` panics when the file cannot be opened). The part a
+//! read-only backend needs is small (this module), and writing it lets every
+//! error name the file and the field.
+//!
+//! Data is read with `pread` on the image file inside [`Backend::read`]:
+//! there is no `file_fd`, so the engines call the backend (on the threaded
+//! engine's workers, or inline on a ublk queue's thread). Reads on the
+//! engines' rings (and O_DIRECT) are a later slice, as are writes, with
+//! refcounts and crash consistency (docs/qcow2.md).
+//!
+//! ringbd does not take qemu's image locks: an image must not be written by
+//! qemu while ringbd serves it.
+
+pub mod header;
+mod image;
+mod layer;
+pub mod table;
+#[cfg(test)]
+mod tests;
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use self::header::{Header, HeaderError};
+use self::image::Image;
+use self::layer::{ExtentList, Layer, RawLayer, Storage};
+use crate::{Backend, Caps, Error, ErrorKind, Extent, Holes, Op, Result, ZeroFlags, MAX_EXTENTS};
+
+/// Longest backing chain ringbd opens below the top image (its own bound,
+/// against loops through symlinks and absurd chains).
+pub const MAX_CHAIN_DEPTH: usize = 40;
+
+/// The refusal of a read-write qcow2 export.
+pub const READ_ONLY_ONLY: &str = "qcow2 exports are read-only for now; serve with --read-only";
+
+/// A qcow2 image and its backing chain, served read-only.
+pub struct Qcow2Backend {
+    top: Image,
+    description: String,
+}
+
+fn open_error(kind: ErrorKind, path: &Path, msg: impl std::fmt::Display) -> Error {
+    Error::other(kind, Op::Open, 0, 0, &format!("{}: {msg}", path.display()))
+}
+
+fn io_open_error(path: &Path, e: io::Error) -> Error {
+    let kind = if e.kind() == io::ErrorKind::InvalidData { ErrorKind::Invalid } else { ErrorKind::of(&e) };
+    // Messages from the image code already start with the path.
+    let msg = e.to_string();
+    let prefix = format!("{}: ", path.display());
+    let msg = if msg.starts_with(&prefix) { msg } else { format!("{prefix}{msg}") };
+    Error { kind, op: Op::Open, offset: 0, len: 0, source: io::Error::new(e.kind(), msg) }
+}
+
+fn header_error(path: &Path, e: HeaderError) -> Error {
+    let kind = if e.unsupported { ErrorKind::Unsupported } else { ErrorKind::Invalid };
+    open_error(kind, path, e)
+}
+
+/// Parses and checks a qcow2 header from an image's first bytes (the
+/// fuzz target's entry point; [`Header::parse`]).
+pub fn parse_header(bytes: &[u8]) -> std::result::Result<Header, HeaderError> {
+    Header::parse(bytes)
+}
+
+/// The first bytes of a file, enough for any header (the first cluster).
+fn read_head(src: &dyn Storage) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 1 << header::MAX_CLUSTER_BITS];
+    let n = src.read_at(0, &mut buf)?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// Opens one qcow2 image (`depth` below the top) and, recursively, its backing chain.
+fn open_image(path: &Path, depth: usize, chain: &mut Vec<PathBuf>) -> Result<Image> {
+    let file = File::open(path).map_err(|e| io_open_error(path, e))?;
+    let meta = file.metadata().map_err(|e| io_open_error(path, e))?;
+    if !meta.is_file() {
+        return Err(open_error(ErrorKind::Invalid, path, "not a regular file"));
+    }
+    let file_len = meta.len();
+    let head = read_head(&file).map_err(|e| io_open_error(path, e))?;
+    let header = Header::parse(&head).map_err(|e| header_error(path, e))?;
+    header.check_layout(file_len).map_err(|e| header_error(path, e))?;
+    let mut image =
+        Image::open(path, header, Box::new(file), file_len).map_err(|e| io_open_error(path, e))?;
+    if let Some(name) = image.header.backing_file.clone() {
+        let format = image.header.backing_format.clone();
+        image.backing = Some(open_backing(path, &name, format.as_deref(), depth + 1, chain)?);
+    }
+    Ok(image)
+}
+
+/// Where qemu looks for backing file `name` of the image at `image`: an
+/// absolute name as it is, a relative one in the image's directory.
+pub fn resolve_backing(image: &Path, name: &str) -> std::result::Result<PathBuf, String> {
+    let slash = name.find('/').unwrap_or(name.len());
+    if name[..slash].contains(':') {
+        return Err(format!(
+            "backing file {name:?} names a protocol (qemu's `PROTOCOL:...` or json: syntax); \
+             ringbd opens local files only (for a file of that name, write ./{name})"
+        ));
+    }
+    let name = Path::new(name);
+    if name.is_absolute() {
+        return Ok(name.to_owned());
+    }
+    Ok(match image.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(name),
+        _ => name.to_owned(),
+    })
+}
+
+fn open_backing(
+    image: &Path,
+    name: &str,
+    format: Option<&str>,
+    depth: usize,
+    chain: &mut Vec<PathBuf>,
+) -> Result<Box<dyn Layer>> {
+    let within = |e: Error| {
+        let msg = format!("{}: backing file {name:?}: {}", image.display(), e.source);
+        Error { kind: e.kind, op: Op::Open, offset: 0, len: 0, source: io::Error::new(e.source.kind(), msg) }
+    };
+    let path = resolve_backing(image, name).map_err(|m| open_error(ErrorKind::Unsupported, image, m))?;
+    if depth > MAX_CHAIN_DEPTH {
+        let msg = format!("the backing chain is deeper than {MAX_CHAIN_DEPTH} images (at {name:?})");
+        return Err(open_error(ErrorKind::Invalid, image, msg));
+    }
+    let canonical = std::fs::canonicalize(&path).map_err(|e| within(io_open_error(&path, e)))?;
+    if chain.contains(&canonical) {
+        let msg = format!("backing file {name:?} ({}) is already in the chain: a loop", canonical.display());
+        return Err(open_error(ErrorKind::Invalid, image, msg));
+    }
+    chain.push(canonical);
+    let format = match format {
+        Some(f) => f.to_owned(),
+        None => probe_format(&path).map_err(within)?,
+    };
+    Ok(match format.as_str() {
+        "qcow2" => Box::new(open_image(&path, depth, chain).map_err(within)?),
+        _ => {
+            let file =
+                OpenOptions::new().read(true).open(&path).map_err(|e| within(io_open_error(&path, e)))?;
+            let len = file.metadata().map_err(|e| within(io_open_error(&path, e)))?.len();
+            Box::new(RawLayer { file, path, len })
+        }
+    })
+}
+
+/// A backing file without a format extension: qcow2 by its magic, else raw (as qemu probes).
+fn probe_format(path: &Path) -> Result<String> {
+    let file = File::open(path).map_err(|e| io_open_error(path, e))?;
+    let mut magic = [0u8; 4];
+    let n = Storage::read_at(&file, 0, &mut magic).map_err(|e| io_open_error(path, e))?;
+    Ok(if n == 4 && u32::from_be_bytes(magic) == header::MAGIC { "qcow2" } else { "raw" }.to_owned())
+}
+
+impl Qcow2Backend {
+    /// Opens the image at `path` and its backing chain, all read-only;
+    /// refuses `read_only: false` ([`READ_ONLY_ONLY`]) in this slice.
+    pub fn open(path: &Path, read_only: bool) -> Result<Self> {
+        if !read_only {
+            return Err(open_error(ErrorKind::Permission, path, READ_ONLY_ONLY));
+        }
+        let mut chain = Vec::new();
+        if let Ok(c) = std::fs::canonicalize(path) {
+            chain.push(c);
+        }
+        let top = open_image(path, 0, &mut chain)?;
+        let mut description = top.describe();
+        let mut below = top.backing.as_deref();
+        while let Some(layer) = below {
+            description.push_str(", backing ");
+            description.push_str(&layer.describe());
+            below = layer.backing();
+        }
+        Ok(Qcow2Backend { top, description })
+    }
+
+    /// The image's header.
+    pub fn header(&self) -> &Header {
+        &self.top.header
+    }
+}
+
+impl Backend for Qcow2Backend {
+    fn size(&self) -> u64 {
+        self.top.header.size
+    }
+
+    fn caps(&self) -> Caps {
+        Caps { read_only: true, multi_conn: true, extents: true, ..Caps::default() }
+    }
+
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<Holes> {
+        let mut holes = Holes::default();
+        let len = buf.len() as u64;
+        layer::read_clamped(&self.top, offset, buf, 0, &mut holes)
+            .map_err(|e| Error::new(Op::Read, offset, len, e))?;
+        Ok(holes)
+    }
+
+    fn write(&self, offset: u64, data: &[u8], _fua: bool) -> Result<()> {
+        Err(Error::other(ErrorKind::Permission, Op::Write, offset, data.len() as u64, READ_ONLY_ONLY))
+    }
+
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn trim(&self, offset: u64, len: u64, _fua: bool) -> Result<()> {
+        Err(Error::other(ErrorKind::Permission, Op::Trim, offset, len, READ_ONLY_ONLY))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, _flags: ZeroFlags) -> Result<()> {
+        Err(Error::other(ErrorKind::Permission, Op::WriteZeroes, offset, len, READ_ONLY_ONLY))
+    }
+
+    fn cache(&self, _offset: u64, _len: u64) -> Result<()> {
+        Ok(())
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let size = self.size();
+        if offset >= size {
+            return Ok(vec![Extent { len: len.max(1), hole: true, zero: true }]);
+        }
+        let mut out = ExtentList::default();
+        let len = len.max(1).min(size - offset);
+        layer::map_clamped(&self.top, offset, len, &mut out)
+            .map_err(|e| Error::new(Op::Extents, offset, len, e))?;
+        out.0.truncate(MAX_EXTENTS);
+        Ok(out.0)
+    }
+}
+
+/// Fuzzing: opens `bytes` as an image held in memory (a backing file it
+/// names is not opened: unallocated clusters read as zeroes), maps it, and
+/// reads the first 4 KiB of each of the first 64 extents, checking that
+/// extents reported zero read as zeroes. Returns the bytes read, or why the
+/// image was refused; any panic is a bug.
+#[doc(hidden)]
+pub fn fuzz_image(bytes: &[u8]) -> std::result::Result<usize, String> {
+    let header = Header::parse(bytes).map_err(|e| e.to_string())?;
+    header.check_layout(bytes.len() as u64).map_err(|e| e.to_string())?;
+    let len = bytes.len() as u64;
+    let image =
+        Image::open(Path::new("fuzz"), header, Box::new(bytes.to_vec()), len).map_err(|e| e.to_string())?;
+    let mut out = ExtentList::default();
+    layer::map_clamped(&image, 0, image.size(), &mut out).map_err(|e| e.to_string())?;
+    let mut read = 0;
+    let mut buf = vec![0u8; 4096];
+    let mut pos = 0u64;
+    for e in out.0.iter().take(64) {
+        let n = e.len.min(4096) as usize;
+        let mut holes = Holes::default();
+        layer::read_clamped(&image, pos, &mut buf[..n], 0, &mut holes).map_err(|e| e.to_string())?;
+        assert!(!e.zero || buf[..n].iter().all(|&b| b == 0), "a zero extent at {pos} reads non-zero bytes");
+        read += n;
+        pos += e.len;
+    }
+    Ok(read)
+}

@@ -65,14 +65,14 @@ def test_default_level_has_notices_and_warnings_with_their_fields(ringbd, server
     assert len(err) == 1, out
     for field in ("op=write", "offset=4096", "len=512", "errno=ENOSPC", 'export=""', "conn="):
         assert field in err[0], (field, err[0])
-    assert lines(out, "stats: "), "no notice at the default level:\n" + out
+    assert lines(out, "engine "), "no notice (the engine it runs) at the default level:\n" + out
     assert not lines(out, "structured replies"), "a debug event at the default level:\n" + out
 
 
 def test_quiet_keeps_warnings_only(ringbd, server_kind, shm_tmp):
     out = serve_once(shm_tmp, ["-q"])
     assert lines(out, "errno=ENOSPC"), out
-    assert not lines(out, "stats: "), "-q kept a notice:\n" + out
+    assert not lines(out, "engine "), "-q kept a notice:\n" + out
 
 
 def test_verbose_adds_the_negotiation_with_its_fields(ringbd, server_kind, shm_tmp):
@@ -85,7 +85,7 @@ def test_rust_log_replaces_the_flags(ringbd, server_kind, shm_tmp):
     out = serve_once(shm_tmp, ["-q"], env={"RUST_LOG": "debug"})
     assert lines(out, "structured replies"), "RUST_LOG=debug did not win over -q:\n" + out
     out = serve_once(shm_tmp, env={"RUST_LOG": "error"})
-    assert not lines(out, "ENOSPC") and not lines(out, "stats: "), out
+    assert not lines(out, "ENOSPC") and not lines(out, "engine "), out
     out = serve_once(shm_tmp, env={"RUST_LOG": "ringbd_server=[bad"})
     assert lines(out, "RUST_LOG="), "a bad filter was not reported:\n" + out
     assert lines(out, "errno=ENOSPC"), out
@@ -156,7 +156,7 @@ def test_under_the_journal_events_are_native_with_their_fields(ringbd, server_ki
         assert r["EXPORT"] == '""' and "CONN" in r, r
         assert r["PRIORITY"] == "4" and r["SYSLOG_IDENTIFIER"] == "ringbd", r
         assert "injected fault ENOSPC" in r["MESSAGE"], r
-        assert any(x.get("MESSAGE", "").startswith("stats: ") and x["PRIORITY"] == "5" for x in records), records
+        assert any(x.get("MESSAGE", "").startswith("engine ") and x["PRIORITY"] == "5" for x in records), records
     finally:
         j.close()
         os.unlink(JOURNAL)

@@ -257,7 +257,7 @@ pub fn run(config: Config) -> Result<i32, ServeError> {
         tracing::info!("stats: {}", stats.summary());
         stopped.map_err(|e| err(format!("io_uring engine: {e}")))?;
     } else {
-        tracing::debug!("engine threads: one thread per connection");
+        tracing::info!("engine threads: one thread per connection");
         if let Some(l) = metrics {
             serve_metrics(l, &exports, None)?;
         }

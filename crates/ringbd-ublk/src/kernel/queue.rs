@@ -245,10 +245,6 @@ impl QueueRing {
         })
     }
 
-    pub fn config(&self) -> QueueConfig {
-        self.cfg
-    }
-
     fn buf_ptr(&self, tag: u16) -> *mut u8 {
         // In bounds: tag < depth (checked by callers), buffers are depth * buf_size.
         self.bufs.ptr.as_ptr().wrapping_add(usize::from(tag) * self.bufs.buf_size)
@@ -312,12 +308,6 @@ impl QueueRing {
         pushed
     }
 
-    /// Whether requests' data lives in registered request buffers
-    /// (`UBLK_F_AUTO_BUF_REG`) rather than in the tags' buffers.
-    pub fn zero_copy(&self) -> bool {
-        self.cfg.auto_buf_reg
-    }
-
     /// READ_FIXED / WRITE_FIXED operations queued on request buffers so far.
     pub fn fixed_ops(&self) -> u64 {
         self.fixed_ops
@@ -341,8 +331,8 @@ impl QueueRing {
 
     /// Writes `io.len` bytes of the request's data from byte `io.buf_off`
     /// to `io.offset` of `io.file` (WRITE_FIXED from the request's pages
-    /// with zero-copy, else from the tag's buffer); `dsync` as in
-    /// [`QueueRing::write`].
+    /// with zero-copy, else from the tag's buffer); `dsync`: RWF_DSYNC
+    /// (durable on return, for FUA).
     pub fn write_data(&mut self, io: &FileIo, dsync: bool) -> io::Result<()> {
         if !self.cfg.auto_buf_reg {
             return self.write(io, dsync);
@@ -452,7 +442,7 @@ impl QueueRing {
 
     /// Reads `io.len` bytes at `io.offset` of `io.file` into the tag's
     /// buffer at `io.buf_off`.
-    pub fn read(&mut self, io: &FileIo) -> io::Result<()> {
+    fn read(&mut self, io: &FileIo) -> io::Result<()> {
         self.start_op(io.tag, Some((io.buf_off, io.len as usize)))?;
         let p = self.buf_ptr(io.tag).wrapping_add(io.buf_off);
         let e = opcode::Read::new(types::Fixed(io.file.0), p, io.len).offset(io.offset).build();
@@ -461,7 +451,7 @@ impl QueueRing {
 
     /// Writes `io.len` bytes of the tag's buffer at `io.buf_off` to
     /// `io.offset` of `io.file`; `dsync`: RWF_DSYNC (durable on return, for FUA).
-    pub fn write(&mut self, io: &FileIo, dsync: bool) -> io::Result<()> {
+    fn write(&mut self, io: &FileIo, dsync: bool) -> io::Result<()> {
         self.start_op(io.tag, Some((io.buf_off, io.len as usize)))?;
         let p = self.buf_ptr(io.tag).wrapping_add(io.buf_off) as *const u8;
         let flags = if dsync { libc::RWF_DSYNC } else { 0 };
@@ -494,12 +484,6 @@ impl QueueRing {
         } | libc::FALLOC_FL_KEEP_SIZE;
         let e = opcode::Fallocate::new(types::Fixed(file.0), len).offset(offset).mode(m).build();
         self.push_op(tag, e.user_data(Self::op_data(tag, cookie)).into())
-    }
-
-    /// Whether a ring operation (a file operation on its buffer) still uses
-    /// `tag`'s buffer: its request cannot be committed yet.
-    pub fn tag_busy(&self, tag: u16) -> bool {
-        matches!(self.tags.get(usize::from(tag)), Some(TagState::Ours { ops }) if *ops > 0)
     }
 
     /// Waits (one shot) until the registered file in `slot` is readable:
@@ -577,11 +561,6 @@ impl QueueRing {
     /// whatever untagged operations (polls) are still in flight.
     pub fn tags_finished(&self) -> bool {
         self.tags.iter().all(|t| matches!(t, TagState::Done | TagState::Idle))
-    }
-
-    /// Ring operations still with the kernel.
-    pub fn inflight(&self) -> usize {
-        self.inflight
     }
 
     /// Whether every tag's command has ended (aborted or failed) and no

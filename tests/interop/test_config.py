@@ -10,31 +10,10 @@ import time
 
 import pytest
 
-from conftest import ringbd_extra_args
 from helpers import MiB, nbdinfo_json, run
-from test_ringbd_cli import SAFETY_TIMEOUT, Proc, finish
+from test_ringbd_cli import SAFETY_TIMEOUT, finish, spawn  # noqa: F401 (spawn is a fixture)
 
 pytestmark = pytest.mark.ringbd_only
-
-
-@pytest.fixture
-def spawn(ringbd, server_kind):
-    """spawn(args...) -> Proc running `ringbd serve ...`, killed at teardown."""
-    assert server_kind == "ringbd"
-    procs = []
-
-    def _spawn(*args):
-        proc = Proc([ringbd, "serve", *ringbd_extra_args(), *args])
-        procs.append(proc)
-        return proc
-
-    yield _spawn
-    for proc in procs:
-        if proc.p.poll() is None:
-            proc.p.kill()
-            proc.p.wait()
-        proc.p.stdout.close()
-        proc.err.close()
 
 
 def write_config(path, sock, exports, extra=""):

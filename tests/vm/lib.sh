@@ -152,6 +152,36 @@ check_ext4() {
     log "ext4 ok: $(wc -l <manifest) files verified"
 }
 
+# ublk_start_writer PAT DEV BASE N: in the background, N O_DIRECT writes of
+# PAT (2 MiB: 32 blocks of 64 KiB) to DEV at 64 KiB block BASE, BASE+32, ...,
+# each done before the next starts; dd's output goes to ./writer.err
+# (emptied first). Sets WRITER (its pid, killed at exit).
+ublk_start_writer() {
+    : >writer.err
+    (
+        _i=0
+        while [ $_i -lt "$4" ]; do
+            dd if="$1" of="$2" bs=64K seek=$(($3 + _i * 32)) oflag=direct 2>>writer.err || exit 1
+            _i=$((_i + 1))
+        done
+    ) &
+    WRITER=$!
+    on_exit "kill $WRITER"
+}
+# ublk_check_writer PAT SRC BASE N WHAT: the N blocks ublk_start_writer
+# wrote read back from SRC (a block device, read O_DIRECT, or the backing
+# file); fails naming WHAT and the block.
+ublk_check_writer() {
+    _flag=""
+    [ -b "$2" ] && _flag=iflag=direct
+    _i=0
+    while [ $_i -lt "$4" ]; do
+        # shellcheck disable=SC2086
+        dd if="$2" bs=64K skip=$(($3 + _i * 32)) count=32 $_flag 2>/dev/null | cmp -s - "$1" \
+            || fail "$5: the writer's block $_i (at $((($3 + _i * 32) / 16)) MiB of $2) differs"
+        _i=$((_i + 1))
+    done
+}
 # --- ublk ----------------------------------------------------------------------
 # ublk_attach ARGS...: `ringbd attach ARGS` in the background; returns once
 # it printed the block device. Sets UBLK_PID, UBLK_DEV (/dev/ublkbN),

@@ -43,32 +43,18 @@ grep -q 'USER_RECOVERY' attach.err || fail "device not created with USER_RECOVER
 dd if=/dev/urandom of=pat bs=1M count=2 2>/dev/null
 
 step "ringbd dies with a write in flight"
-rm -f writer.err
-(
-    i=0
-    while [ $i -lt 12 ]; do
-        dd if=pat of="$dev" bs=64K seek=$((i * 32)) oflag=direct 2>>writer.err || exit 1
-        i=$((i + 1))
-    done
-) &
-writer=$!
-on_exit "kill $writer"
+ublk_start_writer pat "$dev" 0 12
 ublk_kill_inflight
-kill -0 "$writer" 2>/dev/null || fail "the writer finished before the kill; nothing was in flight"
+kill -0 "$WRITER" 2>/dev/null || fail "the writer finished before the kill; nothing was in flight"
 [ -b "$dev" ] || fail "$dev disappeared when its server died"
 
 step "the restart: the same program recovers $dev"
 start_unit
 grep -q "ublk device $DEVICE_ID exists: recovering it" attach.out || fail "no recovery said: $(cat attach.out)"
 grep -q "ublk device $DEVICE_ID recovered" attach.err || fail "no recovery message: $(tail -n 2 attach.err)"
-rc=0; wait "$writer" || rc=$?
+rc=0; wait "$WRITER" || rc=$?
 [ "$rc" = 0 ] || fail "the writer failed across the restart (status $rc): $(tail -n 3 writer.err)"
-i=0
-while [ $i -lt 12 ]; do
-    dd if="$dev" bs=64K skip=$((i * 32)) count=32 iflag=direct 2>/dev/null | cmp -s - pat \
-        || fail "the writer's block $i differs after the recovery"
-    i=$((i + 1))
-done
+ublk_check_writer pat "$dev" 0 12 "after the recovery"
 log "the writer finished without an error and its 12 blocks read back"
 
 step "systemctl stop (SIGTERM) removes the device"
@@ -76,10 +62,5 @@ kill -TERM "$UBLK_PID"
 rc=0; wait "$UBLK_PID" || rc=$?
 [ "$rc" = 0 ] || fail "ringbd attach exited $rc on SIGTERM: $(tail -n 3 attach.err)"
 wait_for 10 sh -c "[ ! -e $dev ]" || fail "$dev still there after SIGTERM"
-i=0
-while [ $i -lt 12 ]; do
-    dd if=disk.img bs=64K skip=$((i * 32)) count=32 2>/dev/null | cmp -s - pat \
-        || fail "the writer's block $i is not in the backing file"
-    i=$((i + 1))
-done
+ublk_check_writer pat disk.img 0 12 "the backing file"
 log "device removed; the backing file holds the writer's blocks"

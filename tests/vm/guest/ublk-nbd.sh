@@ -70,24 +70,16 @@ ringbd_start --unix "$PWD/file.sock" "file:$PWD/disk.img"
 ublk_attach "nbd+unix:///?socket=$PWD/file.sock" --queues 2 --depth 16
 dd if=/dev/urandom of=pat2 bs=1M count=2 2>/dev/null
 # 12 x 2 MiB O_DIRECT writes at 8, 10, ... 30 MiB, one after the other.
-(
-    i=0
-    while [ $i -lt 12 ]; do
-        dd if=pat2 of="$UBLK_DEV" bs=64K seek=$((128 + i * 32)) oflag=direct 2>>writer.err || exit 1
-        i=$((i + 1))
-    done
-) &
-writer=$!
-on_exit "kill $writer"
+ublk_start_writer pat2 "$UBLK_DEV" 128 12
 wait_for 30 test -s writer.err || true   # first dd done
 old=$RINGBD_PID
 kill -9 "$old"
 wait "$old" 2>/dev/null || true
-kill -0 "$writer" 2>/dev/null || fail "the writer finished before the kill; nothing was in flight"
+kill -0 "$WRITER" 2>/dev/null || fail "the writer finished before the kill; nothing was in flight"
 log "killed ringbd serve (pid $old) with the writer still running"
 sleep 1
 ringbd_start --unix "$PWD/file.sock" "file:$PWD/disk.img"
-rc=0; wait "$writer" || rc=$?
+rc=0; wait "$WRITER" || rc=$?
 [ "$rc" = 0 ] || fail "the writer failed across the server restart (status $rc): $(tail -n 3 writer.err); $(tail -n 3 attach.err)"
 log "writer finished without an error"
 grep -q 'the upstream failed' attach.err || fail "ringbd attach did not notice the lost connection"
@@ -95,47 +87,23 @@ grep -q 'reconnected' attach.err || fail "ringbd attach did not reconnect: $(tai
 grep -E 'the upstream failed|reconnected' attach.err | while read -r l; do log "$l"; done
 
 step "reconnect: every block reads back, through the device and in the file"
-i=0
-while [ $i -lt 12 ]; do
-    dd if="$UBLK_DEV" bs=64K skip=$((128 + i * 32)) count=32 iflag=direct 2>/dev/null | cmp -s - pat2 \
-        || fail "writer's block $i (at $((8 + i * 2)) MiB) differs after the reconnect"
-    i=$((i + 1))
-done
+ublk_check_writer pat2 "$UBLK_DEV" 128 12 "after the reconnect"
 ublk_detach
-i=0
-while [ $i -lt 12 ]; do
-    dd if=disk.img bs=64K skip=$((128 + i * 32)) count=32 2>/dev/null | cmp -s - pat2 \
-        || fail "writer's block $i is not in the backing file"
-    i=$((i + 1))
-done
+ublk_check_writer pat2 disk.img 128 12 "the backing file"
 log "all 12 blocks intact"
 
-step "USER_RECOVERY with the nbd target: SIGKILL the attach process, --recover"
+step "USER_RECOVERY of an NBD export: SIGKILL the attach process, --recover"
 ublk_attach "nbd+unix:///?socket=$PWD/file.sock" --queues 2 --depth 16
-: >writer.err
-(
-    i=0
-    while [ $i -lt 8 ]; do
-        dd if=pat2 of="$UBLK_DEV" bs=64K seek=$((640 + i * 32)) oflag=direct 2>>writer.err || exit 1
-        i=$((i + 1))
-    done
-) &
-writer=$!
-on_exit "kill $writer"
+ublk_start_writer pat2 "$UBLK_DEV" 640 8
 ublk_kill_inflight
-kill -0 "$writer" 2>/dev/null || fail "the writer finished before the kill; nothing was in flight"
+kill -0 "$WRITER" 2>/dev/null || fail "the writer finished before the kill; nothing was in flight"
 wait_for 10 sh -c "ringbd list | grep -q '^$UBLK_ID .*quiesced'" || fail "device not quiesced: $(ringbd list)"
 dev=$UBLK_DEV
 ublk_attach "nbd+unix:///?socket=$PWD/file.sock" --recover "$UBLK_ID"
 [ "$UBLK_DEV" = "$dev" ] || fail "recovered $UBLK_DEV, expected $dev"
-rc=0; wait "$writer" || rc=$?
+rc=0; wait "$WRITER" || rc=$?
 [ "$rc" = 0 ] || fail "the writer failed across the recovery (status $rc): $(tail -n 3 writer.err)"
-i=0
-while [ $i -lt 8 ]; do
-    dd if="$UBLK_DEV" bs=64K skip=$((640 + i * 32)) count=32 iflag=direct 2>/dev/null | cmp -s - pat2 \
-        || fail "writer's block $i (at $((40 + i * 2)) MiB) differs after the recovery"
-    i=$((i + 1))
-done
+ublk_check_writer pat2 "$UBLK_DEV" 640 8 "after the recovery"
 log "recovered $UBLK_DEV over new connections; the writer finished and its 8 blocks read back"
 
 step "a server that does not come back: EIO after the 30 s reconnect window"

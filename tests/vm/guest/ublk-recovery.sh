@@ -30,18 +30,9 @@ dev=$UBLK_DEV
 for cycle in 1 2 3; do
     base=$((128 + (cycle - 1) * 384))   # in 64 KiB blocks
     step "cycle $cycle: writer running, SIGKILL the server with a write in flight"
-    rm -f writer.err
-    (
-        i=0
-        while [ $i -lt 12 ]; do
-            dd if=pat of="$UBLK_DEV" bs=64K seek=$((base + i * 32)) oflag=direct 2>>writer.err || exit 1
-            i=$((i + 1))
-        done
-    ) &
-    writer=$!
-    on_exit "kill $writer"
+    ublk_start_writer pat "$UBLK_DEV" "$base" 12
     ublk_kill_inflight
-    kill -0 "$writer" 2>/dev/null || fail "the writer finished before the kill; nothing was in flight"
+    kill -0 "$WRITER" 2>/dev/null || fail "the writer finished before the kill; nothing was in flight"
     [ -b "$UBLK_DEV" ] || fail "$UBLK_DEV disappeared when its server died"
     if [ "$cycle" = 1 ]; then
         wait_for 10 sh -c "ringbd list | grep -q '^$UBLK_ID .*quiesced'" || fail "device not quiesced: $(ringbd list)"
@@ -53,15 +44,10 @@ for cycle in 1 2 3; do
     ublk_attach "file:$PWD/disk.img" --recover "$UBLK_ID"
     [ "$UBLK_DEV" = "$dev" ] || fail "recovered $UBLK_DEV, expected $dev"
     grep -q "ublk device $UBLK_ID recovered" attach.err || fail "no recovery message: $(tail -n 2 attach.err)"
-    rc=0; wait "$writer" || rc=$?
+    rc=0; wait "$WRITER" || rc=$?
     [ "$rc" = 0 ] || fail "the writer failed across the restart (status $rc): $(tail -n 3 writer.err)"
     ringbd list | grep -q "^$UBLK_ID .*live" || fail "device not live after recovery: $(ringbd list)"
-    i=0
-    while [ $i -lt 12 ]; do
-        dd if="$UBLK_DEV" bs=64K skip=$((base + i * 32)) count=32 iflag=direct 2>/dev/null | cmp -s - pat \
-            || fail "cycle $cycle: the writer's block $i differs after recovery"
-        i=$((i + 1))
-    done
+    ublk_check_writer pat "$UBLK_DEV" "$base" 12 "cycle $cycle, after recovery"
     log "cycle $cycle: the writer finished without an error and its 12 blocks read back"
 done
 

@@ -127,31 +127,17 @@ truncate -s 64M disk-rec.img
 ublk_attach "file:$PWD/disk-rec.img" --queues 1 --depth 16
 grep -q 'data path: zero-copy' attach.err || fail "[recover] not zero-copy: $(grep 'data path' attach.err)"
 dd if=/dev/urandom of=pat2 bs=1M count=2 2>/dev/null
-rm -f writer.err
-(
-    i=0
-    while [ $i -lt 12 ]; do
-        dd if=pat2 of="$UBLK_DEV" bs=64K seek=$((128 + i * 32)) oflag=direct 2>>writer.err || exit 1
-        i=$((i + 1))
-    done
-) &
-writer=$!
-on_exit "kill $writer"
+ublk_start_writer pat2 "$UBLK_DEV" 128 12
 ublk_kill_inflight
-kill -0 "$writer" 2>/dev/null || fail "[recover] the writer finished before the kill; nothing was in flight"
+kill -0 "$WRITER" 2>/dev/null || fail "[recover] the writer finished before the kill; nothing was in flight"
 dev=$UBLK_DEV
 : >attach.err
 ublk_attach "file:$PWD/disk-rec.img" --recover "$UBLK_ID"
 [ "$UBLK_DEV" = "$dev" ] || fail "[recover] recovered $UBLK_DEV, expected $dev"
 grep -q 'data path: zero-copy' attach.err || fail "[recover] recovered device not zero-copy: $(grep 'data path' attach.err)"
-rc=0; wait "$writer" || rc=$?
+rc=0; wait "$WRITER" || rc=$?
 [ "$rc" = 0 ] || fail "[recover] the writer failed across the restart (status $rc): $(tail -n 3 writer.err)"
-i=0
-while [ $i -lt 12 ]; do
-    dd if="$UBLK_DEV" bs=64K skip=$((128 + i * 32)) count=32 iflag=direct 2>/dev/null | cmp -s - pat2 \
-        || fail "[recover] writer's block $i differs after recovery"
-    i=$((i + 1))
-done
+ublk_check_writer pat2 "$UBLK_DEV" 128 12 "[recover] after recovery"
 ublk_detach
 dd if=disk-rec.img bs=1M skip=30 count=2 2>/dev/null | cmp -s - pat2 || fail "[recover] the writer's last block is not in the backing file"
 log "[recover] $(grep 'requests (' attach.err | tail -n1)"

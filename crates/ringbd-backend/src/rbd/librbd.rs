@@ -22,8 +22,10 @@ use std::time::Duration;
 
 use librbd_sys as ffi;
 
-use crate::aio::Sink;
 use ringbd_io::buf::IoBuf;
+
+use crate::aio::Sink;
+use crate::BlockOp;
 
 /// A failed librados/librbd call: which call, and the errno it returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,21 +176,6 @@ impl Drop for Pool {
     }
 }
 
-/// One asynchronous image operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AioOp {
-    /// Fill `buf[at..]` from `offset`.
-    Read { offset: u64, at: usize },
-    /// Write `buf[at..]` at `offset`; with `fua`, flushed before completion.
-    Write { offset: u64, at: usize, fua: bool },
-    /// Make every completed write durable (librbd's cache included).
-    Flush,
-    /// Discard a range (a hint: librbd may skip parts of objects).
-    Discard { offset: u64, len: u64 },
-    /// Make a range read as zeroes.
-    WriteZeroes { offset: u64, len: u64 },
-}
-
 /// What an open image shares with its in-flight operations.
 struct Shared {
     raw: ffi::rbd_image_t,
@@ -239,7 +226,7 @@ pub struct Image {
 /// argument) from submission until the callback runs.
 struct Pending {
     shared: Arc<Shared>,
-    op: AioOp,
+    op: BlockOp,
     buf: IoBuf,
     /// The one iovec of a read or write, kept here (librbd may keep the
     /// pointer to the array until completion).
@@ -357,15 +344,15 @@ impl Image {
     /// Starts `op` on `buf`; the result and `buf` go to `sink` when it ends
     /// (at once, from this thread, if it cannot be started). Reads and
     /// writes report the bytes of `buf[at..]`; the rest report 0.
-    pub fn submit(&self, op: AioOp, buf: IoBuf, sink: Sink) {
+    pub fn submit(&self, op: BlockOp, buf: IoBuf, sink: Sink) {
         let iov = match op {
-            AioOp::Read { at, .. } | AioOp::Write { at, .. } => {
+            BlockOp::Read { at, .. } | BlockOp::Write { at, .. } => {
                 let rest = buf.get(at..).unwrap_or_default();
                 libc::iovec { iov_base: rest.as_ptr() as *mut c_void, iov_len: rest.len() }
             }
             _ => libc::iovec { iov_base: ptr::null_mut(), iov_len: 0 },
         };
-        let then_flush = matches!(op, AioOp::Write { fua: true, .. });
+        let then_flush = matches!(op, BlockOp::Write { fua: true, .. });
         let moved = iov.iov_len;
         self.shared.add_inflight(1);
         // The buffer's heap memory does not move with the IoBuf value, so
@@ -399,11 +386,13 @@ fn start(p: Box<Pending>) {
     // iovec naming the live buffer held in the box.
     let r = unsafe {
         match op {
-            AioOp::Read { offset, .. } => ffi::rbd_aio_readv(image, iov, 1, offset, c),
-            AioOp::Write { offset, .. } => ffi::rbd_aio_writev(image, iov, 1, offset, c),
-            AioOp::Flush => ffi::rbd_aio_flush(image, c),
-            AioOp::Discard { offset, len } => ffi::rbd_aio_discard(image, offset, len, c),
-            AioOp::WriteZeroes { offset, len } => {
+            BlockOp::Read { offset, .. } => ffi::rbd_aio_readv(image, iov, 1, offset, c),
+            BlockOp::Write { offset, .. } => ffi::rbd_aio_writev(image, iov, 1, offset, c),
+            BlockOp::Flush => ffi::rbd_aio_flush(image, c),
+            BlockOp::Trim { offset, len } => ffi::rbd_aio_discard(image, offset, len, c),
+            // (The backend refuses FAST_ZERO before it gets here; librbd
+            // keeps or frees the range as it likes, never leaving old data.)
+            BlockOp::WriteZeroes { offset, len, .. } => {
                 let len = usize::try_from(len).unwrap_or(usize::MAX);
                 ffi::rbd_aio_write_zeroes(image, offset, len, c, 0, 0)
             }
@@ -435,7 +424,7 @@ extern "C" fn on_complete(c: ffi::rbd_completion_t, arg: *mut c_void) {
     if p.then_flush {
         // FUA: the write is done; the flush after it decides the reply.
         p.then_flush = false;
-        p.op = AioOp::Flush;
+        p.op = BlockOp::Flush;
         return start(p);
     }
     let moved = p.moved;

@@ -127,7 +127,7 @@ mod imp {
     use std::sync::{mpsc, Arc};
     use std::thread::JoinHandle;
 
-    use super::librbd::{AioOp, CallError, Cluster, ClusterConfig, Image, Pool};
+    use super::librbd::{CallError, Cluster, ClusterConfig, Image, Pool};
     use crate::aio::Sink;
     use ringbd_io::buf::IoBuf;
 
@@ -435,23 +435,14 @@ mod imp {
 
     impl AsyncIo for RbdBackend {
         fn submit(&self, op: BlockOp, buf: IoBuf, sink: Sink) {
-            let op = match op {
-                BlockOp::Read { offset, at } => AioOp::Read { offset, at },
-                BlockOp::Write { offset, at, fua } => AioOp::Write { offset, at, fua },
-                BlockOp::Flush => AioOp::Flush,
-                BlockOp::Trim { offset, len } => AioOp::Discard { offset, len },
-                // librbd cannot promise a quick zeroing (caps: no fast_zero).
-                BlockOp::WriteZeroes { fast: true, .. } => {
-                    let refused = Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
-                    if let Err(e) = sink.deliver(refused, buf) {
-                        tracing::warn!("{}: delivering a refused fast zero: {e}", self.spec);
-                    }
-                    return;
+            // librbd cannot promise a quick zeroing (caps: no fast_zero).
+            if let BlockOp::WriteZeroes { fast: true, .. } = op {
+                let refused = Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+                if let Err(e) = sink.deliver(refused, buf) {
+                    tracing::warn!("{}: delivering a refused fast zero: {e}", self.spec);
                 }
-                // rbd_aio_write_zeroes never leaves a hole's old data behind
-                // (a discard could); whether it deallocates is librbd's choice.
-                BlockOp::WriteZeroes { offset, len, .. } => AioOp::WriteZeroes { offset, len },
-            };
+                return;
+            }
             self.image.submit(op, buf, sink)
         }
 

@@ -20,7 +20,7 @@
 # for every server; the results go to the `bench:tls` block of --out.
 #
 # Environment: RINGBD_BIN (default target/release/ringbd), RINGBD_BASE_BIN
-# (another ringbd build: rows ringbd-base and ringbd-threads-base run it, for
+# (another ringbd build: rows ringbd-base, ringbd-threads-base and ringbd-proxy-base run it, for
 # a before/after pair in one run), RINGBD_ARGS,
 # NBDKIT_ARGS, QEMU_NBD_ARGS (extra arguments for every row of that kind),
 # RINGBD_LAUNCH=native|activate (default native: `--unix`/`--listen`),
@@ -57,10 +57,12 @@ server ringbd-threads-base  ringbd   --engine threads
 # Server CPU is the proxy's alone; the upstream runs beside it.
 server ringbd-proxy ringbd   --engine uring
 server nbdkit-proxy nbdkit
-declare -A SERVER_PROXY=([ringbd-proxy]=1 [nbdkit-proxy]=1)
+server ringbd-proxy-base ringbd --engine uring
+declare -A SERVER_PROXY=([ringbd-proxy]=1 [nbdkit-proxy]=1 [ringbd-proxy-base]=1)
 declare -A SERVER_BIN=()
 SERVER_BIN[ringbd-base]=${RINGBD_BASE_BIN:-}
 SERVER_BIN[ringbd-threads-base]=${RINGBD_BASE_BIN:-}
+SERVER_BIN[ringbd-proxy-base]=${RINGBD_BASE_BIN:-}
 
 # Workloads: name, title, fio --rw, --bs, --iodepth.
 declare -A WL_TITLE=() WL_RW=() WL_BS=() WL_QD=()

@@ -85,6 +85,33 @@ impl AsFd for CompletionQueue {
     }
 }
 
+/// An asynchronous backend driven by the thread that submits to it
+/// ([`AsyncIo::local`](crate::AsyncIo::local)): a server worker or a ublk
+/// queue runs the backend's I/O from its own loop, with no thread of the
+/// backend's in between (the NBD client's connections, on a ring of the
+/// caller's thread). Not `Send`: it belongs to the thread that made it.
+///
+/// The caller already polls its [`CompletionQueue`]'s eventfd; the driver
+/// has the kernel signal that eventfd when it has something to do, so the
+/// caller calls [`LocalIo::drive`] whenever the eventfd is readable, and at
+/// the end of every loop turn in which it submitted (that sends what was
+/// submitted, batched). Finished operations come back from `drive`;
+/// operations the driver hands to the backend's own path meanwhile (while
+/// it connects, say) come back through the queue, as with
+/// [`AsyncIo::submit`](crate::AsyncIo::submit). Both carry the caller's tag.
+pub trait LocalIo {
+    /// Starts `op` on `buf` ([`AsyncIo::submit`](crate::AsyncIo::submit)'s
+    /// meaning); it ends as an [`AioDone`] with `tag`.
+    fn submit(&mut self, op: crate::BlockOp, buf: IoBuf, tag: u64);
+    /// Starts [`AsyncIo::submit_extents`](crate::AsyncIo::submit_extents).
+    fn submit_extents(&mut self, offset: u64, len: u64, tag: u64);
+    /// Sends what was submitted and moves every finished operation to
+    /// `out`, without waiting.
+    fn drive(&mut self, out: &mut Vec<AioDone>);
+    /// Operations submitted here and not yet handed back by `drive`.
+    fn inflight(&self) -> usize;
+}
+
 /// Where one asynchronous operation reports its end: a worker's queue, or a
 /// thread waiting for it (the threaded engine and synchronous callers).
 #[derive(Debug, Clone)]

@@ -242,6 +242,15 @@ pub trait AsyncIo: Send + Sync {
     /// The count of extents and a buffer holding them ([`extents_to_buf`])
     /// go to `sink`, from any thread; an error goes there as the result.
     fn submit_extents(&self, offset: u64, len: u64, sink: crate::aio::Sink);
+
+    /// A driver for the calling thread ([`aio::LocalIo`]), for a caller that
+    /// polls `queue` on its own ring; `None` (the default): the caller
+    /// submits through [`AsyncIo::submit`]. Call it from the thread that
+    /// will drive it.
+    fn local(&self, queue: &std::sync::Arc<aio::CompletionQueue>) -> Option<Box<dyn aio::LocalIo>> {
+        let _ = queue;
+        None
+    }
 }
 
 /// Bytes of one extent in [`extents_to_buf`]'s layout: the length, then

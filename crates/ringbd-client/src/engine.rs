@@ -209,28 +209,51 @@ impl Engine {
                     )));
                 }
             }
-            let sock = self.ring.add_socket(c.fd);
-            self.conns.push(Conn {
-                sock,
-                session: ClientSession::new(c.negotiated),
-                pending: HashMap::new(),
-                next: SendBatch::default(),
-                next_cookies: Vec::new(),
-                sent_cookies: Vec::new(),
-                spare: Some(SendBatch::default()),
-                rbuf: Some(Vec::with_capacity(RECV_BUF)),
-                rpos: 0,
-                direct: None,
-                directs: 0,
-                tls: c.tls.map(|session| TlsConn {
-                    session,
-                    cipher: Some(Vec::with_capacity(TLS_RECV_BUF)),
-                    closing: false,
-                    wire_spare: None,
-                }),
-            });
+            self.adopt(c);
         }
         Ok(first..self.conns.len())
+    }
+
+    /// Takes a connection already past its handshake ([`connect`], which
+    /// another thread may have run: the ring must be driven by the thread
+    /// that made it, the handshake need not). Returns its index.
+    pub fn adopt(&mut self, c: crate::Connected) -> usize {
+        let sock = self.ring.add_socket(c.fd);
+        self.conns.push(Conn {
+            sock,
+            session: ClientSession::new(c.negotiated),
+            pending: HashMap::new(),
+            next: SendBatch::default(),
+            next_cookies: Vec::new(),
+            sent_cookies: Vec::new(),
+            spare: Some(SendBatch::default()),
+            rbuf: Some(Vec::with_capacity(RECV_BUF)),
+            rpos: 0,
+            direct: None,
+            directs: 0,
+            tls: c.tls.map(|session| TlsConn {
+                session,
+                cipher: Some(Vec::with_capacity(TLS_RECV_BUF)),
+                closing: false,
+                wire_spare: None,
+            }),
+        });
+        self.conns.len() - 1
+    }
+
+    /// Names the engine's peer in its errors (an engine whose connections
+    /// come from [`Engine::adopt`] has no URI of its own).
+    pub fn set_name(&mut self, name: &str) {
+        self.uri = name.to_string();
+    }
+
+    /// Has the kernel signal `fd` whenever this engine's ring has a
+    /// completion ([`ClientRing::notify`]): a thread that waits on another
+    /// ring polls `fd` there and calls [`Engine::poll`] without waiting.
+    pub fn notify(&self, fd: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+        self.ring
+            .notify(fd)
+            .map_err(|e| Error::io(format!("io_uring eventfd registration ({})", self.uri), e))
     }
 
     /// What connection `conn` negotiated.
@@ -433,7 +456,18 @@ impl Engine {
             }
         }
         self.events = events;
-        res
+        res?;
+        if !wait {
+            // The events may have left work for the ring (the next receive
+            // of a connection with requests in flight, the rest of a short
+            // send): a caller that does not call again until the ring has a
+            // completion ([`Engine::notify`]) must find it submitted.
+            self.arm()?;
+            self.ring
+                .submit_and_wait(0)
+                .map_err(|e| Error::io(format!("io_uring submit ({})", self.uri), e))?;
+        }
+        Ok(())
     }
 
     /// Runs one request to completion (for tools that need one answer);

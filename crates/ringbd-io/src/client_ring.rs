@@ -275,7 +275,16 @@ impl ClientRing {
         let (ptr, len) = (target.as_mut_ptr(), target.len().min(u32::MAX as usize) as u32);
         let fd = types::Fd(s.fd.as_raw_fd());
         s.recv = Some((buf, Some(start..end)));
-        let e = opcode::Recv::new(fd, ptr, len).build().user_data(KIND_RECV << 32 | sock as u64);
+        // MSG_WAITALL: the range is exactly the rest of one payload, so the
+        // kernel may retry until it is full: a large payload completes once
+        // instead of once per segment the socket had (a caller that drives
+        // this ring from another ring's loop wakes once per completion). A
+        // short result (a signal, the peer gone) is still possible: the
+        // caller receives the rest.
+        let e = opcode::Recv::new(fd, ptr, len)
+            .flags(libc::MSG_WAITALL)
+            .build()
+            .user_data(KIND_RECV << 32 | sock as u64);
         self.push(&e).inspect_err(|_| {
             if let Some(s) = self.socks.get_mut(sock) {
                 s.recv = None;
@@ -311,6 +320,14 @@ impl ClientRing {
         }
         self.wake_armed = true;
         Ok(())
+    }
+
+    /// Has the kernel signal `fd` (an eventfd) whenever this ring posts a
+    /// completion (`IORING_REGISTER_EVENTFD`), so a thread that waits on
+    /// another ring, polling `fd` there, learns that this one has work
+    /// without a thread of its own waiting here.
+    pub fn notify(&self, fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+        self.ring.submitter().register_eventfd(fd.as_raw_fd())
     }
 
     /// Submits queued operations and waits for at least `want` completions.
@@ -506,6 +523,53 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(ring.recv_into(s, vec![0; 4], 4..9).is_err(), "empty after clamping");
+    }
+
+    #[test]
+    fn a_receive_into_a_range_waits_for_all_of_it() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut ring = ClientRing::new(8).unwrap();
+        let s = ring.add_socket(a.into());
+        ring.recv_into(s, vec![0; 8], 0..8).unwrap();
+        ring.submit_and_wait(0).unwrap();
+        b.write_all(b"abcd").unwrap();
+        let mut events = Vec::new();
+        ring.completions(&mut events).unwrap();
+        assert!(events.is_empty(), "completed with half the range: {events:?}");
+        b.write_all(b"efgh").unwrap();
+        while events.is_empty() {
+            ring.submit_and_wait(1).unwrap();
+            ring.completions(&mut events).unwrap();
+        }
+        match events.pop() {
+            Some(RingEvent::ReceivedInto { buf, result, .. }) => {
+                assert_eq!(result.unwrap(), 8);
+                assert_eq!(buf, b"abcdefgh");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_completion_signals_the_registered_eventfd() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut ring = ClientRing::new(8).unwrap();
+        let efd = crate::eventfd::EventFd::new().unwrap();
+        ring.notify(efd.as_fd()).unwrap();
+        let s = ring.add_socket(a.into());
+        ring.recv(s, Vec::with_capacity(16)).unwrap();
+        ring.submit_and_wait(0).unwrap();
+        let quiet = crate::net::poll_readable(&[efd.as_fd()], Some(std::time::Duration::ZERO)).unwrap();
+        assert_eq!(quiet, [false], "signalled before anything completed");
+        b.write_all(b"ping").unwrap();
+        // This thread waits on the eventfd only, never entering the ring:
+        // the completion must be posted, and signalled, all the same.
+        let ready =
+            crate::net::poll_readable(&[efd.as_fd()], Some(std::time::Duration::from_secs(5))).unwrap();
+        assert_eq!(ready, [true], "no signal within 5 s of the data arriving");
+        let mut events = Vec::new();
+        ring.completions(&mut events).unwrap();
+        assert!(matches!(events.as_slice(), [RingEvent::Received { .. }]), "{events:?}");
     }
 
     #[test]

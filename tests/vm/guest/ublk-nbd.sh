@@ -36,6 +36,11 @@ log "ringbd saw $(conns) connections"
 
 step "pattern: O_DIRECT writes at 0, 100 MiB and the last MiB"
 ublk_pattern 256 8 100
+# A queue that got requests runs the NBD client on its own thread, with a
+# connection of its own beside the backend's 4 (crates/ringbd-backend/src/nbd/local.rs).
+wait_for 10 sh -c '[ "$(grep -c "export \"disk\"" ringbd.err)" -ge 5 ]' \
+    || fail "no queue opened a connection of its own: ringbd saw $(conns) connection(s)"
+log "ringbd saw $(conns) connections after the writes"
 head -c 1048576 /dev/zero >zero1
 
 step "pattern: read back through a fresh attach, over TCP"

@@ -149,6 +149,14 @@ impl Connection {
         }
     }
 
+    /// The export's backend, once the handshake chose one.
+    pub fn backend(&self) -> Option<&Arc<dyn Backend>> {
+        match &self.phase {
+            Phase::Transmission(tx) => Some(&tx.backend),
+            _ => None,
+        }
+    }
+
     /// The export's asynchronous backend (RBD), which runs the operations
     /// of [`Connection::take_io`] itself instead of the ring.
     pub fn aio(&self) -> Option<&dyn ringbd_backend::AsyncIo> {

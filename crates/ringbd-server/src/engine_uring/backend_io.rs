@@ -1,11 +1,17 @@
 //! Backend I/O: file exports' reads, writes and flushes as ring
-//! operations, and the operations of asynchronous backends (librbd), whose
-//! completions come back through an eventfd-signalled queue.
+//! operations, and the operations of asynchronous backends (librbd, the
+//! NBD client), whose completions come back through an eventfd-signalled
+//! queue. Where the backend can run on this thread ([`AsyncIo::local`]:
+//! the NBD client), the worker keeps a driver per export and drives it
+//! from its loop: at the end of each turn in which it submitted, and when
+//! the queue's eventfd (which the driver's ring signals) is readable.
 
 use std::io;
 use std::os::fd::AsFd;
+use std::sync::Arc;
 
-use ringbd_backend::aio::Sink;
+use ringbd_backend::aio::{LocalIo, Sink};
+use ringbd_backend::{AsyncIo, Backend};
 use ringbd_io::buf::IoBuf;
 use ringbd_io::uring::Ring;
 
@@ -42,16 +48,24 @@ impl State {
         }
         if let (Some(aio), Some(q)) = (c.conn.aio(), &self.aio) {
             // The backend runs them (librbd, the NBD client); completions
-            // come back through the queue's eventfd.
+            // come back through the queue's eventfd, or from this
+            // worker's driver of the backend.
+            let mut driver = match c.conn.backend() {
+                Some(b) => driver_for(&mut self.drivers, b, aio, q),
+                None => None,
+            };
             let mut misrouted = Vec::new();
             for io in self.io_scratch.drain(..) {
                 let tag = (id as u64) << 32 | u64::from(io.token);
-                let sink = Sink::Queue { queue: q.clone(), tag };
-                match io.op {
-                    IoOp::Block(op) => aio.submit(op, io.buf, sink),
-                    IoOp::Extents { offset, len } => aio.submit_extents(offset, len, sink),
+                match (io.op, driver.as_deref_mut()) {
+                    (IoOp::Block(op), Some(d)) => d.submit(op, io.buf, tag),
+                    (IoOp::Extents { offset, len }, Some(d)) => d.submit_extents(offset, len, tag),
+                    (IoOp::Block(op), None) => aio.submit(op, io.buf, Sink::Queue { queue: q.clone(), tag }),
+                    (IoOp::Extents { offset, len }, None) => {
+                        aio.submit_extents(offset, len, Sink::Queue { queue: q.clone(), tag })
+                    }
                     // Connections queue file operations only for files.
-                    IoOp::File(_) => {
+                    (IoOp::File(_), _) => {
                         misrouted.push(io.token);
                         continue;
                     }
@@ -87,13 +101,29 @@ impl State {
         started
     }
 
-    /// The asynchronous backends' queue is readable: hand each finished
-    /// operation to its connection, then poll again.
+    /// The asynchronous backends' queue is readable: take what the drivers
+    /// and the queue finished, hand each to its connection, then poll
+    /// again.
     pub(super) fn aio_completed(&mut self, ring: &mut Ring<OutBuf>) {
         let Some(q) = self.aio.clone() else { return };
+        // Cleared before the drivers reap their rings: a completion after
+        // that signals it again.
         if let Err(e) = q.drain(&mut self.aio_done) {
             tracing::warn!("reading the completion eventfd: {e}");
         }
+        for d in &mut self.drivers {
+            if let Some(io) = d.io.as_deref_mut() {
+                io.drive(&mut self.aio_done);
+            }
+        }
+        self.aio_deliver();
+        if let Err(e) = ring.poll_readable(q.as_fd(), AIO_TOKEN) {
+            tracing::warn!("re-arming the completion poll: {e}");
+        }
+    }
+
+    /// Hands each finished asynchronous operation to its connection.
+    fn aio_deliver(&mut self) {
         for d in self.aio_done.drain(..) {
             let (conn, token) = ((d.tag >> 32) as usize, d.tag as u32);
             // A connection is only freed once none of its operations is in
@@ -103,8 +133,59 @@ impl State {
                 c.dirty = true;
             }
         }
-        if let Err(e) = ring.poll_readable(q.as_fd(), AIO_TOKEN) {
-            tracing::warn!("re-arming the completion poll: {e}");
-        }
     }
+
+    /// End of a loop turn: the drivers send what was submitted to them,
+    /// and whatever they finished goes to its connection. Returns whether
+    /// anything finished (the caller then flushes again).
+    pub(super) fn drive(&mut self) -> bool {
+        for d in &mut self.drivers {
+            if let Some(io) = d.io.as_deref_mut() {
+                io.drive(&mut self.aio_done);
+            }
+        }
+        let any = !self.aio_done.is_empty();
+        self.aio_deliver();
+        any
+    }
+
+    /// A connection using `backend` is gone: the worker's driver of it goes
+    /// too once no other connection of this worker uses it and nothing is
+    /// in flight on it.
+    pub(super) fn release_driver(&mut self, backend: &Arc<dyn Backend>) {
+        let used = |b: &Arc<dyn Backend>| {
+            self.conns.iter().flatten().any(|c| c.conn.backend().is_some_and(|x| Arc::ptr_eq(x, b)))
+        };
+        if used(backend) {
+            return;
+        }
+        self.drivers.retain(|d| {
+            !Arc::ptr_eq(&d.backend, backend) || d.io.as_ref().is_some_and(|io| io.inflight() > 0)
+        });
+    }
+}
+
+/// A backend's driver on this worker: `io` is `None` where the backend has
+/// none (it is asked once per export in use here).
+pub(super) struct Driver {
+    /// Holds the export, so no other one can take its address meanwhile.
+    backend: Arc<dyn Backend>,
+    io: Option<Box<dyn LocalIo>>,
+}
+
+/// This worker's driver of `backend`, made on first use.
+fn driver_for<'a>(
+    drivers: &'a mut Vec<Driver>,
+    backend: &Arc<dyn Backend>,
+    aio: &dyn AsyncIo,
+    q: &Arc<ringbd_backend::aio::CompletionQueue>,
+) -> Option<&'a mut Box<dyn LocalIo>> {
+    let i = match drivers.iter().position(|d| Arc::ptr_eq(&d.backend, backend)) {
+        Some(i) => i,
+        None => {
+            drivers.push(Driver { backend: backend.clone(), io: aio.local(q) });
+            drivers.len() - 1
+        }
+    };
+    drivers[i].io.as_mut()
 }

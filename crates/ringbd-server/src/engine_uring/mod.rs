@@ -235,34 +235,38 @@ impl Engine {
                 bundle: opts.bundle && features.bundle,
                 incremental: opts.incremental,
             };
-            let state = State {
+            let (peers_i, listeners_i, exports_i, stats_i, limits_i) =
+                (peers.clone(), listeners.clone(), exports.clone(), stats.clone(), limits.clone());
+            let aio = Arc::new(CompletionQueue::new()?);
+            let (coalesce, receive_share) = (opts.coalesce, opts.receive_share);
+            let zerocopy =
+                if opts.zerocopy && features.send_zc { Some(opts.zerocopy_threshold) } else { None };
+            // Made on the worker's thread: its drivers (`drivers`) stay there.
+            let make_state = move || State {
                 index: i,
-                peers: peers.clone(),
+                peers: peers_i,
                 ctl_rx,
                 wake_rx,
-                listeners: listeners.clone(),
-                exports: exports.clone(),
+                listeners: listeners_i,
+                exports: exports_i,
                 conns: Vec::new(),
                 free: Vec::new(),
                 live: 0,
                 stopping: None,
-                coalesce: opts.coalesce,
-                receive_share: opts.receive_share,
-                zerocopy: if opts.zerocopy && features.send_zc {
-                    Some(opts.zerocopy_threshold)
-                } else {
-                    None
-                },
-                stats: stats.clone(),
-                limits: limits.clone(),
+                coalesce,
+                receive_share,
+                zerocopy,
+                stats: stats_i,
+                limits: limits_i,
                 handshakes: VecDeque::new(),
                 timer_armed: false,
                 next_serial: 0,
                 local: Local::default(),
                 seen: RingStats::default(),
                 io_scratch: Vec::new(),
-                aio: Some(Arc::new(CompletionQueue::new()?)),
+                aio: Some(aio),
                 aio_done: Vec::new(),
+                drivers: Vec::new(),
             };
             // The ring is created on its own thread: a SINGLE_ISSUER ring
             // accepts submissions only from the thread that made it.
@@ -280,7 +284,7 @@ impl Engine {
                         return Err(io::Error::other(msg));
                     }
                 };
-                Worker { ring, state }.run()
+                Worker { ring, state: make_state() }.run()
             })?;
             match ready_rx.recv() {
                 Ok(Ok(note)) => {
@@ -418,6 +422,9 @@ struct State {
     aio: Option<Arc<CompletionQueue>>,
     /// Completions taken from `aio` (reused).
     aio_done: Vec<AioDone>,
+    /// Asynchronous backends driven by this worker itself (the NBD
+    /// client's connections of this thread), one per export in use here.
+    drivers: Vec<backend_io::Driver>,
 }
 
 struct Conn {

@@ -54,6 +54,11 @@ impl Worker {
                 self.ring.completions(|ring, c| state.complete(ring, c));
             }
             self.state.flush(&mut self.ring);
+            // Drivers send what this turn submitted; what they finished
+            // (replies already in, requests refused) is sent now.
+            while self.state.drive() {
+                self.state.flush(&mut self.ring);
+            }
             self.state.arm_deadline_timer(&mut self.ring);
             self.state.fold_stats(&self.ring);
             if let Some(since) = self.state.stopping {
@@ -364,9 +369,13 @@ impl State {
                     if let Err(e) = ring.unregister_socket(c.sock) {
                         tracing::warn!("unregistering a socket: {e}");
                     }
+                    let backend = c.conn.backend().cloned();
                     self.conns[id] = None;
                     self.free.push(id as u32);
                     self.live -= 1;
+                    if let Some(b) = backend {
+                        self.release_driver(&b);
+                    }
                 }
             } else if !c.recv_armed && !finished && !c.has_backlog() && c.conn.wants_input() {
                 // Waiting for receive buffers: look again next turn.

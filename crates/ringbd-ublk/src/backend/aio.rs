@@ -1,11 +1,15 @@
 //! Backends that run their I/O asynchronously themselves (Ceph RBD
-//! through librbd's aio, NBD exports through the client's worker): each
+//! through librbd's aio, NBD exports through the NBD client): each
 //! request becomes one submitted operation ([`ringbd_backend::AsyncIo::submit`]
 //! of a [`BlockOp`], as the server's engine submits them), whose completion arrives, from
 //! the backend's thread, in this queue's [`CompletionQueue`]. The queue's
 //! ring polls that queue's eventfd (registered as the ring's file 1), so a
 //! completion wakes the queue's loop like any ring completion; no thread
-//! waits per request.
+//! waits per request. A backend that can run on the queue's thread
+//! ([`ringbd_backend::AsyncIo::local`]: the NBD client, with a connection
+//! of this queue's) gets a driver, which the loop drives at the end of each
+//! turn and whenever the eventfd (which the driver's ring signals) is
+//! readable: no thread of the backend's in between.
 //!
 //! Data is copied between the tag's buffer and the operation's buffer
 //! (the backends take owned buffers, which outlive the request if the
@@ -21,7 +25,7 @@ use std::io;
 use std::sync::Arc;
 
 use crate::kernel::{FileSlot, QueueRing};
-use ringbd_backend::aio::{AioDone, CompletionQueue, Sink};
+use ringbd_backend::aio::{AioDone, CompletionQueue, LocalIo, Sink};
 use ringbd_backend::{Backend, BlockOp};
 use ringbd_io::buf::IoBuf;
 
@@ -58,6 +62,9 @@ pub struct AioQueue {
     polling: bool,
     /// The device is going away: no new poll.
     stopped: bool,
+    /// The backend's driver on this queue's thread, asked for at the
+    /// first request (`Some(None)`: it has none).
+    driver: Option<Option<Box<dyn LocalIo>>>,
 }
 
 impl AioQueue {
@@ -74,6 +81,7 @@ impl AioQueue {
             spare_bytes: 0,
             polling: false,
             stopped: false,
+            driver: None,
         })
     }
 
@@ -106,7 +114,11 @@ impl AioQueue {
         };
         self.reqs[usize::from(tag)] = Some(w);
         // The tag travels with the operation and comes back in AioDone.
-        aio.submit(op, buf, Sink::Queue { queue: self.completions.clone(), tag: u64::from(tag) });
+        let driver = self.driver.get_or_insert_with(|| aio.local(&self.completions));
+        match driver {
+            Some(d) => d.submit(op, buf, u64::from(tag)),
+            None => aio.submit(op, buf, Sink::Queue { queue: self.completions.clone(), tag: u64::from(tag) }),
+        }
         Step::Pending
     }
 
@@ -226,8 +238,13 @@ impl QueueHandler for AioQueue {
             tracing::warn!("{}: poll of the completion queue: {e}", self.backend.describe());
         }
         let mut taken = std::mem::take(&mut self.taken);
+        // Cleared before the driver reaps its ring: a completion after
+        // that signals it again.
         if let Err(e) = self.completions.drain(&mut taken) {
             tracing::warn!("{}: clearing the completion queue's eventfd: {e}", self.backend.describe());
+        }
+        if let Some(Some(d)) = self.driver.as_mut() {
+            d.drive(&mut taken);
         }
         for d in taken.drain(..) {
             self.complete(ring, d);
@@ -236,6 +253,21 @@ impl QueueHandler for AioQueue {
     }
 
     fn end_turn(&mut self, ring: &mut QueueRing, done: &mut Vec<(u16, Step)>) {
+        // The driver sends what this turn submitted; what it finished
+        // already (a refused request, a reply in) completes now, and may
+        // submit again (a flush after a FUA trim): drive until quiet.
+        while let Some(Some(d)) = self.driver.as_mut() {
+            let mut taken = std::mem::take(&mut self.taken);
+            d.drive(&mut taken);
+            let any = !taken.is_empty();
+            for d in taken.drain(..) {
+                self.complete(ring, d);
+            }
+            self.taken = taken;
+            if !any {
+                break;
+            }
+        }
         done.append(&mut self.finished);
         if self.reqs.iter().any(Option::is_some) {
             self.arm(ring);

@@ -3,18 +3,27 @@
 //! nbd://...` is a proxy (nbdkit's nbd plugin, qemu-nbd over an nbd
 //! block node).
 //!
-//! One worker thread per export owns a pipelined client
-//! ([`ringbd_client::Engine`]: its connections on one io_uring ring). The
-//! engines submit operations ([`AsyncIo::submit`]) from their own threads:
-//! each goes to the worker over a channel, and a write to an eventfd wakes
-//! the worker out of its wait on the ring ([`Engine::set_wake`]); the
-//! reply comes back through the operation's sink, like librbd's callbacks.
-//! The blocking [`Backend`] methods wait on the same path.
+//! Two ways to run the client ([`ringbd_client::Engine`]: connections on
+//! one io_uring ring):
+//! - **On the caller's thread** ([`AsyncIo::local`], module `local`): a server
+//!   worker or a ublk queue gets a driver with its own connection, whose
+//!   ring the kernel reports through the caller's completion eventfd; the
+//!   caller's loop sends and receives for it. No thread hop, no channel.
+//!   Only where the upstream allows several connections
+//!   (`CAN_MULTI_CONN`), since every caller thread adds one.
+//! - **On the export's worker thread**, which every caller can use: the
+//!   threaded engine, blocking callers ([`Backend`]'s methods), an upstream
+//!   that allows one connection, and a driver's requests while it connects
+//!   or after its connection failed. A submission goes to the worker over a
+//!   channel and an eventfd write wakes it out of its ring wait
+//!   ([`Engine::set_wake`]); the reply comes back through the operation's
+//!   sink, like librbd's callbacks.
 //!
-//! Connections: as many as the upstream allows (`CAN_MULTI_CONN`: 4, else
-//! 1); requests go to the least busy. Every connection of every client of
-//! this export shares them, so a flush from any client covers all writes
-//! completed through this export: the export is multi-conn either way.
+//! Connections: the worker has as many as the upstream allows
+//! (`CAN_MULTI_CONN`: 4, else 1), requests going to the least busy; each
+//! driver has one more. A flush on any of them covers every write completed
+//! through this export (the upstream is multi-conn wherever there is more
+//! than one), so the export is multi-conn either way.
 //!
 //! Passed through: reads, writes with FUA, flush, trim, write-zeroes (with
 //! FUA as a following flush), block status (`base:allocation`, where the
@@ -24,69 +33,31 @@
 //! `CACHE`.
 //! A lost upstream is reconnected (every second): the requests it had not
 //! answered are sent again, and requests wait for it up to 30 s, then fail
-//! with EIO, as do later ones until it is back; the log says each step.
+//! with EIO, as do later ones until it is back; the log says each step. A
+//! driver whose connection fails hands its requests to the worker, which
+//! owns that policy, and tries a connection of its own again every second.
 
-use std::collections::HashMap;
-use std::io;
+mod client;
+mod local;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::aio::{Sink, Waiter};
-use nbd_proto::wire::{cmd_flags, state_flags, tx_flags};
-use ringbd_client::{ClientConfig, Cmd, Completion, Engine, NbdUri};
+use crate::aio::{AioDone, CompletionQueue, LocalIo, Sink, Waiter};
+use client::{gone, Client, Job, Reply};
+use nbd_proto::wire::tx_flags;
+use ringbd_client::{ClientConfig, Engine, NbdUri};
 use ringbd_io::buf::IoBuf;
 use ringbd_io::eventfd::EventFd;
 
 use crate::{
-    blocking, extents_to_buf, AsyncIo, Backend, BlockOp, Caps, Error, ErrorKind, Extent, Holes, Op, Result,
-    ZeroFlags,
+    blocking, AsyncIo, Backend, BlockOp, Caps, Error, ErrorKind, Extent, Holes, Op, Result, ZeroFlags,
 };
 
-/// Upstream connections when the upstream allows several.
+/// Upstream connections of the worker when the upstream allows several.
 const MULTI_CONNS: usize = 4;
-/// Client buffers the worker keeps for reuse (a fresh 1 MiB buffer per
-/// request costs its page faults: measured, a 1 MiB read through the
-/// proxy took 1,447 us of server CPU with a new buffer each time).
-const POOL_BUFS: usize = 64;
-const POOL_BUF_MAX: usize = 2 << 20;
-
-/// The client's request buffers, reused (`Vec<u8>`: the client engine's
-/// buffer type; the server's `IoBuf` is copied in and out of them).
-#[derive(Default)]
-struct Pool(Vec<Vec<u8>>);
-
-impl Pool {
-    /// A buffer for a read of `n` bytes: one already that long if any (the
-    /// client then shortens it without writing), else the largest.
-    fn for_read(&mut self, n: usize) -> Vec<u8> {
-        match self.0.iter().position(|v| v.len() >= n) {
-            Some(i) => self.0.swap_remove(i),
-            None => self.0.pop().unwrap_or_default(),
-        }
-    }
-
-    /// A buffer holding a copy of `data`.
-    fn with(&mut self, data: &[u8]) -> Vec<u8> {
-        let mut v = self.0.pop().unwrap_or_default();
-        v.clear();
-        v.extend_from_slice(data);
-        v
-    }
-
-    fn put(&mut self, v: Vec<u8>) {
-        if self.0.len() < POOL_BUFS && v.capacity() <= POOL_BUF_MAX && v.capacity() > 0 {
-            self.0.push(v);
-        }
-    }
-}
-
-/// One operation for the worker.
-enum Job {
-    Io { op: BlockOp, buf: IoBuf, sink: Sink },
-    Extents { offset: u64, len: u64, sink: Sink },
-}
 
 /// What the upstream agreed to.
 #[derive(Debug, Clone, Copy)]
@@ -99,12 +70,36 @@ struct Upstream {
 }
 
 pub struct NbdBackend {
+    shared: Arc<Shared>,
+    read_only: bool,
+}
+
+/// What the worker and every driver share.
+struct Shared {
     uri: NbdUri,
     up: Upstream,
-    read_only: bool,
     jobs: Mutex<Sender<Job>>,
     wake: EventFd,
     failed: Arc<AtomicBool>,
+}
+
+impl Shared {
+    /// Hands a job to the worker.
+    fn send(&self, job: Job) {
+        if self.failed.load(Ordering::Relaxed) {
+            return job.fail(gone(), &mut Vec::new());
+        }
+        let sent = self.jobs.lock().unwrap_or_else(|p| p.into_inner()).send(job);
+        match sent {
+            Ok(()) => {
+                if let Err(e) = self.wake.signal() {
+                    tracing::warn!("NBD export {}: waking the client thread: {e}", self.uri);
+                }
+            }
+            // The worker is gone (the upstream failed): answer at once.
+            Err(mpsc::SendError(job)) => job.fail(gone(), &mut Vec::new()),
+        }
+    }
 }
 
 fn open_error(uri: &NbdUri, e: impl std::fmt::Display) -> Error {
@@ -130,59 +125,22 @@ impl NbdBackend {
             Ok(Err(e)) => return Err(open_error(uri, e)),
             Err(_) => return Err(open_error(uri, "the client thread ended during the handshake")),
         };
-        Ok(NbdBackend { uri: uri.clone(), up, read_only, jobs: Mutex::new(tx), wake, failed })
+        let shared = Shared { uri: uri.clone(), up, jobs: Mutex::new(tx), wake, failed };
+        Ok(NbdBackend { shared: Arc::new(shared), read_only })
     }
 
     fn send(&self, job: Job) {
-        let sent = self.jobs.lock().unwrap_or_else(|p| p.into_inner()).send(job);
-        match sent {
-            Ok(()) => {
-                if let Err(e) = self.wake.signal() {
-                    tracing::warn!("NBD export {}: waking the client thread: {e}", self.uri);
-                }
-            }
-            // The worker is gone (the upstream failed): answer at once.
-            Err(mpsc::SendError(job)) => fail_job(job, gone()),
-        }
-    }
-}
-
-/// Delivers a result; a sink that cannot be woken is logged (its waiter
-/// finds the result at its next wake-up, as `CompletionQueue::push` says).
-fn deliver(sink: Sink, result: io::Result<usize>, buf: IoBuf) {
-    if let Err(e) = sink.deliver(result, buf) {
-        tracing::warn!("NBD export: waking the engine with a reply: {e}");
-    }
-}
-
-fn gone() -> io::Error {
-    io::Error::new(io::ErrorKind::NotConnected, "the upstream NBD connection is gone")
-}
-
-fn fail_job(job: Job, e: io::Error) {
-    let (sink, buf) = match job {
-        Job::Io { buf, sink, .. } => (sink, buf),
-        Job::Extents { sink, .. } => (sink, IoBuf::new()),
-    };
-    deliver(sink, Err(e), buf);
-}
-
-/// The errno an upstream failure reaches our client with: the upstream's
-/// own NBD errno (the same numbers as Linux's), else EIO.
-fn to_io(e: &ringbd_client::Error) -> io::Error {
-    match e {
-        ringbd_client::Error::Request { errno, .. } => io::Error::from_raw_os_error(*errno as i32),
-        other => io::Error::other(other.to_string()),
+        self.shared.send(job)
     }
 }
 
 impl Backend for NbdBackend {
     fn size(&self) -> u64 {
-        self.up.size
+        self.shared.up.size
     }
 
     fn caps(&self) -> Caps {
-        let has = |f: u16| self.up.flags & f != 0;
+        let has = |f: u16| self.shared.up.flags & f != 0;
         Caps {
             read_only: self.read_only || has(tx_flags::READ_ONLY),
             flush: has(tx_flags::SEND_FLUSH),
@@ -192,16 +150,16 @@ impl Backend for NbdBackend {
             fast_zero: has(tx_flags::SEND_WRITE_ZEROES) && has(tx_flags::SEND_FAST_ZERO),
             cache: false,
             multi_conn: true,
-            extents: self.up.extents,
+            extents: self.shared.up.extents,
         }
     }
 
     fn describe(&self) -> String {
-        format!("NBD export {}", self.uri)
+        format!("NBD export {}", self.shared.uri)
     }
 
     fn preferred_block_size(&self) -> Option<u32> {
-        self.up.preferred
+        self.shared.up.preferred
     }
 
     fn aio(&self) -> Option<&dyn AsyncIo> {
@@ -243,7 +201,7 @@ impl Backend for NbdBackend {
 
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let w = Arc::new(Waiter::default());
-        self.send(Job::Extents { offset, len, sink: Sink::Wait(w.clone()) });
+        self.send(Job::Extents { offset, len, reply: Reply::Sink(Sink::Wait(w.clone())) });
         let (r, buf) = w.wait();
         r.map_err(|e| Error::new(Op::Extents, offset, len, e))?;
         Ok(crate::extents_from_buf(&buf))
@@ -252,59 +210,30 @@ impl Backend for NbdBackend {
 
 impl AsyncIo for NbdBackend {
     fn submit(&self, op: BlockOp, buf: IoBuf, sink: Sink) {
-        if self.failed.load(Ordering::Relaxed) {
-            return fail_job(Job::Io { op, buf, sink }, gone());
-        }
-        self.send(Job::Io { op, buf, sink });
+        self.send(Job::Io { op, buf, reply: Reply::Sink(sink) });
     }
 
     fn submit_extents(&self, offset: u64, len: u64, sink: Sink) {
-        self.send(Job::Extents { offset, len, sink });
+        self.send(Job::Extents { offset, len, reply: Reply::Sink(sink) });
+    }
+
+    fn local(&self, queue: &Arc<CompletionQueue>) -> Option<Box<dyn LocalIo>> {
+        if self.shared.up.flags & tx_flags::CAN_MULTI_CONN == 0 {
+            return None;
+        }
+        Some(Box::new(local::Driver::new(self.shared.clone(), queue.clone())))
     }
 }
 
 impl Drop for NbdBackend {
     fn drop(&mut self) {
         // Closing the channel ends the worker once its requests are done;
-        // waking it makes it notice while it waits on the ring.
+        // waking it makes it notice while it waits on the ring. (Drivers
+        // keep `shared`; their later jobs fail at once.)
         let (tx, _rx) = mpsc::channel();
-        drop(std::mem::replace(self.jobs.get_mut().unwrap_or_else(|p| p.into_inner()), tx));
-        if let Err(e) = self.wake.signal() {
-            tracing::warn!("NBD export {}: waking the client thread to stop: {e}", self.uri);
-        }
-    }
-}
-
-/// A request the worker sent upstream, waiting for its reply.
-struct InFlight {
-    sink: Sink,
-    buf: IoBuf,
-    /// Where a read's data goes in `buf`, and the bytes moved.
-    at: usize,
-    kind: InFlightKind,
-    /// What to send again if the connection is lost before the reply.
-    resend: Resend,
-}
-
-enum InFlightKind {
-    Read,
-    Write,
-    Other,
-    Extents,
-}
-
-#[derive(Clone, Copy)]
-enum Resend {
-    Io(BlockOp),
-    Extents { offset: u64, len: u64 },
-}
-
-impl InFlight {
-    /// The job again, for a new connection.
-    fn into_job(self) -> Job {
-        match self.resend {
-            Resend::Io(op) => Job::Io { op, buf: self.buf, sink: self.sink },
-            Resend::Extents { offset, len } => Job::Extents { offset, len, sink: self.sink },
+        drop(std::mem::replace(&mut *self.shared.jobs.lock().unwrap_or_else(|p| p.into_inner()), tx));
+        if let Err(e) = self.shared.wake.signal() {
+            tracing::warn!("NBD export {}: waking the client thread to stop: {e}", self.shared.uri);
         }
     }
 }
@@ -349,7 +278,7 @@ fn worker(
     ready: Sender<std::result::Result<Upstream, String>>,
     failed: Arc<AtomicBool>,
 ) {
-    let (mut engine, up) = match connect(&uri, &wake) {
+    let (engine, up) = match connect(&uri, &wake) {
         Ok(c) => c,
         Err(e) => {
             // (`open` waits on `ready`; if it is gone, nobody asked.)
@@ -360,15 +289,14 @@ fn worker(
     if ready.send(Ok(up)).is_err() {
         return;
     }
-    let mut inflight: HashMap<u64, InFlight> = HashMap::new();
-    let mut next_tag: u64 = 0;
-    let mut done: Vec<Completion> = Vec::new();
-    let mut pool = Pool::default();
+    let mut client = Client::new(engine, up);
+    // The worker's jobs all answer through sinks: nothing lands here.
+    let mut none: Vec<AioDone> = Vec::new();
     let mut open = true;
     loop {
         // Take what was submitted.
         loop {
-            let job = if inflight.is_empty() && open {
+            let job = if client.inflight() == 0 && open {
                 // Nothing in flight: wait for work (or the end).
                 match jobs.recv() {
                     Ok(j) => j,
@@ -387,39 +315,33 @@ fn worker(
                     }
                 }
             };
-            next_tag = next_tag.wrapping_add(1);
-            if let Err((job, e)) = start(&mut engine, &up, next_tag, job, &mut inflight, &mut pool) {
-                fail_job(job, e);
+            if let Err((job, e)) = client.start(job) {
+                job.fail(e, &mut none);
             }
         }
-        if !open && inflight.is_empty() {
-            if let Err(e) = engine.disconnect() {
+        if !open && client.inflight() == 0 {
+            if let Err(e) = client.engine.disconnect() {
                 tracing::warn!("NBD export {uri}: disconnecting: {e}");
             }
             return;
         }
-        if let Err(e) = engine.poll(&mut done, true) {
+        if let Err(e) = client.poll(true, &mut none) {
             tracing::warn!(
                 "NBD export {uri}: the upstream failed: {e}; reconnecting ({} request(s) to send again)",
-                inflight.len()
+                client.inflight()
             );
-            let mut retry: Vec<Job> = inflight.drain().map(|(_, f)| f.into_job()).collect();
+            let mut retry = client.take_all();
             match reconnect(&uri, &wake, &up, &jobs, &mut retry, &failed) {
-                Some(e) => engine = e,
+                Some(e) => client = Client::new(e, up),
                 None => return,
             }
             for job in retry {
-                next_tag = next_tag.wrapping_add(1);
-                if let Err((job, e)) = start(&mut engine, &up, next_tag, job, &mut inflight, &mut pool) {
-                    fail_job(job, e);
+                if let Err((job, e)) = client.start(job) {
+                    job.fail(e, &mut none);
                 }
             }
-            continue;
         }
-        for c in done.drain(..) {
-            let Some(f) = inflight.remove(&c.tag) else { continue };
-            finish(f, c, &mut pool);
-        }
+        none.clear();
     }
 }
 
@@ -460,10 +382,10 @@ fn reconnect(
                 );
                 failed.store(true, Ordering::Relaxed);
                 for job in retry.drain(..) {
-                    fail_job(job, gone());
+                    job.fail(gone(), &mut Vec::new());
                 }
                 while let Ok(job) = jobs.recv() {
-                    fail_job(job, gone());
+                    job.fail(gone(), &mut Vec::new());
                 }
                 return None;
             }
@@ -481,7 +403,7 @@ fn reconnect(
         }
         if failed.load(Ordering::Relaxed) {
             for job in retry.drain(..) {
-                fail_job(job, gone());
+                job.fail(gone(), &mut Vec::new());
             }
         }
         // Wait for the next try, taking (or failing) new requests meanwhile.
@@ -492,108 +414,16 @@ fn reconnect(
                 break;
             }
             match jobs.recv_timeout(left) {
-                Ok(job) if failed.load(Ordering::Relaxed) => fail_job(job, gone()),
+                Ok(job) if failed.load(Ordering::Relaxed) => job.fail(gone(), &mut Vec::new()),
                 Ok(job) => retry.push(job),
                 Err(mpsc::RecvTimeoutError::Timeout) => break,
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     for job in retry.drain(..) {
-                        fail_job(job, gone());
+                        job.fail(gone(), &mut Vec::new());
                     }
                     return None;
                 }
             }
         }
     }
-}
-
-/// Sends one job upstream; on refusal hands it back with the error.
-fn start(
-    engine: &mut Engine,
-    up: &Upstream,
-    tag: u64,
-    job: Job,
-    inflight: &mut HashMap<u64, InFlight>,
-    pool: &mut Pool,
-) -> std::result::Result<(), (Job, io::Error)> {
-    let (op, buf, sink) = match job {
-        Job::Extents { offset, len, sink } => {
-            let conn = engine.least_busy();
-            let len = len.min(up.size.saturating_sub(offset)).min(u64::from(u32::MAX));
-            return match engine.submit(conn, tag, Cmd::block_status(offset, len), Vec::new()) {
-                Ok(()) => {
-                    let resend = Resend::Extents { offset, len };
-                    let f = InFlight { sink, buf: IoBuf::new(), at: 0, kind: InFlightKind::Extents, resend };
-                    inflight.insert(tag, f);
-                    Ok(())
-                }
-                Err(e) => Err((Job::Extents { offset, len, sink }, to_io(&e))),
-            };
-        }
-        Job::Io { op, buf, sink } => (op, buf, sink),
-    };
-    let (cmd, payload, at, kind) = match op {
-        BlockOp::Read { offset, at } => {
-            let n = buf.len().saturating_sub(at);
-            (Cmd::read(offset, n as u64), pool.for_read(n), at, InFlightKind::Read)
-        }
-        BlockOp::Write { offset, at, fua } => {
-            let data = pool.with(buf.get(at..).unwrap_or_default());
-            let flags = if fua { cmd_flags::FUA } else { 0 };
-            (Cmd::write(offset, data.len() as u64).with_flags(flags), data, at, InFlightKind::Write)
-        }
-        BlockOp::Flush => (Cmd::flush(), Vec::new(), 0, InFlightKind::Other),
-        BlockOp::Trim { offset, len } => (Cmd::trim(offset, len), Vec::new(), 0, InFlightKind::Other),
-        BlockOp::WriteZeroes { offset, len, no_hole, fast } => {
-            let flags =
-                if no_hole { cmd_flags::NO_HOLE } else { 0 } | if fast { cmd_flags::FAST_ZERO } else { 0 };
-            (Cmd::zero(offset, len).with_flags(flags), Vec::new(), 0, InFlightKind::Other)
-        }
-    };
-    if matches!(kind, InFlightKind::Read | InFlightKind::Write) && cmd.len > up.max_request {
-        let e = io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{} bytes is more than the upstream's largest request ({})", cmd.len, up.max_request),
-        );
-        return Err((Job::Io { op, buf, sink }, e));
-    }
-    let conn = engine.least_busy();
-    match engine.submit(conn, tag, cmd, payload) {
-        Ok(()) => {
-            inflight.insert(tag, InFlight { sink, buf, at, kind, resend: Resend::Io(op) });
-            Ok(())
-        }
-        Err(e) => Err((Job::Io { op, buf, sink }, to_io(&e))),
-    }
-}
-
-/// Hands a reply to the operation's sink.
-fn finish(f: InFlight, c: Completion, pool: &mut Pool) {
-    let InFlight { sink, mut buf, at, kind, .. } = f;
-    let result = match (&c.result, kind) {
-        (Err(e), _) => Err(to_io(e)),
-        (Ok(()), InFlightKind::Read) => {
-            let n = c.buf.len().min(buf.len().saturating_sub(at));
-            if let Some(dst) = buf.get_mut(at..at + n) {
-                dst.copy_from_slice(&c.buf[..n]);
-            }
-            Ok(n)
-        }
-        (Ok(()), InFlightKind::Write) => Ok(buf.len().saturating_sub(at)),
-        (Ok(()), InFlightKind::Other) => Ok(0),
-        (Ok(()), InFlightKind::Extents) => {
-            let extents: Vec<Extent> = c
-                .extents
-                .iter()
-                .map(|e| Extent {
-                    len: e.len,
-                    hole: e.flags & state_flags::HOLE != 0,
-                    zero: e.flags & state_flags::ZERO != 0,
-                })
-                .collect();
-            buf = extents_to_buf(&extents);
-            Ok(extents.len())
-        }
-    };
-    pool.put(c.buf);
-    deliver(sink, result, buf);
 }

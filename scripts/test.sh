@@ -32,7 +32,7 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features --lock
 step "unit tests"
 cargo test --workspace --all-features --locked --quiet
 
-export FUZZ_SECONDS="${FUZZ_SECONDS:-15}"
+export FUZZ_SECONDS="${FUZZ_SECONDS:-10}"
 step "fuzzing: every cargo-fuzz target, ${FUZZ_SECONDS}s each (stable toolchain, RUSTC_BOOTSTRAP=1)"
 scripts/fuzz.sh
 

@@ -463,9 +463,7 @@ impl Engine {
             // send): a caller that does not call again until the ring has a
             // completion ([`Engine::notify`]) must find it submitted.
             self.arm()?;
-            self.ring
-                .submit_and_wait(0)
-                .map_err(|e| Error::io(format!("io_uring submit ({})", self.uri), e))?;
+            self.ring.submit_queued().map_err(|e| Error::io(format!("io_uring submit ({})", self.uri), e))?;
         }
         Ok(())
     }

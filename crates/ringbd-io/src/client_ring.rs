@@ -330,6 +330,15 @@ impl ClientRing {
         self.ring.submitter().register_eventfd(fd.as_raw_fd())
     }
 
+    /// Submits queued operations without waiting; no system call when
+    /// nothing is queued.
+    pub fn submit_queued(&mut self) -> io::Result<()> {
+        if self.ring.submission().is_empty() {
+            return Ok(());
+        }
+        self.submit_and_wait(0)
+    }
+
     /// Submits queued operations and waits for at least `want` completions.
     pub fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {
         match self.ring.submit_and_wait(want) {

@@ -51,7 +51,11 @@ impl State {
             // come back through the queue's eventfd, or from this
             // worker's driver of the backend.
             let mut driver = match c.conn.backend() {
-                Some(b) => driver_for(&mut self.drivers, b, aio, q),
+                Some(b) => driver_for(&mut self.drivers, b, aio, q).and_then(|d| {
+                    // Driven at the end of the turn (it sends then).
+                    d.dirty = d.io.is_some();
+                    d.io.as_mut()
+                }),
                 None => None,
             };
             let mut misrouted = Vec::new();
@@ -112,6 +116,7 @@ impl State {
             tracing::warn!("reading the completion eventfd: {e}");
         }
         for d in &mut self.drivers {
+            d.dirty = false;
             if let Some(io) = d.io.as_deref_mut() {
                 io.drive(&mut self.aio_done);
             }
@@ -135,11 +140,15 @@ impl State {
         }
     }
 
-    /// End of a loop turn: the drivers send what was submitted to them,
-    /// and whatever they finished goes to its connection. Returns whether
-    /// anything finished (the caller then flushes again).
+    /// End of a loop turn: the drivers that were given work send it, and
+    /// whatever they finished goes to its connection (the others cost
+    /// nothing: a drive is a system call). Returns whether anything
+    /// finished (the caller then flushes again).
     pub(super) fn drive(&mut self) -> bool {
         for d in &mut self.drivers {
+            if !std::mem::take(&mut d.dirty) {
+                continue;
+            }
             if let Some(io) = d.io.as_deref_mut() {
                 io.drive(&mut self.aio_done);
             }
@@ -171,6 +180,8 @@ pub(super) struct Driver {
     /// Holds the export, so no other one can take its address meanwhile.
     backend: Arc<dyn Backend>,
     io: Option<Box<dyn LocalIo>>,
+    /// Given work since it was last driven.
+    dirty: bool,
 }
 
 /// This worker's driver of `backend`, made on first use.
@@ -179,13 +190,13 @@ fn driver_for<'a>(
     backend: &Arc<dyn Backend>,
     aio: &dyn AsyncIo,
     q: &Arc<ringbd_backend::aio::CompletionQueue>,
-) -> Option<&'a mut Box<dyn LocalIo>> {
+) -> Option<&'a mut Driver> {
     let i = match drivers.iter().position(|d| Arc::ptr_eq(&d.backend, backend)) {
         Some(i) => i,
         None => {
-            drivers.push(Driver { backend: backend.clone(), io: aio.local(q) });
+            drivers.push(Driver { backend: backend.clone(), io: aio.local(q), dirty: false });
             drivers.len() - 1
         }
     };
-    drivers[i].io.as_mut()
+    drivers.get_mut(i)
 }

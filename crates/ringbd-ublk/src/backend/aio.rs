@@ -65,6 +65,8 @@ pub struct AioQueue {
     /// The backend's driver on this queue's thread, asked for at the
     /// first request (`Some(None)`: it has none).
     driver: Option<Option<Box<dyn LocalIo>>>,
+    /// The driver was given work since it was last driven.
+    dirty: bool,
 }
 
 impl AioQueue {
@@ -82,6 +84,7 @@ impl AioQueue {
             polling: false,
             stopped: false,
             driver: None,
+            dirty: false,
         })
     }
 
@@ -116,7 +119,10 @@ impl AioQueue {
         // The tag travels with the operation and comes back in AioDone.
         let driver = self.driver.get_or_insert_with(|| aio.local(&self.completions));
         match driver {
-            Some(d) => d.submit(op, buf, u64::from(tag)),
+            Some(d) => {
+                d.submit(op, buf, u64::from(tag));
+                self.dirty = true;
+            }
             None => aio.submit(op, buf, Sink::Queue { queue: self.completions.clone(), tag: u64::from(tag) }),
         }
         Step::Pending
@@ -244,6 +250,7 @@ impl QueueHandler for AioQueue {
             tracing::warn!("{}: clearing the completion queue's eventfd: {e}", self.backend.describe());
         }
         if let Some(Some(d)) = self.driver.as_mut() {
+            self.dirty = false;
             d.drive(&mut taken);
         }
         for d in taken.drain(..) {
@@ -253,20 +260,18 @@ impl QueueHandler for AioQueue {
     }
 
     fn end_turn(&mut self, ring: &mut QueueRing, done: &mut Vec<(u16, Step)>) {
-        // The driver sends what this turn submitted; what it finished
+        // The driver sends what this turn submitted (a turn without any
+        // costs nothing: a drive is a system call); what it finished
         // already (a refused request, a reply in) completes now, and may
         // submit again (a flush after a FUA trim): drive until quiet.
-        while let Some(Some(d)) = self.driver.as_mut() {
+        while std::mem::take(&mut self.dirty) {
+            let Some(Some(d)) = self.driver.as_mut() else { break };
             let mut taken = std::mem::take(&mut self.taken);
             d.drive(&mut taken);
-            let any = !taken.is_empty();
             for d in taken.drain(..) {
                 self.complete(ring, d);
             }
             self.taken = taken;
-            if !any {
-                break;
-            }
         }
         done.append(&mut self.finished);
         if self.reqs.iter().any(Option::is_some) {

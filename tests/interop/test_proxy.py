@@ -66,13 +66,15 @@ def test_proxy_workers_run_the_client_on_their_own_threads(upstream, shm_tmp, mo
             f.truncate(SIZE)
         subprocess.run(["nbdcopy", "--connections=4", "--requests=16", src, proxy.uri()], check=True,
                        timeout=120)
-        # 1 MiB writes, 4 at a time on one connection: their sends to the
-        # upstream go out in pieces, and the reply must still arrive (a
-        # driver once left the rest of a short send unsubmitted: a hang).
+        # 1 MiB writes, 8 at a time on each of 2 connections (both on one
+        # worker's driver half the time): their sends to the upstream go out
+        # in pieces, and the rest must be sent and the replies must arrive (a
+        # driver that left the rest of a short send unsubmitted until its
+        # ring's next completion stalled here).
         one = os.path.join(shm_tmp, "one")
         with open(one, "wb") as f:
-            f.write(os.urandom(16 * MiB))
-        subprocess.run(["nbdcopy", "--connections=1", "--requests=4", "--request-size=%d" % MiB, one,
+            f.write(os.urandom(32 * MiB))
+        subprocess.run(["nbdcopy", "--connections=2", "--requests=8", "--request-size=%d" % MiB, one,
                         proxy.uri()], check=True, timeout=60)
         with open(src, "r+b") as f:
             with open(one, "rb") as o:

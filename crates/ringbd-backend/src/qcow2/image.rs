@@ -1,19 +1,20 @@
 //! One qcow2 image of the chain: its header, its L1 table (read and checked
 //! at open), its L2 tables (read on demand, cached) and its clusters.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::header::Header;
 use super::layer::{map_clamped, read_clamped, ExtentList, Layer, Storage};
-use super::table::{self, Cluster};
+use super::refcount::Refcounts;
+use super::table::{self, Cluster, OFFSET_MASK};
 use crate::Holes;
 
-/// Bytes of L2 tables kept in memory per image (at least one table): 32
-/// MiB maps 256 GiB of a 64 KiB-cluster image. Tables are read-only here,
-/// so eviction is just dropping the oldest.
+/// Bytes of clean L2 tables kept in memory per image (at least one table):
+/// 32 MiB maps 256 GiB of a 64 KiB-cluster image. Eviction drops the
+/// oldest clean table; changed tables stay until a flush writes them.
 const L2_CACHE_BYTES: u64 = 32 << 20;
 /// Most clusters one block-status call walks, so that one request over a
 /// huge image of 512-byte clusters stays short; the client asks again.
@@ -22,21 +23,55 @@ const MAX_SCAN_CLUSTERS: u64 = 1 << 18;
 pub struct Image {
     pub path: PathBuf,
     pub header: Header,
-    src: Box<dyn Storage>,
-    file_len: u64,
-    /// The L2 table offset of each L1 entry the virtual size uses.
-    l1: Vec<Option<u64>>,
-    l2_cache: Mutex<L2Cache>,
+    pub(super) src: Box<dyn Storage>,
+    /// The tables: read under a read lock (with the data reads and the
+    /// writes that change no metadata), changed under the write lock.
+    pub(super) meta: RwLock<Meta>,
     /// The last decompressed cluster (descriptor, bytes): sequential reads
     /// of a compressed image decompress each cluster once.
     last_compressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
     pub backing: Option<Box<dyn Layer>>,
 }
 
-struct L2Cache {
-    tables: HashMap<u64, Arc<Vec<u64>>>,
+/// What an image's metadata is now, in memory.
+pub(super) struct Meta {
+    /// The file's length, or past it where clusters were allocated.
+    pub file_len: u64,
+    /// The L1 entries the virtual size uses, as stored (checked at open).
+    pub l1: Vec<u64>,
+    pub l1_dirty: bool,
+    pub l2: Mutex<L2Cache>,
+    /// A writable image's refcounts.
+    pub rc: Option<Refcounts>,
+    /// Clusters whose reference is gone from the tables in memory: their
+    /// refcounts drop once those tables are durable (the next flush).
+    pub pending_free: Vec<u64>,
+}
+
+pub(super) struct L2Cache {
+    pub tables: HashMap<u64, Arc<Vec<u64>>>,
     order: VecDeque<u64>,
-    capacity: usize,
+    pub capacity: usize,
+    /// Tables changed since the last flush (never evicted).
+    pub dirty: BTreeSet<u64>,
+}
+
+impl L2Cache {
+    pub fn insert(&mut self, offset: u64, t: Arc<Vec<u64>>) {
+        if self.tables.insert(offset, t).is_none() {
+            self.order.push_back(offset);
+        }
+        let mut tries = self.order.len();
+        while self.order.len() > self.capacity && tries > 0 {
+            tries -= 1;
+            let Some(old) = self.order.pop_front() else { break };
+            if self.dirty.contains(&old) {
+                self.order.push_back(old);
+            } else {
+                self.tables.remove(&old);
+            }
+        }
+    }
 }
 
 /// A contiguous piece of a read that one operation serves.
@@ -54,7 +89,7 @@ enum Run {
     Zero,
 }
 
-fn corrupt(path: &Path, msg: impl std::fmt::Display) -> io::Error {
+pub(super) fn corrupt(path: &Path, msg: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("{}: corrupt qcow2 image: {msg}", path.display()))
 }
 
@@ -82,28 +117,37 @@ impl Image {
                     return Err(corrupt(path, msg));
                 }
             }
-            l1.push(l2);
+            l1.push(e);
         }
         let capacity = (L2_CACHE_BYTES / cluster).max(1) as usize;
+        let l2 = L2Cache { tables: HashMap::new(), order: VecDeque::new(), capacity, dirty: BTreeSet::new() };
+        let meta =
+            Meta { file_len, l1, l1_dirty: false, l2: Mutex::new(l2), rc: None, pending_free: Vec::new() };
         Ok(Image {
             path: path.to_owned(),
             header,
             src,
-            file_len,
-            l1,
-            l2_cache: Mutex::new(L2Cache { tables: HashMap::new(), order: VecDeque::new(), capacity }),
+            meta: RwLock::new(meta),
             last_compressed: Mutex::new(None),
             backing: None,
         })
     }
 
-    fn cluster_size(&self) -> u64 {
+    pub(super) fn cluster_size(&self) -> u64 {
         self.header.cluster_size()
     }
 
+    pub(super) fn meta(&self) -> RwLockReadGuard<'_, Meta> {
+        self.meta.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn meta_mut(&self) -> RwLockWriteGuard<'_, Meta> {
+        self.meta.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The L2 table at `offset`, from the cache or the file.
-    fn l2_table(&self, offset: u64) -> io::Result<Arc<Vec<u64>>> {
-        if let Some(t) = self.l2_cache.lock().unwrap_or_else(|p| p.into_inner()).tables.get(&offset) {
+    pub(super) fn l2_table(&self, m: &Meta, offset: u64) -> io::Result<Arc<Vec<u64>>> {
+        if let Some(t) = m.l2.lock().unwrap_or_else(|p| p.into_inner()).tables.get(&offset) {
             return Ok(t.clone());
         }
         let mut raw = vec![0u8; self.cluster_size() as usize];
@@ -114,36 +158,41 @@ impl Image {
             ));
         }
         let t = Arc::new(table::entries(&raw));
-        let mut c = self.l2_cache.lock().unwrap_or_else(|p| p.into_inner());
-        if c.tables.insert(offset, t.clone()).is_none() {
-            c.order.push_back(offset);
-        }
-        while c.order.len() > c.capacity {
-            if let Some(old) = c.order.pop_front() {
-                c.tables.remove(&old);
-            }
-        }
+        m.l2.lock().unwrap_or_else(|p| p.into_inner()).insert(offset, t.clone());
         Ok(t)
     }
 
     /// What the L2 entry says of the guest cluster holding `voff`, and
     /// whether a whole L1 entry's range is unallocated (no L2 table).
-    fn lookup(&self, voff: u64) -> io::Result<(Cluster, bool)> {
+    pub(super) fn lookup(&self, m: &Meta, voff: u64) -> io::Result<(Cluster, bool)> {
         let cb = self.header.cluster_bits;
-        let l1_index = (voff >> (2 * cb - 3)) as usize;
-        let l2_index = ((voff >> cb) & (self.header.l2_entries() - 1)) as usize;
-        let Some(Some(l2)) = self.l1.get(l1_index).copied() else { return Ok((Cluster::Unallocated, true)) };
-        let entry = self.l2_table(l2)?.get(l2_index).copied().unwrap_or(0);
+        let Some((l2, l2_index, entry)) = self.entry(m, voff)? else {
+            return Ok((Cluster::Unallocated, true));
+        };
         let at = |e: String| {
             corrupt(&self.path, format!("L2 table 0x{l2:x} index {l2_index} (guest 0x{voff:x}): {e}"))
         };
         let c = table::l2_entry(entry, cb).map_err(|e| at(e.0))?;
         match c {
-            Cluster::Data { host } | Cluster::Compressed { host, .. } if host >= self.file_len => Err(at(
-                format!("cluster at 0x{host:x} is past the end of the file ({} bytes)", self.file_len),
-            )),
+            Cluster::Data { host } | Cluster::Compressed { host, .. } if host >= m.file_len => {
+                Err(at(format!("cluster at 0x{host:x} is past the end of the file ({} bytes)", m.file_len)))
+            }
             c => Ok((c, false)),
         }
+    }
+
+    /// The L2 table, index and raw entry of the guest cluster holding
+    /// `voff`; `None` when its L1 entry has no table.
+    pub(super) fn entry(&self, m: &Meta, voff: u64) -> io::Result<Option<(u64, usize, u64)>> {
+        let cb = self.header.cluster_bits;
+        let l1_index = (voff >> (2 * cb - 3)) as usize;
+        let l2_index = ((voff >> cb) & (self.header.l2_entries() - 1)) as usize;
+        let l2 = m.l1.get(l1_index).map_or(0, |e| e & OFFSET_MASK);
+        if l2 == 0 {
+            return Ok(None);
+        }
+        let entry = self.l2_table(m, l2)?.get(l2_index).copied().unwrap_or(0);
+        Ok(Some((l2, l2_index, entry)))
     }
 
     /// The decompressed cluster of descriptor (`host`, `len`).
@@ -177,10 +226,10 @@ impl Image {
 
     /// The run starting at `voff` (at most `max` bytes): what serves it and
     /// how long it is, merging clusters that one operation can serve.
-    fn run(&self, voff: u64, max: u64) -> io::Result<(Run, u64)> {
+    fn run(&self, m: &Meta, voff: u64, max: u64) -> io::Result<(Run, u64)> {
         let cs = self.cluster_size();
         let first = cs - (voff & (cs - 1));
-        let (c, no_table) = self.lookup(voff)?;
+        let (c, no_table) = self.lookup(m, voff)?;
         if no_table {
             // The whole L1 entry's range is unallocated.
             let span = 1u64 << (2 * self.header.cluster_bits - 3);
@@ -198,7 +247,7 @@ impl Image {
         // Extend over following clusters of the same kind (contiguous on disk for data).
         while len < max {
             let next = voff + len;
-            let (c, no_table) = self.lookup(next)?;
+            let (c, no_table) = self.lookup(m, next)?;
             let same = match (&run, c) {
                 (Run::Data(h), Cluster::Data { host }) => !no_table && host == h + len,
                 (Run::Backing, Cluster::Unallocated) => true,
@@ -226,10 +275,37 @@ impl Layer for Image {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8], at: usize, holes: &mut Holes) -> io::Result<()> {
+        self.read_in(&self.meta(), offset, buf, at, holes)
+    }
+
+    fn map(&self, offset: u64, len: u64, out: &mut ExtentList) -> io::Result<u64> {
+        self.map_in(&self.meta(), offset, len, out)
+    }
+
+    fn backing(&self) -> Option<&dyn Layer> {
+        self.backing.as_deref()
+    }
+
+    fn describe(&self) -> String {
+        let h = &self.header;
+        format!("qcow2 v{} {} ({} KiB clusters)", h.version, self.path.display(), h.cluster_size() >> 10)
+    }
+}
+
+impl Image {
+    /// [`Layer::read`] with the metadata already locked.
+    pub(super) fn read_in(
+        &self,
+        m: &Meta,
+        offset: u64,
+        buf: &mut [u8],
+        at: usize,
+        holes: &mut Holes,
+    ) -> io::Result<()> {
         let mut pos = 0usize;
         while pos < buf.len() {
             let voff = offset + pos as u64;
-            let (run, n) = self.run(voff, (buf.len() - pos) as u64)?;
+            let (run, n) = self.run(m, voff, (buf.len() - pos) as u64)?;
             let n = n as usize;
             let piece = &mut buf[pos..pos + n];
             match run {
@@ -261,13 +337,13 @@ impl Layer for Image {
         Ok(())
     }
 
-    fn map(&self, offset: u64, len: u64, out: &mut ExtentList) -> io::Result<u64> {
+    fn map_in(&self, m: &Meta, offset: u64, len: u64, out: &mut ExtentList) -> io::Result<u64> {
         let cs = self.cluster_size();
         let end = offset + len;
         let mut pos = offset;
         let mut scanned = 0;
         while pos < end && !out.full() && scanned < MAX_SCAN_CLUSTERS {
-            let (c, no_table) = self.lookup(pos)?;
+            let (c, no_table) = self.lookup(m, pos)?;
             let n = if no_table {
                 let span = 1u64 << (2 * self.header.cluster_bits - 3);
                 span - (pos & (span - 1))
@@ -294,14 +370,5 @@ impl Layer for Image {
             pos += n;
         }
         Ok(pos - offset)
-    }
-
-    fn backing(&self) -> Option<&dyn Layer> {
-        self.backing.as_deref()
-    }
-
-    fn describe(&self) -> String {
-        let h = &self.header;
-        format!("qcow2 v{} {} ({} KiB clusters)", h.version, self.path.display(), h.cluster_size() >> 10)
     }
 }

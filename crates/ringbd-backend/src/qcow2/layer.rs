@@ -14,6 +14,14 @@ use crate::{Extent, Holes, MAX_EXTENTS};
 pub trait Storage: Send + Sync {
     /// Reads from `offset` into `buf`; fewer bytes only at the end.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize>;
+    /// Writes all of `buf` at `offset` (a writable image's file only).
+    fn write_at(&self, _offset: u64, _buf: &[u8]) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::ReadOnlyFilesystem))
+    }
+    /// Makes what was written durable.
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Storage for File {
@@ -29,6 +37,14 @@ impl Storage for File {
         }
         Ok(done)
     }
+
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        FileExt::write_all_at(self, buf, offset)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.sync_data()
+    }
 }
 
 impl Storage for Vec<u8> {
@@ -37,6 +53,30 @@ impl Storage for Vec<u8> {
         let n = buf.len().min(self.len() - start);
         buf[..n].copy_from_slice(&self[start..start + n]);
         Ok(n)
+    }
+}
+
+/// An image file held in memory that can be written (fuzzing the write
+/// path); it grows on writes past its end, up to `limit` bytes.
+pub struct MemFile {
+    pub bytes: std::sync::Mutex<Vec<u8>>,
+    pub limit: u64,
+}
+
+impl Storage for MemFile {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        self.bytes.lock().unwrap_or_else(|p| p.into_inner()).read_at(offset, buf)
+    }
+
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= self.limit);
+        let Some(end) = end else { return Err(io::Error::from_raw_os_error(libc::EFBIG)) };
+        let mut b = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
+        if (b.len() as u64) < end {
+            b.resize(end as usize, 0);
+        }
+        b[offset as usize..end as usize].copy_from_slice(buf);
+        Ok(())
     }
 }
 

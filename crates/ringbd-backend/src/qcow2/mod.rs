@@ -32,9 +32,13 @@
 pub mod header;
 mod image;
 mod layer;
+mod refcount;
 pub mod table;
 #[cfg(test)]
 mod tests;
+mod write;
+#[cfg(test)]
+mod write_tests;
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -42,19 +46,18 @@ use std::path::{Path, PathBuf};
 
 use self::header::{Header, HeaderError};
 use self::image::Image;
-use self::layer::{ExtentList, Layer, RawLayer, Storage};
+use self::layer::{ExtentList, Layer, MemFile, RawLayer, Storage};
+use self::write::Clear;
 use crate::{Backend, Caps, Error, ErrorKind, Extent, Holes, Op, Result, ZeroFlags, MAX_EXTENTS};
 
 /// Longest backing chain ringbd opens below the top image (its own bound,
 /// against loops through symlinks and absurd chains).
 pub const MAX_CHAIN_DEPTH: usize = 40;
 
-/// The refusal of a read-write qcow2 export.
-pub const READ_ONLY_ONLY: &str = "qcow2 exports are read-only for now; serve with --read-only";
-
-/// A qcow2 image and its backing chain, served read-only.
+/// A qcow2 image and its backing chain (the backing files read-only).
 pub struct Qcow2Backend {
     top: Image,
+    read_only: bool,
     description: String,
 }
 
@@ -91,8 +94,8 @@ fn read_head(src: &dyn Storage) -> io::Result<Vec<u8>> {
 }
 
 /// Opens one qcow2 image (`depth` below the top) and, recursively, its backing chain.
-fn open_image(path: &Path, depth: usize, chain: &mut Vec<PathBuf>) -> Result<Image> {
-    let file = File::open(path).map_err(|e| io_open_error(path, e))?;
+fn open_image(path: &Path, depth: usize, chain: &mut Vec<PathBuf>, write: bool) -> Result<Image> {
+    let file = OpenOptions::new().read(true).write(write).open(path).map_err(|e| io_open_error(path, e))?;
     let meta = file.metadata().map_err(|e| io_open_error(path, e))?;
     if !meta.is_file() {
         return Err(open_error(ErrorKind::Invalid, path, "not a regular file"));
@@ -101,11 +104,22 @@ fn open_image(path: &Path, depth: usize, chain: &mut Vec<PathBuf>) -> Result<Ima
     let head = read_head(&file).map_err(|e| io_open_error(path, e))?;
     let header = Header::parse(&head).map_err(|e| header_error(path, e))?;
     header.check_layout(file_len).map_err(|e| header_error(path, e))?;
+    if write && header.nb_snapshots > 0 {
+        let msg = format!(
+            "the image has {} internal snapshots, whose clusters it shares; ringbd writes only images \
+             without snapshots (serve it with --read-only, or `qemu-img snapshot -d` them)",
+            header.nb_snapshots
+        );
+        return Err(open_error(ErrorKind::Unsupported, path, msg));
+    }
     let mut image =
         Image::open(path, header, Box::new(file), file_len).map_err(|e| io_open_error(path, e))?;
     if let Some(name) = image.header.backing_file.clone() {
         let format = image.header.backing_format.clone();
         image.backing = Some(open_backing(path, &name, format.as_deref(), depth + 1, chain)?);
+    }
+    if write {
+        image.enable_writes().map_err(|e| io_open_error(path, e))?;
     }
     Ok(image)
 }
@@ -157,7 +171,7 @@ fn open_backing(
         None => probe_format(&path).map_err(within)?,
     };
     Ok(match format.as_str() {
-        "qcow2" => Box::new(open_image(&path, depth, chain).map_err(within)?),
+        "qcow2" => Box::new(open_image(&path, depth, chain, false).map_err(within)?),
         _ => {
             let file =
                 OpenOptions::new().read(true).open(&path).map_err(|e| within(io_open_error(&path, e)))?;
@@ -176,17 +190,14 @@ fn probe_format(path: &Path) -> Result<String> {
 }
 
 impl Qcow2Backend {
-    /// Opens the image at `path` and its backing chain, all read-only;
-    /// refuses `read_only: false` ([`READ_ONLY_ONLY`]) in this slice.
+    /// Opens the image at `path` (for writing unless `read_only`) and its
+    /// backing chain (read-only).
     pub fn open(path: &Path, read_only: bool) -> Result<Self> {
-        if !read_only {
-            return Err(open_error(ErrorKind::Permission, path, READ_ONLY_ONLY));
-        }
         let mut chain = Vec::new();
         if let Ok(c) = std::fs::canonicalize(path) {
             chain.push(c);
         }
-        let top = open_image(path, 0, &mut chain)?;
+        let top = open_image(path, 0, &mut chain, !read_only)?;
         let mut description = top.describe();
         let mut below = top.backing.as_deref();
         while let Some(layer) = below {
@@ -194,7 +205,7 @@ impl Qcow2Backend {
             description.push_str(&layer.describe());
             below = layer.backing();
         }
-        Ok(Qcow2Backend { top, description })
+        Ok(Qcow2Backend { top, read_only, description })
     }
 
     /// The image's header.
@@ -209,7 +220,18 @@ impl Backend for Qcow2Backend {
     }
 
     fn caps(&self) -> Caps {
-        Caps { read_only: true, multi_conn: true, extents: true, ..Caps::default() }
+        let rw = !self.read_only;
+        Caps {
+            read_only: self.read_only,
+            flush: rw,
+            fua: rw,
+            trim: rw,
+            write_zeroes: rw,
+            fast_zero: rw,
+            cache: false,
+            multi_conn: true,
+            extents: true,
+        }
     }
 
     fn describe(&self) -> String {
@@ -224,20 +246,43 @@ impl Backend for Qcow2Backend {
         Ok(holes)
     }
 
-    fn write(&self, offset: u64, data: &[u8], _fua: bool) -> Result<()> {
-        Err(Error::other(ErrorKind::Permission, Op::Write, offset, data.len() as u64, READ_ONLY_ONLY))
-    }
-
-    fn flush(&self) -> Result<()> {
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        let len = data.len() as u64;
+        self.writable(Op::Write, offset, len)?;
+        let e = |e| Error::new(Op::Write, offset, len, e);
+        self.top.write(offset, data).map_err(e)?;
+        if fua {
+            self.top.flush().map_err(e)?;
+        }
         Ok(())
     }
 
-    fn trim(&self, offset: u64, len: u64, _fua: bool) -> Result<()> {
-        Err(Error::other(ErrorKind::Permission, Op::Trim, offset, len, READ_ONLY_ONLY))
+    fn flush(&self) -> Result<()> {
+        self.top.flush().map_err(|e| Error::new(Op::Flush, 0, 0, e))
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64, _flags: ZeroFlags) -> Result<()> {
-        Err(Error::other(ErrorKind::Permission, Op::WriteZeroes, offset, len, READ_ONLY_ONLY))
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.writable(Op::Trim, offset, len)?;
+        let e = |e| Error::new(Op::Trim, offset, len, e);
+        self.top.clear(offset, len, Clear::Trim).map_err(e)?;
+        if fua {
+            self.top.flush().map_err(e)?;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.writable(Op::WriteZeroes, offset, len)?;
+        if flags.fast && !self.top.zero_is_fast(offset, len) {
+            let msg = "zeroing partial clusters (or on a version 2 image with a backing file) writes data";
+            return Err(Error::other(ErrorKind::Unsupported, Op::WriteZeroes, offset, len, msg));
+        }
+        let e = |e| Error::new(Op::WriteZeroes, offset, len, e);
+        self.top.clear(offset, len, Clear::Zero { keep: flags.no_hole }).map_err(e)?;
+        if flags.fua {
+            self.top.flush().map_err(e)?;
+        }
+        Ok(())
     }
 
     fn cache(&self, _offset: u64, _len: u64) -> Result<()> {
@@ -255,6 +300,25 @@ impl Backend for Qcow2Backend {
             .map_err(|e| Error::new(Op::Extents, offset, len, e))?;
         out.0.truncate(MAX_EXTENTS);
         Ok(out.0)
+    }
+}
+
+impl Qcow2Backend {
+    fn writable(&self, op: Op, offset: u64, len: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::other(ErrorKind::Permission, op, offset, len, "the export is read-only"));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Qcow2Backend {
+    /// Writes what a flush would, and the last refcount changes, so that
+    /// an image closed cleanly has no leaks.
+    fn drop(&mut self) {
+        if let Err(e) = self.top.close() {
+            tracing::error!(image = %self.top.path.display(), error = %e, "qcow2: closing the image failed");
+        }
     }
 }
 
@@ -284,4 +348,54 @@ pub fn fuzz_image(bytes: &[u8]) -> std::result::Result<usize, String> {
         pos += e.len;
     }
     Ok(read)
+}
+
+/// Fuzzing the write path: opens `bytes` as a writable image in memory
+/// (growing to at most 16 MiB), then writes, zeroes, discards and flushes
+/// at offsets taken from the image's own size; then opens what that left
+/// and reads it. Errors are expected on bad images; any panic is a bug.
+/// Returns the size of the file afterwards.
+#[doc(hidden)]
+pub fn fuzz_write(bytes: &[u8]) -> std::result::Result<usize, String> {
+    let header = Header::parse(bytes).map_err(|e| e.to_string())?;
+    header.check_layout(bytes.len() as u64).map_err(|e| e.to_string())?;
+    let len = bytes.len() as u64;
+    let file = std::sync::Arc::new(MemFile { bytes: std::sync::Mutex::new(bytes.to_vec()), limit: 16 << 20 });
+    struct Shared(std::sync::Arc<MemFile>);
+    impl Storage for Shared {
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+            self.0.read_at(offset, buf)
+        }
+        fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+            self.0.write_at(offset, buf)
+        }
+    }
+    let mut image = Image::open(Path::new("fuzz"), header, Box::new(Shared(file.clone())), len)
+        .map_err(|e| e.to_string())?;
+    image.enable_writes().map_err(|e| e.to_string())?;
+    let size = image.size();
+    let cs = image.header.cluster_size();
+    let data = vec![0x5au8; (3 * cs).min(1 << 20) as usize];
+    for (i, at) in [0, size / 3, size / 2 + 7, size.saturating_sub(cs + 3)].into_iter().enumerate() {
+        let n = (data.len() as u64).min(size.saturating_sub(at)) as usize;
+        if n == 0 {
+            continue;
+        }
+        let _ = image.write(at, &data[..n]);
+        let how = match i {
+            0 => Clear::Trim,
+            1 => Clear::Zero { keep: true },
+            _ => Clear::Zero { keep: false },
+        };
+        let clear = (n as u64 / 2).min(size - at - 1);
+        if clear > 0 {
+            let _ = image.clear(at + 1, clear, how);
+        }
+        let _ = image.flush();
+    }
+    let _ = image.close();
+    drop(image);
+    let after = file.bytes.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let _ = fuzz_image(&after);
+    Ok(after.len())
 }

@@ -59,10 +59,19 @@ server ringbd-proxy ringbd   --engine uring
 server nbdkit-proxy nbdkit
 server ringbd-proxy-base ringbd --engine uring
 declare -A SERVER_PROXY=([ringbd-proxy]=1 [nbdkit-proxy]=1 [ringbd-proxy-base]=1)
+# qcow2 rows: the export is a qcow2 image (64 KiB clusters, empty at the
+# start) in /dev/shm, made by qemu-img create (ringbd: `qcow2:IMG`;
+# qemu-nbd: `-f qcow2`). nbdkit 1.32 has no qcow2 plugin.
+server ringbd-qcow2         ringbd   --engine uring
+server ringbd-threads-qcow2 ringbd   --engine threads
+server qemu-nbd-qcow2       qemu-nbd
+server ringbd-qcow2-base    ringbd   --engine uring
+declare -A SERVER_QCOW2=([ringbd-qcow2]=1 [ringbd-threads-qcow2]=1 [qemu-nbd-qcow2]=1 [ringbd-qcow2-base]=1)
 declare -A SERVER_BIN=()
 SERVER_BIN[ringbd-base]=${RINGBD_BASE_BIN:-}
 SERVER_BIN[ringbd-threads-base]=${RINGBD_BASE_BIN:-}
 SERVER_BIN[ringbd-proxy-base]=${RINGBD_BASE_BIN:-}
+SERVER_BIN[ringbd-qcow2-base]=${RINGBD_BASE_BIN:-}
 
 # Workloads: name, title, fio --rw, --bs, --iodepth.
 declare -A WL_TITLE=() WL_RW=() WL_BS=() WL_QD=()
@@ -74,6 +83,11 @@ workload 512-randread "512 randread qd32" randread  512 32
 workload 64k-read     "64k read qd16"     read      64k 16
 workload 1m-read      "1M read qd4"       read      1M  4
 workload 1m-write     "1M write qd4"      write     1M  4
+# Allocating writes: random 64 KiB writes over the whole empty export, each
+# block once, before the prefill (so for a qcow2 image with 64 KiB clusters,
+# every write is the first write to its cluster); not time-based.
+workload 64k-allocwrite "64k allocating randwrite qd32" randwrite 64k 32
+declare -A WL_BEFORE_PREFILL=([64k-allocwrite]=1)
 
 usage() { sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit "${1:-0}"; }
 die() { echo "compare.sh: $*" >&2; exit 1; }
@@ -250,7 +264,16 @@ start_server() {
     local label=$1 transport=$2 kind=${SERVER_KIND[$1]} tag line
     tag=$(tag_of "$label" "$transport")
     local sock=$WORK/$tag.sock activate=1 kind_args=() extra=() cmd=()
-    local export_ringbd=("memory:$EXPORT_SIZE") export_nbdkit=(memory "$EXPORT_SIZE")
+    local export_ringbd=("memory:$EXPORT_SIZE") export_nbdkit=(memory "$EXPORT_SIZE") format=raw img=
+    if [[ -n ${SERVER_QCOW2[$label]:-} ]]; then
+        [[ $kind != nbdkit ]] || die "$label: nbdkit has no qcow2 row"
+        img=/dev/shm/ringbd-bench.$$.$tag.qcow2
+        SHM_FILES+=("$img")
+        rm -f "$img"
+        qemu-img create -q -f qcow2 -o cluster_size=64k "$img" "$EXPORT_SIZE" || die "qemu-img create $img failed"
+        export_ringbd=("qcow2:$img")
+        format=qcow2
+    fi
     UP_PID=
     if [[ -n ${SERVER_PROXY[$label]:-} ]]; then
         [[ -z $PKI ]] || die "$label: proxy rows do not run with --tls"
@@ -275,11 +298,13 @@ start_server() {
             cmd=(nbdkit -f --exit-with-parent "${kind_args[@]}" "${extra[@]}" "${export_nbdkit[@]}") ;;
         qemu-nbd)
             read -ra kind_args <<<"${QEMU_NBD_ARGS:-}"
-            local img=/dev/shm/ringbd-bench.$$.$tag.img
-            SHM_FILES+=("$img")
-            rm -f "$img" && truncate -s "$EXPORT_SIZE" "$img"
+            if [[ -z $img ]]; then
+                img=/dev/shm/ringbd-bench.$$.$tag.img
+                SHM_FILES+=("$img")
+                rm -f "$img" && truncate -s "$EXPORT_SIZE" "$img"
+            fi
             [[ -z $PKI ]] || kind_args+=(--object "tls-creds-x509,id=tls0,endpoint=server,verify-peer=off,dir=$PKI/server" --tls-creds tls0)
-            cmd=(qemu-nbd -f raw -e 16 -t "--cache=$QEMU_CACHE" --aio=io_uring "${kind_args[@]}" "${extra[@]}" "$img") ;;
+            cmd=(qemu-nbd -f "$format" -e 16 -t "--cache=$QEMU_CACHE" --aio=io_uring "${kind_args[@]}" "${extra[@]}" "$img") ;;
     esac
     if [[ -n $activate ]]; then
         if [[ $transport == unix ]]; then cmd=("$PY" "$HERE/sockact.py" --unix "$sock" -- "${cmd[@]}")
@@ -369,6 +394,17 @@ for transport in "${TRANSPORTS[@]}"; do
         start_server "$label" "$transport"
         tag=$(tag_of "$label" "$transport")
 
+        for w in "${WORKLOADS[@]}"; do
+            [[ -n ${WL_BEFORE_PREFILL[$w]:-} ]] || continue
+            json=$WORK/$tag.$w.json
+            before=$(cpu_ticks "$SRV_PID")
+            run_fio "$w" "$json" --rw="${WL_RW[$w]}" --bs="${WL_BS[$w]}" --iodepth="${WL_QD[$w]}" \
+                --numjobs=1 --size="$EXPORT_SIZE"
+            after=$(cpu_ticks "$SRV_PID")
+            printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$transport" "$label" "$w" "${WL_TITLE[$w]}" "$json" \
+                "$((after - before))" >>"$WORK/results.tsv"
+            log "[$transport] $label ${WL_TITLE[$w]}: $("$PY" "$HERE/report.py" summary "$json" "$((after - before))" "$CLK_TCK")"
+        done
         run_fio prefill "$WORK/$tag.prefill.json" --rw=write --bs=1M --iodepth=4 --numjobs=1 --size="$EXPORT_SIZE"
         "$PY" "$HERE/report.py" check-prefill "$WORK/$tag.prefill.json" "$EXPORT_BYTES"
         exe=$(readlink "/proc/$SRV_PID/exe") || die "$label exited after the prefill: $(tail -n 5 "$SRV_STDERR")"
@@ -378,6 +414,7 @@ for transport in "${TRANSPORTS[@]}"; do
             die "PID $SRV_PID runs $exe, not $want_exe: CPU would be measured on the wrong process"
 
         for w in "${WORKLOADS[@]}"; do
+            [[ -z ${WL_BEFORE_PREFILL[$w]:-} ]] || continue
             json=$WORK/$tag.$w.json
             before=$(cpu_ticks "$SRV_PID")
             run_fio "$w" "$json" --rw="${WL_RW[$w]}" --bs="${WL_BS[$w]}" --iodepth="${WL_QD[$w]}" \

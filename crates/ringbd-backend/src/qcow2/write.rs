@@ -233,17 +233,29 @@ impl Image {
             }
             let run_end = base + k * cs;
             let upto = end.min(run_end);
-            let mut buf = vec![0u8; (k * cs) as usize];
-            if voff > base {
-                self.read_old(m, base, &mut buf[..cs as usize])?;
+            // Whole clusters go straight from the request; partial ones
+            // are completed from what the guest read there.
+            let whole = voff == base && upto == run_end;
+            let mut buf = Vec::new();
+            if !whole {
+                buf = vec![0u8; (k * cs) as usize];
+                let head = voff > base;
+                if head {
+                    self.read_old(m, base, &mut buf[..cs as usize])?;
+                }
+                if upto < run_end && !(k == 1 && head) {
+                    self.read_old(m, run_end - cs, &mut buf[((k - 1) * cs) as usize..])?;
+                }
+                buf[(voff - base) as usize..(upto - base) as usize]
+                    .copy_from_slice(&data[at..at + (upto - voff) as usize]);
             }
-            if upto < run_end && !(k == 1 && voff > base) {
-                self.read_old(m, run_end - cs, &mut buf[((k - 1) * cs) as usize..])?;
-            }
-            buf[(voff - base) as usize..(upto - base) as usize]
-                .copy_from_slice(&data[at..at + (upto - voff) as usize]);
             let host = self.alloc(m, k)?;
-            if let Err(e) = self.src.write_at(host, &buf) {
+            let written = if whole {
+                self.src.write_at(host, &data[at..at + (upto - voff) as usize])
+            } else {
+                self.src.write_at(host, &buf)
+            };
+            if let Err(e) = written {
                 // Nothing references them: free them with the next flush.
                 let first = host >> self.header.cluster_bits;
                 m.pending_free.extend(first..first + k);

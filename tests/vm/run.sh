@@ -156,6 +156,9 @@ add_prog "$RINGBD" usr/bin/ringbd
 add_prog "$ROOT/sbin/nbd-client" sbin/nbd-client
 add_prog "$ROOT/sbin/mke2fs" sbin/mke2fs
 add_prog "$ROOT/sbin/e2fsck" sbin/e2fsck
+# qemu-img (the host's, qemu-utils from scripts/install-deps.sh) for the
+# qcow2 test: it makes the images and checks them after ringbd wrote them.
+add_prog "$(command -v qemu-img || die "qemu-img not found (scripts/install-deps.sh installs qemu-utils)")" usr/bin/qemu-img
 ln -sf mke2fs "$STAGE/sbin/mkfs.ext4"
 ln -sf e2fsck "$STAGE/sbin/fsck.ext4"
 cp "$ROOT/etc/mke2fs.conf" "$STAGE/etc/mke2fs.conf"

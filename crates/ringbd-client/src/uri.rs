@@ -28,7 +28,15 @@ pub struct NbdUri {
     /// `nbds://` or `nbds+unix://`: TLS is required (libnbd's
     /// `LIBNBD_TLS_REQUIRE`), with these settings.
     pub tls: Option<TlsParams>,
+    /// `reconnect-delay=SECONDS` (ringbd's parameter; qemu's NBD client
+    /// option of that name does the same): how long a proxy's requests wait
+    /// for a lost upstream to come back before they fail. `None`: the
+    /// proxy's default.
+    pub reconnect_delay: Option<u64>,
 }
+
+/// Longest `reconnect-delay` accepted (an hour).
+pub const MAX_RECONNECT_DELAY: u64 = 3600;
 
 /// The TLS settings of an `nbds://` URI (libnbd's query parameters).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,6 +118,9 @@ impl fmt::Display for NbdUri {
             if let Some(p) = &t.psk_file {
                 query.push(format!("tls-psk-file={}", encode(&p.to_string_lossy(), true)));
             }
+        }
+        if let Some(d) = self.reconnect_delay {
+            query.push(format!("reconnect-delay={d}"));
         }
         if !query.is_empty() {
             write!(f, "?{}", query.join("&"))?;
@@ -214,6 +225,7 @@ fn parse(uri: &str) -> Result<NbdUri, String> {
         return Err("the export name contains NUL".into());
     }
     let mut socket = None;
+    let mut reconnect_delay = None;
     let mut t = TlsParams::default();
     for param in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = param.split_once('=').unwrap_or((param, ""));
@@ -231,6 +243,13 @@ fn parse(uri: &str) -> Result<NbdUri, String> {
             "tls-hostname" => t.hostname = Some(value(k)?).filter(|h| !h.is_empty()),
             "tls-username" => t.username = Some(value(k)?),
             "tls-psk-file" => t.psk_file = Some(path("tls-psk-file")?),
+            "reconnect-delay" => {
+                let v = value(k)?;
+                let d = v.parse::<u64>().ok().filter(|d| *d <= MAX_RECONNECT_DELAY).ok_or(format!(
+                    "reconnect-delay={v:?}: expected whole seconds from 0 to {MAX_RECONNECT_DELAY}"
+                ))?;
+                reconnect_delay = Some(d);
+            }
             // Unknown parameters are ignored, as doc/uri.md allows.
             _ => {}
         }
@@ -256,7 +275,7 @@ fn parse(uri: &str) -> Result<NbdUri, String> {
         if path.is_empty() {
             return Err("the socket parameter is empty".into());
         }
-        return Ok(NbdUri { address: Address::Unix(PathBuf::from(path)), export, tls });
+        return Ok(NbdUri { address: Address::Unix(PathBuf::from(path)), export, tls, reconnect_delay });
     }
     if socket.is_some() {
         return Err("?socket= is only for nbd+unix:// and nbds+unix://".into());
@@ -297,7 +316,7 @@ fn parse(uri: &str) -> Result<NbdUri, String> {
             Ok(n) => n,
         },
     };
-    Ok(NbdUri { address: Address::Tcp { host, port }, export, tls })
+    Ok(NbdUri { address: Address::Tcp { host, port }, export, tls, reconnect_delay })
 }
 
 #[cfg(test)]
@@ -408,6 +427,12 @@ mod tests {
 
     #[test]
     fn bad_uris_say_what_is_wrong() {
+        let u = ok("nbd+unix:///e?socket=/s&reconnect-delay=5");
+        assert_eq!(u.reconnect_delay, Some(5));
+        assert_eq!(u.to_string(), "nbd+unix:///e?socket=/s&reconnect-delay=5");
+        assert_eq!(ok("nbd://h/").reconnect_delay, None);
+        assert!(err("nbd://h/?reconnect-delay=soon").contains("whole seconds"));
+        assert!(err("nbd://h/?reconnect-delay=3601").contains("0 to 3600"));
         assert!(err("http://host/").contains("unknown scheme"));
         assert!(err("/dev/sda").contains("no scheme"));
         assert!(err("nbd://host:0/").contains("bad port"));

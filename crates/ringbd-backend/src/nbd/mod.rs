@@ -32,7 +32,8 @@
 //! `FAST_ZERO` (offered where the upstream offers it). Not passed through:
 //! `CACHE`.
 //! A lost upstream is reconnected (every second): the requests it had not
-//! answered are sent again, and requests wait for it up to 30 s, then fail
+//! answered are sent again, and requests wait for it up to 30 s (or the
+//! URI's `reconnect-delay=SECONDS`), then fail
 //! with EIO, as do later ones until it is back; the log says each step. A
 //! driver whose connection fails hands its requests to the worker, which
 //! owns that policy, and tries a connection of its own again every second.
@@ -243,6 +244,12 @@ impl Drop for NbdBackend {
 /// often the worker tries it (nbdkit's nbd plugin `retry=` and qemu's
 /// `reconnect-delay` play the same part).
 const RECONNECT_WINDOW: Duration = Duration::from_secs(30);
+
+/// The export's reconnect window: the URI's `reconnect-delay`, else
+/// [`RECONNECT_WINDOW`].
+fn reconnect_window(uri: &NbdUri) -> Duration {
+    uri.reconnect_delay.map_or(RECONNECT_WINDOW, Duration::from_secs)
+}
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 
 /// Opens the client's connections (the first, then more if the upstream
@@ -394,10 +401,11 @@ fn reconnect(
             }
             Err(_) => {}
         }
-        if since.elapsed() >= RECONNECT_WINDOW && !failed.swap(true, Ordering::Relaxed) {
+        let window = reconnect_window(uri);
+        if since.elapsed() >= window && !failed.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 "NBD export {uri}: no upstream for {} s: {} waiting request(s) fail, and new ones until it is back",
-                RECONNECT_WINDOW.as_secs(),
+                window.as_secs(),
                 retry.len()
             );
         }

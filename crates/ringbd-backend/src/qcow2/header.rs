@@ -375,13 +375,9 @@ impl Header {
                 "bit 1 (corrupt): qemu marked this image corrupt; check it with `qemu-img check`",
             ));
         }
-        if inc & INCOMPAT_DIRTY != 0 {
-            return Err(unsupported(
-                "incompatible_features",
-                "bit 0 (dirty): the image was not closed cleanly (lazy refcounts) and its refcounts may \
-                 be stale; ringbd does not repair images yet: run `qemu-img check -r all` first",
-            ));
-        }
+        // Bit 0 (dirty: refcounts may lag behind the tables) does not
+        // matter for reading; an image opened for writing is repaired first
+        // (repair.rs).
         if inc & INCOMPAT_DATA_FILE != 0 || self.extensions.contains(&EXT_DATA_FILE) {
             return Err(unsupported(
                 "incompatible_features",

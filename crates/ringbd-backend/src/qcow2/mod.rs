@@ -33,6 +33,7 @@ pub mod header;
 mod image;
 mod layer;
 mod refcount;
+mod repair;
 pub mod table;
 #[cfg(test)]
 mod tests;
@@ -119,6 +120,12 @@ fn open_image(path: &Path, depth: usize, chain: &mut Vec<PathBuf>, write: bool) 
         image.backing = Some(open_backing(path, &name, format.as_deref(), depth + 1, chain)?);
     }
     if write {
+        if image.repair_if_dirty().map_err(|e| io_open_error(path, e))? {
+            tracing::warn!(
+                image = %path.display(),
+                "qcow2: the image was not closed cleanly (dirty bit); its refcounts were rebuilt"
+            );
+        }
         image.enable_writes().map_err(|e| io_open_error(path, e))?;
     }
     Ok(image)

@@ -414,7 +414,6 @@ fn unsupported_images_are_refused_with_the_field_and_reason() {
         (Img { crypt: 2, ..base() }, "crypt_method: 2 (LUKS encryption)"),
         (Img { crypt: 1, ..base() }, "crypt_method: 1 (AES encryption)"),
         (Img { extensions: vec![(EXT_CRYPTO, vec![0; 16])], ..base() }, "full disk encryption"),
-        (Img { incompat: INCOMPAT_DIRTY, ..base() }, "bit 0 (dirty)"),
         (Img { incompat: INCOMPAT_CORRUPT, ..base() }, "bit 1 (corrupt)"),
         (Img { incompat: INCOMPAT_DATA_FILE, ..base() }, "bit 2 (external data file)"),
         (Img { incompat: INCOMPAT_COMPRESSION, compression_type: 1, ..base() }, "1 (zstd)"),

@@ -65,7 +65,9 @@ def normalized_map(target, fmt):
     "zero". A qcow2 zero cluster that keeps its host cluster is zero but
     allocated (ringbd: zero, not a hole; qemu-img map of the file: zero, not
     data), so data is compared only where the bytes are not zero."""
-    entries = json.loads(qemu_img("map", "--output=json", "-f", fmt, target))
+    # -U: qemu reads beside ringbd, which holds qemu's image locks as a writer would.
+    force_share = ["-U"] if fmt == "qcow2" else []
+    entries = json.loads(qemu_img("map", "--output=json", *force_share, "-f", fmt, target))
     out = []
     for e in entries:
         if not e["zero"]:
@@ -218,6 +220,18 @@ def test_writes_zeroes_and_discards_through_nbd(start_server, shm_tmp):
     data = run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x77 22M 4k", "-c", "read -P 0 5M 64k",
                 "-c", "read -P 0x5a 0 100", "-c", "read -P 0 100 1000", img]).stdout
     assert "Pattern verification failed" not in data, data
+
+
+@pytest.mark.ringbd_only
+def test_image_locks_keep_qemu_and_a_second_writer_out(start_server, ringbd, shm_tmp):
+    """ringbd takes qemu's image locks: while it serves an image read-write,
+    qemu cannot open it (without -U) and a second ringbd cannot write it."""
+    img = make(os.path.join(shm_tmp, "locked.qcow2"), writes=[])
+    start_server({"": "qcow2:" + img})
+    p = run(["qemu-io", "-f", "qcow2", "-c", "write 0 4k", img], check=False)
+    assert p.returncode != 0 and "lock" in p.stderr, p.stderr
+    err = serve_fails(ringbd, shm_tmp, "qcow2:" + img)
+    assert "locked.qcow2" in err and "the image is locked" in err, err
 
 
 def test_images_with_snapshots_are_refused_for_writing(ringbd, shm_tmp):

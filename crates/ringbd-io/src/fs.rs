@@ -132,11 +132,65 @@ pub fn fadvise_willneed(fd: impl AsFd, offset: u64, len: u64) -> io::Result<()> 
     Ok(())
 }
 
+/// A one-byte open-file-description lock request at `at`.
+fn ofd_flock(kind: libc::c_int, at: u64) -> io::Result<libc::flock> {
+    // SAFETY: flock is plain old data; all-zero is a valid value.
+    let mut l: libc::flock = unsafe { std::mem::zeroed() };
+    l.l_type = kind as libc::c_short;
+    l.l_whence = libc::SEEK_SET as libc::c_short;
+    l.l_start = to_off(at)?;
+    l.l_len = 1;
+    Ok(l)
+}
+
+/// Takes a shared (read) open-file-description lock on byte `at`
+/// (`F_OFD_SETLK`), held until the file description is closed. This is
+/// qemu's image-lock protocol (one byte per permission held or not shared);
+/// fails with `EAGAIN` if another description holds a write lock there.
+pub fn ofd_share_lock(fd: impl AsFd, at: u64) -> io::Result<()> {
+    let l = ofd_flock(libc::F_RDLCK, at)?;
+    // SAFETY: F_OFD_SETLK reads the flock struct, which lives across the call.
+    cvt(unsafe { libc::fcntl(fd.as_fd().as_raw_fd(), libc::F_OFD_SETLK, &l as *const libc::flock) })?;
+    Ok(())
+}
+
+/// Whether another open file description holds any lock on byte `at`
+/// (`F_OFD_GETLK` with a write lock: the description's own locks never
+/// conflict).
+pub fn ofd_locked_by_other(fd: impl AsFd, at: u64) -> io::Result<bool> {
+    let mut l = ofd_flock(libc::F_WRLCK, at)?;
+    // SAFETY: F_OFD_GETLK reads and writes the flock struct, which is live
+    // and writable across the call.
+    cvt(unsafe { libc::fcntl(fd.as_fd().as_raw_fd(), libc::F_OFD_GETLK, &mut l as *mut libc::flock) })?;
+    Ok(l.l_type != libc::F_UNLCK as libc::c_short)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Write;
     use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn ofd_locks_are_seen_by_other_descriptions_only() {
+        let dir = std::env::temp_dir().join(format!("ringbd-io-ofd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("f");
+        std::fs::write(&p, b"x").unwrap();
+        let a = std::fs::File::open(&p).unwrap();
+        let b = std::fs::File::open(&p).unwrap();
+        ofd_share_lock(&a, 101).unwrap();
+        assert!(!ofd_locked_by_other(&a, 101).unwrap(), "a description's own lock");
+        assert!(ofd_locked_by_other(&b, 101).unwrap(), "another description's lock");
+        assert!(!ofd_locked_by_other(&b, 102).unwrap());
+        ofd_share_lock(&b, 101).unwrap();
+        drop(a);
+        let c = std::fs::File::open(&p).unwrap();
+        assert!(ofd_locked_by_other(&c, 101).unwrap(), "b's lock stays");
+        drop(b);
+        assert!(!ofd_locked_by_other(&c, 101).unwrap(), "closing releases");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn sparse_file() -> std::fs::File {
         let dir = std::env::temp_dir().join(format!("ringbd-io-test-{}", std::process::id()));

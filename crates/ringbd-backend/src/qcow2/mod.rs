@@ -60,6 +60,9 @@ pub struct Qcow2Backend {
     top: Image,
     read_only: bool,
     description: String,
+    /// Tests: closed as a killed process closes it (no final flush).
+    #[cfg(test)]
+    abandoned: bool,
 }
 
 fn open_error(kind: ErrorKind, path: &Path, msg: impl std::fmt::Display) -> Error {
@@ -78,6 +81,57 @@ fn io_open_error(path: &Path, e: io::Error) -> Error {
 fn header_error(path: &Path, e: HeaderError) -> Error {
     let kind = if e.unsupported { ErrorKind::Unsupported } else { ErrorKind::Invalid };
     open_error(kind, path, e)
+}
+
+/// qemu's image locks (`block/file-posix.c`): byte 100 + i is locked
+/// (shared) by every open that holds permission bit i, byte 200 + i by every
+/// open that does not let others hold it. Bits: 0 consistent read, 1 write,
+/// 2 write-unchanged, 3 resize.
+const LOCK_PERM_BASE: u64 = 100;
+const LOCK_SHARED_BASE: u64 = 200;
+const PERM_NAMES: [&str; 4] = ["consistent read", "write", "write unchanged", "resize"];
+
+/// Takes qemu's locks on an image file ringbd opens, as qemu would for the
+/// same use: reading it needs consistent reads and lets no one else write;
+/// writing (the top image of a read-write export) also holds write,
+/// write-unchanged and resize. Refuses (naming the permission) a file whose
+/// locks say another process (qemu, or another ringbd) uses it in a way
+/// that conflicts: a qemu writing an image ringbd reads, or reading one
+/// ringbd writes, without `-U`/`force-share`.
+fn lock_image(file: &File, path: &Path, write: bool) -> Result<()> {
+    let held: &[u64] = if write { &[0, 1, 2, 3] } else { &[0] };
+    let unshared: &[u64] = if write { &[1, 3] } else { &[1] };
+    let e = |err: io::Error| io_open_error(path, err);
+    for &bit in held {
+        ringbd_io::fs::ofd_share_lock(file, LOCK_PERM_BASE + bit).map_err(e)?;
+    }
+    for &bit in unshared {
+        ringbd_io::fs::ofd_share_lock(file, LOCK_SHARED_BASE + bit).map_err(e)?;
+    }
+    let conflict = |what: String| {
+        let msg = format!(
+            "the image is locked: {what} (qemu's image locks; is another process using it? \
+             ringbd and qemu must not write an image another one opened)"
+        );
+        Err(open_error(ErrorKind::Permission, path, msg))
+    };
+    for &bit in held {
+        if ringbd_io::fs::ofd_locked_by_other(file, LOCK_SHARED_BASE + bit).map_err(e)? {
+            return conflict(format!(
+                "another process does not share the \"{}\" permission",
+                PERM_NAMES[bit as usize]
+            ));
+        }
+    }
+    for &bit in unshared {
+        if ringbd_io::fs::ofd_locked_by_other(file, LOCK_PERM_BASE + bit).map_err(e)? {
+            return conflict(format!(
+                "another process holds the \"{}\" permission",
+                PERM_NAMES[bit as usize]
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Parses and checks a qcow2 header from an image's first bytes (the
@@ -102,6 +156,7 @@ fn open_image(path: &Path, depth: usize, chain: &mut Vec<PathBuf>, write: bool) 
         return Err(open_error(ErrorKind::Invalid, path, "not a regular file"));
     }
     let file_len = meta.len();
+    lock_image(&file, path, write)?;
     let head = read_head(&file).map_err(|e| io_open_error(path, e))?;
     let header = Header::parse(&head).map_err(|e| header_error(path, e))?;
     header.check_layout(file_len).map_err(|e| header_error(path, e))?;
@@ -183,6 +238,7 @@ fn open_backing(
             let file =
                 OpenOptions::new().read(true).open(&path).map_err(|e| within(io_open_error(&path, e)))?;
             let len = file.metadata().map_err(|e| within(io_open_error(&path, e)))?.len();
+            lock_image(&file, &path, false).map_err(within)?;
             Box::new(RawLayer { file, path, len })
         }
     })
@@ -212,7 +268,13 @@ impl Qcow2Backend {
             description.push_str(&layer.describe());
             below = layer.backing();
         }
-        Ok(Qcow2Backend { top, read_only, description })
+        Ok(Qcow2Backend {
+            top,
+            read_only,
+            description,
+            #[cfg(test)]
+            abandoned: false,
+        })
     }
 
     /// The image's header.
@@ -311,6 +373,12 @@ impl Backend for Qcow2Backend {
 }
 
 impl Qcow2Backend {
+    /// Closes the files without the final flush, as a killed process does.
+    #[cfg(test)]
+    fn abandon(mut self) {
+        self.abandoned = true;
+    }
+
     fn writable(&self, op: Op, offset: u64, len: u64) -> Result<()> {
         if self.read_only {
             return Err(Error::other(ErrorKind::Permission, op, offset, len, "the export is read-only"));
@@ -323,6 +391,10 @@ impl Drop for Qcow2Backend {
     /// Writes what a flush would, and the last refcount changes, so that
     /// an image closed cleanly has no leaks.
     fn drop(&mut self) {
+        #[cfg(test)]
+        if self.abandoned {
+            return;
+        }
         if let Err(e) = self.top.close() {
             tracing::error!(image = %self.top.path.display(), error = %e, "qcow2: closing the image failed");
         }

@@ -248,7 +248,7 @@ fn a_crash_keeps_what_was_flushed_and_leaks_at_most() {
                 _ => b.write_zeroes(off, 70_000, ZeroFlags::default()).unwrap(),
             }
         }
-        std::mem::forget(b);
+        b.abandon();
         let (code, text) = check(&p);
         assert!(code == 0 || code == 3, "{opts}: after a crash, leaks at most: {text}");
         let after = qemu_reads(&p, 16 << 20);
@@ -326,6 +326,7 @@ fn fast_zero_and_read_only_exports_refuse_without_writing() {
     let ro = open_ro(&p);
     assert!(ro.caps().read_only);
     assert_eq!(ro.write(0, &[1], false).unwrap_err().kind, ErrorKind::Permission);
+    drop(ro);
     // Internal snapshots share clusters: written never, read freely.
     run(&["qemu-img", "snapshot", "-c", "s1", p.to_str().unwrap()]);
     let e = Qcow2Backend::open(&p, false).err().unwrap();
@@ -397,4 +398,69 @@ fn a_dirty_image_is_read_as_it_is_and_repaired_before_writing() {
             "{opts}: qemu reads the model after the repair and writes"
         );
     }
+}
+
+#[test]
+fn qemu_image_locks_keep_writers_apart() {
+    let dir = temp_dir("write-locks");
+    let p = dir.join("l.qcow2");
+    create(&p, "cluster_size=64k", "1M");
+    let ps = p.to_str().unwrap();
+    let qemu = |args: &[&str]| {
+        let out = Command::new(args[0]).args(&args[1..]).output().expect("qemu tool");
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    {
+        let w = open_rw(&p);
+        // A second writer, and a reader that needs consistent reads, are refused.
+        let e = Qcow2Backend::open(&p, false).err().expect("a second writer opened");
+        assert!(e.to_string().contains("the image is locked"), "{e}");
+        let e = Qcow2Backend::open(&p, true).err().expect("a reader opened beside a writer");
+        assert!(e.to_string().contains("\"write\" permission"), "{e}");
+        let (ok, err) = qemu(&["qemu-img", "info", ps]);
+        assert!(!ok && err.contains("lock"), "qemu-img info beside a writer: {err}");
+        // qemu's force-share still reads.
+        assert!(qemu(&["qemu-img", "info", "-U", ps]).0);
+        w.write(0, &[1; 4096], false).unwrap();
+    }
+    {
+        // Readers share; qemu cannot write under them.
+        let _a = open_ro(&p);
+        let _b = open_ro(&p);
+        let (ok, err) = qemu(&["qemu-io", "-f", "qcow2", "-c", "write 0 4k", ps]);
+        assert!(!ok && err.contains("lock"), "qemu-io wrote under a ringbd reader: {err}");
+        assert!(qemu(&["qemu-img", "info", ps]).0, "a qemu reader beside ringbd readers");
+    }
+    // And ringbd cannot write under qemu: qemu-nbd holds the image
+    // (`--fork` returns once it serves).
+    let sock = dir.join("q.sock");
+    let pid = dir.join("q.pid");
+    let (ok, err) = qemu(&[
+        "qemu-nbd",
+        "--fork",
+        "-f",
+        "qcow2",
+        "-k",
+        sock.to_str().unwrap(),
+        "--pid-file",
+        pid.to_str().unwrap(),
+        ps,
+    ]);
+    assert!(ok, "qemu-nbd: {err}");
+    let refused = Qcow2Backend::open(&p, false).err().map(|e| e.to_string());
+    let pid = std::fs::read_to_string(&pid).unwrap();
+    let _ = Command::new("kill").arg(pid.trim()).status();
+    // qemu-nbd releases the image when it exits: wait for that.
+    while Command::new("kill")
+        .args(["-0", pid.trim()])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+    {
+        std::thread::yield_now();
+    }
+    let refused = refused.expect("ringbd opened for writing an image qemu-nbd serves");
+    assert!(refused.contains("the image is locked"), "{refused}");
+    assert_clean(&p, "locks");
 }

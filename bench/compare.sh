@@ -4,7 +4,7 @@
 #
 #   bench/compare.sh [--time SECONDS] [--servers LIST] [--transports unix,tcp]
 #                    [--workloads LIST] [--baseline SERVER] [--out FILE]
-#                    [--plot | --no-plot] [--keep] [--tls]
+#                    [--plot | --no-plot] [--keep] [--tls] [--block NAME]
 #
 # Each server is started once per transport on a fresh 256 MiB export,
 # prefilled, run through every workload, and stopped before the next server
@@ -18,6 +18,8 @@
 # the client certificates in $HOME/.pki/libnbd (fio refuses tls-certificates=
 # in a URI), so fio/libnbd (GnuTLS) is the one TLS client
 # for every server; the results go to the `bench:tls` block of --out.
+# --block NAME writes the results between <!-- bench:NAME:begin/end -->
+# instead (e.g. `--block qcow2` for the qcow2 rows of docs/benchmarks.md).
 #
 # Environment: RINGBD_BIN (default target/release/ringbd), RINGBD_BASE_BIN
 # (another ringbd build: rows ringbd-base, ringbd-threads-base and ringbd-proxy-base run it, for
@@ -104,6 +106,7 @@ OUT=$ROOT/docs/benchmarks.md
 PLOT=auto
 KEEP=
 TLS=
+BLOCK=
 while (($#)); do
     case $1 in
         --time) RUNTIME=${2:?}; shift ;;
@@ -116,6 +119,7 @@ while (($#)); do
         --no-plot) PLOT=no ;;
         --keep) KEEP=1 ;;
         --tls) TLS=1 ;;
+        --block) BLOCK=${2:?}; shift ;;
         -h|--help) usage 0 ;;
         *) echo "compare.sh: unknown argument: $1" >&2; usage 2 ;;
     esac
@@ -433,4 +437,5 @@ if [[ $PLOT == yes ]]; then plot_args=(--plot "${OUT%.md}${TLS:+-tls}.png"); fi
 mkdir -p "$(dirname "$OUT")"
 block_args=()
 [[ -z $TLS ]] || block_args=(--block tls)
+[[ -z $BLOCK ]] || block_args=(--block "$BLOCK")
 "$PY" "$HERE/report.py" report --work "$WORK" --out "$OUT" "${plot_args[@]}" "${block_args[@]}"

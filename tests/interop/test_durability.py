@@ -218,8 +218,6 @@ def disk_file(request):
 @pytest.mark.parametrize("mode", ["", ",direct"], ids=["page-cache", "o-direct"])
 def test_flushed_and_fua_writes_survive_kill_9(ringbd, server_kind, disk_file, mode):
     d, spec, path, fmt = disk_file
-    if fmt == "qcow2" and mode:
-        pytest.skip("qcow2 exports have no direct option yet (issue 20's ring data path slice)")
     sock = os.path.join(d, "nbd.sock")
     seed = random.randrange(1 << 32)
     rng = random.Random(seed)

@@ -24,8 +24,12 @@ pub enum Spec {
         direct: bool,
     },
     Null(u64),
-    /// `qcow2:PATH`: a qcow2 image and its backing chain (read-only for now).
-    Qcow2(PathBuf),
+    /// `qcow2:PATH[,direct]`: a qcow2 image and its backing chain;
+    /// `direct` reads and writes aligned data clusters with `O_DIRECT`.
+    Qcow2 {
+        path: PathBuf,
+        direct: bool,
+    },
     /// `rbd:POOL/IMAGE[@SNAPSHOT]`: a Ceph RBD image (a snapshot is read-only).
     Rbd(RbdSpec),
     /// `fault:RULES:SPEC`: another spec with injected errors and delays.
@@ -95,7 +99,7 @@ impl std::str::FromStr for Spec {
         }
         let (kind, arg) = s.split_once(':').ok_or_else(|| {
             SpecError::Syntax(format!(
-                "export spec {s:?} must look like memory:SIZE, file:PATH[,direct], null:SIZE, qcow2:PATH or rbd:POOL/IMAGE"
+                "export spec {s:?} must look like memory:SIZE, file:PATH[,direct], null:SIZE, qcow2:PATH[,direct] or rbd:POOL/IMAGE"
             ))
         })?;
         let size = |a: &str| parse_size(a).map_err(|e| SpecError::Syntax(format!("export spec {s:?}: {e}")));
@@ -104,7 +108,10 @@ impl std::str::FromStr for Spec {
             "null" => Ok(Spec::Null(size(arg)?)),
             "file" => parse_file(s, arg),
             "qcow2" if arg.is_empty() => Err(SpecError::Syntax(format!("export spec {s:?} names no image"))),
-            "qcow2" => Ok(Spec::Qcow2(PathBuf::from(arg))),
+            "qcow2" => {
+                let (path, direct) = path_and_direct(s, arg)?;
+                Ok(Spec::Qcow2 { path, direct })
+            }
             "rbd" => Ok(Spec::Rbd(
                 RbdSpec::parse(arg).map_err(|e| SpecError::Syntax(format!("export spec {s:?}: {e}")))?,
             )),
@@ -126,6 +133,11 @@ impl std::str::FromStr for Spec {
 /// `PATH[,direct]`. A trailing `,WORD` that is not an option stays part
 /// of the path (file names may contain commas).
 fn parse_file(spec: &str, arg: &str) -> Result<Spec, SpecError> {
+    let (path, direct) = path_and_direct(spec, arg)?;
+    Ok(Spec::File { path, direct })
+}
+
+fn path_and_direct(spec: &str, arg: &str) -> Result<(PathBuf, bool), SpecError> {
     let (path, direct) = match arg.rsplit_once(',') {
         Some((p, "direct")) => (p, true),
         _ => (arg, false),
@@ -133,7 +145,7 @@ fn parse_file(spec: &str, arg: &str) -> Result<Spec, SpecError> {
     if path.is_empty() {
         return Err(SpecError::Syntax(format!("export spec {spec:?} names no file")));
     }
-    Ok(Spec::File { path: PathBuf::from(path), direct })
+    Ok((PathBuf::from(path), direct))
 }
 
 /// Opens the backend a spec names (RBD with the default [`CephConfig`]).
@@ -149,7 +161,9 @@ pub fn open_with(spec: &Spec, read_only: bool, ceph: &CephConfig) -> Result<Arc<
         Spec::File { path, direct } => {
             Arc::new(FileBackend::open(path, read_only, *direct).map_err(SpecError::Open)?)
         }
-        Spec::Qcow2(path) => Arc::new(Qcow2Backend::open(path, read_only).map_err(SpecError::Open)?),
+        Spec::Qcow2 { path, direct } => {
+            Arc::new(Qcow2Backend::open_with(path, read_only, *direct).map_err(SpecError::Open)?)
+        }
         Spec::Fault { plan, inner } => {
             Arc::new(FaultBackend::new(open_with(inner, read_only, ceph)?, plan.clone()))
         }
@@ -199,8 +213,10 @@ mod tests {
         assert!("file:".parse::<Spec>().is_err());
         let Spec::Rbd(r) = "rbd:pool/img@s".parse::<Spec>().unwrap() else { panic!("not rbd") };
         assert_eq!((r.pool.as_str(), r.image.as_str(), r.snap.as_deref()), ("pool", "img", Some("s")));
-        assert_eq!("qcow2:/a/b.qcow2".parse::<Spec>().unwrap(), Spec::Qcow2("/a/b.qcow2".into()));
-        assert_eq!("qcow2:a,direct".parse::<Spec>().unwrap(), Spec::Qcow2("a,direct".into()));
+        let q = |p: &str, direct| Spec::Qcow2 { path: p.into(), direct };
+        assert_eq!("qcow2:/a/b.qcow2".parse::<Spec>().unwrap(), q("/a/b.qcow2", false));
+        assert_eq!("qcow2:a,direct".parse::<Spec>().unwrap(), q("a", true));
+        assert_eq!("qcow2:a,b".parse::<Spec>().unwrap(), q("a,b", false));
         assert!("qcow2:".parse::<Spec>().unwrap_err().to_string().contains("names no image"));
         assert!("rbd:img".parse::<Spec>().unwrap_err().to_string().contains("POOL/IMAGE"));
     }

@@ -134,6 +134,23 @@ fn lock_image(file: &File, path: &Path, write: bool) -> Result<()> {
     Ok(())
 }
 
+/// The image opened again with `O_DIRECT`, with the alignment the kernel
+/// reports for it (`statx`), or a clear refusal where it has none.
+fn open_direct(path: &Path, file: &File, write: bool) -> Result<image::Direct> {
+    let align = ringbd_io::fs::direct_alignment(file).map_err(|e| io_open_error(path, e))?;
+    let (mem, offset) = match align {
+        Some(a) if a.mem == 0 || a.offset == 0 => {
+            let msg = "direct: this filesystem does not support O_DIRECT (statx reports no alignment)";
+            return Err(open_error(ErrorKind::Unsupported, path, msg));
+        }
+        Some(a) => (u64::from(a.mem), u64::from(a.offset)),
+        // Older kernels do not say: the logical block size of most disks.
+        None => (4096, 4096),
+    };
+    let file = ringbd_io::fs::open_direct(path, !write).map_err(|e| io_open_error(path, e))?;
+    Ok(image::Direct { file, align: offset, mem, ops: std::sync::atomic::AtomicU64::new(0) })
+}
+
 /// Parses and checks a qcow2 header from an image's first bytes (the
 /// fuzz target's entry point; [`Header::parse`]).
 pub fn parse_header(bytes: &[u8]) -> std::result::Result<Header, HeaderError> {
@@ -149,7 +166,13 @@ fn read_head(src: &dyn Storage) -> io::Result<Vec<u8>> {
 }
 
 /// Opens one qcow2 image (`depth` below the top) and, recursively, its backing chain.
-fn open_image(path: &Path, depth: usize, chain: &mut Vec<PathBuf>, write: bool) -> Result<Image> {
+fn open_image(
+    path: &Path,
+    depth: usize,
+    chain: &mut Vec<PathBuf>,
+    write: bool,
+    direct: bool,
+) -> Result<Image> {
     let file = OpenOptions::new().read(true).write(write).open(path).map_err(|e| io_open_error(path, e))?;
     let meta = file.metadata().map_err(|e| io_open_error(path, e))?;
     if !meta.is_file() {
@@ -168,8 +191,10 @@ fn open_image(path: &Path, depth: usize, chain: &mut Vec<PathBuf>, write: bool) 
         );
         return Err(open_error(ErrorKind::Unsupported, path, msg));
     }
+    let direct_file = if direct { Some(open_direct(path, &file, write)?) } else { None };
     let mut image =
         Image::open(path, header, Box::new(file), file_len).map_err(|e| io_open_error(path, e))?;
+    image.direct = direct_file;
     if let Some(name) = image.header.backing_file.clone() {
         let format = image.header.backing_format.clone();
         image.backing = Some(open_backing(path, &name, format.as_deref(), depth + 1, chain)?);
@@ -233,7 +258,7 @@ fn open_backing(
         None => probe_format(&path).map_err(within)?,
     };
     Ok(match format.as_str() {
-        "qcow2" => Box::new(open_image(&path, depth, chain, false).map_err(within)?),
+        "qcow2" => Box::new(open_image(&path, depth, chain, false, false).map_err(within)?),
         _ => {
             let file =
                 OpenOptions::new().read(true).open(&path).map_err(|e| within(io_open_error(&path, e)))?;
@@ -256,11 +281,17 @@ impl Qcow2Backend {
     /// Opens the image at `path` (for writing unless `read_only`) and its
     /// backing chain (read-only).
     pub fn open(path: &Path, read_only: bool) -> Result<Self> {
+        Self::open_with(path, read_only, false)
+    }
+
+    /// [`Qcow2Backend::open`]; `direct` (`qcow2:PATH,direct`) also opens
+    /// the image with `O_DIRECT` for its aligned data cluster I/O.
+    pub fn open_with(path: &Path, read_only: bool, direct: bool) -> Result<Self> {
         let mut chain = Vec::new();
         if let Ok(c) = std::fs::canonicalize(path) {
             chain.push(c);
         }
-        let top = open_image(path, 0, &mut chain, !read_only)?;
+        let top = open_image(path, 0, &mut chain, !read_only, direct)?;
         let mut description = top.describe();
         let mut below = top.backing.as_deref();
         while let Some(layer) = below {

@@ -92,7 +92,7 @@ impl Image {
             let m = self.meta();
             if let Some(runs) = self.overwrite_runs(&m, offset, data.len() as u64)? {
                 for (host, at, len) in runs {
-                    self.src.write_at(host, &data[at..at + len])?;
+                    self.data_write(host, &data[at..at + len])?;
                 }
                 return Ok(());
             }
@@ -209,12 +209,12 @@ impl Image {
             if let Some(host) = self.owned(m, raw) {
                 let n = ((base + cs).min(end) - voff) as usize;
                 if raw & ZERO == 0 {
-                    self.src.write_at(host + (voff - base), &data[at..at + n])?;
+                    self.data_write(host + (voff - base), &data[at..at + n])?;
                 } else {
                     // A zero cluster that kept its host cluster: the rest reads zeroes.
                     let mut buf = vec![0u8; cs as usize];
                     buf[(voff - base) as usize..][..n].copy_from_slice(&data[at..at + n]);
-                    self.src.write_at(host, &buf)?;
+                    self.data_write(host, &buf)?;
                     self.set_entry(m, l2, index, host | COPIED)?;
                 }
                 voff += n as u64;
@@ -251,9 +251,9 @@ impl Image {
             }
             let host = self.alloc(m, k)?;
             let written = if whole {
-                self.src.write_at(host, &data[at..at + (upto - voff) as usize])
+                self.data_write(host, &data[at..at + (upto - voff) as usize])
             } else {
-                self.src.write_at(host, &buf)
+                self.data_write(host, &buf)
             };
             if let Err(e) = written {
                 // Nothing references them: free them with the next flush.

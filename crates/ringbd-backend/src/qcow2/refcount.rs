@@ -10,7 +10,7 @@
 //! referencing them are durable. A crash in between leaks clusters
 //! (`qemu-img check` reports leaks, never errors).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
 use std::path::Path;
 
@@ -40,6 +40,11 @@ pub struct Refcounts {
     pub hint: u64,
     /// The cluster index past the last allocated cluster and the file's end.
     pub end: u64,
+    /// The clusters metadata lives in (header, L1 and refcount tables, L2
+    /// tables, refcount blocks): an allocation that finds one of them free
+    /// says the refcounts are wrong, and fails instead of overwriting it
+    /// (qemu's metadata overlap check, for the same reason).
+    pub metadata: HashSet<u64>,
 }
 
 impl Refcounts {
@@ -67,6 +72,10 @@ impl Refcounts {
                 return Err(corrupt(path, format!("refcount table index {i}: block 0x{e:x} {why}")));
             }
         }
+        let rt = header.refcount_table_offset >> cb;
+        let mut metadata: HashSet<u64> = (rt..rt + clusters).collect();
+        metadata.insert(0);
+        metadata.extend(table.iter().filter(|&&o| o != 0).map(|o| o >> cb));
         Ok(Refcounts {
             cluster_bits: cb,
             order: header.refcount_order,
@@ -79,6 +88,7 @@ impl Refcounts {
             dirty: BTreeSet::new(),
             hint: 0,
             end: file_len.div_ceil(1 << cb),
+            metadata,
         })
     }
 
@@ -155,6 +165,14 @@ impl Refcounts {
                 return Ok(start << self.cluster_bits);
             }
             let free = self.block(src, c)?.is_some() && self.get(src, c)? == 0;
+            if free && self.metadata.contains(&c) {
+                let msg = format!(
+                    "cluster 0x{:x} holds metadata but its refcount is 0: the refcounts are inconsistent \
+                     (run `qemu-img check -r all`); ringbd does not allocate it",
+                    c << self.cluster_bits
+                );
+                return Err(io::Error::new(io::ErrorKind::InvalidData, msg));
+            }
             c += 1;
             if free {
                 first_free.get_or_insert(c - 1);
@@ -200,6 +218,7 @@ impl Refcounts {
                     self.dirty.insert(i);
                     self.table[i] = at << self.cluster_bits;
                     self.table_dirty = true;
+                    self.metadata.insert(at);
                     at += 1;
                 }
             }
@@ -226,6 +245,7 @@ impl Refcounts {
             Some(_) => {
                 for c in 0..old.1 {
                     self.decr(src, (old.0 >> self.cluster_bits) + c)?;
+                    self.metadata.remove(&((old.0 >> self.cluster_bits) + c));
                 }
             }
             None => self.moved_from = Some(old),
@@ -233,6 +253,7 @@ impl Refcounts {
         self.table_offset = offset;
         self.table_clusters = clusters;
         self.table_dirty = true;
+        self.metadata.extend((offset >> self.cluster_bits)..(offset >> self.cluster_bits) + clusters);
         Ok(())
     }
 

@@ -50,7 +50,17 @@ impl Image {
     /// the autoclear features (bitmaps ringbd does not update).
     pub fn enable_writes(&mut self) -> io::Result<()> {
         let m = self.meta.get_mut().unwrap_or_else(|p| p.into_inner());
-        m.rc = Some(Refcounts::load(&self.path, &self.header, &*self.src, m.file_len)?);
+        let mut rc = Refcounts::load(&self.path, &self.header, &*self.src, m.file_len)?;
+        // The L1 table and the L2 tables it names (all of its entries).
+        let cb = self.header.cluster_bits;
+        let l1 = self.header.l1_table_offset;
+        rc.metadata.extend((l1 >> cb)..(l1 + u64::from(self.header.l1_size) * 8).div_ceil(1 << cb));
+        let mut raw = vec![0u8; self.header.l1_size as usize * 8];
+        if self.src.read_at(l1, &mut raw)? < raw.len() {
+            return Err(corrupt(&self.path, "the L1 table runs past the end of the file"));
+        }
+        rc.metadata.extend(table::entries(&raw).iter().map(|e| (e & OFFSET_MASK) >> cb).filter(|&c| c != 0));
+        m.rc = Some(rc);
         if self.header.version >= 3 && self.header.autoclear_features != 0 {
             self.src.write_at(88, &0u64.to_be_bytes())?;
             self.src.sync()?;
@@ -144,6 +154,7 @@ impl Image {
             return Ok(e);
         }
         let off = self.alloc(m, 1)?;
+        self.rc(m)?.metadata.insert(off >> cb);
         let t = Arc::new(vec![0u64; self.header.l2_entries() as usize]);
         let mut c = m.l2.lock().unwrap_or_else(|p| p.into_inner());
         c.dirty.insert(off);
@@ -393,6 +404,9 @@ impl Image {
             src.sync()?;
             rc.moved_from = None;
             m.pending_free.extend((old >> cb)..(old >> cb) + n);
+            for c in (old >> cb)..(old >> cb) + n {
+                rc.metadata.remove(&c);
+            }
         }
         let dirty: Vec<(u64, Arc<Vec<u64>>)> = {
             let c = m.l2.lock().unwrap_or_else(|p| p.into_inner());

@@ -499,3 +499,34 @@ fn direct_io_for_aligned_data_clusters() {
     assert_clean(&p, "direct");
     assert!(qemu_reads(&p, 8 << 20) == m.disk, "qemu reads what was written through O_DIRECT");
 }
+
+#[test]
+fn a_metadata_cluster_with_refcount_zero_is_never_allocated() {
+    let dir = temp_dir("write-overlap");
+    let p = dir.join("o.qcow2");
+    create(&p, "cluster_size=64k", "8M");
+    run(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x33 0 64k", p.to_str().unwrap()]);
+    // Zero the refcount of the L1 table's cluster by hand (16-bit refcounts).
+    let mut bytes = std::fs::read(&p).unwrap();
+    let be = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let l1 = be(&bytes, 40);
+    let block = be(&bytes, be(&bytes, 48) as usize) as usize;
+    let at = block + 2 * (l1 >> 16) as usize;
+    assert_eq!(&bytes[at..at + 2], &[0, 1], "the L1 table's refcount");
+    bytes[at..at + 2].fill(0);
+    std::fs::write(&p, &bytes).unwrap();
+    let l1_before = bytes[l1 as usize..l1 as usize + 65536].to_vec();
+    {
+        let b = open_rw(&p);
+        // An overwrite of an allocated cluster needs no allocation.
+        b.write(0, &[7; 4096], false).unwrap();
+        // An allocating write would take the "free" L1 cluster: refused.
+        let e = b.write(1 << 20, &[8; 4096], false).unwrap_err();
+        assert!(e.to_string().contains("the refcounts are inconsistent"), "{e}");
+        let (got, _) = read(&b, 1 << 20, 4096);
+        assert!(got.iter().all(|&x| x == 0), "the refused write left nothing");
+    }
+    let after = std::fs::read(&p).unwrap();
+    assert!(after[l1 as usize..l1 as usize + 65536] == l1_before[..], "the L1 table was not overwritten");
+    assert_eq!(qemu_reads(&p, 8 << 20)[..4096], [7; 4096]);
+}

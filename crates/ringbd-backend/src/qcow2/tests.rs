@@ -221,6 +221,7 @@ pub(super) fn pattern(seed: u8, len: usize) -> Vec<u8> {
 
 #[test]
 fn every_kind_of_cluster_reads_and_maps() {
+    let _serial = serial();
     let cs = 1 << 16;
     let img = Img::new(3, 16, 8 * cs)
         .with(0, Entry::Data(pattern(1, cs as usize)))
@@ -273,6 +274,7 @@ fn every_kind_of_cluster_reads_and_maps() {
 
 #[test]
 fn contiguous_data_clusters_read_in_one_piece_and_sizes_need_not_be_cluster_multiples() {
+    let _serial = serial();
     // Version 2, 512-byte clusters, a size that ends mid-cluster.
     let mut img = Img::new(2, 9, 10 * 512 + 100);
     for i in 0..11 {
@@ -291,6 +293,7 @@ fn contiguous_data_clusters_read_in_one_piece_and_sizes_need_not_be_cluster_mult
 
 #[test]
 fn two_megabyte_clusters_and_unallocated_l2_ranges() {
+    let _serial = serial();
     let cs = 1u64 << 21;
     // One L1 entry maps 2^39 bytes: a second L2 table far away.
     let size = (1u64 << 40) + cs;
@@ -316,6 +319,7 @@ fn two_megabyte_clusters_and_unallocated_l2_ranges() {
 
 #[test]
 fn backing_chains_resolve_relative_names_and_read_through() {
+    let _serial = serial();
     let cs = 1u64 << 16;
     let dir = temp_dir("chain");
     std::fs::create_dir_all(dir.join("sub")).unwrap();
@@ -370,6 +374,7 @@ fn pathdiff(path: &Path, base: &Path) -> PathBuf {
 
 #[test]
 fn backing_loops_missing_files_protocols_and_deep_chains_are_refused() {
+    let _serial = serial();
     let dir = temp_dir("loops");
     let img = |b: &str| Img { backing: Some(b.into()), ..Img::new(3, 16, 1 << 16) }.build();
     write_file(&dir, "self.qcow2", &img("self.qcow2"));
@@ -403,6 +408,7 @@ fn refusal(bytes: &[u8]) -> (ErrorKind, String) {
 
 #[test]
 fn unsupported_images_are_refused_with_the_field_and_reason() {
+    let _serial = serial();
     let base = || Img::new(3, 16, 1 << 20);
     let feature_table = |bit: u8, name: &str| {
         let mut e = vec![0u8, bit];
@@ -438,6 +444,7 @@ fn unsupported_images_are_refused_with_the_field_and_reason() {
 
 #[test]
 fn malformed_images_are_refused_never_read() {
+    let _serial = serial();
     let base = || Img::new(3, 16, 1 << 20);
     let set = |mut b: Vec<u8>, at: usize, v: &[u8]| {
         b[at..at + v.len()].copy_from_slice(v);
@@ -477,6 +484,7 @@ fn malformed_images_are_refused_never_read() {
 
 #[test]
 fn corrupt_clusters_fail_the_read_not_the_server() {
+    let _serial = serial();
     let cs = 1u64 << 16;
     let img = Img::new(3, 16, 8 * cs)
         .with(0, Entry::Raw(COPIED | (1 << 40)))
@@ -501,6 +509,7 @@ fn corrupt_clusters_fail_the_read_not_the_server() {
 
 #[test]
 fn fuzz_entry_point_reads_hand_made_images() {
+    let _serial = serial();
     let cs = 1u64 << 12;
     let img = Img::new(3, 12, 16 * cs)
         .with(0, Entry::Data(pattern(1, cs as usize)))
@@ -532,10 +541,25 @@ fn fuzz_entry_point_reads_hand_made_images() {
 
 // ---- images made by qemu ----
 
+/// The qcow2 tests that touch files run one at a time ([`serial`]): a
+/// child process holds copies of its parent's open file descriptions from
+/// fork until its exec has closed them (which the parent does not wait
+/// for: it resumes when the child's exec replaced its memory), and with
+/// them the image locks of a file another test just closed; a test that
+/// reopened that file then would see another process's lock.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub(super) fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `cmd`'s output (stdin closed).
+pub(super) fn output(cmd: &mut Command) -> std::io::Result<std::process::Output> {
+    cmd.stdin(std::process::Stdio::null()).output()
+}
+
 pub(super) fn run(argv: &[&str]) -> String {
-    let out = Command::new(argv[0])
-        .args(&argv[1..])
-        .output()
+    let out = output(Command::new(argv[0]).args(&argv[1..]))
         .unwrap_or_else(|e| panic!("{} (qemu-utils; scripts/install-deps.sh): {e}", argv[0]));
     assert!(out.status.success(), "{argv:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -553,6 +577,7 @@ pub(super) fn qemu_reads(path: &Path, len: u64) -> Vec<u8> {
 
 #[test]
 fn qemu_made_images_read_as_qemu_reads_them() {
+    let _serial = serial();
     let dir = temp_dir("qemu");
     for (cluster, version) in [("512", "1.1"), ("4k", "1.1"), ("64k", "0.10"), ("2M", "1.1")] {
         let p = dir.join(format!("img-{cluster}.qcow2"));
@@ -579,6 +604,7 @@ fn qemu_made_images_read_as_qemu_reads_them() {
 
 #[test]
 fn qemu_compressed_images_and_backing_chains() {
+    let _serial = serial();
     let dir = temp_dir("qemu-chain");
     let s = |p: &Path| p.to_str().unwrap().to_owned();
     let raw = dir.join("base.raw");

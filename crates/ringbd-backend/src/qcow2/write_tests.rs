@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use super::header::INCOMPAT_DIRTY;
-use super::tests::{open as open_ro, qemu_reads, read, run, temp_dir};
+use super::tests::{open as open_ro, output, qemu_reads, read, run, serial, temp_dir};
 use super::*;
 
 fn open_rw(path: &Path) -> Qcow2Backend {
@@ -18,7 +18,7 @@ fn open_rw(path: &Path) -> Qcow2Backend {
 /// `qemu-img check`: the output, and whether it found no errors (exit 0:
 /// nothing; 3: leaked clusters only; 2: errors).
 fn check(path: &Path) -> (i32, String) {
-    let out = Command::new("qemu-img").args(["check", path.to_str().unwrap()]).output().expect("qemu-img");
+    let out = output(Command::new("qemu-img").args(["check", path.to_str().unwrap()])).expect("qemu-img");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out.status.code().unwrap_or(-1), text)
 }
@@ -106,6 +106,7 @@ fn create(path: &Path, opts: &str, size: &str) {
 
 #[test]
 fn random_writes_discards_and_zeroes_read_back_and_check_clean() {
+    let _serial = serial();
     let dir = temp_dir("write-mix");
     // Sizes not a multiple of the cluster: the last cluster is partial.
     let configs = [
@@ -154,6 +155,7 @@ fn random_writes_discards_and_zeroes_read_back_and_check_clean() {
 
 #[test]
 fn writes_over_backing_files_copy_what_they_do_not_cover() {
+    let _serial = serial();
     let dir = temp_dir("write-backing");
     let s = |p: &Path| p.to_str().unwrap().to_owned();
     let base = dir.join("base.raw");
@@ -202,6 +204,7 @@ fn writes_over_backing_files_copy_what_they_do_not_cover() {
 
 #[test]
 fn compressed_clusters_are_rewritten_and_freed() {
+    let _serial = serial();
     let dir = temp_dir("write-compressed");
     let s = |p: &Path| p.to_str().unwrap().to_owned();
     let src = dir.join("src.qcow2");
@@ -226,6 +229,7 @@ fn compressed_clusters_are_rewritten_and_freed() {
 
 #[test]
 fn a_crash_keeps_what_was_flushed_and_leaks_at_most() {
+    let _serial = serial();
     let dir = temp_dir("write-crash");
     for (n, opts) in ["cluster_size=64k", "cluster_size=4k,compat=0.10"].into_iter().enumerate() {
         let p = dir.join(format!("crash-{n}.qcow2"));
@@ -265,6 +269,7 @@ fn a_crash_keeps_what_was_flushed_and_leaks_at_most() {
 
 #[test]
 fn concurrent_writers_and_readers_on_one_image() {
+    let _serial = serial();
     let dir = temp_dir("write-threads");
     let p = dir.join("t.qcow2");
     create(&p, "cluster_size=4k", "16M");
@@ -299,6 +304,7 @@ fn concurrent_writers_and_readers_on_one_image() {
 
 #[test]
 fn fast_zero_and_read_only_exports_refuse_without_writing() {
+    let _serial = serial();
     let dir = temp_dir("write-refuse");
     let p = dir.join("r.qcow2");
     create(&p, "cluster_size=64k", "1M");
@@ -337,6 +343,7 @@ fn fast_zero_and_read_only_exports_refuse_without_writing() {
 
 #[test]
 fn a_dirty_image_is_read_as_it_is_and_repaired_before_writing() {
+    let _serial = serial();
     let dir = temp_dir("write-dirty");
     for (n, opts) in ["cluster_size=64k", "cluster_size=512,refcount_bits=8"].into_iter().enumerate() {
         let p = dir.join(format!("dirty-{n}.qcow2"));
@@ -344,22 +351,20 @@ fn a_dirty_image_is_read_as_it_is_and_repaired_before_writing() {
         // qemu with lazy refcounts dies after a flush: the tables are on
         // disk, the refcounts are not, the dirty bit is set.
         let ps = p.to_str().unwrap();
-        let out = Command::new("qemu-io")
-            .args([
-                "-f",
-                "qcow2",
-                "-c",
-                "write -P 0x11 0 1M",
-                "-c",
-                "write -P 0x22 3M 100k",
-                "-c",
-                "flush",
-                "-c",
-                "abort",
-                ps,
-            ])
-            .output()
-            .expect("qemu-io");
+        let out = output(Command::new("qemu-io").args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x11 0 1M",
+            "-c",
+            "write -P 0x22 3M 100k",
+            "-c",
+            "flush",
+            "-c",
+            "abort",
+            ps,
+        ]))
+        .expect("qemu-io");
         assert!(!out.status.success(), "qemu-io abort exits by a signal");
         assert_ne!(
             open_ro(&p).header().incompatible_features & INCOMPAT_DIRTY,
@@ -402,12 +407,13 @@ fn a_dirty_image_is_read_as_it_is_and_repaired_before_writing() {
 
 #[test]
 fn qemu_image_locks_keep_writers_apart() {
+    let _serial = serial();
     let dir = temp_dir("write-locks");
     let p = dir.join("l.qcow2");
     create(&p, "cluster_size=64k", "1M");
     let ps = p.to_str().unwrap();
     let qemu = |args: &[&str]| {
-        let out = Command::new(args[0]).args(&args[1..]).output().expect("qemu tool");
+        let out = output(Command::new(args[0]).args(&args[1..])).expect("qemu tool");
         (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
     {
@@ -449,15 +455,10 @@ fn qemu_image_locks_keep_writers_apart() {
     assert!(ok, "qemu-nbd: {err}");
     let refused = Qcow2Backend::open(&p, false).err().map(|e| e.to_string());
     let pid = std::fs::read_to_string(&pid).unwrap();
-    let _ = Command::new("kill").arg(pid.trim()).status();
+    let kill = |args: &[&str]| output(Command::new("kill").args(args)).is_ok_and(|o| o.status.success());
+    assert!(kill(&[pid.trim()]), "kill qemu-nbd");
     // qemu-nbd releases the image when it exits: wait for that.
-    while Command::new("kill")
-        .args(["-0", pid.trim()])
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap()
-        .success()
-    {
+    while kill(&["-0", pid.trim()]) {
         std::thread::yield_now();
     }
     let refused = refused.expect("ringbd opened for writing an image qemu-nbd serves");
@@ -467,6 +468,7 @@ fn qemu_image_locks_keep_writers_apart() {
 
 #[test]
 fn direct_io_for_aligned_data_clusters() {
+    let _serial = serial();
     let dir = temp_dir("write-direct");
     let p = dir.join("d.qcow2");
     create(&p, "cluster_size=64k", "8M");
@@ -502,6 +504,7 @@ fn direct_io_for_aligned_data_clusters() {
 
 #[test]
 fn a_metadata_cluster_with_refcount_zero_is_never_allocated() {
+    let _serial = serial();
     let dir = temp_dir("write-overlap");
     let p = dir.join("o.qcow2");
     create(&p, "cluster_size=64k", "8M");

@@ -6,7 +6,7 @@
 //! - [`fault`]: a wrapper that injects errors and delays into another backend.
 //! - [`rbd`]: Ceph RBD images through librbd (feature `rbd`; spec parsing always).
 //! - [`nbd`]: another server's NBD export (a proxy), through ringbd's client.
-//! - [`qcow2`]: qcow2 images and their backing chains, read-only for now.
+//! - [`qcow2`]: qcow2 images (read-write) and their backing chains.
 //! - [`spec`]: parses export specs (`memory:1G`, `file:PATH[,direct]`, `null:1G`,
 //!   `qcow2:PATH`, `rbd:POOL/IMAGE[@SNAP]`, `fault:RULES:SPEC`, NBD URIs).
 //!

@@ -17,7 +17,7 @@ TARGET is any export spec of `ringbd serve`, driven through the same backend lay
   file:PATH[,direct]    a regular file or block device (direct: O_DIRECT); reads,
                         writes, flushes and fallocates run on the queue's ring
   null:SIZE             reads zeroes, drops writes, e.g. null:1G
-  qcow2:PATH            a qcow2 image and its backing chain (read-only for now: --read-only)
+  qcow2:PATH[,direct]   a qcow2 image (read-write, or --read-only) and its backing chain
   rbd:POOL/IMAGE[@SNAPSHOT]
                         a Ceph RBD image through librbd's asynchronous API (one process,
                         no kernel nbd driver; see --ceph-conf and docs/rbd.md)

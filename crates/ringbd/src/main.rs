@@ -62,7 +62,9 @@ SPEC is one of:
   file:PATH,direct
                 the same with O_DIRECT for aligned reads and writes (no page cache)
   null:SIZE     discards writes, reads zeroes
-  qcow2:PATH    a qcow2 image and its backing chain, read-only for now (docs/qcow2.md)
+  qcow2:PATH[,direct]
+                a qcow2 image (read-write, or --read-only) and its backing chain;
+                direct: O_DIRECT for aligned data clusters (docs/qcow2.md)
   nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH (and nbds://, nbds+unix://)
                 another server's export: ringbd serves it as a proxy (docs/proxy.md)
   rbd:POOL/IMAGE[@SNAPSHOT]

@@ -1,4 +1,4 @@
-//! qcow2 images (`qcow2:PATH`), read-only: the first slice of tracker issue 20.
+//! qcow2 images (`qcow2:PATH[,direct]`), read-write (tracker issue 20).
 //!
 //! - [`header`]: the header and its extensions, parsed from bytes, every
 //!   field checked; images ringbd cannot serve safely are refused here.
@@ -8,6 +8,9 @@
 //!   zero, compressed with raw deflate, unallocated: the backing file's).
 //! - `layer`: what a qcow2 image and a raw backing file share, so a chain
 //!   (`top -> qcow2 -> ... -> raw`) reads through one trait.
+//! - `write`: writing the top image (allocation, copy-on-write, zeroes,
+//!   discards, the ordered flush); `refcount`: refcounts and allocation;
+//!   `repair`: rebuilding the refcounts of an image left dirty.
 //!
 //! Why not the `qcow2-rs` crate (0.1.6, rublk's): its API is `async` over
 //! its own I/O trait, and its device is neither `Send` nor `Sync` (its tables
@@ -16,18 +19,19 @@
 //! relative backing name against the working directory, not the image's
 //! directory as qemu does, and opens only qcow2 backing files; and it
 //! indexes the header buffer and unwraps on paths a bad image reaches
-//! (`Qcow2IoSync::new` panics when the file cannot be opened). The part a
-//! read-only backend needs is small (this module), and writing it lets every
-//! error name the file and the field.
+//! (`Qcow2IoSync::new` panics when the file cannot be opened). Writing the
+//! format here lets every error name the file and the field, and the flush
+//! order is ours to state and test (`write.rs`).
 //!
-//! Data is read with `pread` on the image file inside [`Backend::read`]:
-//! there is no `file_fd`, so the engines call the backend (on the threaded
-//! engine's workers, or inline on a ublk queue's thread). Reads on the
-//! engines' rings (and O_DIRECT) are a later slice, as are writes, with
-//! refcounts and crash consistency (docs/qcow2.md).
+//! Data is read and written with `pread`/`pwrite` on the image file inside
+//! the [`Backend`] methods (`,direct`: an `O_DIRECT` descriptor for aligned
+//! data): there is no `file_fd`, so the engines call the backend (on the
+//! threaded engine's workers, or inline on an io_uring worker or a ublk
+//! queue's thread). Data on the engines' rings is the next slice
+//! (docs/qcow2.md).
 //!
-//! ringbd does not take qemu's image locks: an image must not be written by
-//! qemu while ringbd serves it.
+//! ringbd takes qemu's image locks on every file of the chain
+//! (`lock_image`).
 
 pub mod header;
 mod image;

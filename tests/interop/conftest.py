@@ -309,7 +309,12 @@ class Server:
                 self.port = listener.getsockname()[1]
             else:
                 listener.bind(self.sock)
-            listener.listen(128)
+            # systemd's default Backlog= (SOMAXCONN, 4096), as `ringbd serve
+            # --unix/--listen` uses too: with 128, the hostile battery's 1,000
+            # abandoned connections could leave the queue full when a good
+            # client's non-blocking connect came (EAGAIN, "server backlog
+            # overflowed" from libnbd), before the server had drained it.
+            listener.listen(socket.SOMAXCONN)
             env = dict(os.environ, LISTEN_FDS="1", **self.extra_env)
             env.pop("LISTEN_PID", None)
             env.pop("LISTEN_FDNAMES", None)

@@ -42,7 +42,7 @@ export RINGBD_BIN="$PWD/target/release/ringbd"
 # The reliability batteries in the interop suite (docs/reliability.md), sized
 # for CI; run longer by hand with larger values.
 export RINGBD_SOAK_SECONDS="${RINGBD_SOAK_SECONDS:-20}"
-export RINGBD_DURABILITY_ITERATIONS="${RINGBD_DURABILITY_ITERATIONS:-20}"
+export RINGBD_DURABILITY_ITERATIONS="${RINGBD_DURABILITY_ITERATIONS:-12}"
 
 step "Debian package: build, install, verify units, serve under socket activation, purge"
 tests/package/test.sh

@@ -41,7 +41,7 @@ pytestmark = pytest.mark.ringbd_only
 BLOCK = 4096
 BLOCKS = 4096                      # a 16 MiB file
 QD = 16
-ITERATIONS = int(os.environ.get("RINGBD_DURABILITY_ITERATIONS", "20"))
+ITERATIONS = int(os.environ.get("RINGBD_DURABILITY_ITERATIONS", "12"))
 
 
 def digest(b):

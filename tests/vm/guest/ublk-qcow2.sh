@@ -17,10 +17,10 @@ step "load ublk_drv"
 load_module ublk_drv
 wait_for 5 test -c /dev/ublk-control || fail "/dev/ublk-control did not appear"
 
-step "attach qcow2:disk.qcow2 (128 MiB, empty, 64 KiB clusters)"
-qemu-img create -q -f qcow2 -o cluster_size=64k disk.qcow2 128M || fail "qemu-img create failed"
+step "attach qcow2:disk.qcow2 (64 MiB, empty, 64 KiB clusters)"
+qemu-img create -q -f qcow2 -o cluster_size=64k disk.qcow2 64M || fail "qemu-img create failed"
 ublk_attach "qcow2:$PWD/disk.qcow2" --queues 2 --depth 32
-[ "$(blockdev --getsize64 "$UBLK_DEV")" = 134217728 ] || fail "$UBLK_DEV is not 128 MiB"
+[ "$(blockdev --getsize64 "$UBLK_DEV")" = 67108864 ] || fail "$UBLK_DEV is not 64 MiB"
 
 check_ext4 "$UBLK_DEV"
 
@@ -44,20 +44,20 @@ mkdir -p over
 qemu-img create -q -f qcow2 -o cluster_size=4k -b ../disk.raw -F raw over/top.qcow2 || fail "qemu-img create failed"
 ublk_attach "qcow2:$PWD/over/top.qcow2" --queues 1
 dd if=/dev/urandom of=pat bs=1M count=2 2>/dev/null
-# 2 MiB at 100 MiB and 512 bytes inside a 4 KiB cluster (copy-on-write around them).
-dd if=pat of="$UBLK_DEV" bs=1M seek=100 oflag=direct conv=fsync 2>/dev/null || fail "write to the overlay failed: $(tail -n 3 attach.err)"
+# 2 MiB at 40 MiB and 512 bytes inside a 4 KiB cluster (copy-on-write around them).
+dd if=pat of="$UBLK_DEV" bs=1M seek=40 oflag=direct conv=fsync 2>/dev/null || fail "write to the overlay failed: $(tail -n 3 attach.err)"
 dd if=pat of="$UBLK_DEV" bs=512 seek=7 count=1 oflag=direct conv=fsync 2>/dev/null || fail "512-byte write failed"
-dd if="$UBLK_DEV" bs=1M skip=100 count=2 iflag=direct 2>/dev/null | cmp -s - pat || fail "the overlay's data did not read back"
+dd if="$UBLK_DEV" bs=1M skip=40 count=2 iflag=direct 2>/dev/null | cmp -s - pat || fail "the overlay's data did not read back"
 drop_caches
-dd if="$UBLK_DEV" bs=1M count=99 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1 >dev99
-dd if=disk.raw bs=1M count=99 2>/dev/null >base99
-dd if=pat bs=512 count=1 2>/dev/null | dd of=base99 bs=512 seek=7 conv=notrunc 2>/dev/null
-[ "$(cat dev99)" = "$(md5sum <base99 | cut -d' ' -f1)" ] || fail "the first 99 MiB do not read as the backing file with the 512-byte write"
+dd if="$UBLK_DEV" bs=1M count=32 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1 >dev32
+dd if=disk.raw bs=1M count=32 2>/dev/null >base32
+dd if=pat bs=512 count=1 2>/dev/null | dd of=base32 bs=512 seek=7 conv=notrunc 2>/dev/null
+[ "$(cat dev32)" = "$(md5sum <base32 | cut -d' ' -f1)" ] || fail "the first 32 MiB do not read as the backing file with the 512-byte write"
 ublk_detach
 [ "$(md5sum <disk.raw | cut -d' ' -f1)" = "$raw_sum" ] || fail "the backing file changed"
 _rc=0; qemu-img check over/top.qcow2 >check2.log 2>&1 || _rc=$?
 [ "$_rc" = 0 ] || { cat check2.log; fail "qemu-img check of the overlay: exit $_rc"; }
 qemu-img convert -f qcow2 -O raw over/top.qcow2 top.raw || fail "qemu-img convert of the overlay failed"
-dd if=top.raw bs=1M skip=100 count=2 2>/dev/null | cmp -s - pat || fail "qemu does not read the overlay's data"
-dd if=top.raw bs=1M count=99 2>/dev/null | cmp -s - base99 || fail "qemu reads the overlay's first 99 MiB differently"
+dd if=top.raw bs=1M skip=40 count=2 2>/dev/null | cmp -s - pat || fail "qemu does not read the overlay's data"
+dd if=top.raw bs=1M count=32 2>/dev/null | cmp -s - base32 || fail "qemu reads the overlay's first 32 MiB differently"
 log "overlay ok: $(du -k over/top.qcow2 | cut -f1) KiB for 2 MiB and 512 bytes written"

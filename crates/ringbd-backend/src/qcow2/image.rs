@@ -175,6 +175,26 @@ impl Image {
         self.src.write_at(host, buf)
     }
 
+    /// Every entry of the L1 table as stored (`l1_size` of them: also those
+    /// past what the virtual size uses), for the whole-image walks.
+    pub(super) fn full_l1(&self) -> io::Result<Vec<u64>> {
+        let mut raw = vec![0u8; self.header.l1_size as usize * 8];
+        if self.src.read_at(self.header.l1_table_offset, &mut raw)? < raw.len() {
+            return Err(corrupt(&self.path, "the L1 table runs past the end of the file"));
+        }
+        Ok(table::entries(&raw))
+    }
+
+    /// Names the refcount table in the header (offset and clusters, one
+    /// write of bytes 48..60), then syncs.
+    pub(super) fn set_refcount_table(&self, offset: u64, clusters: u64) -> io::Result<()> {
+        let mut h = [0u8; 12];
+        h[..8].copy_from_slice(&offset.to_be_bytes());
+        h[8..].copy_from_slice(&(clusters as u32).to_be_bytes());
+        self.src.write_at(48, &h)?;
+        self.src.sync()
+    }
+
     pub(super) fn cluster_size(&self) -> u64 {
         self.header.cluster_size()
     }

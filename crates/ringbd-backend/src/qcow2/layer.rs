@@ -80,6 +80,19 @@ impl Storage for MemFile {
     }
 }
 
+/// A shared store (the fuzz target keeps its in-memory file to read it back).
+impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        (**self).read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        (**self).write_at(offset, buf)
+    }
+    fn sync(&self) -> io::Result<()> {
+        (**self).sync()
+    }
+}
+
 /// One image of the chain, as the image above it sees it.
 pub trait Layer: Send + Sync {
     /// The virtual size.

@@ -475,17 +475,8 @@ pub fn fuzz_write(bytes: &[u8]) -> std::result::Result<usize, String> {
     header.check_layout(bytes.len() as u64).map_err(|e| e.to_string())?;
     let len = bytes.len() as u64;
     let file = std::sync::Arc::new(MemFile { bytes: std::sync::Mutex::new(bytes.to_vec()), limit: 16 << 20 });
-    struct Shared(std::sync::Arc<MemFile>);
-    impl Storage for Shared {
-        fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
-            self.0.read_at(offset, buf)
-        }
-        fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-            self.0.write_at(offset, buf)
-        }
-    }
-    let mut image = Image::open(Path::new("fuzz"), header, Box::new(Shared(file.clone())), len)
-        .map_err(|e| e.to_string())?;
+    let mut image =
+        Image::open(Path::new("fuzz"), header, Box::new(file.clone()), len).map_err(|e| e.to_string())?;
     image.enable_writes().map_err(|e| e.to_string())?;
     let size = image.size();
     let cs = image.header.cluster_size();

@@ -40,11 +40,7 @@ impl Image {
         }
         let counts = self.count_references()?;
         let (offset, clusters, end) = self.write_refcounts(counts)?;
-        let mut h = [0u8; 12];
-        h[..8].copy_from_slice(&offset.to_be_bytes());
-        h[8..].copy_from_slice(&(clusters as u32).to_be_bytes());
-        self.src.write_at(48, &h)?;
-        self.src.sync()?;
+        self.set_refcount_table(offset, clusters)?;
         let features = self.header.incompatible_features & !INCOMPAT_DIRTY;
         self.src.write_at(72, &features.to_be_bytes())?;
         self.src.sync()?;
@@ -77,12 +73,7 @@ impl Image {
         for c in (h.l1_table_offset >> cb)..(h.l1_table_offset + l1_bytes).div_ceil(1 << cb) {
             add(c, "the L1 table")?;
         }
-        // Every L1 entry (the table's full size), not only those the virtual size uses.
-        let mut raw = vec![0u8; l1_bytes as usize];
-        if self.src.read_at(h.l1_table_offset, &mut raw)? < raw.len() {
-            return Err(corrupt(&self.path, "the L1 table runs past the end of the file"));
-        }
-        for (i, e) in table::entries(&raw).into_iter().enumerate() {
+        for (i, e) in self.full_l1()?.into_iter().enumerate() {
             let l2 =
                 table::l1_entry(e, cb).map_err(|e| corrupt(&self.path, format!("L1 index {i}: {}", e.0)))?;
             let Some(l2) = l2 else { continue };

@@ -49,17 +49,14 @@ impl Image {
     /// Loads the refcounts, so that this image can be written, and clears
     /// the autoclear features (bitmaps ringbd does not update).
     pub fn enable_writes(&mut self) -> io::Result<()> {
+        let l1_entries = self.full_l1()?;
         let m = self.meta.get_mut().unwrap_or_else(|p| p.into_inner());
         let mut rc = Refcounts::load(&self.path, &self.header, &*self.src, m.file_len)?;
         // The L1 table and the L2 tables it names (all of its entries).
         let cb = self.header.cluster_bits;
         let l1 = self.header.l1_table_offset;
         rc.metadata.extend((l1 >> cb)..(l1 + u64::from(self.header.l1_size) * 8).div_ceil(1 << cb));
-        let mut raw = vec![0u8; self.header.l1_size as usize * 8];
-        if self.src.read_at(l1, &mut raw)? < raw.len() {
-            return Err(corrupt(&self.path, "the L1 table runs past the end of the file"));
-        }
-        rc.metadata.extend(table::entries(&raw).iter().map(|e| (e & OFFSET_MASK) >> cb).filter(|&c| c != 0));
+        rc.metadata.extend(l1_entries.iter().map(|e| (e & OFFSET_MASK) >> cb).filter(|&c| c != 0));
         m.rc = Some(rc);
         if self.header.version >= 3 && self.header.autoclear_features != 0 {
             self.src.write_at(88, &0u64.to_be_bytes())?;
@@ -397,11 +394,7 @@ impl Image {
         rc.write_dirty(src)?;
         src.sync()?;
         if let Some((old, n)) = rc.moved_from {
-            let mut h = [0u8; 12];
-            h[..8].copy_from_slice(&rc.table_offset.to_be_bytes());
-            h[8..].copy_from_slice(&(rc.table_clusters as u32).to_be_bytes());
-            src.write_at(48, &h)?;
-            src.sync()?;
+            self.set_refcount_table(rc.table_offset, rc.table_clusters)?;
             rc.moved_from = None;
             m.pending_free.extend((old >> cb)..(old >> cb) + n);
             for c in (old >> cb)..(old >> cb) + n {

@@ -12,6 +12,8 @@
 //! - [`buf`]: page-aligned I/O buffers and registered-buffer arenas.
 //! - [`client_ring`]: the NBD client's ring (vectored sends, receives).
 //! - [`eventfd`]: a non-blocking eventfd, to wake a thread or a ring.
+//! - [`file_ring`]: a backend's own ring for file reads and writes
+//!   scattered over one buffer (qcow2 clusters).
 //! - [`fs`]: file and block-device calls (fallocate, SEEK_DATA/SEEK_HOLE,
 //!   BLKGETSIZE64, fadvise).
 //! - [`mem`]: heap thresholds that keep per-request buffers from being
@@ -30,6 +32,8 @@ pub mod buf;
 pub mod client_ring;
 #[allow(unsafe_code)]
 pub mod eventfd;
+#[allow(unsafe_code)]
+pub mod file_ring;
 #[allow(unsafe_code)]
 pub mod fs;
 #[allow(unsafe_code)]

@@ -8,7 +8,10 @@
 # reads it (converted to raw) is what the device showed, a clean ext4
 # image. Then an overlay with that raw copy as its backing file (named
 # relatively): writes land in the overlay, the rest reads from the backing
-# file, which stays as it was.
+# file, which stays as it was. The overlay is attached with `,direct`, so
+# its data clusters go through the queue's ring (the backend's
+# asynchronous path; the first image, on the guest's tmpfs, is served by
+# calls).
 . /vmtest/lib.sh
 
 command -v qemu-img >/dev/null || fail "no qemu-img in the guest (tests/vm/run.sh copies the host's)"
@@ -42,7 +45,9 @@ log "qemu reads what the device showed (md5 $raw_sum), a clean ext4 image"
 step "an overlay on the raw copy: writes stay in the overlay"
 mkdir -p over
 qemu-img create -q -f qcow2 -o cluster_size=4k -b ../disk.raw -F raw over/top.qcow2 || fail "qemu-img create failed"
-ublk_attach "qcow2:$PWD/over/top.qcow2" --queues 1
+ublk_attach "qcow2:$PWD/over/top.qcow2,direct" --queues 1
+grep "serving" attach.err | tail -n 1 | grep -q "asynchronous I/O" ||
+    fail "the overlay is not served on the queue's ring: $(grep serving attach.err | tail -n 1)"
 dd if=/dev/urandom of=pat bs=1M count=2 2>/dev/null
 # 2 MiB at 40 MiB and 512 bytes inside a 4 KiB cluster (copy-on-write around them).
 dd if=pat of="$UBLK_DEV" bs=1M seek=40 oflag=direct conv=fsync 2>/dev/null || fail "write to the overlay failed: $(tail -n 3 attach.err)"

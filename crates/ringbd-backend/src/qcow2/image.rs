@@ -35,10 +35,15 @@ pub struct Image {
     /// data cluster reads and writes whose offset, length and buffer are
     /// aligned (the rest, and all metadata, use `src`).
     pub direct: Option<Direct>,
+    /// The image's file (the one `src` reads), for data operations on a
+    /// ring (`ring.rs`); `None` for images held in memory.
+    pub ring_file: Option<Arc<std::fs::File>>,
+    /// Data operations mapped on rings and still in flight.
+    pub(super) epochs: Arc<super::ring::Epochs>,
 }
 
 pub struct Direct {
-    pub file: std::fs::File,
+    pub file: Arc<std::fs::File>,
     /// Offsets and lengths must be multiples of this, buffer addresses of `mem`.
     pub align: u64,
     pub mem: u64,
@@ -47,7 +52,7 @@ pub struct Direct {
 }
 
 impl Direct {
-    fn fits(&self, host: u64, buf: &[u8]) -> bool {
+    pub(super) fn fits(&self, host: u64, buf: &[u8]) -> bool {
         let len = buf.len() as u64;
         len > 0
             && host.is_multiple_of(self.align)
@@ -69,6 +74,9 @@ pub(super) struct Meta {
     /// Clusters whose reference is gone from the tables in memory: their
     /// refcounts drop once those tables are durable (the next flush).
     pub pending_free: Vec<u64>,
+    /// Frees a flush could not apply yet, with the generation of ring
+    /// operations that may still target them (`ring.rs`).
+    pub deferred: Vec<(u64, Vec<u64>)>,
 }
 
 pub(super) struct L2Cache {
@@ -98,7 +106,7 @@ impl L2Cache {
 }
 
 /// A contiguous piece of a read that one operation serves.
-enum Run {
+pub(super) enum Run {
     /// Image file bytes from this host offset.
     Data(u64),
     /// One compressed cluster (descriptor), from this offset inside it.
@@ -144,8 +152,15 @@ impl Image {
         }
         let capacity = (L2_CACHE_BYTES / cluster).max(1) as usize;
         let l2 = L2Cache { tables: HashMap::new(), order: VecDeque::new(), capacity, dirty: BTreeSet::new() };
-        let meta =
-            Meta { file_len, l1, l1_dirty: false, l2: Mutex::new(l2), rc: None, pending_free: Vec::new() };
+        let meta = Meta {
+            file_len,
+            l1,
+            l1_dirty: false,
+            l2: Mutex::new(l2),
+            rc: None,
+            pending_free: Vec::new(),
+            deferred: Vec::new(),
+        };
         Ok(Image {
             path: path.to_owned(),
             header,
@@ -154,6 +169,8 @@ impl Image {
             last_compressed: Mutex::new(None),
             backing: None,
             direct: None,
+            ring_file: None,
+            epochs: Arc::default(),
         })
     }
 
@@ -288,7 +305,7 @@ impl Image {
 
     /// The run starting at `voff` (at most `max` bytes): what serves it and
     /// how long it is, merging clusters that one operation can serve.
-    fn run(&self, m: &Meta, voff: u64, max: u64) -> io::Result<(Run, u64)> {
+    pub(super) fn run(&self, m: &Meta, voff: u64, max: u64) -> io::Result<(Run, u64)> {
         let cs = self.cluster_size();
         let first = cs - (voff & (cs - 1));
         let (c, no_table) = self.lookup(m, voff)?;

@@ -23,12 +23,15 @@
 //! format here lets every error name the file and the field, and the flush
 //! order is ours to state and test (`write.rs`).
 //!
-//! Data is read and written with `pread`/`pwrite` on the image file inside
-//! the [`Backend`] methods (`,direct`: an `O_DIRECT` descriptor for aligned
-//! data): there is no `file_fd`, so the engines call the backend (on the
-//! threaded engine's workers, or inline on an io_uring worker or a ublk
-//! queue's thread). Data on the engines' rings is the next slice
-//! (docs/qcow2.md).
+//! Data cluster I/O: where the image's file can make a reader wait (not on
+//! a memory filesystem, or with `,direct`), the export is asynchronous
+//! ([`Backend::aio`]): the io_uring engine's workers and ublk queues each
+//! get a driver (`ring`) that maps a request under the metadata read lock
+//! and runs its data cluster reads and overwrites on a ring of the
+//! caller's thread. Everything else, and the threaded engine, call the
+//! [`Backend`] methods: `pread`/`pwrite` on the image file (`,direct`: an
+//! `O_DIRECT` descriptor for aligned data), as a file export on a memory
+//! filesystem is read inline.
 //!
 //! ringbd takes qemu's image locks on every file of the chain
 //! (`lock_image`).
@@ -38,6 +41,7 @@ mod image;
 mod layer;
 mod refcount;
 mod repair;
+mod ring;
 pub mod table;
 #[cfg(test)]
 mod tests;
@@ -48,12 +52,17 @@ mod write_tests;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use self::header::{Header, HeaderError};
 use self::image::Image;
 use self::layer::{ExtentList, Layer, MemFile, RawLayer, Storage};
 use self::write::Clear;
-use crate::{Backend, Caps, Error, ErrorKind, Extent, Holes, Op, Result, ZeroFlags, MAX_EXTENTS};
+use crate::aio::{CompletionQueue, LocalIo, Sink};
+use crate::{
+    AsyncIo, Backend, BlockOp, Caps, Error, ErrorKind, Extent, Holes, Op, Piece, Result, ZeroFlags,
+    MAX_EXTENTS,
+};
 
 /// Longest backing chain ringbd opens below the top image (its own bound,
 /// against loops through symlinks and absurd chains).
@@ -61,12 +70,20 @@ pub const MAX_CHAIN_DEPTH: usize = 40;
 
 /// A qcow2 image and its backing chain (the backing files read-only).
 pub struct Qcow2Backend {
+    export: Arc<Export>,
+}
+
+/// What [`Qcow2Backend`] serves, shared with the ring drivers (`ring`):
+/// the last of them to go closes the image.
+pub(super) struct Export {
     top: Image,
     read_only: bool,
     description: String,
+    /// Data cluster I/O runs on the callers' rings ([`Backend::aio`]).
+    ring: bool,
     /// Tests: closed as a killed process closes it (no final flush).
     #[cfg(test)]
-    abandoned: bool,
+    abandoned: std::sync::atomic::AtomicBool,
 }
 
 fn open_error(kind: ErrorKind, path: &Path, msg: impl std::fmt::Display) -> Error {
@@ -152,7 +169,7 @@ fn open_direct(path: &Path, file: &File, write: bool) -> Result<image::Direct> {
         None => (4096, 4096),
     };
     let file = ringbd_io::fs::open_direct(path, !write).map_err(|e| io_open_error(path, e))?;
-    Ok(image::Direct { file, align: offset, mem, ops: std::sync::atomic::AtomicU64::new(0) })
+    Ok(image::Direct { file: Arc::new(file), align: offset, mem, ops: std::sync::atomic::AtomicU64::new(0) })
 }
 
 /// Parses and checks a qcow2 header from an image's first bytes (the
@@ -196,9 +213,11 @@ fn open_image(
         return Err(open_error(ErrorKind::Unsupported, path, msg));
     }
     let direct_file = if direct { Some(open_direct(path, &file, write)?) } else { None };
+    let file = Arc::new(file);
     let mut image =
-        Image::open(path, header, Box::new(file), file_len).map_err(|e| io_open_error(path, e))?;
+        Image::open(path, header, Box::new(file.clone()), file_len).map_err(|e| io_open_error(path, e))?;
     image.direct = direct_file;
+    image.ring_file = Some(file);
     if let Some(name) = image.header.backing_file.clone() {
         let format = image.header.backing_format.clone();
         image.backing = Some(open_backing(path, &name, format.as_deref(), depth + 1, chain)?);
@@ -296,6 +315,12 @@ impl Qcow2Backend {
             chain.push(c);
         }
         let top = open_image(path, 0, &mut chain, !read_only, direct)?;
+        // As for file exports: a file on a memory filesystem never makes a
+        // reader wait, and a call costs less than a ring operation there.
+        let ring = match &top.ring_file {
+            Some(f) => direct || !ringbd_io::fs::is_memory_fs(&**f).map_err(|e| io_open_error(path, e))?,
+            None => false,
+        };
         let mut description = top.describe();
         let mut below = top.backing.as_deref();
         while let Some(layer) = below {
@@ -303,22 +328,114 @@ impl Qcow2Backend {
             description.push_str(&layer.describe());
             below = layer.backing();
         }
-        Ok(Qcow2Backend {
+        let export = Export {
             top,
             read_only,
             description,
+            ring,
             #[cfg(test)]
-            abandoned: false,
-        })
+            abandoned: Default::default(),
+        };
+        Ok(Qcow2Backend { export: Arc::new(export) })
     }
 
     /// The image's header.
     pub fn header(&self) -> &Header {
-        &self.top.header
+        &self.export.top.header
+    }
+
+    /// The top image (tests).
+    #[cfg(test)]
+    fn top(&self) -> &Image {
+        &self.export.top
+    }
+
+    /// Closes the files without the final flush, as a killed process does.
+    #[cfg(test)]
+    fn abandon(self) {
+        self.export.abandoned.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
+/// The export's calls; [`Qcow2Backend`] adds the asynchronous interface.
 impl Backend for Qcow2Backend {
+    fn size(&self) -> u64 {
+        self.export.size()
+    }
+    fn caps(&self) -> Caps {
+        self.export.caps()
+    }
+    fn describe(&self) -> String {
+        self.export.describe()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<Holes> {
+        self.export.read(offset, buf)
+    }
+    /// A range that stores nothing is answered as one hole, without a
+    /// buffer (and, on the asynchronous path, as a hole reply).
+    fn read_shared(&self, offset: u64, len: usize, out: &mut Vec<Piece>) -> Result<bool> {
+        let hole = self.export.top.all_hole(offset, len as u64);
+        if hole.map_err(|e| Error::new(Op::Read, offset, len as u64, e))? {
+            out.push(Piece::Zero(len));
+            return Ok(true);
+        }
+        Ok(false)
+    }
+    fn aio(&self) -> Option<&dyn AsyncIo> {
+        self.export.ring.then_some(self as &dyn AsyncIo)
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.export.write(offset, data, fua)
+    }
+    fn flush(&self) -> Result<()> {
+        self.export.flush()
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.export.trim(offset, len, fua)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.export.write_zeroes(offset, len, flags)
+    }
+    fn cache(&self, offset: u64, len: u64) -> Result<()> {
+        self.export.cache(offset, len)
+    }
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.export.extents(offset, len)
+    }
+}
+
+/// Without a driver (a caller that has no ring of its own): the calls, on
+/// the submitting thread.
+impl AsyncIo for Qcow2Backend {
+    fn submit(&self, op: BlockOp, mut buf: ringbd_io::buf::IoBuf, sink: Sink) {
+        let r = ring::call(&self.export, op, &mut buf).map_err(|e| ring::to_errno(&self.export, e));
+        if let Err(e) = sink.deliver(r, buf) {
+            tracing::warn!(image = %self.export.top.path.display(), "qcow2: waking the caller: {e}");
+        }
+    }
+
+    fn submit_extents(&self, offset: u64, len: u64, sink: Sink) {
+        let (r, buf) = ring::extents(&self.export, offset, len);
+        if let Err(e) = sink.deliver(r, buf) {
+            tracing::warn!(image = %self.export.top.path.display(), "qcow2: waking the caller: {e}");
+        }
+    }
+
+    fn local(&self, queue: &Arc<CompletionQueue>) -> Option<Box<dyn LocalIo>> {
+        match ring::Driver::new(self.export.clone(), queue) {
+            Ok(d) => Some(Box::new(d)),
+            Err(e) => {
+                tracing::warn!(
+                    image = %self.export.top.path.display(),
+                    "qcow2: no ring for data I/O on this thread ({e}); its requests are calls"
+                );
+                None
+            }
+        }
+    }
+}
+
+impl Backend for Export {
     fn size(&self) -> u64 {
         self.top.header.size
     }
@@ -407,13 +524,7 @@ impl Backend for Qcow2Backend {
     }
 }
 
-impl Qcow2Backend {
-    /// Closes the files without the final flush, as a killed process does.
-    #[cfg(test)]
-    fn abandon(mut self) {
-        self.abandoned = true;
-    }
-
+impl Export {
     fn writable(&self, op: Op, offset: u64, len: u64) -> Result<()> {
         if self.read_only {
             return Err(Error::other(ErrorKind::Permission, op, offset, len, "the export is read-only"));
@@ -422,12 +533,12 @@ impl Qcow2Backend {
     }
 }
 
-impl Drop for Qcow2Backend {
+impl Drop for Export {
     /// Writes what a flush would, and the last refcount changes, so that
     /// an image closed cleanly has no leaks.
     fn drop(&mut self) {
         #[cfg(test)]
-        if self.abandoned {
+        if self.abandoned.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
         if let Err(e) = self.top.close() {

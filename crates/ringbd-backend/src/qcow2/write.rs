@@ -17,7 +17,9 @@
 //! 2. a grown refcount table is named in the header, synced;
 //! 3. changed L2 tables, then the L1 table, are written, synced;
 //! 4. the clusters those tables no longer reference lose their references
-//!    (a crash before these reach the file leaks them, never more).
+//!    (a crash before these reach the file leaks them, never more), once
+//!    no data operation mapped on a ring before the free is in flight
+//!    (`ring.rs`; until then a later flush does it).
 //!
 //! A cluster freed in memory is not reused before step 4, so a table on
 //! disk never points at a cluster that holds another offset's data.
@@ -112,7 +114,7 @@ impl Image {
     /// Where to write `[offset, offset+len)` when every cluster of it is
     /// owned data: (host offset, offset in the data, length), contiguous
     /// pieces merged. `None` when a cluster needs a metadata change.
-    fn overwrite_runs(
+    pub(super) fn overwrite_runs(
         &self,
         m: &Meta,
         offset: u64,
@@ -421,13 +423,28 @@ impl Image {
                 c.dirty.remove(off);
             }
         }
+        // Operations mapped on a ring before these frees may still target
+        // the clusters: they wait for their generation (ring.rs).
+        let (generation, done) = self.epochs.advance();
+        let free = std::mem::take(&mut m.pending_free);
+        if !free.is_empty() {
+            m.deferred.push((generation, free));
+        }
         let Some(rc) = m.rc.as_mut() else { return Ok(()) };
         let mut result = Ok(());
-        for c in std::mem::take(&mut m.pending_free) {
-            if let Err(e) = rc.decr(src, c) {
-                result = Err(corrupt(&self.path, e));
+        let mut kept = Vec::new();
+        for (g, clusters) in std::mem::take(&mut m.deferred) {
+            if done.is_none_or(|d| g > d) {
+                kept.push((g, clusters));
+                continue;
+            }
+            for c in clusters {
+                if let Err(e) = rc.decr(src, c) {
+                    result = Err(corrupt(&self.path, e));
+                }
             }
         }
+        m.deferred = kept;
         rc.write_dirty(src)?;
         result
     }

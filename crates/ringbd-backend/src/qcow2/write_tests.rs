@@ -11,7 +11,7 @@ use super::header::INCOMPAT_DIRTY;
 use super::tests::{open as open_ro, output, qemu_reads, read, run, serial, temp_dir};
 use super::*;
 
-fn open_rw(path: &Path) -> Qcow2Backend {
+pub(super) fn open_rw(path: &Path) -> Qcow2Backend {
     Qcow2Backend::open(path, false).unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
 }
 
@@ -23,22 +23,22 @@ fn check(path: &Path) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
-fn assert_clean(path: &Path, what: &str) {
+pub(super) fn assert_clean(path: &Path, what: &str) {
     let (code, text) = check(path);
     assert_eq!(code, 0, "{what}: qemu-img check: {text}");
 }
 
 /// A small deterministic generator (xorshift64*).
-struct Rng(u64);
+pub(super) struct Rng(pub u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(super) fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
-    fn below(&mut self, n: u64) -> u64 {
+    pub(super) fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
 }
@@ -476,7 +476,7 @@ fn direct_io_for_aligned_data_clusters() {
     {
         let b = Qcow2Backend::open_with(&p, false, true).unwrap_or_else(|e| panic!("{e}"));
         assert!(b.describe().contains("O_DIRECT"), "{}", b.describe());
-        let d = b.top.direct.as_ref().expect("an O_DIRECT descriptor");
+        let d = b.top().direct.as_ref().expect("an O_DIRECT descriptor");
         // A page-aligned buffer: whole clusters go through O_DIRECT.
         let mut backing = vec![0u8; (1 << 20) + 4096];
         let skew = backing.as_ptr().align_offset(4096);

@@ -722,7 +722,12 @@ impl Tx {
                 self.start_chunked_read((req, t0), offset, len, df, out, pool);
                 return;
             }
-            Command::Read { offset, len, .. } if self.async_io && len > 0 => {
+            Command::Read { offset, len, df } if self.async_io && len > 0 => {
+                // A backend may answer without reading: a qcow2 image's
+                // range that stores nothing is a hole.
+                if self.read_without_io((&req, t0), (offset, len as usize, df), out) {
+                    return;
+                }
                 let mut buf = self.io_buf(len as usize, pool);
                 // The file fills it; a failed read never sends it.
                 buf.set_len(len as usize);

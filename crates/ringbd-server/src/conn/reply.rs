@@ -78,6 +78,34 @@ impl Tx {
         true
     }
 
+    /// Answers a read from [`Backend::read_shared`] when the backend can
+    /// (before a read would be started on the ring); false: nothing queued.
+    pub(super) fn read_without_io(
+        &mut self,
+        (req, t0): (&Request, Instant),
+        (offset, len, df): (u64, usize, bool),
+        out: &mut OutBuf,
+    ) -> bool {
+        let mut pieces = std::mem::take(&mut self.pieces);
+        pieces.clear();
+        let answered = match self.backend.read_shared(offset, len, &mut pieces) {
+            Ok(true) => {
+                self.send_pieces(req, offset, len, df, &mut pieces, out);
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                self.backend_error(req, &e, out);
+                true
+            }
+        };
+        self.pieces = pieces;
+        if answered {
+            self.reply_done(req, t0, out);
+        }
+        answered
+    }
+
     /// [`Tx::read`] of a backend that does not share its pages.
     fn read_through_buffer(
         &self,

@@ -22,13 +22,16 @@ Teardown: SIGTERM; for ringbd the exit status must be 0 and stderr must not
 contain "panicked".
 """
 
+import faulthandler
 import os
 import shlex
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import urllib.parse
 
 import pytest
@@ -41,6 +44,31 @@ ALL_KINDS = ("ringbd", "nbdkit")
 
 KILL_TIMEOUT = 20    # seconds to wait for a SIGTERM'ed server to exit
 GREETING_TIMEOUT = 10  # hang guard for the start-up greeting check
+
+
+# Longest any one test may run: a test that hangs (a reply that never
+# comes: a client library waiting without a timeout of its own) ends the
+# run here with every thread's stack, instead of at CI's limit.
+TEST_TIMEOUT = int(os.environ.get("RINGBD_TEST_TIMEOUT", "300"))
+
+
+@pytest.fixture(autouse=True)
+def hang_watchdog(request):
+    def fire():
+        capman = request.config.pluginmanager.getplugin("capturemanager")
+        if capman is not None:
+            capman.suspend_global_capture(in_=True)
+        sys.stderr.write("\n%s: still running after %d s (RINGBD_TEST_TIMEOUT): "
+                         "it hangs; every thread's stack follows\n" % (request.node.nodeid, TEST_TIMEOUT))
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        os._exit(3)
+
+    timer = threading.Timer(TEST_TIMEOUT, fire)
+    timer.daemon = True
+    timer.start()
+    yield
+    timer.cancel()
 
 
 def pytest_addoption(parser):

@@ -26,7 +26,8 @@
 # a before/after pair in one run), RINGBD_ARGS,
 # NBDKIT_ARGS, QEMU_NBD_ARGS (extra arguments for every row of that kind),
 # RINGBD_LAUNCH=native|activate (default native: `--unix`/`--listen`),
-# QEMU_NBD_CACHE (default none, falling back to writeback without O_DIRECT).
+# QEMU_NBD_CACHE (default none, falling back to writeback without O_DIRECT),
+# QCOW2_DIR (where the qcow2 rows put their image; default /dev/shm).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -62,13 +63,19 @@ server nbdkit-proxy nbdkit
 server ringbd-proxy-base ringbd --engine uring
 declare -A SERVER_PROXY=([ringbd-proxy]=1 [nbdkit-proxy]=1 [ringbd-proxy-base]=1)
 # qcow2 rows: the export is a qcow2 image (64 KiB clusters, empty at the
-# start) in /dev/shm, made by qemu-img create (ringbd: `qcow2:IMG`;
-# qemu-nbd: `-f qcow2`). nbdkit 1.32 has no qcow2 plugin.
+# start) in $QCOW2_DIR (default /dev/shm), made by qemu-img create (ringbd:
+# `qcow2:IMG`; qemu-nbd: `-f qcow2`). nbdkit 1.32 has no qcow2 plugin.
+# On a disk filesystem (QCOW2_DIR=/var/tmp) ringbd's io_uring rows run data
+# clusters on the workers' rings (docs/qcow2.md); ringbd-qcow2-direct adds
+# `,direct` (O_DIRECT, as qemu-nbd's --cache=none).
 server ringbd-qcow2         ringbd   --engine uring
 server ringbd-threads-qcow2 ringbd   --engine threads
 server qemu-nbd-qcow2       qemu-nbd
 server ringbd-qcow2-base    ringbd   --engine uring
-declare -A SERVER_QCOW2=([ringbd-qcow2]=1 [ringbd-threads-qcow2]=1 [qemu-nbd-qcow2]=1 [ringbd-qcow2-base]=1)
+server ringbd-qcow2-direct  ringbd   --engine uring
+declare -A SERVER_QCOW2=([ringbd-qcow2]=1 [ringbd-threads-qcow2]=1 [qemu-nbd-qcow2]=1 [ringbd-qcow2-base]=1
+    [ringbd-qcow2-direct]=direct)
+QCOW2_DIR=${QCOW2_DIR:-/dev/shm}
 declare -A SERVER_BIN=()
 SERVER_BIN[ringbd-base]=${RINGBD_BASE_BIN:-}
 SERVER_BIN[ringbd-threads-base]=${RINGBD_BASE_BIN:-}
@@ -271,11 +278,12 @@ start_server() {
     local export_ringbd=("memory:$EXPORT_SIZE") export_nbdkit=(memory "$EXPORT_SIZE") format=raw img=
     if [[ -n ${SERVER_QCOW2[$label]:-} ]]; then
         [[ $kind != nbdkit ]] || die "$label: nbdkit has no qcow2 row"
-        img=/dev/shm/ringbd-bench.$$.$tag.qcow2
+        img=$QCOW2_DIR/ringbd-bench.$$.$tag.qcow2
         SHM_FILES+=("$img")
         rm -f "$img"
         qemu-img create -q -f qcow2 -o cluster_size=64k "$img" "$EXPORT_SIZE" || die "qemu-img create $img failed"
         export_ringbd=("qcow2:$img")
+        [[ ${SERVER_QCOW2[$label]} != direct ]] || export_ringbd=("qcow2:$img,direct")
         format=qcow2
     fi
     UP_PID=

@@ -73,7 +73,25 @@ impl Link {
         self.wire.clear();
         tls.send(&[std::io::IoSlice::new(plain)], &mut self.wire)
             .map_err(|what| Error::Tls { context: ctx(), what })?;
-        self.stream.io().write_all(&self.wire).map_err(|e| Error::io(ctx(), e))
+        match self.stream.io().write_all(&self.wire) {
+            // The server hung up, maybe with an alert that says why (a TLS
+            // 1.3 server refuses a client certificate after our side of the
+            // handshake is done, so our next write can find the socket
+            // closed): read what it left, which fails with that reason, or
+            // with the hang-up's.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                let mut rest = Vec::new();
+                loop {
+                    self.receive(&mut rest, ctx)?;
+                }
+            }
+            r => r.map_err(|e| Error::io(ctx(), e)),
+        }
     }
 
     /// Reads what arrives and appends the plaintext to `buf`.

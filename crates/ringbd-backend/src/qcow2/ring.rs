@@ -11,8 +11,16 @@
 //! - An overwrite of clusters the image owns ([`Image::overwrite_runs`])
 //!   of an image open `O_DIRECT` is mapped the same way and written on the
 //!   ring (a buffered overwrite is a `pwrite`: it waits for no device).
-//!   Writes that change metadata (allocation, copy-on-write), zeroing,
-//!   discards, flushes and block status stay calls on the caller's thread.
+//! - An allocating write of such an image whose clusters all need new ones
+//!   reserves them under the write lock (completing partial clusters in a
+//!   copy, from what the guest read there), writes on the ring, and commits
+//!   its L2 entries when the data is written ([`Image::commit`]: a cluster
+//!   whose entry changed meanwhile keeps the change, and the write's own
+//!   bytes are written again over it, so two writes racing for one new
+//!   cluster both land).
+//! - Other writes (a range mixing owned and new clusters, buffered
+//!   allocating writes), zeroing, discards, flushes and block status stay
+//!   calls on the caller's thread.
 //! - The ring's completions signal the caller's completion eventfd
 //!   ([`FileRing::notify`]); the caller then drives the driver.
 //!
@@ -31,6 +39,7 @@ use ringbd_io::buf::IoBuf;
 use ringbd_io::file_ring::{FileDone, FileRing, Segment};
 
 use super::image::{Image, Meta, Run};
+use super::write::Reserved;
 use super::Export;
 use crate::aio::{AioDone, CompletionQueue, LocalIo};
 use crate::{Backend, BlockOp, ErrorKind, ZeroFlags};
@@ -175,12 +184,24 @@ impl Image {
 /// One operation on the ring.
 struct Pending {
     tag: u64,
-    /// Ends the operation's generation count when dropped.
-    _mapped: Mapped,
+    /// Ends the operation's generation count when dropped (operations on
+    /// clusters the tables reference).
+    mapped: Option<Mapped>,
     /// A FUA write: flushed once the data is written.
     fua: bool,
     /// Bytes of `buf[at..]` the caller asked for (the result on success).
     len: usize,
+    /// An allocating write: committed when its data is written.
+    alloc: Option<Alloc>,
+}
+
+/// An allocating write on the ring ([`Image::reserve`]).
+struct Alloc {
+    reserved: Reserved,
+    offset: u64,
+    at: usize,
+    /// The caller's buffer, when the ring writes a completed copy of it.
+    request: Option<IoBuf>,
 }
 
 /// A worker's or queue's ring for one qcow2 export.
@@ -256,7 +277,7 @@ impl Driver {
         }
         let mapped = image.epochs.enter(&m);
         drop(m);
-        let slot = self.slot(Pending { tag, _mapped: mapped, fua: false, len });
+        let slot = self.slot(Pending { tag, mapped: Some(mapped), fua: false, len, alloc: None });
         self.ring.read(slot, buf, segs);
     }
 
@@ -266,7 +287,7 @@ impl Driver {
     /// on filesystems without asynchronous buffered writes (ext4) io_uring
     /// hands it to a worker thread: half the IOPS of the `pwrite`
     /// (docs/benchmarks.md, "qcow2 images on a disk").
-    fn write(&mut self, offset: u64, buf: IoBuf, at: usize, fua: bool, tag: u64) {
+    fn write(&mut self, offset: u64, mut buf: IoBuf, at: usize, fua: bool, tag: u64) {
         let image = &self.export.top;
         let len = buf.len().saturating_sub(at);
         if !self.export.read_only && image.direct.is_some() {
@@ -285,12 +306,67 @@ impl Driver {
             if let Some(segs) = segs {
                 let mapped = image.epochs.enter(&m);
                 drop(m);
-                let slot = self.slot(Pending { tag, _mapped: mapped, fua, len });
+                let slot = self.slot(Pending { tag, mapped: Some(mapped), fua, len, alloc: None });
                 return self.ring.write(slot, buf, segs);
+            }
+            drop(m);
+            match self.allocate(offset, buf, at, fua, tag) {
+                None => return,
+                Some(b) => buf = b,
             }
         }
         let r = self.export.write(offset, buf.get(at..).unwrap_or_default(), fua);
         self.call_done(tag, r.map(|()| len), buf);
+    }
+
+    /// An allocating write on the ring: new clusters reserved under the
+    /// write lock, the data written outside it, the entries committed when
+    /// it is done. Gives `buf` back when the write is not one (a cluster
+    /// the image owns is in the range: a call writes it).
+    fn allocate(&mut self, offset: u64, buf: IoBuf, at: usize, fua: bool, tag: u64) -> Option<IoBuf> {
+        let image = &self.export.top;
+        let len = buf.len().saturating_sub(at);
+        let mut m = image.meta_mut();
+        let (reserved, bounce) = match image.reserve(&mut m, offset, buf.get(at..).unwrap_or_default()) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Some(buf),
+            Err(e) => {
+                drop(m);
+                self.fail(tag, crate::Error::new(crate::Op::Write, offset, len as u64, e), buf);
+                return None;
+            }
+        };
+        drop(m);
+        let (ring_buf, request, from, n) = match bounce {
+            Some(b) => {
+                let n = b.len();
+                (b, Some(buf), 0, n)
+            }
+            None => (buf, None, at, len),
+        };
+        let Some(seg) = image.segment(reserved.host, &ring_buf, from, n) else {
+            // No file to put on a ring (not for an image on disk).
+            image.unreserve(&mut image.meta_mut(), &reserved);
+            let buf = request.unwrap_or(ring_buf);
+            return Some(buf);
+        };
+        let alloc = Alloc { reserved, offset, at, request };
+        let slot = self.slot(Pending { tag, mapped: None, fua, len, alloc: Some(alloc) });
+        self.ring.write(slot, ring_buf, vec![seg]);
+        None
+    }
+
+    /// An allocating write's data is written (`written`), or it failed
+    /// and its clusters go: its entries.
+    fn commit(&self, a: &Alloc, written: bool, ring_buf: &IoBuf) -> io::Result<()> {
+        let image = &self.export.top;
+        let mut m = image.meta_mut();
+        if !written {
+            image.unreserve(&mut m, &a.reserved);
+            return Ok(());
+        }
+        let data = a.request.as_ref().unwrap_or(ring_buf).get(a.at..).unwrap_or_default();
+        image.commit(&mut m, &a.reserved, a.offset, data)
     }
 
     fn call_done(&mut self, tag: u64, r: crate::Result<usize>, buf: IoBuf) {
@@ -356,6 +432,26 @@ pub(super) fn extents(export: &Export, offset: u64, len: u64) -> (io::Result<usi
     }
 }
 
+impl Drop for Driver {
+    /// Operations still on the ring finish first, and the allocating
+    /// writes among them commit: a worker that stops with writes in flight
+    /// leaves no reserved cluster unreferenced (a leak).
+    fn drop(&mut self) {
+        let mut out = Vec::new();
+        for _ in 0..100_000 {
+            self.drive(&mut out);
+            out.clear();
+            if self.ring.operations() == 0 {
+                return;
+            }
+            if let Err(e) = self.ring.wait() {
+                tracing::warn!(image = %self.export.top.path.display(), "qcow2: waiting for the ring: {e}");
+                return;
+            }
+        }
+    }
+}
+
 impl LocalIo for Driver {
     fn submit(&mut self, op: BlockOp, mut buf: IoBuf, tag: u64) {
         match op {
@@ -379,9 +475,19 @@ impl LocalIo for Driver {
             tracing::warn!(image = %self.export.top.path.display(), "qcow2: submitting to the ring: {e}");
         }
         for d in std::mem::take(&mut self.scratch) {
-            let Some(p) = self.pending.get_mut(d.tag as usize).and_then(Option::take) else { continue };
+            let Some(mut p) = self.pending.get_mut(d.tag as usize).and_then(Option::take) else { continue };
             self.free.push(d.tag as u32);
             let mut result = d.result.map(|_| p.len);
+            let mut buf = d.buf;
+            if let Some(a) = p.alloc.take() {
+                if let Err(e) = self.commit(&a, result.is_ok(), &buf) {
+                    let e = crate::Error::new(crate::Op::Write, a.offset, p.len as u64, e);
+                    result = Err(to_errno(&self.export, e));
+                }
+                if let Some(request) = a.request {
+                    buf = request;
+                }
+            }
             if result.is_ok() && p.fua {
                 if let Err(e) = self.export.top.flush() {
                     let e = crate::Error::new(crate::Op::Write, 0, p.len as u64, e);
@@ -390,8 +496,8 @@ impl LocalIo for Driver {
             }
             // The generation count ends here, before the reply can lead to
             // a flush that would wait for it.
-            drop(p._mapped);
-            out.push(AioDone { tag: p.tag, result, buf: d.buf });
+            drop(p.mapped);
+            out.push(AioDone { tag: p.tag, result, buf });
         }
     }
 

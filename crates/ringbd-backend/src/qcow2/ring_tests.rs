@@ -215,3 +215,51 @@ fn holes_are_answered_without_reading_and_errors_keep_their_errno() {
     let done = finish(&mut d);
     assert_eq!(done[0].result.as_ref().unwrap_err().raw_os_error(), Some(libc::EOPNOTSUPP));
 }
+
+#[test]
+fn allocating_writes_in_flight_together_keep_each_others_bytes() {
+    let _serial = serial();
+    let dir = temp_dir("ring-alloc");
+    let p = dir.join("a.qcow2");
+    run(&["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=64k", p.to_str().unwrap(), "1M"]);
+    let (a, bb, c, e) = ([0xaau8; 4096], [0xbbu8; 4096], [0xccu8; 65536], [0xeeu8; 65536]);
+    {
+        let b = Qcow2Backend::open_with(&p, false, true).unwrap();
+        let (mut d, _q) = driver(&b);
+        // Two partial writes to the same new cluster, both reserved before
+        // either is written: each gets its own new cluster; the second to
+        // finish finds the entry taken and writes its bytes over the first.
+        d.submit(BlockOp::Write { offset: 0, at: 0, fua: false }, IoBuf::from_slice(&a), 1);
+        d.submit(BlockOp::Write { offset: 8192, at: 0, fua: true }, IoBuf::from_slice(&bb), 2);
+        // A whole-cluster write from the request's own buffer, zeroed
+        // (through the calls) while it is on the ring: it is written again
+        // over the zero cluster.
+        d.submit(BlockOp::Write { offset: 65536, at: 0, fua: false }, IoBuf::from_slice(&c), 3);
+        assert_eq!(d.ring.operations(), 3, "the allocating writes went to the ring");
+        b.write_zeroes(65536, 65536, ZeroFlags::default()).unwrap();
+        let done = finish(&mut d);
+        assert_eq!(done.len(), 3);
+        for x in &done {
+            assert!(x.result.is_ok(), "tag {}: {:?}", x.tag, x.result);
+        }
+        // One more, left on the ring when the driver goes: it is committed.
+        d.submit(BlockOp::Write { offset: 5 << 16, at: 0, fua: false }, IoBuf::from_slice(&e), 4);
+        drop(d);
+        let mut want = vec![0u8; 1 << 20];
+        want[..4096].copy_from_slice(&a);
+        want[8192..12288].copy_from_slice(&bb);
+        want[65536..131072].copy_from_slice(&c);
+        want[5 << 16..6 << 16].copy_from_slice(&e);
+        let mut got = vec![0u8; 1 << 20];
+        b.read(0, &mut got).unwrap();
+        assert!(got == want, "the export reads every write");
+        b.flush().unwrap();
+    }
+    assert_clean(&p, "after writes that raced for their clusters");
+    let mut want = vec![0u8; 1 << 20];
+    want[..4096].copy_from_slice(&a);
+    want[8192..12288].copy_from_slice(&bb);
+    want[65536..131072].copy_from_slice(&c);
+    want[5 << 16..6 << 16].copy_from_slice(&e);
+    assert!(qemu_reads(&p, 1 << 20) == want, "qemu reads every write");
+}

@@ -7,6 +7,9 @@
 //!   of clusters, one `pwrite` for the run, partial clusters completed from
 //!   what the guest read there before: the backing file, a compressed or
 //!   shared cluster, zeroes), new L2 tables, zero clusters, discards.
+//!   On a ring (`ring.rs`, `,direct`) a write whose clusters all need new
+//!   ones reserves them under the lock, writes outside it, and commits its
+//!   L2 entries after ([`Image::reserve`], [`Image::commit`]).
 //!
 //! Metadata changes stay in memory until a flush, which orders them so that
 //! the file is consistent at every point a process can die:
@@ -33,6 +36,16 @@ use super::image::{corrupt, Image, Meta};
 use super::refcount::Refcounts;
 use super::table::{self, Cluster, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use crate::Holes;
+use ringbd_io::buf::IoBuf;
+
+/// New clusters an allocating write holds while its data is written
+/// ([`Image::reserve`]): `entries.len()` clusters from `host`, for the
+/// guest clusters from `base`, whose entries were `entries`.
+pub(super) struct Reserved {
+    pub base: u64,
+    pub host: u64,
+    pub entries: Vec<u64>,
+}
 
 /// Pending frees after which a write flushes by itself.
 const MAX_PENDING_FREE: usize = 1 << 16;
@@ -279,6 +292,91 @@ impl Image {
             voff = upto;
         }
         Ok(())
+    }
+
+    /// Starts an allocating write of `data` at `offset` whose data is to be
+    /// written outside the lock (on a ring): when every cluster of the range
+    /// needs a new one, allocates them (contiguous) and returns them with
+    /// the entries they replace, and the bytes to write there when the
+    /// range does not cover them whole (completed from what the guest read
+    /// there, as [`Image::write_in`] does). `None`: the range has a cluster
+    /// the image owns (write it with `write_in`). Nothing references the
+    /// new clusters until [`Image::commit`].
+    pub(super) fn reserve(
+        &self,
+        m: &mut Meta,
+        offset: u64,
+        data: &[u8],
+    ) -> io::Result<Option<(Reserved, Option<IoBuf>)>> {
+        let cs = self.cluster_size();
+        let end = offset + data.len() as u64;
+        let base = offset & !(cs - 1);
+        let k = (end - base).div_ceil(cs);
+        for i in 0..k {
+            let v = base + i * cs;
+            self.lookup(m, v)?;
+            let raw = self.entry(m, v)?.map_or(0, |e| e.2);
+            if self.owned(m, raw).is_some() {
+                return Ok(None);
+            }
+        }
+        let run_end = base + k * cs;
+        let bounce = if offset == base && end == run_end {
+            None
+        } else {
+            let mut buf = IoBuf::new();
+            buf.resize_zeroed((k * cs) as usize);
+            if offset > base {
+                self.read_old(m, base, &mut buf[..cs as usize])?;
+            }
+            if end < run_end && !(k == 1 && offset > base) {
+                self.read_old(m, run_end - cs, &mut buf[((k - 1) * cs) as usize..])?;
+            }
+            buf[(offset - base) as usize..(end - base) as usize].copy_from_slice(data);
+            Some(buf)
+        };
+        let mut entries = Vec::with_capacity(k as usize);
+        for i in 0..k {
+            entries.push(self.slot(m, base + i * cs)?.2);
+        }
+        let host = self.alloc(m, k)?;
+        Ok(Some((Reserved { base, host, entries }, bounce)))
+    }
+
+    /// Ends a reserved write whose data is in its new clusters: each guest
+    /// cluster whose entry is still what it replaced now points there. A
+    /// cluster whose entry changed meanwhile (another write allocated it,
+    /// or a discard or zeroing changed it) keeps the change: its new
+    /// cluster is freed and this write's own bytes there (`data`, at
+    /// `offset`) are written again over the entry as it is now.
+    pub(super) fn commit(&self, m: &mut Meta, r: &Reserved, offset: u64, data: &[u8]) -> io::Result<()> {
+        let cs = self.cluster_size();
+        let cb = self.header.cluster_bits;
+        let end = offset + data.len() as u64;
+        let mut again = Vec::new();
+        for (i, &was) in r.entries.iter().enumerate() {
+            let v = r.base + i as u64 * cs;
+            let host = r.host + i as u64 * cs;
+            let (l2, index, now) = self.slot(m, v)?;
+            if now == was {
+                self.set_entry(m, l2, index, host | COPIED)?;
+                self.release(m, now);
+            } else {
+                m.pending_free.push(host >> cb);
+                again.push(v);
+            }
+        }
+        for v in again {
+            let (a, b) = (v.max(offset), (v + cs).min(end));
+            self.write_in(m, a, &data[(a - offset) as usize..(b - offset) as usize])?;
+        }
+        self.settle(m)
+    }
+
+    /// A reserved write failed: its clusters go with the next flush.
+    pub(super) fn unreserve(&self, m: &mut Meta, r: &Reserved) {
+        let first = r.host >> self.header.cluster_bits;
+        m.pending_free.extend(first..first + r.entries.len() as u64);
     }
 
     /// The whole clusters of `[offset, offset+len)` (a range that reaches

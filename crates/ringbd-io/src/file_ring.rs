@@ -98,7 +98,8 @@ impl FileRing {
 
     /// Operations started and not yet handed back by [`FileRing::drive`].
     pub fn operations(&self) -> usize {
-        self.ops.iter().filter(|o| o.is_some()).count() + self.done.len()
+        // Every slot is either in use or on the free list.
+        self.ops.len() - self.free.len() + self.done.len()
     }
 
     /// Starts filling `buf` from `segs` (each `buf[at..at + len]` from its

@@ -81,9 +81,9 @@ impl Epochs {
     }
 
     /// With the write lock held: moves to the next generation if the one
-    /// before the current is done, and returns the newest generation whose
-    /// operations (and all before it) are done, if any. `gen` is the
-    /// current generation before the call.
+    /// before the current is done. Returns the generation current before
+    /// the call (frees deferred now are tagged with it) and the newest
+    /// generation whose operations, and all before it, are done, if any.
     pub(super) fn advance(&self) -> (u64, Option<u64>) {
         let now = self.current.load(Ordering::Acquire);
         let idle = |g: u64| self.count[(g & 1) as usize].load(Ordering::Acquire) == 0;
@@ -134,7 +134,7 @@ impl Image {
 
     /// How to read `buf[at..]` from guest `offset`, the metadata locked.
     fn map_read(&self, m: &Meta, offset: u64, buf: &IoBuf, at: usize) -> io::Result<Vec<ReadPiece>> {
-        let len = buf.len() - at;
+        let len = buf.len().saturating_sub(at);
         // Past the virtual size (a chain's backing file shorter than the
         // image, or a caller's bad range): zeroes, as `read_clamped` reads.
         let inside = self.header.size.saturating_sub(offset).min(len as u64) as usize;

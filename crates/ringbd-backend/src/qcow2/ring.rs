@@ -281,9 +281,10 @@ impl Driver {
         self.ring.read(slot, buf, segs);
     }
 
-    /// A write: on the ring when it overwrites clusters the image owns
-    /// and the image is open `O_DIRECT`, else a call (it allocates, or it
-    /// goes to the page cache). A buffered write waits for no device, and
+    /// A write of an image open `O_DIRECT`: on the ring when it overwrites
+    /// clusters the image owns or allocates new ones for all of its range;
+    /// other writes are calls (a range of both kinds; any buffered write,
+    /// which goes to the page cache). A buffered write waits for no device, and
     /// on filesystems without asynchronous buffered writes (ext4) io_uring
     /// hands it to a worker thread: half the IOPS of the `pwrite`
     /// (docs/benchmarks.md, "qcow2 images on a disk").

@@ -68,6 +68,15 @@ impl State {
                     c.broken = true;
                 }
             }
+            // The peer reset the connection: it went away, as with end of
+            // stream (a TLS client that closes with our last records
+            // unread resets it after its NBD_CMD_DISC and close_notify).
+            // Not the server's failure: no warning, as the threaded engine.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNRESET | libc::ECONNABORTED)) => {
+                tracing::debug!("{}: receive: {e}; the peer is gone", c.stream.peer());
+                c.conn.peer_closed();
+                c.broken = true;
+            }
             Err(e) => {
                 c.conn.peer_closed();
                 c.end(format_args!("receive: {e}"));
